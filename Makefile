@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (quickstart) and `make test` (the suite). Both create .venv when missing.
+# The CPU build of torch is installed first so that the loose `torch` requirement does not pull a multi-GB
+# CUDA build; a venv that already has torch keeps it (point VENV at your own environment to reuse it).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.lit_ft_installed
+
+.PHONY: install demo test assets bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/lit-ft fit --config configs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q tests
+
+assets: install
+	$(PY) -m lit_ft.assets fetch --all
+
+bench: install
+	$(PY) benchmarks/token_ce.py
+
+clean:
+	rm -rf $(VENV) lit_ft.egg-info .pytest_cache
