@@ -1,0 +1,329 @@
+"""Fused linear token cross-entropy: ``lm_head`` projection + per-token CE without ``[N, V]`` logits.
+
+The public entry is :func:`fused_linear_token_ce`. It validates its arguments, resolves ``impl`` and calls the
+``torch.library`` custom op ``lit_ft::token_ce`` (gradient computed in forward for ``mean``/``sum``) whose backward
+is ``lit_ft::token_ce_backward`` for ``reduction='none'`` (chunked recompute with the per-token upstream gradient
+folded into dlogits). Triton is imported only when the Triton path actually runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import torch_impl
+from .reference import kept_mask, token_ce_reference
+from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
+
+__all__ = ["fused_linear_token_ce", "TokenCEOutput", "token_ce_reference", "resolve_impl", "triton_runnable"]
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TokenCEOutput(NamedTuple):
+    """Returned when any ``return_*`` flag is set; unrequested extras are ``None``.
+
+    ``nll``/``entropy``/``lse`` are detached ``[N]`` tensors (fp32, fp64 for fp64 inputs), 0 at not-kept positions.
+    """
+
+    loss: Tensor
+    nll: Optional[Tensor]
+    entropy: Optional[Tensor]
+    lse: Optional[Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def triton_runnable(device: torch.device) -> Tuple[bool, str]:
+    """Whether the Triton path can run on ``device`` (never imports triton), and why not."""
+    if device.type != "cuda":
+        return False, f"the Triton path needs CUDA tensors, got device {device}"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"the Triton path needs compute capability >= 8.0, this GPU has {major}.{minor}"
+    return True, ""
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``auto`` (or env ``LIT_FT_IMPL``) -> ``triton`` on capable CUDA GPUs, else ``torch``; explicit choices raise."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        env = os.environ.get("LIT_FT_IMPL", "").strip().lower()
+        if env and env != "auto":
+            if env not in IMPLS:
+                raise ValueError(f"environment variable LIT_FT_IMPL must be one of {IMPLS}, got {env!r}")
+            impl = env
+    if impl == "torch":
+        return "torch"
+    ok, why = triton_runnable(device)
+    if impl == "triton":
+        if not ok:
+            raise RuntimeError(f"impl='triton' was requested but cannot run: {why}. Use impl='torch' or 'auto'.")
+        return "triton"
+    return "triton" if ok else "torch"
+
+
+def _run(impl: str, *args, **kwargs):
+    if impl == "triton":
+        from . import triton_impl  # imports triton lazily
+
+        return triton_impl.forward_backward(*args, **kwargs)
+    return torch_impl.forward_backward(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops
+
+_OUT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _token_ce_impl(impl_name, hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction,
+                   softcap, scale, chunk_size, impl, grad_mask):
+    return _run(impl_name, hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index=ignore_index,
+                reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask)
+
+
+@torch.library.custom_op("lit_ft::token_ce", mutates_args=())
+def _token_ce(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], token_weights: Optional[Tensor],
+    keep: Optional[Tensor], normalizer: Optional[Tensor], ignore_index: int, reduction: str, softcap: float,
+    scale: float, chunk_size: int, impl: str, grad_mask: int,
+) -> _OUT:
+    # generic fallback (any device): the chunked torch path
+    return _token_ce_impl("torch", hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index,
+                          reduction, softcap, scale, chunk_size, impl, grad_mask)
+
+
+@_token_ce.register_kernel("cpu")
+def _token_ce_cpu(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap,
+                  scale, chunk_size, impl, grad_mask):
+    return _token_ce_impl("torch", hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index,
+                          reduction, softcap, scale, chunk_size, impl, grad_mask)
+
+
+@_token_ce.register_kernel("cuda")
+def _token_ce_cuda(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap,
+                   scale, chunk_size, impl, grad_mask):
+    return _token_ce_impl(impl, hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index,
+                          reduction, softcap, scale, chunk_size, impl, grad_mask)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@_token_ce.register_fake
+def _token_ce_fake(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap,
+                   scale, chunk_size, impl, grad_mask):
+    n = hidden.shape[0]
+    acc = _acc(hidden.dtype)
+    loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
+    extras = [hidden.new_empty((n,), dtype=acc) for _ in range(3)]
+    gh = hidden.new_empty(hidden.shape) if grad_mask & GRAD_HIDDEN else hidden.new_empty((0,))
+    gw = weight.new_empty(weight.shape) if grad_mask & GRAD_WEIGHT else weight.new_empty((0,))
+    gb = bias.new_empty(bias.shape) if (grad_mask & GRAD_BIAS and bias is not None) else weight.new_empty((0,))
+    return loss, *extras, gh, gw, gb
+
+
+@torch.library.custom_op("lit_ft::token_ce_backward", mutates_args=())
+def _token_ce_backward(
+    grad_tokens: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+    token_weights: Optional[Tensor], keep: Optional[Tensor], ignore_index: int, softcap: float, scale: float,
+    chunk_size: int, impl: str, grad_mask: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    out = _run(impl if hidden.device.type == "cuda" else "torch", hidden, weight, labels, bias, token_weights, keep,
+               None, ignore_index=ignore_index, reduction="none", softcap=softcap, scale=scale,
+               chunk_size=chunk_size, grad_mask=grad_mask, grad_tokens=grad_tokens)
+    return out[4], out[5], out[6]
+
+
+@_token_ce_backward.register_fake
+def _token_ce_backward_fake(grad_tokens, hidden, weight, labels, bias, token_weights, keep, ignore_index, softcap,
+                            scale, chunk_size, impl, grad_mask):
+    gh = hidden.new_empty(hidden.shape) if grad_mask & GRAD_HIDDEN else hidden.new_empty((0,))
+    gw = weight.new_empty(weight.shape) if grad_mask & GRAD_WEIGHT else weight.new_empty((0,))
+    gb = bias.new_empty(bias.shape) if (grad_mask & GRAD_BIAS and bias is not None) else weight.new_empty((0,))
+    return gh, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap, scale,
+     chunk_size, impl, grad_mask) = inputs
+    ctx.reduction = reduction
+    ctx.grad_mask = grad_mask
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, labels, bias, token_weights, keep)
+        ctx.args = (ignore_index, softcap, scale, chunk_size, impl)
+    else:
+        ctx.save_for_backward(output[4], output[5], output[6])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    mask = ctx.grad_mask
+    if ctx.reduction == "none":
+        hidden, weight, labels, bias, token_weights, keep = ctx.saved_tensors
+        if mask == 0:
+            gh = gw = gb = None
+        else:
+            gh, gw, gb = _token_ce_backward(grad_loss.contiguous(), hidden, weight, labels, bias, token_weights, keep,
+                                            *ctx.args, mask)
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        g = grad_loss
+        gh = gh * g.to(gh.dtype) if mask & GRAD_HIDDEN else None
+        gw = gw * g.to(gw.dtype) if mask & GRAD_WEIGHT else None
+        gb = gb * g.to(gb.dtype) if (mask & GRAD_BIAS and ctx.has_bias) else None
+    if not mask & GRAD_HIDDEN:
+        gh = None
+    if not mask & GRAD_WEIGHT:
+        gw = None
+    if not (mask & GRAD_BIAS and ctx.has_bias):
+        gb = None
+    return gh, gw, None, gb, None, None, None, None, None, None, None, None, None, None
+
+
+_token_ce.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public wrapper
+
+
+def _check_tensor(name, t, *, ndim, dtypes=None, what=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}" + (f" ({what})" if what else ""))
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
+
+
+def fused_linear_token_ce(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    token_weights: Optional[Tensor] = None,
+    keep: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[Tensor] = None,
+    return_nll: bool = False,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+):
+    """Per-token weighted cross-entropy of ``hidden @ weight.T (+ bias)`` without materialising ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, D]`` final hidden states (fp16/bf16/fp32/fp64; flatten batch and time first).
+        weight: ``[V, D]`` lm_head (or tied embedding) matrix, same dtype and device as ``hidden``.
+        labels: ``[N]`` integer targets in ``[0, V)``; ``ignore_index`` marks ignored positions.
+        bias: optional ``[V]`` lm_head bias.
+        token_weights: optional float ``[N]`` per-token weights (no gradient flows into them).
+        keep: optional bool ``[N]``; ``False`` drops a token (it is packed out before the matmuls).
+        ignore_index: label value of ignored tokens.
+        reduction: ``"mean"`` (Σ w·nll / normalizer, or / max(#kept, 1)), ``"sum"`` or ``"none"`` (``[N]``, 0 where
+            not kept, exact gradients for any upstream per-token gradient).
+        normalizer: optional 0-dim tensor dividing the sum for ``"mean"`` (e.g. a global token count).
+        return_nll, return_entropy, return_lse: also return these ``[N]`` detached tensors (see TokenCEOutput).
+        logit_softcap: ``c`` for ``z -> c * tanh(z / c)`` (applied after ``logit_scale``), ``None`` = off.
+        logit_scale: multiply logits by this before softcap / softmax, ``None`` = off.
+        chunk_size: tokens per chunk (default: chunks whose logits are about the size of ``hidden``).
+        impl: ``"auto"`` (Triton on CUDA with compute capability >= 8.0, else torch; env ``LIT_FT_IMPL``
+            overrides), ``"torch"`` or ``"triton"`` (raises when it cannot run).
+
+    Returns:
+        The loss tensor (0-dim, or ``[N]`` for ``reduction="none"``; fp32, fp64 for fp64 inputs), or a
+        :class:`TokenCEOutput` when any ``return_*`` flag is set.
+    """
+    _check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, what="[N, D]; flatten batch and time first")
+    n, d = hidden.shape
+    _check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="[V, D]")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must be [V, D] with D={d} (hidden's last dim), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    v = weight.shape[0]
+    if v == 0 or d == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    _check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), what="[N]")
+    if labels.shape[0] != n:
+        raise ValueError(f"labels must have shape [N]=[{n}] to match hidden, got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1, what="[V]")
+        if bias.shape[0] != v:
+            raise ValueError(f"bias must have shape [V]=[{v}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias must match hidden's dtype/device ({hidden.dtype}, {hidden.device}), "
+                            f"got ({bias.dtype}, {bias.device})")
+    if token_weights is not None:
+        _check_tensor("token_weights", token_weights, ndim=1, dtypes=FLOAT_DTYPES, what="[N]")
+        if token_weights.shape[0] != n:
+            raise ValueError(f"token_weights must have shape [N]=[{n}], got {tuple(token_weights.shape)}")
+        token_weights = token_weights.to(hidden.device).detach()
+    if keep is not None:
+        _check_tensor("keep", keep, ndim=1, dtypes=(torch.bool,), what="[N]")
+        if keep.shape[0] != n:
+            raise ValueError(f"keep must have shape [N]=[{n}], got {tuple(keep.shape)}")
+        keep = keep.to(hidden.device)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None:
+        if not isinstance(normalizer, Tensor) or normalizer.numel() != 1:
+            raise TypeError(f"normalizer must be a 0-dim tensor (e.g. a global token count), got {normalizer!r}")
+        normalizer = normalizer.detach().reshape(()).to(device=hidden.device, dtype=_acc(hidden.dtype))
+    if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0
+                                          and math.isfinite(logit_softcap)):
+        raise ValueError(f"logit_softcap must be None or a finite float > 0, got {logit_softcap!r}")
+    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
+                                        and logit_scale != 0):
+        raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+    impl_name = resolve_impl(impl, hidden.device)
+
+    grad_mask = 0
+    if torch.is_grad_enabled():
+        if hidden.requires_grad:
+            grad_mask |= GRAD_HIDDEN
+        if weight.requires_grad:
+            grad_mask |= GRAD_WEIGHT
+        if bias is not None and bias.requires_grad:
+            grad_mask |= GRAD_BIAS
+
+    loss, nll, ent, lse, _, _, _ = _token_ce(
+        hidden, weight, labels, bias, token_weights, keep, normalizer, int(ignore_index), reduction,
+        float(logit_softcap or 0.0), float(logit_scale if logit_scale is not None else 1.0), int(chunk_size or 0),
+        impl_name, grad_mask,
+    )
+    if not (return_nll or return_entropy or return_lse):
+        return loss
+    return TokenCEOutput(
+        loss,
+        nll.detach() if return_nll else None,
+        ent.detach() if return_entropy else None,
+        lse.detach() if return_lse else None,
+    )

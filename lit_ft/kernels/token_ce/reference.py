@@ -1,0 +1,92 @@
+"""Plain-torch ground truth for the fused linear token cross-entropy (the spec).
+
+It materialises the full ``[N, V]`` logits, so use it only on small shapes (tests) or as documentation of the
+semantics. Every other implementation (``torch_impl``, ``triton_impl``) must agree with it; pass fp64 inputs to get
+a ground truth for accuracy checks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class ReferenceOutput(NamedTuple):
+    loss: Tensor  # reduced loss (0-dim) or per-token weighted loss [N]
+    nll: Tensor  # [N], 0 at not-kept positions
+    entropy: Tensor  # [N], 0 at not-kept positions
+    lse: Tensor  # [N], 0 at not-kept positions
+
+
+def kept_mask(labels: Tensor, keep: Optional[Tensor], ignore_index: int) -> Tensor:
+    """Tokens that contribute to the loss: ``(labels != ignore_index) & keep``."""
+    kept = labels != ignore_index
+    if keep is not None:
+        kept = kept & keep
+    return kept
+
+
+def token_ce_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    token_weights: Optional[Tensor] = None,
+    keep: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[Tensor] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> ReferenceOutput:
+    """Reference semantics.
+
+    ``z = hidden @ weight.T (+ bias)``, then ``z *= logit_scale``, then ``z = c * tanh(z / c)`` with
+    ``c = logit_softcap``; ``nll_i = logsumexp(z_i) - z_i[y_i]``; loss over kept tokens weighted by ``token_weights``:
+    ``sum`` = Σ w_i nll_i, ``mean`` = that sum / ``normalizer`` (or / max(#kept, 1)), ``none`` = w_i nll_i per token.
+
+    ``compute_dtype``: dtype of the softmax math after the matmul (default: fp64 for fp64 inputs, else fp32). Pass
+    the input dtype to get "native-dtype plain torch" (what an unfused bf16 model computes).
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.to(compute_dtype)
+    if logit_scale is not None:
+        z = z * logit_scale
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    kept = kept_mask(labels, keep, ignore_index)
+    safe = torch.where(kept, labels, torch.zeros_like(labels)).long()
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(1, safe[:, None]).squeeze(1)
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * z).sum(-1)
+    zero = torch.zeros((), dtype=compute_dtype, device=z.device)
+    nll = torch.where(kept, nll, zero)
+    w = token_weights.to(compute_dtype) if token_weights is not None else torch.ones_like(nll)
+    per_token = torch.where(kept, w * nll, zero)
+    if reduction == "none":
+        loss = per_token
+    elif reduction == "sum":
+        loss = per_token.sum()
+    elif reduction == "mean":
+        if normalizer is not None:
+            denom = normalizer.to(compute_dtype)
+        else:
+            denom = kept.sum().clamp(min=1).to(compute_dtype)
+        loss = per_token.sum() / denom
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return ReferenceOutput(
+        loss,
+        nll.detach(),
+        torch.where(kept, entropy, zero).detach(),
+        torch.where(kept, lse, zero).detach(),
+    )
