@@ -1,0 +1,158 @@
+"""Excess-loss token selection (Rho-1 style selective language modelling)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.tokens import TokenDecision, TokenScores, global_topk_mask
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExcessLossSelection(TokenScorerCallback):
+    """Train only on the tokens whose loss most exceeds a reference model's (Rho-1, Lin et al. 2024,
+    "Not All Tokens Are What You Need").
+
+    Algorithm, every training step:
+
+    1. ``ℓ_ref,t`` — per-token NLL of a frozen reference model on the same batch (no grad, no logits tensor);
+    2. ``ℓ_θ,t`` — per-token NLL of the current model (from the same forward that trains);
+    3. excess ``Δ_t = ℓ_θ,t − ℓ_ref,t``; keep the top ``keep_ratio`` of valid tokens by ``Δ`` — counted over the whole
+       batch and across DDP ranks, not per sequence;
+    4. loss = mean NLL over the kept tokens (normalised by the global kept-token count of the accumulation window).
+
+    Dropped tokens are removed before the lm_head matmul under :class:`lit_ft.modules.TokenLossMixin`.
+    Evaluation losses are never filtered.
+
+    Args:
+        keep_ratio: fraction of valid tokens kept per step, in (0, 1]. Rho-1 reports ~0.6-0.7 (VERIFY in the
+            paper); 1.0 keeps everything (plain SFT, useful as a control).
+        reference: the reference model. ``None`` = a frozen copy of the model's weights when training starts
+            (stored in the checkpoint, so a resumed run keeps the same reference). Otherwise a local HF folder or
+            a ``lit_ft.assets`` name, loaded with ``AutoModelForCausalLM``; it must share the tokenizer.
+        reference_dtype: dtype of the reference copy: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (halves its
+            memory; its NLL is computed in fp32 all the same).
+        integration: ``"auto"`` (best available), ``"mixin"``, ``"hook"`` (HF ``loss_function`` of a plain module)
+            or ``"batch"`` (labels of dropped tokens set to -100 before the forward; costs an extra no-grad
+            forward of the current model).
+    """
+
+    token_needs = frozenset({"nll"})
+    scorer_name = "excess_loss"
+
+    def __init__(
+        self,
+        keep_ratio: float = 0.6,
+        reference: str | None = None,
+        reference_dtype: str = "float32",
+        integration: str = "auto",
+    ) -> None:
+        super().__init__(integration=integration)
+        if not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
+            raise ValueError(f"ExcessLossSelection: keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        if reference_dtype not in _DTYPES:
+            raise ValueError(
+                f"ExcessLossSelection: reference_dtype must be one of {sorted(_DTYPES)}, got {reference_dtype!r}"
+            )
+        self.keep_ratio = float(keep_ratio)
+        self.reference = reference
+        self.reference_dtype = reference_dtype
+        self._ref_model: torch.nn.Module | None = None
+        self._pending_ref_state: dict[str, torch.Tensor] | None = None
+        self._ref_nll: torch.Tensor | None = None
+        self._ref_batch_id: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(keep_ratio=self.keep_ratio, reference=self.reference)
+
+    # -- reference model ------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self._ref_model is None:
+            self._ref_model = self._build_reference(pl_module)
+
+    def _build_reference(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        hf_model = find_hf_model(pl_module, require_lm_head=True)
+        if self.reference is None:
+            ref = copy.deepcopy(hf_model)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from lit_ft.assets import resolve
+
+            ref = AutoModelForCausalLM.from_pretrained(resolve(self.reference))
+            if ref.config.vocab_size != hf_model.config.vocab_size:
+                raise ValueError(
+                    f"ExcessLossSelection: reference {self.reference!r} has vocab_size {ref.config.vocab_size} but "
+                    f"the trained model has {hf_model.config.vocab_size}; they must share a tokenizer"
+                )
+        ref = ref.to(dtype=_DTYPES[self.reference_dtype]).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        if self._pending_ref_state is not None:
+            ref.load_state_dict(self._pending_ref_state)
+            self._pending_ref_state = None
+        return ref
+
+    def _reference_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, Any]) -> torch.Tensor:
+        from lit_ft.modules.token_loss import causal_lm_token_nll
+
+        if self._ref_model is None:
+            self._ref_model = self._build_reference(pl_module)
+        device = batch["input_ids"].device
+        if next(self._ref_model.parameters()).device != device:
+            self._ref_model.to(device)
+        return causal_lm_token_nll(self._ref_model, batch)
+
+    def prepare_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], training: bool) -> None:
+        self._ref_nll = self._reference_nll(pl_module, batch) if training else None
+        self._ref_batch_id = id(batch)
+
+    # -- selection ------------------------------------------------------------------------------------------------
+    def score_tokens(self, scores: TokenScores) -> TokenDecision:
+        if not scores.training:
+            return TokenDecision()
+        if scores.nll is None:
+            raise RuntimeError("ExcessLossSelection needs the current per-token NLL; the loss path did not provide it")
+        if self._ref_nll is None or self._ref_nll.shape != scores.nll.shape:
+            raise RuntimeError(
+                "ExcessLossSelection: no reference NLL for this batch. Its on_train_batch_start must run before the "
+                "forward (is the callback passed to the Trainer that trains?)"
+            )
+        excess = scores.nll - self._ref_nll.to(scores.nll.device)
+        keep = global_topk_mask(excess, scores.valid, self.keep_ratio)
+        n_valid = scores.valid.sum().clamp_min(1)
+        kept = keep.sum().clamp_min(1)
+        metrics = {
+            "kept_fraction": (keep.sum() / n_valid).float(),
+            "excess_kept_mean": (excess * keep).sum() / kept,
+            "excess_mean": (excess * scores.valid).sum() / n_valid,
+            "reference_nll": (self._ref_nll.to(excess.device) * scores.valid).sum() / n_valid,
+        }
+        return TokenDecision(keep=keep, metrics=metrics)
+
+    # -- checkpoint -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"keep_ratio": self.keep_ratio, "reference": self.reference}
+        if self.reference is None and self._ref_model is not None:
+            # the reference is "the weights when training started": a resumed run must not re-copy the
+            # already-trained weights
+            state["reference_state"] = {k: v.detach().cpu() for k, v in self._ref_model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ref_state = state_dict.get("reference_state")
+        if ref_state is None:
+            return
+        if self._ref_model is not None:
+            self._ref_model.load_state_dict(ref_state)
+        else:
+            self._pending_ref_state = ref_state

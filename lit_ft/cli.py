@@ -1,0 +1,102 @@
+"""``lit-ft``: LightningCLI with lit_ft's callbacks, modules and DataModules importable by short name, CSV logs by
+default, the resolved config saved to every logger (W&B included), and a before/after summary after ``fit``."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Writes ``config.yaml`` into the log dir (Lightning's default) and also pushes it to a W&B run's config."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                cfg = self.parser.dump(self.config, skip_none=False, format="json")
+                import json
+
+                logger.experiment.config.update({"lit_ft_config": json.loads(cfg)}, allow_val_change=True)
+
+
+def _callbacks_epilog() -> str:
+    """A help section listing every lit_ft callback with its arguments and their docs (from the docstrings)."""
+    import lit_ft.callbacks as cbs
+
+    lines = ["lit_ft callbacks (add with --trainer.callbacks+=NAME, or in YAML as class_path: lit_ft.callbacks.NAME):"]
+    for name in cbs.__all__:
+        cls = getattr(cbs, name)
+        sig = inspect.signature(cls.__init__)
+        params = [p for p in sig.parameters.values() if p.name != "self"]
+        lines.append(f"  {name}(" + ", ".join(f"{p.name}={p.default!r}" for p in params) + ")")
+        doc = inspect.getdoc(cls) or ""
+        summary = doc.split("\n\n")[0].replace("\n", " ")
+        lines.append(textwrap.indent(textwrap.fill(summary, 100), "      "))
+        if "Args:" in doc:
+            args_block = doc.split("Args:", 1)[1]
+            lines.append(textwrap.indent(textwrap.dedent(args_block).strip(), "      "))
+    lines.append("  Full help of one: lit-ft fit --trainer.callbacks.help NAME")
+    return "\n".join(lines)
+
+
+class LitFtCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs", "name": "lit_ft"},
+                }
+            }
+        )
+
+    def after_fit(self) -> None:
+        trainer, model = self.trainer, self.model
+        if trainer.global_rank != 0:
+            return
+        before = getattr(model, "eval_history", {}).get("before", {})
+        after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        print("\n=== lit-ft fit finished ===")
+        if before or after:
+            keys = sorted({k.split("/", 1)[1] for k in list(before) + list(after)})
+            print(f"{'metric':<16}{'before':>12}{'after':>12}")
+            for k in keys:
+                b, a = before.get(f"val_before/{k}"), after.get(f"val/{k}")
+                fb = f"{b:12.4f}" if b is not None else f"{'-':>12}"
+                fa = f"{a:12.4f}" if a is not None else f"{'-':>12}"
+                print(f"{k:<16}{fb}{fa}")
+        for logger in trainer.loggers:
+            where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            print(f"logs ({type(logger).__name__}): {where}")
+
+
+def main(args: list[str] | None = None) -> None:
+    import lit_ft.callbacks  # noqa: F401  short class names resolve once imported
+    import lit_ft.data  # noqa: F401
+    import lit_ft.modules  # noqa: F401
+
+    epilog = _callbacks_epilog()
+    LitFtCLI(
+        model_class=LightningModule,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "fit": {"epilog": epilog},
+            "validate": {"epilog": epilog},
+        },
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

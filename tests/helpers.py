@@ -1,0 +1,60 @@
+"""Small shared pieces for tests: random causal-LM batches, a list DataModule, plain user modules."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lit_ft.testing import tiny_llama_config
+
+VOCAB = 384
+
+
+def random_batch(batch_size: int = 4, seq_len: int = 16, vocab: int = VOCAB, prompt_len: int = 5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100
+    attn = torch.ones_like(ids)
+    # ragged right padding on half the rows
+    for b in range(0, batch_size, 2):
+        cut = seq_len - 1 - (b % 3)
+        attn[b, cut:] = 0
+        labels[b, cut:] = -100
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "sample_idx": torch.arange(batch_size) + seed * batch_size}
+
+
+class ListDataModule(pl.LightningDataModule):
+    def __init__(self, n_batches: int = 6, batch_size: int = 4, seq_len: int = 16) -> None:
+        super().__init__()
+        self.batches = [random_batch(batch_size, seq_len, seed=i) for i in range(n_batches)]
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(self.batches[:2], batch_size=None, shuffle=False)
+
+
+def tiny_config(**kw) -> dict:
+    return tiny_llama_config(vocab_size=VOCAB, **kw)
+
+
+class PlainHFModule(pl.LightningModule):
+    """What a typical user writes: the HF model computes its own loss."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = dict(tiny_config())
+        cfg.pop("model_type")
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
