@@ -1,0 +1,166 @@
+"""Correctness self-check of the fused token CE against the fp64 reference (accuracy rule), PASS/FAIL per case.
+
+    TRITON_INTERPRET=1 python -m lit_ft.kernels.token_ce.selfcheck --device cpu   # Triton interpreter, tiny shapes
+    python -m lit_ft.kernels.token_ce.selfcheck --device cuda --real             # GPU: public op, impl="triton"
+
+Rule (Cut-Cross-Entropy's): |op - fp64 ref| <= |native-dtype torch - fp64 ref| + tol * max(1, |ref|), for the loss
+and the gradients of ``sum(loss * upstream)`` w.r.t. hidden, weight and bias; nll/entropy/lse must be within
+``tol`` of the reference too. Exit status 1 when any case fails. On CPU it calls ``triton_impl.forward_backward``
+directly (the "cuda" dispatch key does not exist there); on CUDA it goes through ``fused_linear_token_ce``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from .reference import token_ce_reference
+
+TOL = {torch.float32: 5e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def _native(h, w, y, b, tw, k, reduction, softcap, scale):
+    """Unfused model code in its own dtype (the accuracy baseline)."""
+    ref = token_ce_reference(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction, logit_softcap=softcap,
+                             logit_scale=scale, compute_dtype=h.dtype)
+    return ref.loss
+
+
+def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weights=False, keep=False,
+             softcap=None, scale=None, ignore_frac=0.3, all_ignored=False, chunk_size=None, use_op=False,
+             log=print):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    h64 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w64 = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 2
+    b64 = torch.randn(v, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < ignore_frac] = -100
+    if all_ignored:
+        y[:] = -100
+    tw = torch.rand(n, generator=g) * 2 if weights else None
+    k = torch.rand(n, generator=g) < 0.6 if keep else None
+    up = torch.randn(n, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    mv = lambda t, dt=None: None if t is None else t.to(device=device, dtype=dt or t.dtype)  # noqa: E731
+    h64, w64, b64, y, tw, k, up = (mv(t) for t in (h64, w64, b64, y, tw, k, up))
+
+    leaves64 = [t.requires_grad_() for t in (h64, w64, b64) if t is not None]
+    ref = token_ce_reference(h64, w64, y, bias=b64, token_weights=tw, keep=k, reduction=reduction,
+                             logit_softcap=softcap, logit_scale=scale)
+    ref_g = torch.autograd.grad((ref.loss * up).sum(), leaves64)
+
+    def lowp():
+        return [None if t is None else t.detach().to(dtype).requires_grad_() for t in (h64, w64, b64)]
+
+    hn, wn, bn = lowp()
+    nat = _native(hn, wn, y, bn, tw, k, reduction, softcap, scale)
+    nat_g = torch.autograd.grad((nat * up.to(nat.dtype)).sum(), [t for t in (hn, wn, bn) if t is not None])
+
+    h, w, b = lowp()
+    t0 = time.perf_counter()
+    if use_op:
+        from . import fused_linear_token_ce
+
+        out = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction,
+                                    logit_softcap=softcap, logit_scale=scale, chunk_size=chunk_size, impl="triton",
+                                    return_nll=True, return_entropy=True, return_lse=True)
+        loss, nll, ent, lse = out
+        op_g = torch.autograd.grad((loss * up.to(loss.dtype)).sum(), [t for t in (h, w, b) if t is not None])
+    else:
+        from . import triton_impl
+        from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
+
+        mask = GRAD_HIDDEN | GRAD_WEIGHT | (GRAD_BIAS if b is not None else 0)
+        kw = dict(ignore_index=-100, softcap=float(softcap or 0.0), scale=float(scale or 1.0),
+                  chunk_size=int(chunk_size or 0))
+        with torch.no_grad():
+            loss, nll, ent, lse, gh, gw, gb = triton_impl.forward_backward(
+                h, w, y, b, tw, k, None, reduction=reduction, grad_mask=0 if reduction == "none" else mask, **kw)
+            if reduction == "none":
+                _, _, _, _, gh, gw, gb = triton_impl.forward_backward(
+                    h, w, y, b, tw, k, None, reduction="none", grad_mask=mask, grad_tokens=up.float(), **kw)
+        op_g = [gh, gw] + ([gb] if b is not None else [])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+
+    tol = TOL[dtype]
+    problems = []
+
+    def check(what, got, nat_v, ref_v):
+        got, ref_v = got.detach().double(), ref_v.detach().double()
+        bound = tol * max(1.0, ref_v.abs().max().item())
+        err = (got - ref_v).abs().max().item() if got.numel() else 0.0
+        nat_err = (nat_v.detach().double() - ref_v).abs().max().item() if nat_v is not None and got.numel() else 0.0
+        if not (err <= nat_err + bound) or not torch.isfinite(got).all():
+            problems.append(f"{what}: err {err:.3g} > native {nat_err:.3g} + {bound:.3g}")
+        return err
+
+    check("loss", loss, nat, ref.loss)
+    for nm, got, r in (("nll", nll, ref.nll), ("entropy", ent, ref.entropy), ("lse", lse, ref.lse)):
+        check(nm, got, None, r)
+    for nm, got, nv, r in zip(("d_hidden", "d_weight", "d_bias"), op_g, nat_g, ref_g):
+        if got.dtype != dtype:
+            problems.append(f"{nm}: dtype {got.dtype} != {dtype}")
+        check(nm, got, nv, r)
+    if all_ignored and (loss.abs().max() != 0 or any(g.abs().max() != 0 for g in op_g)):
+        problems.append("all-ignored case is not an exact zero")
+    status = "PASS" if not problems else "FAIL"
+    log(f"{status} {name} [N={n} V={v} D={d} {str(dtype).replace('torch.', '')} {reduction}] {dt * 1e3:.0f} ms"
+        + ("" if not problems else " :: " + "; ".join(problems)))
+    return not problems
+
+
+def cases(device, real):
+    small = dict(n=47, v=123, d=31) if device == "cpu" else dict(n=300, v=1000, d=64)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = str(dtype).replace("torch.", "")
+        out += [
+            (f"plain-{dn}", dict(small, dtype=dtype)),
+            (f"all-options-mean-{dn}", dict(small, dtype=dtype, bias=True, weights=True, keep=True, softcap=3.0,
+                                            scale=0.7, chunk_size=16)),
+            (f"weights-keep-none-{dn}", dict(small, dtype=dtype, reduction="none", weights=True, keep=True,
+                                             chunk_size=20)),
+        ]
+    out += [
+        ("softcap-sum-fp32", dict(small, dtype=torch.float32, reduction="sum", softcap=2.0, chunk_size=7)),
+        ("all-ignored-fp32", dict(small, dtype=torch.float32, all_ignored=True, bias=True)),
+    ]
+    if real:
+        out += [
+            ("real-bf16-mean-keep", dict(n=2048, v=128256, d=4096, dtype=torch.bfloat16, weights=True, keep=True)),
+            ("real-bf16-none-softcap", dict(n=2048, v=128256, d=4096, dtype=torch.bfloat16, reduction="none",
+                                            softcap=30.0, weights=True)),
+            ("real-fp32-mean", dict(n=1024, v=49152, d=576, dtype=torch.float32, keep=True)),
+            ("real-bf16-mean-576", dict(n=8192, v=49152, d=576, dtype=torch.bfloat16, keep=True, bias=True)),
+        ]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--real", action="store_true", help="add real lm_head shapes (CUDA only)")
+    p.add_argument("--only", default="", help="comma-separated case-name substrings")
+    args = p.parse_args(argv)
+    ok = True
+    for name, kw in cases(args.device, args.real):
+        if args.only and not any(s in name for s in args.only.split(",")):
+            continue
+        try:
+            ok &= run_case(name, device=args.device, use_op=args.device == "cuda", **kw)
+        except Exception as e:  # report and continue
+            ok = False
+            print(f"FAIL {name} :: {type(e).__name__}: {e}")
+        sys.stdout.flush()
+    print("ALL PASS" if ok else "SOME FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Triton path of the fused linear token cross-entropy (imported only when it runs: it imports triton).
+
+Design (hybrid, Liger-style token chunks, but with no host synchronisation):
+
+1. Kept tokens are moved to the front with a stable argsort of ``~kept``; their count stays on the device.
+2. For each token chunk, a Triton GEMM writes the chunk's logits ``x_c @ W.T (+ b)`` into a reused ``[chunk, V]``
+   buffer. Every kernel reads the device-side count and skips row blocks (or K blocks) past it, so lm_head FLOPs
+   scale with the kept fraction although the host never learns the count.
+3. A row kernel computes LSE (online over vocab blocks), NLL, entropy and, when gradients are wanted, overwrites the
+   logits in place with ``dlogits = (softmax - onehot) * coef_i`` (chained through softcap and scale), where
+   ``coef_i`` = upstream gradient × token weight (/ normaliser): per-token weights are folded in before projecting.
+4. Two more count-aware Triton GEMMs give ``dX_c = dlogits @ W`` and ``dW += dlogits.T @ x_c`` (fp32 accumulator).
+
+fp64 inputs are delegated to the torch path. Under ``TRITON_INTERPRET=1`` (CPU tests) low-precision operands are
+upcast to fp32 before ``tl.dot`` (the interpreter gets bf16 dot wrong). Only long-standing Triton APIs are used
+(tested with triton 3.6 and 3.9).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import torch_impl
+from .reference import kept_mask
+from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, reduce_loss, row_coefficients
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, count_ptr, bound_off,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BOUND_M: tl.constexpr, BOUND_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] (+)= A[M, K] @ B[K, N] (+ bias[N]); rows (BOUND_M) or K (BOUND_K) limited to count - bound_off."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    m_lim = M
+    k_lim = K
+    if BOUND_M:
+        m_lim = tl.minimum(tl.load(count_ptr) - bound_off, M)
+    if BOUND_K:
+        k_lim = tl.minimum(tl.load(count_ptr) - bound_off, K)
+    if pid_m * BLOCK_M >= m_lim:
+        return
+    if k_lim <= 0:
+        return  # only reachable with ACCUM (dW): nothing to add
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    m_mask = rm < m_lim
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, k_lim, BLOCK_K):
+        k_mask = (rk + k) < k_lim
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUM:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _row_kernel(
+    z_ptr, stride_z, y_ptr, coef_ptr, count_ptr, row_off,
+    nll_ptr, ent_ptr, lse_ptr,
+    V, softcap, scale,
+    HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per (packed) token row: LSE/NLL/entropy, then dlogits in place of the logits."""
+    r = tl.program_id(0)
+    row = row_off + r
+    if row >= tl.load(count_ptr):
+        return
+    z_row = z_ptr + r.to(tl.int64) * stride_z
+    y = tl.load(y_ptr + row).to(tl.int32)
+    cols0 = tl.arange(0, BLOCK_V)
+
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            z = z * scale
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, 0.0)
+        z_inf = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_inf, 0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z_inf - m_new)  # 0 at masked lanes
+        s = s * alpha + tl.sum(e, 0)
+        t = t * alpha + tl.sum(e * z, 0)
+        m = m_new
+    lse = m + tl.log(s)
+    zy = tl.load(z_row + y).to(tl.float32)
+    if HAS_SCALE:
+        zy = zy * scale
+    if HAS_SOFTCAP:
+        zy = softcap * _tanh(zy / softcap)
+    tl.store(nll_ptr + row, lse - zy)
+    tl.store(ent_ptr + row, lse - t / s)
+    tl.store(lse_ptr + row, lse)
+
+    if WRITE_GRAD:
+        c = tl.load(coef_ptr + row).to(tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            mask = cols < V
+            z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                z = z * scale
+            if HAS_SOFTCAP:
+                th = _tanh(z / softcap)
+                z = softcap * th
+            g = tl.exp(z - lse)
+            g = tl.where(cols == y, g - 1.0, g) * c
+            if HAS_SOFTCAP:
+                g = g * (1.0 - th * th)
+            if HAS_SCALE:
+                g = g * scale
+            tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _mm(a: Tensor, b: Tensor, c: Tensor, *, count: Tensor, bound_off: int, bound: str, bias: Optional[Tensor] = None,
+        accumulate: bool = False) -> None:
+    """c (+)= a @ b (+ bias), a/b/c any strides; bound in {'m', 'k'} limits rows or K to count - bound_off."""
+    M, K = a.shape
+    N = b.shape[1]
+    interp = _interpreting()
+    ieee = a.dtype == torch.float32
+    if interp:
+        bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
+    elif ieee:
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _mm_kernel[grid](
+        a, b, c, bias if bias is not None else c, count, bound_off,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        BOUND_M=bound == "m", BOUND_K=bound == "k", HAS_BIAS=bias is not None, ACCUM=accumulate,
+        UPCAST=interp and a.dtype != torch.float32, IEEE=ieee,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+
+
+def default_chunk_size(n: int, vocab: int, dim: int) -> int:
+    # Liger's rule (logits chunk ~ hidden size) but at least 1024 rows: bigger GEMMs and fewer fp32 dW passes.
+    return min(max(n, 1), torch_impl.default_chunk_size(n, vocab, dim, minimum=1024))
+
+
+def forward_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    token_weights: Optional[Tensor],
+    keep: Optional[Tensor],
+    normalizer: Optional[Tensor],
+    *,
+    ignore_index: int,
+    reduction: str,
+    softcap: float,
+    scale: float,
+    chunk_size: int,
+    grad_mask: int,
+    grad_tokens: Optional[Tensor] = None,
+):
+    """Same contract as :func:`torch_impl.forward_backward` (returns loss, nll, entropy, lse, gh, gw, gb)."""
+    if hidden.dtype == torch.float64:
+        return torch_impl.forward_backward(
+            hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index=ignore_index,
+            reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask,
+            grad_tokens=grad_tokens)
+    n_tok, dim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    kept = kept_mask(labels, keep, ignore_index)
+    coef = row_coefficients(kept, token_weights, normalizer, reduction, grad_tokens, f32)
+    if coef is None:
+        grad_mask = 0
+    want_dx = bool(grad_mask & GRAD_HIDDEN)
+    want_dw = bool(grad_mask & GRAD_WEIGHT)
+    want_db = bool(grad_mask & GRAD_BIAS) and bias is not None
+    need_grad = want_dx or want_dw or want_db
+
+    # kept rows first (stable), count on the device: no host sync anywhere below
+    order = torch.argsort((~kept).to(torch.int8), stable=True)
+    count = kept.sum().to(torch.int32).reshape(1)
+    xs = hidden.index_select(0, order)
+    ys = labels.index_select(0, order)
+    cs = coef.index_select(0, order).contiguous() if need_grad else count  # dummy pointer when unused
+
+    nll_s = torch.zeros(n_tok, dtype=f32, device=dev)
+    ent_s = torch.zeros(n_tok, dtype=f32, device=dev)
+    lse_s = torch.zeros(n_tok, dtype=f32, device=dev)
+    dx_s = torch.zeros((n_tok, dim), dtype=hidden.dtype, device=dev) if want_dx else None
+    dw = torch.zeros((vocab, dim), dtype=f32, device=dev) if want_dw else None
+    db = torch.zeros((vocab,), dtype=f32, device=dev) if want_db else None
+
+    chunk = chunk_size if chunk_size > 0 else default_chunk_size(n_tok, vocab, dim)
+    chunk = min(chunk, max(n_tok, 1))
+    buf = torch.empty((chunk, vocab), dtype=hidden.dtype, device=dev)
+    w_t = weight.t()
+    interp = _interpreting()
+    block_v = min(triton.next_power_of_2(vocab), 1024 if interp else 4096)
+    row_warps = 1 if interp else (16 if block_v >= 4096 else 8)
+    rows_idx = torch.arange(chunk, device=dev) if want_db else None
+    for c0 in range(0, n_tok, chunk):
+        m = min(chunk, n_tok - c0)
+        z = buf[:m]
+        x = xs[c0:c0 + m]
+        _mm(x, w_t, z, count=count, bound_off=c0, bound="m", bias=bias)
+        _row_kernel[(m,)](
+            z, z.stride(0), ys, cs, count, c0, nll_s, ent_s, lse_s, vocab, float(softcap), float(scale),
+            HAS_SOFTCAP=softcap != 0.0, HAS_SCALE=scale != 1.0, WRITE_GRAD=need_grad, BLOCK_V=block_v,
+            num_warps=row_warps,
+        )
+        if not need_grad:
+            continue
+        if want_dx:
+            _mm(z, weight, dx_s[c0:c0 + m], count=count, bound_off=c0, bound="m")
+        if want_dw:
+            _mm(z.t(), x, dw, count=count, bound_off=c0, bound="k", accumulate=True)
+        if want_db:
+            valid = (rows_idx[:m] < (count - c0)).to(z.dtype)
+            db += (valid[None, :] @ z).view(-1).to(f32)
+
+    nll = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, nll_s)
+    ent = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, ent_s)
+    lse = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, lse_s)
+    per_token = nll.clone() if token_weights is None else nll * token_weights.to(f32)
+    loss = reduce_loss(per_token, kept, normalizer, reduction)
+    gh = torch.empty_like(hidden).index_copy_(0, order, dx_s) if want_dx else hidden.new_empty((0,))
+    gw = dw.to(weight.dtype) if want_dw else weight.new_empty((0,))
+    gb = db.to(bias.dtype) if want_db else weight.new_empty((0,))
+    return loss, nll, ent, lse, gh, gw, gb
