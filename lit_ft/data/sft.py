@@ -1,0 +1,390 @@
+"""Supervised fine-tuning data: prompt/completion or chat rows -> completion-only-loss batches."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lit_ft.data._common import (
+    BaseDataModuleMixin,
+    ListDataset,
+    check_fraction,
+    check_int,
+    check_str,
+    load_splits,
+    load_tokenizer,
+    pad_left,
+    pad_right,
+    resolve_data,
+    subsample,
+    warn_rank_zero,
+)
+
+IGNORE_INDEX = -100
+
+ACCEPTED_FORMATS = (
+    '{"prompt": str, "completion": str[, "answer": str]} or '
+    '{"messages": [{"role": "system"|"user"|"assistant"|..., "content": str}, ...][, "answer": str]} '
+    "(at least one assistant message)"
+)
+
+
+class SFTDataModule(BaseDataModuleMixin, pl.LightningDataModule):
+    """Prompt/completion or chat JSONL -> batches with completion-only labels, length-bucketed for training.
+
+    Rows: ``{"prompt", "completion"}`` or ``{"messages": [{"role", "content"}, ...]}`` (loss on every assistant
+    turn); an optional ``"answer"`` is kept for exact-match evaluation (:meth:`generation_batches`). Other keys are
+    ignored. With the chat template, a prompt/completion row is the conversation [system?, user=prompt,
+    assistant=completion]; the prompt is the rendered template up to and including the generation prompt and the
+    labelled completion is the assistant content + the end-of-turn/eos token. Without it: prompt + completion + eos
+    (a single space is inserted between them when neither side has whitespace at the boundary; the space belongs
+    to the completion).
+
+    Labels are unshifted (HF convention): prompt tokens and padding are -100, completion tokens their ids.
+    Truncation to ``max_length``: the prompt (everything before the first labelled token) is cut from the left
+    first (down to ``min_prompt_length`` tokens), then the sequence from the right. Nothing is silent:
+    :attr:`stats` counts truncated samples/tokens and samples whose completion was cut away entirely (these are
+    dropped); a warning reports the counts at setup.
+
+    Batch: ``input_ids``, ``attention_mask``, ``labels`` (long [B, T], right-padded with the pad id / 0 / -100) and
+    ``sample_idx`` (long [B]: the row's index in its split, stable across epochs and resume).
+
+    Args:
+        data: training data: a .jsonl/.json file, or an asset name (``python -m lit_ft.assets list``).
+        val_data: validation data (path or asset). Default: the ``<data>-val`` asset when there is one, else a
+            seeded ``val_split`` fraction of ``data``.
+        val_split: fraction of ``data`` held out for validation when there is no ``val_data``; in [0, 1), 0 = none.
+        tokenizer: HF tokenizer folder or model asset name (no model hub is used).
+        max_length: maximum tokens per sample (>= 2).
+        min_prompt_length: when a sample is too long, its prompt is cut from the left but keeps at least this many
+            of its last tokens (>= 0); the rest is cut from the right, so a large value can cut a completion away
+            entirely (that sample is then dropped and counted). 0 = the prompt may be cut away completely.
+        batch_size: training batch size (>= 1).
+        eval_batch_size: validation/generation batch size (>= 1); default ``batch_size``.
+        num_workers: DataLoader worker processes (>= 0).
+        use_chat_template: format rows with the tokenizer's chat template; None = when the tokenizer has one.
+        system_prompt: a system message prepended to chat conversations that have none (chat template only).
+        bucket_by_length: group similar lengths into training batches (less padding); False = plain shuffle.
+        max_train_samples: keep a seeded random subset of this many training rows (>= 1); None = all.
+        max_val_samples: same for validation rows.
+        seed: seed of the validation split, subsets and the per-epoch batch order.
+    """
+
+    def __init__(
+        self,
+        data: str = "asdiv",
+        val_data: str | None = None,
+        val_split: float = 0.1,
+        tokenizer: str = "smollm2-135m-instruct",
+        max_length: int = 512,
+        min_prompt_length: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        use_chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        bucket_by_length: bool = True,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_str("data", data)
+        check_str("val_data", val_data, optional=True)
+        check_fraction("val_split", val_split)
+        check_str("tokenizer", tokenizer)
+        check_int("max_length", max_length, 2)
+        check_int("min_prompt_length", min_prompt_length, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        check_int("num_workers", num_workers, 0)
+        if use_chat_template is not None and not isinstance(use_chat_template, bool):
+            raise ValueError(f"use_chat_template must be True, False or None, got {use_chat_template!r}")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt must be a string or None, got {system_prompt!r}")
+        check_int("max_train_samples", max_train_samples, 1, optional=True)
+        check_int("max_val_samples", max_val_samples, 1, optional=True)
+        check_int("seed", seed, 0)
+        self.data = str(data)
+        self.val_data = None if val_data is None else str(val_data)
+        self.val_split = float(val_split)
+        self.tokenizer_name = str(tokenizer)
+        self.max_length = max_length
+        self.min_prompt_length = min_prompt_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.use_chat_template = use_chat_template
+        self.system_prompt = system_prompt
+        self.bucket_by_length = bucket_by_length
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.seed = seed
+        self.tokenizer: Any = None
+        self.stats: dict[str, int] = {}
+        self._splits: dict[str, list[dict]] | None = None
+        self._train_sampler = None
+        self._pending_sampler_state = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Fetch named assets once (rank 0) so that ``setup`` on every rank finds them in the cache."""
+        for arg, value in (("data", self.data), ("val_data", self.val_data), ("tokenizer", self.tokenizer_name)):
+            if value is not None:
+                resolve_data(arg, value)
+        if self.val_data is None:
+            from lit_ft.data._common import companion_val
+
+            comp = companion_val(self.data)
+            if comp:
+                resolve_data("val_data", comp)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenise all splits (once)."""
+        if self._splits is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        tok = self.tokenizer
+        has_template = bool(getattr(tok, "chat_template", None))
+        if self.use_chat_template and not has_template:
+            raise ValueError(
+                f"use_chat_template=True but tokenizer={self.tokenizer_name!r} has no chat template; "
+                "set use_chat_template=False (or None to decide automatically)"
+            )
+        self.chat = has_template if self.use_chat_template is None else self.use_chat_template
+        self._eos_id = tok.eos_token_id
+        if self._eos_id is None:
+            raise ValueError(f"tokenizer={self.tokenizer_name!r} has no eos token; completion-only SFT needs one")
+        probe = tok("a", add_special_tokens=True)["input_ids"]
+        self._bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
+
+        train_rows, val_rows, info = load_splits(self.data, self.val_data, self.val_split, self.seed)
+        self.data_info = info
+        stats: dict[str, int] = {}
+        splits = {}
+        for split, rows, limit in (
+            ("train", train_rows, self.max_train_samples),
+            ("val", val_rows, self.max_val_samples),
+        ):
+            keep = subsample(len(rows), limit, self.seed)
+            examples = []
+            n_trunc = n_tok = n_drop = n_label = 0
+            for i in keep:
+                ex = self._encode(rows[i], i, split)
+                if ex["truncated"]:
+                    n_trunc += 1
+                    n_tok += ex["truncated"]
+                if ex["n_labels"] == 0:
+                    n_drop += 1
+                    continue
+                n_label += ex["n_labels"]
+                examples.append(ex)
+            stats.update(
+                {
+                    f"{split}_rows": len(rows),
+                    f"{split}_samples": len(examples),
+                    f"{split}_truncated_samples": n_trunc,
+                    f"{split}_truncated_tokens": n_tok,
+                    f"{split}_dropped_samples": n_drop,
+                    f"{split}_label_tokens": n_label,
+                }
+            )
+            splits[split] = examples
+        for k in ("truncated_samples", "truncated_tokens", "dropped_samples"):
+            stats[k] = stats[f"train_{k}"] + stats[f"val_{k}"]
+        self.stats = stats
+        self._splits = splits
+        if not splits["train"] and stage in (None, "fit"):
+            raise ValueError(
+                f"no training samples left after truncation to max_length={self.max_length} "
+                f"({stats['train_dropped_samples']} dropped); raise max_length"
+            )
+        if stats["truncated_samples"] or stats["dropped_samples"]:
+            warn_rank_zero(
+                f"SFTDataModule: max_length={self.max_length} truncated {stats['truncated_samples']} samples "
+                f"({stats['truncated_tokens']} tokens; train {stats['train_truncated_samples']}, val "
+                f"{stats['val_truncated_samples']}) and dropped {stats['dropped_samples']} whose completion was cut "
+                f"away entirely (train {stats['train_dropped_samples']}, val {stats['val_dropped_samples']}). "
+                "Raise max_length to keep them."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _parse_row(self, row: dict, idx: int, split: str) -> tuple[list[dict] | None, str | None, str | None]:
+        """(messages or None, prompt, completion) — exactly one of the two forms."""
+        if "messages" in row:
+            msgs = row["messages"]
+            ok = isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+            if ok and any(m["role"] == "assistant" for m in msgs):
+                return msgs, None, None
+            raise ValueError(
+                f"{split} row {idx}: 'messages' must be a non-empty list of {{'role': str, 'content': str}} with at "
+                f"least one assistant message; got {str(msgs)[:200]}. Accepted formats: {ACCEPTED_FORMATS}"
+            )
+        if "prompt" in row and "completion" in row:
+            p, c = row["prompt"], row["completion"]
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise ValueError(
+                    f"{split} row {idx}: 'prompt' and 'completion' must be strings, got "
+                    f"{type(p).__name__} and {type(c).__name__}"
+                )
+            return None, p, c
+        raise ValueError(
+            f"{split} row {idx}: unknown row format, keys found: {sorted(row)}. Accepted formats: {ACCEPTED_FORMATS}"
+        )
+
+    def _render(self, msgs: list[dict], gen: bool) -> str:
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _chat_pieces(self, msgs: list[dict], idx: int, split: str) -> tuple[list[tuple[str, bool]], str]:
+        """Text pieces (text, is_label) of a conversation and the generation prompt for its last assistant turn."""
+        if self.system_prompt is not None and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
+        eos = self.tokenizer.eos_token
+        pieces: list[tuple[str, bool]] = []
+        prev = ""
+        gen_prompt = ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            ctx = self._render(msgs[:i], gen=True)
+            full = self._render(msgs[: i + 1], gen=False)
+            if not ctx.startswith(prev) or not full.startswith(ctx):
+                raise ValueError(
+                    f"{split} row {idx}: the tokenizer's chat template does not render conversations "
+                    "incrementally (a rendered prefix changes when a turn is added), so assistant turns cannot be "
+                    "located; use single-turn rows or use_chat_template=False"
+                )
+            pieces.append((ctx[len(prev) :], False))
+            answer = full[len(ctx) :]
+            k = answer.find(eos) if eos else -1
+            if k >= 0:
+                pieces += [(answer[: k + len(eos)], True), (answer[k + len(eos) :], False)]
+            else:
+                body = answer.rstrip()
+                pieces += [(body, True), (answer[len(body) :], False)]
+            prev = full
+            gen_prompt = ctx
+        return pieces, gen_prompt
+
+    def _encode(self, row: dict, idx: int, split: str) -> dict:
+        msgs, prompt, completion = self._parse_row(row, idx, split)
+        if self.chat:
+            if msgs is None:
+                msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            pieces, gen_text = self._chat_pieces(msgs, idx, split)
+            # merge neighbouring unlabelled pieces, then tokenise piece by piece
+            ids: list[int] = []
+            labels: list[int] = []
+            merged: list[tuple[str, bool]] = []
+            for text, lab in pieces:
+                if merged and not lab and not merged[-1][1]:
+                    merged[-1] = (merged[-1][0] + text, False)
+                elif text:
+                    merged.append((text, lab))
+            for text, lab in merged:
+                t = self._ids(text)
+                ids += t
+                labels += t if lab else [IGNORE_INDEX] * len(t)
+            gen_ids = self._ids(gen_text)
+        else:
+            if msgs is not None:
+                raise ValueError(
+                    f"{split} row {idx}: chat 'messages' rows need a chat template, but use_chat_template is off "
+                    f"(tokenizer={self.tokenizer_name!r})"
+                )
+            if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+                completion = " " + completion
+            p = self._bos + self._ids(prompt)
+            c = self._ids(completion) + [self._eos_id]
+            ids, labels, gen_ids = p + c, [IGNORE_INDEX] * len(p) + c, p
+        # truncation: the prompt (before the first label) from the left, down to min_prompt_length tokens; then
+        # the sequence from the right
+        truncated = 0
+        excess = len(ids) - self.max_length
+        if excess > 0:
+            first = next((j for j, v in enumerate(labels) if v != IGNORE_INDEX), len(labels))
+            cut = min(excess, max(0, first - self.min_prompt_length))
+            ids, labels = ids[cut:], labels[cut:]
+            truncated = excess
+            if len(ids) > self.max_length:
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if len(gen_ids) > self.max_length:
+            gen_ids = gen_ids[len(gen_ids) - self.max_length :]
+        answer = row.get("answer")
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "sample_idx": idx,
+            "n_labels": sum(1 for v in labels if v != IGNORE_INDEX),
+            "truncated": truncated,
+            "gen_ids": gen_ids,
+            "answer": None if answer is None else str(answer),
+        }
+
+    # ----------------------------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        ids = [e["input_ids"] for e in examples]
+        return {
+            "input_ids": pad_right(ids, pad),
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+            "labels": pad_right([e["labels"] for e in examples], IGNORE_INDEX),
+            "sample_idx": torch.tensor([e["sample_idx"] for e in examples], dtype=torch.long),
+        }
+
+    def _examples(self, split: str) -> list[dict]:
+        if self._splits is None:
+            self.setup()
+        if split not in self._splits:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self._splits[split]
+
+    def train_dataloader(self) -> DataLoader:
+        ex = self._examples("train")
+        return self._make_train_loader(
+            ListDataset(ex), [len(e["input_ids"]) for e in ex], self.bucket_by_length, self.collate
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        ex = self._examples("val")
+        if not ex:
+            return []
+        return DataLoader(
+            ListDataset(ex), batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def generation_batches(
+        self, split: str = "val", limit: int | None = None, batch_size: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Left-padded prompts of the rows that have an ``"answer"``, for generate-then-exact-match evaluation.
+
+        Yields ``{"input_ids", "attention_mask"}`` (long [B, T], left-padded; with the chat template the prompt
+        ends with the generation prompt) plus ``"answers"`` (list[str]) and ``"sample_idx"`` (long [B]).
+        ``limit``: at most this many rows (in split order); ``batch_size`` defaults to ``eval_batch_size``.
+        """
+        check_int("limit", limit, 1, optional=True)
+        check_int("batch_size", batch_size, 1, optional=True)
+        rows = [e for e in self._examples(split) if e["answer"] is not None]
+        if limit is not None:
+            rows = rows[:limit]
+        bs = batch_size or self.eval_batch_size
+        pad = self.tokenizer.pad_token_id
+        for s in range(0, len(rows), bs):
+            chunk = rows[s : s + bs]
+            ids = [e["gen_ids"] for e in chunk]
+            yield {
+                "input_ids": pad_left(ids, pad),
+                "attention_mask": pad_left([[1] * len(x) for x in ids], 0),
+                "answers": [e["answer"] for e in chunk],
+                "sample_idx": torch.tensor([e["sample_idx"] for e in chunk], dtype=torch.long),
+            }
