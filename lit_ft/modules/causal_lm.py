@@ -109,7 +109,11 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, num_hidden_layers, torch_dtype)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it; keep both spellings working
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.token_loss_impl = loss_impl
         self.eval_history: dict[str, dict[str, float]] = {}
 
