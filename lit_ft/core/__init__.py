@@ -14,6 +14,15 @@ from lit_ft.core.introspect import (
     find_lm_head,
     lm_head_is_tied,
 )
+from lit_ft.core.params import (
+    ParamPlan,
+    ParamPlanConflict,
+    apply_plan,
+    build_param_groups,
+    compose,
+    rebuild_param_groups,
+    reset_optimizer_state,
+)
 from lit_ft.core.tokens import (
     TokenDecision,
     TokenPipeline,
@@ -29,6 +38,8 @@ __all__ = [
     "IGNORE_INDEX", "KEY_PROVIDERS", "BatchKeyError", "check_token_tensor", "require_keys",
     "CausalLMParts", "ModelLayoutError", "causal_lm_parts", "find_base_model", "find_decoder_layers",
     "find_final_norm", "find_hf_model", "find_input_embeddings", "find_lm_head", "lm_head_is_tied",
+    "ParamPlan", "ParamPlanConflict", "apply_plan", "build_param_groups", "compose", "rebuild_param_groups",
+    "reset_optimizer_state",
     "TokenDecision", "TokenPipeline", "TokenScorer", "TokenScores", "compose_decisions", "global_topk_mask",
     "shift_targets", "token_pipeline_for",
 ]

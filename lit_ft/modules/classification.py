@@ -80,4 +80,5 @@ class ClassificationModule(pl.LightningModule):
         return out.loss
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(adamw_param_groups(self.model, self.hparams.weight_decay), lr=self.hparams.learning_rate)
+        groups = adamw_param_groups(self.model, self.hparams.learning_rate, self.hparams.weight_decay)
+        return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
