@@ -76,13 +76,13 @@ class LitFtCLI(LightningCLI):
             print(f"logs ({type(logger).__name__}): {where}")
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> LitFtCLI:
     import lit_ft.callbacks  # noqa: F401  short class names resolve once imported
     import lit_ft.data  # noqa: F401
     import lit_ft.modules  # noqa: F401
 
     epilog = _callbacks_epilog()
-    LitFtCLI(
+    return LitFtCLI(
         model_class=LightningModule,
         datamodule_class=None,
         subclass_mode_model=True,
