@@ -68,6 +68,35 @@ def reduce_loss(per_token: Tensor, kept: Tensor, normalizer: Optional[Tensor], r
     return total / kept.sum().clamp(min=1).to(total.dtype)
 
 
+def _softmax_block(z, y, coef, acc, softcap, scale, need_grad, nll_out, ent_out, lse_out):
+    """LSE/NLL/entropy of one cache-sized row block of logits ``z``; if ``need_grad``, overwrite ``z`` with
+    ``dlogits = (softmax - onehot) * coef`` chained through softcap and scale."""
+    zf = z if z.dtype == acc else z.to(acc)  # zf is z itself for fp32/fp64 inputs
+    if scale != 1.0:
+        zf.mul_(scale)
+    t = None
+    if softcap != 0.0:
+        t = zf.div_(softcap).tanh_()  # zf now holds tanh(z / c)
+        zf = t * softcap
+    rows = torch.arange(zf.shape[0], device=zf.device)
+    m = zf.amax(dim=1, keepdim=True)
+    zf.sub_(m)  # shifted logits (shift-invariant quantities below)
+    e = torch.exp(zf)
+    s = e.sum(dim=1)
+    log_s = torch.log(s)
+    nll_out.copy_(log_s - zf[rows, y])
+    ent_out.copy_(log_s - torch.linalg.vecdot(e, zf) / s)
+    lse_out.copy_(m.view(-1) + log_s)
+    if not need_grad:
+        return
+    g = coef * scale if scale != 1.0 else coef
+    e.mul_((g / s)[:, None])
+    e[rows, y] -= g
+    if t is not None:
+        e.mul_(t.mul_(t).neg_().add_(1.0))
+    z.copy_(e)
+
+
 def forward_backward(
     hidden: Tensor,
     weight: Tensor,
@@ -118,51 +147,37 @@ def forward_backward(
     db = torch.zeros((vocab,), dtype=acc, device=dev) if want_db else None
     need_grad = want_dx or want_dw or want_db
 
-    chunk = chunk_size if chunk_size > 0 else default_chunk_size(n, vocab, dim)
+    if chunk_size > 0:
+        chunk = chunk_size
+    else:
+        # Liger's rule, but at least enough rows for an efficient CPU GEMM (logits chunk capped at ~128 MB)
+        rows_cap = max(256, min(1024, (128 << 20) // (vocab * 4)))
+        chunk = max(default_chunk_size(n, vocab, dim), rows_cap)
+    # the softmax math runs on sub-blocks of rows that stay in cache (~2 MB of fp32 logits)
+    sub = max(1, min(chunk, (512 * 1024) // vocab))
     w_t = weight.t()
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x = x_all[start:end]
-        y = y_all[start:end]
-        rows = torch.arange(end - start, device=dev)
         z = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
-        z = z.to(acc)  # no-op for fp32/fp64
-        if scale != 1.0:
-            z.mul_(scale)
-        t = None
-        if softcap != 0.0:
-            t = torch.tanh(z.div_(softcap))
-            z = torch.mul(t, softcap)
-        lse = torch.logsumexp(z, dim=1)
-        zy = z[rows, y]
-        p = torch.sub(z, lse[:, None]).exp_()
-        # entropy = lse - Σ p z, without a [chunk, V] temporary
-        pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
-        del z
-        nll_p[start:end] = lse - zy
-        ent_p[start:end] = lse - pz
-        lse_p[start:end] = lse
+        for s0 in range(0, end - start, sub):
+            s1 = min(s0 + sub, end - start)
+            r0, r1 = start + s0, start + s1
+            _softmax_block(z[s0:s1], y_all[r0:r1], None if coef_all is None else coef_all[r0:r1], acc, softcap,
+                           scale, need_grad, nll_p[r0:r1], ent_p[r0:r1], lse_p[r0:r1])
         if not need_grad:
             continue
-        # dlogits = (softmax - onehot) * coef, chained through softcap and scale (all in place on p)
-        p[rows, y] -= 1.0
-        p.mul_(coef_all[start:end, None])
-        if t is not None:
-            p.mul_(t.mul_(t).neg_().add_(1.0))
-            del t
-        if scale != 1.0:
-            p.mul_(scale)
+        # z now holds dlogits (input dtype)
         if want_db:
-            db += p.sum(0)
-        g = p.to(hidden.dtype)
-        del p
+            db += z.sum(0, dtype=acc)
         if want_dx:
-            torch.mm(g, weight, out=dx_p[start:end])
+            torch.mm(z, weight, out=dx_p[start:end])
         if want_dw:
             if acc == hidden.dtype:
-                dw.addmm_(g.t(), x)
+                dw.addmm_(z.t(), x)
             else:  # low precision inputs: fp32 accumulation across chunks
-                dw += (g.t() @ x).to(acc)
+                dw += (z.t() @ x).to(acc)
+        del z
 
     nll = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, nll_p)
     ent = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, ent_p)
