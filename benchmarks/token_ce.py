@@ -62,18 +62,27 @@ def step_liger(h, w, y, keep):
     return out[0] if isinstance(out, tuple) else out
 
 
+def step_liger32(h, w, y, keep):
+    """Liger with an fp32 weight-grad accumulator (what ours always does)."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    out = LigerFusedLinearCrossEntropyFunction.apply(h, w, _masked_labels(y, keep), None, None, -100, 0.0, 0.0,
+                                                     "mean", None, False, torch.float32)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def step_cce(h, w, y, keep):
     from cut_cross_entropy import linear_cross_entropy
 
     return linear_cross_entropy(h, w, _masked_labels(y, keep))
 
 
-METHODS = {"naive": step_naive, "ours": step_ours, "liger": step_liger, "cce": step_cce}
+METHODS = {"naive": step_naive, "ours": step_ours, "liger": step_liger, "liger32": step_liger32, "cce": step_cce}
 
 
 def importable(method):
     try:
-        if method == "liger":
+        if method in ("liger", "liger32"):
             import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
         elif method == "cce":
             import cut_cross_entropy  # noqa: F401
@@ -189,7 +198,8 @@ def main(argv=None):
     p.add_argument("--shapes", default="576x49152,2048x128256", help="comma-separated DxV")
     p.add_argument("--n", default="2048,8192", help="comma-separated token counts")
     p.add_argument("--keep", default="1.0,0.6,0.3", help="comma-separated kept fractions")
-    p.add_argument("--compare", default="", help="comma-separated extra methods (CUDA): liger,cce")
+    p.add_argument("--compare", default="", help="comma-separated extra methods (CUDA): liger (default bf16 grad accumulation), "
+                   "liger32 (Liger with accum_dtype=float32), cce")
     p.add_argument("--warmup", type=int, default=None, help="default: 0 on CPU, 3 on CUDA")
     p.add_argument("--repeats", type=int, default=None, help="default: 1 on CPU, 10 on CUDA")
     # worker mode (one CPU measurement in a fresh process)
@@ -208,8 +218,8 @@ def main(argv=None):
 
     methods = ["naive", "ours"]
     for m in [s for s in args.compare.split(",") if s]:
-        if m not in ("liger", "cce"):
-            raise SystemExit(f"--compare accepts liger,cce; got {m!r}")
+        if m not in ("liger", "liger32", "cce"):
+            raise SystemExit(f"--compare accepts liger,liger32,cce; got {m!r}")
         ok, why = importable(m) if cuda else (False, "CUDA only")
         if ok:
             methods.append(m)

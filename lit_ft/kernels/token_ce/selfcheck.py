@@ -33,7 +33,7 @@ def _native(h, w, y, b, tw, k, reduction, softcap, scale):
 
 def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weights=False, keep=False,
              softcap=None, scale=None, ignore_frac=0.3, all_ignored=False, chunk_size=None, use_op=False,
-             log=print):
+             op_impl="triton", log=print):
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     h64 = torch.randn(n, d, generator=g, dtype=torch.float64)
     w64 = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 2
@@ -66,7 +66,7 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
         from . import fused_linear_token_ce
 
         out = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction,
-                                    logit_softcap=softcap, logit_scale=scale, chunk_size=chunk_size, impl="triton",
+                                    logit_softcap=softcap, logit_scale=scale, chunk_size=chunk_size, impl=op_impl,
                                     return_nll=True, return_entropy=True, return_lse=True)
         loss, nll, ent, lse = out
         op_g = torch.autograd.grad((loss * up.to(loss.dtype)).sum(), [t for t in (h, w, b) if t is not None])
@@ -147,13 +147,16 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--real", action="store_true", help="add real lm_head shapes (CUDA only)")
     p.add_argument("--only", default="", help="comma-separated case-name substrings")
+    p.add_argument("--op-impl", default=None, help="go through fused_linear_token_ce with this impl "
+                   "(default on CUDA: triton; on CPU the Triton internals are called directly)")
     args = p.parse_args(argv)
     ok = True
     for name, kw in cases(args.device, args.real):
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         try:
-            ok &= run_case(name, device=args.device, use_op=args.device == "cuda", **kw)
+            use_op = args.device == "cuda" or args.op_impl is not None
+            ok &= run_case(name, device=args.device, use_op=use_op, op_impl=args.op_impl or "triton", **kw)
         except Exception as e:  # report and continue
             ok = False
             print(f"FAIL {name} :: {type(e).__name__}: {e}")
