@@ -202,7 +202,7 @@ def test_torch_compile_fullgraph_aot_eager(reduction):
 
     def fn(h, w, b):
         out = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction,
-                                    normalizer=norm, logit_softcap=3.0, return_nll=True, impl="torch")
+                                    normalizer=norm, logit_softcap=3.0, return_nll=True, impl="auto")
         return out.loss.sum(), out.nll
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")

@@ -75,12 +75,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "triton" if ok else "torch"
 
 
-@torch.compiler.assume_constant_result
-def _resolve_impl_for_compile(impl: str, device: str) -> str:
-    # evaluated eagerly under torch.compile (find_spec / device queries are not traceable)
-    return resolve_impl(impl, torch.device(device))
-
-
 def _run(impl: str, *args, **kwargs):
     if impl == "triton":
         from . import triton_impl  # imports triton lazily
@@ -309,7 +303,12 @@ def fused_linear_token_ce(
         raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
-    impl_name = _resolve_impl_for_compile(impl, str(hidden.device))
+    if torch.compiler.is_compiling():
+        from ._compile_support import resolve_impl_constant
+
+        impl_name = resolve_impl_constant(impl, str(hidden.device))
+    else:
+        impl_name = resolve_impl(impl, hidden.device)
 
     grad_mask = 0
     if torch.is_grad_enabled():
