@@ -5,7 +5,7 @@ Data and tokenizers are local paths or asset names from :mod:`lit_ft.assets` (pi
 
 from lit_ft.data._common import DataWarning
 from lit_ft.data.classification import ClassificationDataModule
-from lit_ft.data.sampler import LengthGroupedSampler
+from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
 from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
 
-__all__ = ["SFTDataModule", "ClassificationDataModule", "LengthGroupedSampler", "DataWarning", "IGNORE_INDEX"]
+__all__ = ["SFTDataModule", "ClassificationDataModule", "LengthGroupedSampler", "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX"]

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lit_ft import assets
-from lit_ft.data.sampler import LengthGroupedSampler
+from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
 
 
 class DataWarning(UserWarning):
@@ -204,21 +204,23 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, progress: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._progress = progress
-
-    def _sampler(self) -> LengthGroupedSampler | None:
-        s = getattr(self.batch_sampler, "sampler", None)
-        return s if isinstance(s, LengthGroupedSampler) else None
+        # Expose the index sampler as `.sampler` (unused for iteration when a batch_sampler is set): Lightning then
+        # calls its set_epoch, and under DDP wraps *it* in a DistributedSamplerWrapper instead of replacing it with
+        # a sequential DistributedSampler over the dataset.
+        inner = getattr(self.batch_sampler, "sampler", None)
+        if inner is not None:
+            object.__setattr__(self, "sampler", inner)
 
     def state_dict(self) -> dict:
-        s = self._sampler()
-        if s is None:
+        bs = self.batch_sampler
+        if not isinstance(bs, ResumableBatchSampler):
             return {}
-        return s.state_dict(self._progress() if self._progress is not None else None)
+        return bs.state_dict(self._progress() if self._progress is not None else None)
 
     def load_state_dict(self, state: dict) -> None:
-        s = self._sampler()
-        if s is not None and state:
-            s.load_state_dict(state)
+        bs = self.batch_sampler
+        if isinstance(bs, ResumableBatchSampler) and state:
+            bs.load_state_dict(state)
 
 
 class BaseDataModuleMixin:
@@ -245,14 +247,15 @@ class BaseDataModuleMixin:
             lengths, self.batch_size, seed=self.seed, shuffle=True, group_by_length=group,
             num_replicas=self._world_size(),
         )
+        batch_sampler = ResumableBatchSampler(sampler, self.batch_size, drop_last=False)
         pending = getattr(self, "_pending_sampler_state", None)
         if pending:
-            sampler.load_state_dict(pending)
+            batch_sampler.load_state_dict(pending)
             self._pending_sampler_state = None
-        self._train_sampler = sampler
+        self._train_sampler = batch_sampler
         return ResumableDataLoader(
             dataset,
-            batch_sampler=BatchSampler(sampler, self.batch_size, drop_last=False),
+            batch_sampler=batch_sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             progress=self._train_progress,

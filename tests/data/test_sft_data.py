@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler
 
-from lit_ft.data import DataWarning, LengthGroupedSampler, SFTDataModule
+from lit_ft.data import DataWarning, LengthGroupedSampler, ResumableBatchSampler, SFTDataModule
 from lit_ft.testing import write_tiny_sft_jsonl
 
 EOS = "<|im_end|>"
@@ -233,14 +233,39 @@ def test_sampler_state_resume_skips_done_batches():
     s = LengthGroupedSampler(lengths, batch_size=4, seed=1)
     s.set_epoch(2)
     full = list(BatchSampler(s, 4, drop_last=False))
-    r = LengthGroupedSampler(lengths, batch_size=4, seed=1)
+    r = ResumableBatchSampler(LengthGroupedSampler(lengths, batch_size=4, seed=1), 4)
     r.load_state_dict({"epoch": 2, "seed": 1, "batches_done": 5})
-    r.set_epoch(2)  # what Lightning does on resume
-    assert list(BatchSampler(r, 4, drop_last=False)) == full[5:]
-    r.set_epoch(3)  # the skip applied once; the next epoch is complete
-    assert len(list(r)) == 50
+    r.sampler.set_epoch(2)  # what Lightning does on resume
+    assert list(r) == full[5:]
+    assert r.state_dict() == {"epoch": 2, "seed": 1, "batches_done": len(full)}
+    r.sampler.set_epoch(3)  # the skip applied once; the next epoch is complete
+    assert len(list(r)) == len(full)
     with pytest.raises(ValueError, match="seed"):
         r.load_state_dict({"epoch": 2, "seed": 7, "batches_done": 1})
+
+
+def test_resume_under_distributed_wrapper():
+    """DDP: Lightning re-creates the batch sampler around DistributedSamplerWrapper(our sampler) and sets the
+    wrapper's epoch; the skip applies per rank and the epoch reaches our sampler."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    lengths = [(i * 37) % 101 for i in range(70)]
+
+    def rank_batches(rank, state=None, epoch=1):
+        inner = LengthGroupedSampler(lengths, batch_size=4, seed=2, num_replicas=2)
+        bs = ResumableBatchSampler(DistributedSamplerWrapper(inner, num_replicas=2, rank=rank, shuffle=False), 4)
+        if state:
+            bs.load_state_dict(state)
+        bs.sampler.set_epoch(epoch)
+        return list(bs), inner
+
+    for rank in (0, 1):
+        full, inner = rank_batches(rank)
+        assert inner.epoch == 1
+        resumed, _ = rank_batches(rank, {"epoch": 1, "seed": 2, "batches_done": 3})
+        assert resumed == full[3:]
+    r0, r1 = rank_batches(0)[0], rank_batches(1)[0]
+    assert sorted(sum(r0 + r1, [])) == list(range(70))
 
 
 def test_datamodule_epoch_order_and_state_dict(tiny_tok, tmp_path):
@@ -248,6 +273,7 @@ def test_datamodule_epoch_order_and_state_dict(tiny_tok, tmp_path):
     dm = make_dm(data, tiny_tok, val_split=0.0, batch_size=4, seed=5)
     dl = dm.train_dataloader()
     dl.batch_sampler.sampler.set_epoch(1)
+    assert isinstance(dl.batch_sampler, ResumableBatchSampler)
     order1 = [b["sample_idx"].tolist() for b in dl]
     dm2 = make_dm(data, tiny_tok, val_split=0.0, batch_size=4, seed=5)
     dm2.load_state_dict({"train_sampler": {"epoch": 1, "seed": 5, "batches_done": 4}})  # before the loader exists
@@ -405,6 +431,34 @@ def test_jsonargparse_reads_signature():
 # --------------------------------------------------------------------------------------------------------------
 # real assets (from the user's lit_ft cache; fetched there on first use)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def test_lightning_ddp_sampler_injection_keeps_our_order(tiny_tok, tmp_path):
+    """What Lightning does to a training loader under DDP: wrap ``loader.sampler`` and re-create the loader."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    from lit_ft.data._common import ResumableDataLoader
+
+    data = write_tiny_sft_jsonl(tmp_path / "t.jsonl", n=30)
+    dm = make_dm(data, tiny_tok, val_split=0.0, batch_size=4, seed=3)
+    dl = dm.train_dataloader()
+    assert isinstance(dl.sampler, LengthGroupedSampler)
+    per_rank = []
+    for rank in (0, 1):
+        ds = _get_distributed_sampler(dl, shuffle=False, overfit_batches=0, mode=RunningStage.TRAINING,
+                                      num_replicas=2, rank=rank)
+        new = _update_dataloader(dl, ds, mode=RunningStage.TRAINING)
+        assert isinstance(new, ResumableDataLoader) and isinstance(new.batch_sampler, ResumableBatchSampler)
+        _set_sampler_epoch(new, 1)
+        per_rank.append([b["sample_idx"].tolist() for b in new])
+    stream = dm._train_sampler.sampler.batches(1)  # our epoch-1 order, interleaved across the two ranks
+    flat = sum(stream, [])
+    flat += flat[: (-len(flat)) % 2]  # DistributedSampler pads to a multiple of the world size
+    assert sum(per_rank[0], []) == flat[0::2] and sum(per_rank[1], []) == flat[1::2]
+    assert all(len(b) == 4 for b in per_rank[0][:-1])
 
 
 @pytest.mark.slow
