@@ -76,7 +76,9 @@ class LitFtCLI(LightningCLI):
             print(f"logs ({type(logger).__name__}): {where}")
 
 
-def main(args: list[str] | None = None) -> LitFtCLI:
+def run(args: list[str] | None = None) -> LitFtCLI:
+    """Run the CLI in-process and return the LightningCLI object (trainer, model, datamodule) — for tests and
+    notebooks. The console script is :func:`main`."""
     import lit_ft.callbacks  # noqa: F401  short class names resolve once imported
     import lit_ft.data  # noqa: F401
     import lit_ft.modules  # noqa: F401
@@ -96,6 +98,11 @@ def main(args: list[str] | None = None) -> LitFtCLI:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``lit-ft`` console script (returns None so that ``sys.exit(main())`` exits 0)."""
+    run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,7 +54,7 @@ class PlainHFModule(pl.LightningModule):
         self.lr = lr
 
     def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return self.model(**batch).loss  # exactly the README example (sample_idx rides along in kwargs)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)

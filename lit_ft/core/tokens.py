@@ -128,31 +128,41 @@ def _gather_varlen(x: torch.Tensor) -> torch.Tensor:
 
 def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float, largest: bool = True) -> torch.Tensor:
     """Keep the ``ceil(ratio * n_valid)`` highest-scoring valid tokens, counted over the whole batch *and* all
-    DDP ranks (so a rank whose batch is easy keeps fewer tokens, as a single large batch would).
+    DDP ranks (so a rank whose batch is easy keeps fewer tokens, as one large batch would).
 
-    Single process: exact top-k. Distributed: the global k-th score is found from all ranks' valid scores and every
-    rank keeps its tokens at or above it (ties at the threshold may keep a few more than k).
+    Exactly k tokens are kept. Ties are broken by position: rank order, then row-major order within a rank — the
+    order the tokens would have in the single large batch made by concatenating the ranks' batches — so 2 ranks x
+    batch 4 select exactly what 1 process x batch 8 selects (ties are common: e.g. an excess loss against the
+    initial weights is 0 everywhere at step 0).
     """
-    if not 0.0 < ratio <= 1.0:
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    keep = torch.zeros_like(valid)
     s = scores.detach().float()
     if not largest:
         s = -s
-    local = s[valid]
-    if _dist_ready():
-        pool = _gather_varlen(local)
-        k = math.ceil(ratio * pool.numel())
+    flat_valid_idx = valid.reshape(-1).nonzero().squeeze(1)
+    local = s.reshape(-1)[flat_valid_idx]
+    keep = torch.zeros_like(valid)
+    if not _dist_ready():
+        k = math.ceil(ratio * local.numel())
         if k == 0:
             return keep
-        threshold = torch.topk(pool, k).values[-1]
-        return valid & (s >= threshold)
-    k = math.ceil(ratio * local.numel())
+        order = torch.sort(local, descending=True, stable=True).indices[:k]
+        keep.view(-1)[flat_valid_idx[order]] = True
+        return keep
+    pool = _gather_varlen(local)
+    k = math.ceil(ratio * pool.numel())
     if k == 0:
         return keep
-    idx = torch.topk(local, k).indices
-    flat_valid_idx = valid.reshape(-1).nonzero().squeeze(1)
-    keep.view(-1)[flat_valid_idx[idx]] = True
+    threshold = torch.sort(pool, descending=True, stable=True).values[k - 1]
+    ties_needed = k - int((pool > threshold).sum())
+    local_ties = (local == threshold).nonzero().squeeze(1)
+    tie_counts = [torch.zeros(1, dtype=torch.long, device=s.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(tie_counts, torch.tensor([local_ties.numel()], device=s.device))
+    before = int(sum(int(c) for c in tie_counts[: dist.get_rank()]))
+    take = max(0, min(local_ties.numel(), ties_needed - before))
+    chosen = torch.cat([(local > threshold).nonzero().squeeze(1), local_ties[:take]])
+    keep.view(-1)[flat_valid_idx[chosen]] = True
     return keep
 
 

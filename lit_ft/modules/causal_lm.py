@@ -108,6 +108,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
             raise ValueError("CausalLMModule: eval_exact_match must be >= 0 and max_new_tokens >= 1")
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, num_hidden_layers, torch_dtype)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         if gradient_checkpointing:
             # transformers 5 renamed it; keep both spellings working
             if hasattr(self.model, "activation_checkpointing_enable"):

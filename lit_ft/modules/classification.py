@@ -53,6 +53,7 @@ class ClassificationModule(pl.LightningModule):
             from lit_ft.assets import resolve
 
             self.model = AutoModelForSequenceClassification.from_pretrained(resolve(model), num_labels=num_labels)
+        self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps whatever mode it finds
         if self.model.config.pad_token_id is None:
             # decoders have no pad token; the score head needs one to find the last real token
             self.model.config.pad_token_id = getattr(self.model.config, "eos_token_id", None) or 0

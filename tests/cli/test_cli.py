@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_ft.cli import main
+from lit_ft.cli import run as main
 from lit_ft.testing import tiny_llama_config, write_tiny_sft_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

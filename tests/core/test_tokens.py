@@ -129,3 +129,12 @@ def test_empty_selection_gives_graph_connected_zero():
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_global_topk_keeps_exactly_k_and_breaks_ties_by_position():
+    scores = torch.zeros(2, 5)  # all tied (e.g. excess vs the initial weights at step 0)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[0, 1] = False
+    keep = global_topk_mask(scores, valid, 0.5)
+    assert keep.sum() == 5  # ceil(0.5 * 9)
+    assert keep.tolist() == [[True, False, True, True, True], [True, False, False, False, False]]
