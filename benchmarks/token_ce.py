@@ -51,7 +51,8 @@ def step_naive(h, w, y, keep):
 def step_ours(h, w, y, keep):
     from lit_ft.kernels import fused_linear_token_ce
 
-    return fused_linear_token_ce(h, w, y, keep=keep)
+    cs = int(os.environ.get("TOKEN_CE_BENCH_CHUNK", "0")) or None
+    return fused_linear_token_ce(h, w, y, keep=keep, chunk_size=cs)
 
 
 def step_liger(h, w, y, keep):
@@ -200,6 +201,7 @@ def main(argv=None):
     p.add_argument("--keep", default="1.0,0.6,0.3", help="comma-separated kept fractions")
     p.add_argument("--compare", default="", help="comma-separated extra methods (CUDA): liger (default bf16 grad accumulation), "
                    "liger32 (Liger with accum_dtype=float32), cce")
+    p.add_argument("--chunk-size", type=int, default=0, help="chunk_size for ours (default: the op's rule)")
     p.add_argument("--warmup", type=int, default=None, help="default: 0 on CPU, 3 on CUDA")
     p.add_argument("--repeats", type=int, default=None, help="default: 1 on CPU, 10 on CUDA")
     # worker mode (one CPU measurement in a fresh process)
@@ -208,6 +210,8 @@ def main(argv=None):
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
     p.add_argument("--v", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.chunk_size:
+        os.environ["TOKEN_CE_BENCH_CHUNK"] = str(args.chunk_size)  # read by step_ours (also in CPU workers)
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)

@@ -294,7 +294,7 @@ def test_cuda_paths_match_reference(dtype, reduction):
     h, w, b = (t.detach().to("cuda", dtype).requires_grad_() for t in (h, w, b))
     y, tw, k = y.cuda(), tw.cuda(), k.cuda()
     kw = dict(bias=b, token_weights=tw, keep=k, reduction=reduction, logit_softcap=20.0)
-    ref = token_ce_reference(h.double(), w.double(), y, bias=b.double(), **{**kw, "bias": b.double()}).loss
+    ref = token_ce_reference(h.double(), w.double(), y, **{**kw, "bias": b.double()}).loss
     for impl in ("torch", "auto"):
         out = fused_linear_token_ce(h, w, y, impl=impl, **kw)
         assert (out.double() - ref).abs().max() < (5e-2 if dtype == torch.bfloat16 else 1e-3)
