@@ -1,4 +1,7 @@
-"""Shared pieces of the lit-ft DataModules: reading rows, splitting, argument checks, padding, resumable loaders."""
+"""Shared pieces of the lit-ft DataModules: reading rows, splitting, argument checks, padding, resumable loaders.
+
+The DataModule base class built from them is :class:`lit_ft.data._base._TextDataModule`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_ft import assets
-from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
+from lit_ft.data.sampler import ResumableBatchSampler
 
 
 class DataWarning(UserWarning):
@@ -222,59 +225,3 @@ class ResumableDataLoader(DataLoader):
         if isinstance(bs, ResumableBatchSampler) and state:
             bs.load_state_dict(state)
 
-
-class BaseDataModuleMixin:
-    """Train loader / sampler state shared by the DataModules (expects ``self._train``, ``batch_size``, ``seed``)."""
-
-    trainer: Any
-
-    def _train_progress(self) -> int | None:
-        trainer = getattr(self, "trainer", None)
-        try:
-            return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        except AttributeError:
-            return None
-
-    def _world_size(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        try:
-            return max(1, int(trainer.world_size))
-        except (AttributeError, TypeError):
-            return 1
-
-    def _make_train_loader(self, dataset: ListDataset, lengths: list[int], group: bool, collate) -> DataLoader:
-        sampler = LengthGroupedSampler(
-            lengths, self.batch_size, seed=self.seed, shuffle=True, group_by_length=group,
-            num_replicas=self._world_size(),
-        )
-        batch_sampler = ResumableBatchSampler(sampler, self.batch_size, drop_last=False)
-        pending = getattr(self, "_pending_sampler_state", None)
-        if pending:
-            batch_sampler.load_state_dict(pending)
-            self._pending_sampler_state = None
-        self._train_sampler = batch_sampler
-        return ResumableDataLoader(
-            dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            progress=self._train_progress,
-            persistent_workers=False,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Sampler position (epoch, batches done in it, seed) so that a resumed run sees the same data order."""
-        sampler = getattr(self, "_train_sampler", None)
-        if sampler is None:
-            return {}
-        return {"train_sampler": sampler.state_dict(self._train_progress())}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        st = state_dict.get("train_sampler") if state_dict else None
-        if not st:
-            return
-        sampler = getattr(self, "_train_sampler", None)
-        if sampler is not None:
-            sampler.load_state_dict(st)
-        else:
-            self._pending_sampler_state = st

@@ -6,27 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
-from lit_ft.data._common import (
-    BaseDataModuleMixin,
-    ListDataset,
-    check_fraction,
-    check_int,
-    check_str,
-    companion_val,
-    load_splits,
-    load_tokenizer,
-    pad_right,
-    resolve_data,
-    subsample,
-    warn_rank_zero,
-)
+from lit_ft.data._base import _TextDataModule
+from lit_ft.data._common import check_int
 
 
-class ClassificationDataModule(BaseDataModuleMixin, pl.LightningDataModule):
+class ClassificationDataModule(_TextDataModule):
     """Text classification JSONL -> ``input_ids``/``attention_mask``/``labels``/``sample_idx`` batches.
 
     Labels may be integers (``num_labels`` inferred as max + 1 unless given; names from a ``label_names.json``
@@ -73,49 +59,20 @@ class ClassificationDataModule(BaseDataModuleMixin, pl.LightningDataModule):
         max_val_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        check_str("data", data)
-        check_str("val_data", val_data, optional=True)
-        check_fraction("val_split", val_split)
-        check_str("tokenizer", tokenizer)
         for name, value in (("text_key", text_key), ("label_key", label_key)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
         check_int("num_labels", num_labels, 2, optional=True)
-        check_int("max_length", max_length, 2)
-        check_int("batch_size", batch_size, 1)
-        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
-        check_int("num_workers", num_workers, 0)
-        check_int("max_train_samples", max_train_samples, 1, optional=True)
-        check_int("max_val_samples", max_val_samples, 1, optional=True)
-        check_int("seed", seed, 0)
-        self.data = str(data)
-        self.val_data = None if val_data is None else str(val_data)
-        self.val_split = float(val_split)
-        self.tokenizer_name = str(tokenizer)
+        super().__init__(
+            data=data, val_data=val_data, val_split=val_split, tokenizer=tokenizer, max_length=max_length,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            max_train_samples=max_train_samples, max_val_samples=max_val_samples, seed=seed,
+        )
         self.text_key = text_key
         self.label_key = label_key
         self.num_labels = num_labels
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_train_samples = max_train_samples
-        self.max_val_samples = max_val_samples
-        self.seed = seed
-        self.tokenizer: Any = None
         self.label_names: list[str] | None = None
-        self.stats: dict[str, int] = {}
-        self._splits: dict[str, list[dict]] | None = None
-        self._train_sampler = None
-        self._pending_sampler_state = None
-
-    def prepare_data(self) -> None:
-        """Fetch named assets once (rank 0) so that ``setup`` on every rank finds them in the cache."""
-        val = self.val_data if self.val_data is not None else companion_val(self.data)
-        for arg, value in (("data", self.data), ("val_data", val), ("tokenizer", self.tokenizer_name)):
-            if value is not None:
-                resolve_data(arg, value)
+        self._mapping: dict = {}
 
     # ----------------------------------------------------------------------------------------------------------
     def _check_rows(self, rows: list[dict], split: str) -> None:
@@ -163,82 +120,38 @@ class ClassificationDataModule(BaseDataModuleMixin, pl.LightningDataModule):
         self.label_names = names
         return {i: i for i in range(n)}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load, split and tokenise all splits (once)."""
-        if self._splits is not None:
-            return
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
-        train_rows, val_rows, info = load_splits(self.data, self.val_data, self.val_split, self.seed)
-        self.data_info = info
+    def _setup_rows(self, train_rows: list[dict], val_rows: list[dict], info: dict[str, Any]) -> None:
         self._check_rows(train_rows, "train")
         self._check_rows(val_rows, "val")
-        mapping = self._label_mapping(train_rows, val_rows, info)
+        self._mapping = self._label_mapping(train_rows, val_rows, info)
         self.num_labels = len(self.label_names)
-        stats: dict[str, int] = {}
-        splits = {}
+
+    def _encode_split(self, rows: list[dict], keep: list[int], split: str) -> tuple[list[dict], dict[str, int]]:
         tok = self.tokenizer
-        for split, rows, limit in (
-            ("train", train_rows, self.max_train_samples),
-            ("val", val_rows, self.max_val_samples),
-        ):
-            keep = subsample(len(rows), limit, self.seed)
-            texts = [rows[i][self.text_key] for i in keep]
-            full = tok(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
-            long = [j for j, ids in enumerate(full) if len(ids) > self.max_length]
-            n_tok = sum(len(full[j]) - self.max_length for j in long)
-            if long:
-                cut = tok([texts[j] for j in long], truncation=True, max_length=self.max_length)["input_ids"]
-                for j, ids in zip(long, cut):
-                    full[j] = ids
-            splits[split] = [
-                {"input_ids": ids, "label": mapping[rows[i][self.label_key]], "sample_idx": i}
-                for i, ids in zip(keep, full)
-            ]
-            stats.update(
-                {
-                    f"{split}_rows": len(rows),
-                    f"{split}_samples": len(keep),
-                    f"{split}_truncated_samples": len(long),
-                    f"{split}_truncated_tokens": n_tok,
-                }
-            )
-        for k in ("truncated_samples", "truncated_tokens"):
-            stats[k] = stats[f"train_{k}"] + stats[f"val_{k}"]
-        self.stats = stats
-        self._splits = splits
-        if stats["truncated_samples"]:
-            warn_rank_zero(
-                f"ClassificationDataModule: max_length={self.max_length} truncated {stats['truncated_samples']} "
-                f"texts ({stats['truncated_tokens']} tokens; train {stats['train_truncated_samples']}, val "
-                f"{stats['val_truncated_samples']}). Raise max_length to keep them whole."
-            )
+        texts = [rows[i][self.text_key] for i in keep]
+        full = tok(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
+        long = [j for j, ids in enumerate(full) if len(ids) > self.max_length]
+        n_tok = sum(len(full[j]) - self.max_length for j in long)
+        if long:
+            cut = tok([texts[j] for j in long], truncation=True, max_length=self.max_length)["input_ids"]
+            for j, ids in zip(long, cut):
+                full[j] = ids
+        examples = [
+            {"input_ids": ids, "label": self._mapping[rows[i][self.label_key]], "sample_idx": i}
+            for i, ids in zip(keep, full)
+        ]
+        return examples, {"truncated_samples": len(long), "truncated_tokens": n_tok}
+
+    def _truncation_warning(self) -> str | None:
+        stats = self.stats
+        if not stats["truncated_samples"]:
+            return None
+        return (
+            f"ClassificationDataModule: max_length={self.max_length} truncated {stats['truncated_samples']} "
+            f"texts ({stats['truncated_tokens']} tokens; train {stats['train_truncated_samples']}, val "
+            f"{stats['val_truncated_samples']}). Raise max_length to keep them whole."
+        )
 
     # ----------------------------------------------------------------------------------------------------------
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [e["input_ids"] for e in examples]
-        return {
-            "input_ids": pad_right(ids, self.tokenizer.pad_token_id),
-            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
-            "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long),
-            "sample_idx": torch.tensor([e["sample_idx"] for e in examples], dtype=torch.long),
-        }
-
-    def _examples(self, split: str) -> list[dict]:
-        if self._splits is None:
-            self.setup()
-        if split not in self._splits:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        return self._splits[split]
-
-    def train_dataloader(self) -> DataLoader:
-        ex = self._examples("train")
-        return self._make_train_loader(ListDataset(ex), [len(e["input_ids"]) for e in ex], False, self.collate)
-
-    def val_dataloader(self) -> DataLoader | list:
-        ex = self._examples("val")
-        if not ex:
-            return []
-        return DataLoader(
-            ListDataset(ex), batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+    def _collate_labels(self, examples: list[dict]) -> torch.Tensor:
+        return torch.tensor([e["label"] for e in examples], dtype=torch.long)

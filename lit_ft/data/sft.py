@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
-from lit_ft.data._common import (
-    BaseDataModuleMixin,
-    ListDataset,
-    check_fraction,
-    check_int,
-    check_str,
-    load_splits,
-    load_tokenizer,
-    pad_left,
-    pad_right,
-    resolve_data,
-    subsample,
-    warn_rank_zero,
-)
+from lit_ft.data._base import _TextDataModule
+from lit_ft.data._common import check_int, pad_left, pad_right
 
 IGNORE_INDEX = -100
 
@@ -32,7 +18,7 @@ ACCEPTED_FORMATS = (
 )
 
 
-class SFTDataModule(BaseDataModuleMixin, pl.LightningDataModule):
+class SFTDataModule(_TextDataModule):
     """Prompt/completion or chat JSONL -> batches with completion-only labels, length-bucketed for training.
 
     Rows: ``{"prompt", "completion"}`` or ``{"messages": [{"role", "content"}, ...]}`` (loss on every assistant
@@ -91,62 +77,25 @@ class SFTDataModule(BaseDataModuleMixin, pl.LightningDataModule):
         max_val_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        check_str("data", data)
-        check_str("val_data", val_data, optional=True)
-        check_fraction("val_split", val_split)
-        check_str("tokenizer", tokenizer)
-        check_int("max_length", max_length, 2)
         check_int("min_prompt_length", min_prompt_length, 0)
-        check_int("batch_size", batch_size, 1)
-        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
-        check_int("num_workers", num_workers, 0)
         if use_chat_template is not None and not isinstance(use_chat_template, bool):
             raise ValueError(f"use_chat_template must be True, False or None, got {use_chat_template!r}")
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError(f"system_prompt must be a string or None, got {system_prompt!r}")
-        check_int("max_train_samples", max_train_samples, 1, optional=True)
-        check_int("max_val_samples", max_val_samples, 1, optional=True)
-        check_int("seed", seed, 0)
-        self.data = str(data)
-        self.val_data = None if val_data is None else str(val_data)
-        self.val_split = float(val_split)
-        self.tokenizer_name = str(tokenizer)
-        self.max_length = max_length
+        super().__init__(
+            data=data, val_data=val_data, val_split=val_split, tokenizer=tokenizer, max_length=max_length,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+            max_train_samples=max_train_samples, max_val_samples=max_val_samples, seed=seed,
+        )
         self.min_prompt_length = min_prompt_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
         self.bucket_by_length = bucket_by_length
-        self.max_train_samples = max_train_samples
-        self.max_val_samples = max_val_samples
-        self.seed = seed
-        self.tokenizer: Any = None
-        self.stats: dict[str, int] = {}
-        self._splits: dict[str, list[dict]] | None = None
-        self._train_sampler = None
-        self._pending_sampler_state = None
 
     # ----------------------------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        """Fetch named assets once (rank 0) so that ``setup`` on every rank finds them in the cache."""
-        for arg, value in (("data", self.data), ("val_data", self.val_data), ("tokenizer", self.tokenizer_name)):
-            if value is not None:
-                resolve_data(arg, value)
-        if self.val_data is None:
-            from lit_ft.data._common import companion_val
+    _summed_stats = ("truncated_samples", "truncated_tokens", "dropped_samples")
 
-            comp = companion_val(self.data)
-            if comp:
-                resolve_data("val_data", comp)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load, split and tokenise all splits (once)."""
-        if self._splits is not None:
-            return
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
+    def _setup_tokenizer(self) -> None:
         tok = self.tokenizer
         has_template = bool(getattr(tok, "chat_template", None))
         if self.use_chat_template and not has_template:
@@ -161,55 +110,44 @@ class SFTDataModule(BaseDataModuleMixin, pl.LightningDataModule):
         probe = tok("a", add_special_tokens=True)["input_ids"]
         self._bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
 
-        train_rows, val_rows, info = load_splits(self.data, self.val_data, self.val_split, self.seed)
-        self.data_info = info
-        stats: dict[str, int] = {}
-        splits = {}
-        for split, rows, limit in (
-            ("train", train_rows, self.max_train_samples),
-            ("val", val_rows, self.max_val_samples),
-        ):
-            keep = subsample(len(rows), limit, self.seed)
-            examples = []
-            n_trunc = n_tok = n_drop = n_label = 0
-            for i in keep:
-                ex = self._encode(rows[i], i, split)
-                if ex["truncated"]:
-                    n_trunc += 1
-                    n_tok += ex["truncated"]
-                if ex["n_labels"] == 0:
-                    n_drop += 1
-                    continue
-                n_label += ex["n_labels"]
-                examples.append(ex)
-            stats.update(
-                {
-                    f"{split}_rows": len(rows),
-                    f"{split}_samples": len(examples),
-                    f"{split}_truncated_samples": n_trunc,
-                    f"{split}_truncated_tokens": n_tok,
-                    f"{split}_dropped_samples": n_drop,
-                    f"{split}_label_tokens": n_label,
-                }
-            )
-            splits[split] = examples
-        for k in ("truncated_samples", "truncated_tokens", "dropped_samples"):
-            stats[k] = stats[f"train_{k}"] + stats[f"val_{k}"]
-        self.stats = stats
-        self._splits = splits
-        if not splits["train"] and stage in (None, "fit"):
+    def _encode_split(self, rows: list[dict], keep: list[int], split: str) -> tuple[list[dict], dict[str, int]]:
+        examples = []
+        n_trunc = n_tok = n_drop = n_label = 0
+        for i in keep:
+            ex = self._encode(rows[i], i, split)
+            if ex["truncated"]:
+                n_trunc += 1
+                n_tok += ex["truncated"]
+            if ex["n_labels"] == 0:
+                n_drop += 1
+                continue
+            n_label += ex["n_labels"]
+            examples.append(ex)
+        return examples, {
+            "truncated_samples": n_trunc,
+            "truncated_tokens": n_tok,
+            "dropped_samples": n_drop,
+            "label_tokens": n_label,
+        }
+
+    def _check_splits(self, stage: str | None) -> None:
+        if not self._splits["train"] and stage in (None, "fit"):
             raise ValueError(
                 f"no training samples left after truncation to max_length={self.max_length} "
-                f"({stats['train_dropped_samples']} dropped); raise max_length"
+                f"({self.stats['train_dropped_samples']} dropped); raise max_length"
             )
-        if stats["truncated_samples"] or stats["dropped_samples"]:
-            warn_rank_zero(
-                f"SFTDataModule: max_length={self.max_length} truncated {stats['truncated_samples']} samples "
-                f"({stats['truncated_tokens']} tokens; train {stats['train_truncated_samples']}, val "
-                f"{stats['val_truncated_samples']}) and dropped {stats['dropped_samples']} whose completion was cut "
-                f"away entirely (train {stats['train_dropped_samples']}, val {stats['val_dropped_samples']}). "
-                "Raise max_length to keep them."
-            )
+
+    def _truncation_warning(self) -> str | None:
+        stats = self.stats
+        if not (stats["truncated_samples"] or stats["dropped_samples"]):
+            return None
+        return (
+            f"SFTDataModule: max_length={self.max_length} truncated {stats['truncated_samples']} samples "
+            f"({stats['truncated_tokens']} tokens; train {stats['train_truncated_samples']}, val "
+            f"{stats['val_truncated_samples']}) and dropped {stats['dropped_samples']} whose completion was cut "
+            f"away entirely (train {stats['train_dropped_samples']}, val {stats['val_dropped_samples']}). "
+            "Raise max_length to keep them."
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     def _parse_row(self, row: dict, idx: int, split: str) -> tuple[list[dict] | None, str | None, str | None]:
@@ -331,37 +269,11 @@ class SFTDataModule(BaseDataModuleMixin, pl.LightningDataModule):
         }
 
     # ----------------------------------------------------------------------------------------------------------
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id
-        ids = [e["input_ids"] for e in examples]
-        return {
-            "input_ids": pad_right(ids, pad),
-            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
-            "labels": pad_right([e["labels"] for e in examples], IGNORE_INDEX),
-            "sample_idx": torch.tensor([e["sample_idx"] for e in examples], dtype=torch.long),
-        }
+    def _collate_labels(self, examples: list[dict]) -> torch.Tensor:
+        return pad_right([e["labels"] for e in examples], IGNORE_INDEX)
 
-    def _examples(self, split: str) -> list[dict]:
-        if self._splits is None:
-            self.setup()
-        if split not in self._splits:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        return self._splits[split]
-
-    def train_dataloader(self) -> DataLoader:
-        ex = self._examples("train")
-        return self._make_train_loader(
-            ListDataset(ex), [len(e["input_ids"]) for e in ex], self.bucket_by_length, self.collate
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        ex = self._examples("val")
-        if not ex:
-            return []
-        return DataLoader(
-            ListDataset(ex), batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+    def _group_by_length(self) -> bool:
+        return self.bucket_by_length
 
     def generation_batches(
         self, split: str = "val", limit: int | None = None, batch_size: int | None = None
