@@ -128,6 +128,14 @@ class TokenScorerCallback(Callback, TokenScorer):
         labels[:, 1:] = torch.where(keep[:, :-1], labels[:, 1:], torch.full_like(labels[:, 1:], IGNORE_INDEX))
         batch["labels"] = labels
         if decision.weights is not None:
+            from lit_ft.modules.token_loss import TokenLossMixin
+
+            if not isinstance(pl_module, TokenLossMixin):
+                # a plain module's HF loss ignores `token_weights`: refuse rather than silently drop the weights
+                raise TypeError(
+                    f"{type(self).__name__}(integration='batch') produces token weights, which only a "
+                    "lit_ft.modules.TokenLossMixin module or the HF loss hook consume; use integration='auto'"
+                )
             w = torch.ones_like(labels, dtype=torch.float32)
             w[:, 1:] = decision.weights[:, :-1].float()
             batch["token_weights"] = w if batch.get("token_weights") is None else batch["token_weights"] * w

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import adamw_param_groups
 from lit_ft.modules.token_loss import TokenLossMixin
 
@@ -145,6 +146,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
                 self.log("val/exact_match", em, prog_bar=True)
 
     def on_train_start(self) -> None:
+        log_data_stats(self)
         if not self.hparams.eval_before_training:
             return
         dm = getattr(self.trainer, "datamodule", None)

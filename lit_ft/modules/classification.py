@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 
+from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import adamw_param_groups
 
 
@@ -79,6 +80,9 @@ class ClassificationModule(pl.LightningModule):
         self.log("val/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=bs)
         return out.loss
+
+    def on_train_start(self) -> None:
+        log_data_stats(self)
 
     def configure_optimizers(self) -> Any:
         groups = adamw_param_groups(self.model, self.hparams.learning_rate, self.hparams.weight_decay)

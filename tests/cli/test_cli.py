@@ -59,6 +59,7 @@ def test_every_config_runs_two_steps_on_a_tiny_model(config, tmp_path, tiny_toke
     assert metrics, "CSV metrics were not written"
     header = metrics[0].read_text().splitlines()[0]
     assert "train/loss" in header and "val/loss" in header
+    assert "data/train_samples" in header and "data/truncated_samples" in header  # truncation is logged
     if "ExcessLossSelection" in Path(config).read_text():
         assert "lit_ft/excess_loss/kept_fraction" in header
     saved = list((tmp_path / "logs").rglob("config.yaml"))
