@@ -1,5 +1,6 @@
 """Token selection / weighting techniques."""
 
 from lit_ft.callbacks.token_selection.excess_loss import ExcessLossSelection
+from lit_ft.callbacks.token_selection.masked_thought import MaskedThought
 
-__all__ = ["ExcessLossSelection"]
+__all__ = ["ExcessLossSelection", "MaskedThought"]
