@@ -1,6 +1,7 @@
 """lit_ft callbacks, addressable from LightningCLI YAML as ``class_path: lit_ft.callbacks.<Name>``."""
 
 from lit_ft.callbacks.token_selection import ExcessLossSelection
+from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
 
-__all__ = ["ExcessLossSelection", "MaskedThought"]
+__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought"]

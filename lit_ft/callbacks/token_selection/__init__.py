@@ -1,6 +1,7 @@
 """Token selection / weighting techniques."""
 
 from lit_ft.callbacks.token_selection.excess_loss import ExcessLossSelection
+from lit_ft.callbacks.token_selection.key_token_weighting import KeyTokenWeighting
 from lit_ft.callbacks.token_selection.masked_thought import MaskedThought
 
-__all__ = ["ExcessLossSelection", "MaskedThought"]
+__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought"]
