@@ -3,5 +3,6 @@
 from lit_ft.callbacks.token_selection import ExcessLossSelection
 from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
+from lit_ft.callbacks.token_selection import QTuning
 
-__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought"]
+__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought", "QTuning"]

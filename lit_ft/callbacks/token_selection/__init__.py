@@ -3,5 +3,6 @@
 from lit_ft.callbacks.token_selection.excess_loss import ExcessLossSelection
 from lit_ft.callbacks.token_selection.key_token_weighting import KeyTokenWeighting
 from lit_ft.callbacks.token_selection.masked_thought import MaskedThought
+from lit_ft.callbacks.token_selection.qtuning import QTuning
 
-__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought"]
+__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought", "QTuning"]
