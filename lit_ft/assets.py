@@ -57,6 +57,7 @@ __all__ = [
     "is_cached",
     "resolve",
     "fetch",
+    "glaive_toolcall_to_chat",
     "main",
 ]
 
@@ -101,7 +102,7 @@ class Asset:
     relpath: str  # path inside the converted folder that get() returns ("." = the folder)
     description: str
     licence: str
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "derived_from": another asset whose file this one is made from
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -250,6 +251,17 @@ ASSETS: dict[str, Asset] = {
             "not stated",
         ),
         Asset(
+            "glaive-toolcall-chat",
+            "dataset",
+            "llamafactory-demo",
+            "data/glaive_toolcall_en_demo.json",
+            "glaive_toolcall_en_demo.chat.jsonl",
+            "glaive-toolcall-en-demo as chat `messages` JSONL: system prompt listing the tools, tool calls as "
+            'assistant JSON {"name", "arguments"}, function results as user turns (made from the cached original)',
+            "not stated",
+            extra={"derived_from": "glaive-toolcall-en-demo"},
+        ),
+        Asset(
             "sarcasm",
             "dataset",
             "sarcasm",
@@ -334,6 +346,9 @@ def _is_complete(folder: Path) -> bool:
 def is_cached(name: str) -> bool:
     """Whether ``name`` is already converted in the cache (no download needed)."""
     a = _asset(name)
+    source = a.extra.get("derived_from")
+    if source is not None:  # derived locally from another asset's file on first use, no download
+        return is_cached(source)
     folder = _artifact_dir(ARTIFACTS[a.artifact])
     return _is_complete(folder) and (folder / a.relpath).exists()
 
@@ -459,6 +474,8 @@ def get(name: str, verbose: bool = False) -> Path:
     a = _asset(name)
     folder = _ensure(ARTIFACTS[a.artifact], verbose=verbose)
     path = folder / a.relpath
+    if not path.exists() and a.extra.get("derived_from") is not None:
+        _derive(a, get(a.extra["derived_from"], verbose=verbose), path)
     if not path.exists():
         raise AssetError(f"asset {name!r}: {path} is missing from a completed cache folder; delete {folder} and retry")
     return path.resolve() if a.relpath == "." else path
@@ -585,6 +602,75 @@ def _convert_asdiv(whl: Path, out: Path) -> None:
     _write_jsonl(out / "val.jsonl", [rows[i] for i in val])
 
 
+_GLAIVE_SYSTEM = (
+    "You are a helpful assistant with access to the following functions. To call a function, reply with only a "
+    'JSON object {"name": <function name>, "arguments": <object of argument values>}; the function result comes '
+    'back in a message that starts with "Function result:".\n\nFunctions:\n'
+)
+_GLAIVE_SYSTEM_NO_TOOLS = "You are a helpful assistant with no access to external functions."
+GLAIVE_RESULT_PREFIX = "Function result: "
+
+
+def glaive_toolcall_to_chat(rows: list[dict]) -> list[dict]:
+    """LLaMA-Factory's glaive tool-call demo rows (sharegpt style: ``conversations`` of ``human``/``gpt``/
+    ``function_call``/``observation`` turns and a JSON ``tools`` string) -> chat rows ``{"messages": [...]}``.
+
+    * system: the tools, one JSON object per line, after an instruction saying how to call them (rows without
+      tools get a system prompt saying there are none);
+    * ``human`` -> user; ``gpt`` -> assistant;
+    * ``function_call`` -> an assistant turn whose content is the call as compact JSON text
+      ``{"name": ..., "arguments": {...}}`` (re-serialised with ``json.dumps``, keys in source order);
+    * ``observation`` (the function's output) -> a *user* turn ``"Function result: <output>"`` — folded rather
+      than dropped, so the assistant's answer after a call stays grounded, and given the user role because chat
+      templates differ in how (or whether) they render a tool role. It is never trained on.
+    """
+    out = []
+    for i, r in enumerate(rows):
+        tools_raw = r.get("tools") or "[]"
+        tools = json.loads(tools_raw) if isinstance(tools_raw, str) else tools_raw
+        if tools:
+            system = _GLAIVE_SYSTEM + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        else:
+            system = _GLAIVE_SYSTEM_NO_TOOLS
+        msgs = [{"role": "system", "content": system}]
+        for turn in r["conversations"]:
+            kind, value = turn["from"], turn["value"]
+            if kind == "human":
+                msgs.append({"role": "user", "content": value})
+            elif kind == "gpt":
+                msgs.append({"role": "assistant", "content": value})
+            elif kind == "function_call":
+                call = json.loads(value)
+                text = json.dumps({"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False)
+                msgs.append({"role": "assistant", "content": text})
+            elif kind == "observation":
+                msgs.append({"role": "user", "content": GLAIVE_RESULT_PREFIX + value})
+            else:
+                raise AssetError(f"glaive row {i}: unknown turn kind {kind!r}")
+        out.append({"messages": msgs})
+    return out
+
+
+_DERIVERS: dict[str, Callable[[Path, Path], None]] = {
+    "glaive-toolcall-chat": lambda src, dst: _write_jsonl(
+        dst, glaive_toolcall_to_chat(json.loads(src.read_text(encoding="utf-8")))
+    ),
+}
+
+
+def _derive(a: Asset, source: Path, path: Path) -> None:
+    """Write a derived asset's file from its source asset's file (atomically, under the cache lock)."""
+    with _lock(cache_dir() / f".{a.artifact}.lock"):
+        if path.exists():
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            _DERIVERS[a.name](source, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def _convert_llamafactory(sdist: Path, out: Path) -> None:
     art = ARTIFACTS["llamafactory-demo"]
     root = f"llamafactory-{art.version}/"
@@ -608,6 +694,8 @@ def _convert_llamafactory(sdist: Path, out: Path) -> None:
             a = ASSETS[name]
             data = load(a.member)
             (out / a.relpath).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        chat = ASSETS["glaive-toolcall-chat"]
+        _DERIVERS[chat.name](out / ASSETS["glaive-toolcall-en-demo"].relpath, out / chat.relpath)
 
 
 def _convert_sarcasm(whl: Path, out: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -225,3 +226,110 @@ class ResumableDataLoader(DataLoader):
         if isinstance(bs, ResumableBatchSampler) and state:
             bs.load_state_dict(state)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# key spans (character spans of the completion text that a technique treats specially, e.g. tool names)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: ``key_spans`` presets of :class:`lit_ft.data.SFTDataModule` -> what they mark
+KEY_SPAN_PRESETS: dict[str, str] = {
+    "tool_call": "in every JSON tool call {\"name\": ..., \"arguments\": {...}} of the completion: the function "
+    "name (the string value of the top-level \"name\") and every key inside \"arguments\" (nested ones too)",
+    "tool_name": "the function name of every JSON tool call {\"name\": ..., \"arguments\": ...} of the completion",
+}
+
+_JSON_OBJECT_START = re.compile(r'\{\s*"')
+
+
+def _call_spans(text: str, start: int, end: int, arg_keys: bool) -> list[tuple[int, int]]:
+    """Spans of the name value (and argument keys) of the valid JSON object ``text[start:end]``."""
+    spans: list[tuple[int, int]] = []
+    # frames: [container char, expecting a key, last key, inside "arguments"]
+    stack: list[list[Any]] = []
+    j = start
+    while j < end:
+        c = text[j]
+        if c == '"':
+            k = j + 1
+            while text[k] != '"':
+                k += 2 if text[k] == "\\" else 1
+            top = stack[-1]
+            if top[0] == "{" and top[1]:
+                top[1], top[2] = False, json.loads(text[j : k + 1])
+                if top[3] and arg_keys and k > j + 1:
+                    spans.append((j + 1, k))
+            elif len(stack) == 1 and top[2] == "name" and k > j + 1:
+                spans.append((j + 1, k))
+            j = k + 1
+            continue
+        if c in "{[":
+            parent = stack[-1] if stack else None
+            in_args = parent is not None and (parent[3] or (len(stack) == 1 and parent[2] == "arguments"))
+            stack.append([c, c == "{", None, in_args])
+        elif c in "}]":
+            stack.pop()
+        elif c == "," and stack[-1][0] == "{":
+            stack[-1][1] = True
+        j += 1
+    return spans
+
+
+def tool_call_spans(text: str, arg_keys: bool = True) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the tool name (and, with ``arg_keys``, of every argument key) of each
+    JSON tool call ``{"name": str, "arguments": ...}`` found in ``text`` (alone or embedded in other text, e.g.
+    ``<tool_call>{...}</tool_call>``). Spans cover the string contents, not the quotes. Argument keys are marked
+    when ``"arguments"`` is a JSON object (not a JSON-encoded string)."""
+    spans: list[tuple[int, int]] = []
+    decoder = json.JSONDecoder()
+    pos = 0
+    for m in _JSON_OBJECT_START.finditer(text):
+        i = m.start()
+        if i < pos:
+            continue
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and "arguments" in obj:
+            spans += _call_spans(text, i, end, arg_keys)
+            pos = end
+    return spans
+
+
+def pattern_spans(text: str, patterns: Sequence[re.Pattern]) -> list[tuple[int, int]]:
+    """Spans of every match of each pattern in ``text``: its group 1 when the pattern has a group that took part
+    in the match, else the whole match. Empty matches are skipped."""
+    spans = []
+    for p in patterns:
+        for m in p.finditer(text):
+            a, b = m.span(1) if p.groups >= 1 and m.start(1) >= 0 else m.span(0)
+            if b > a:
+                spans.append((a, b))
+    return spans
+
+
+def key_spans_in(text: str, preset: str | None, patterns: Sequence[re.Pattern]) -> list[tuple[int, int]]:
+    """Key character spans of a completion text for a ``key_spans`` preset and ``key_span_patterns``."""
+    spans = pattern_spans(text, patterns) if patterns else []
+    if preset is not None:
+        if preset not in KEY_SPAN_PRESETS:
+            raise ValueError(f"key_spans must be one of {sorted(KEY_SPAN_PRESETS)} or None, got {preset!r}")
+        spans += tool_call_spans(text, arg_keys=preset == "tool_call")
+    return spans
+
+
+def tokens_in_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token (character offsets ``(s, e)`` from a fast tokenizer's ``return_offsets_mapping``): whether
+    it overlaps a span ``[a, b)``, i.e. holds at least one character of a key span. Tokens with empty offsets
+    (special tokens) are never key tokens."""
+    if not spans:
+        return [False] * len(offsets)
+    n = max(max(b for _, b in spans), max((e for _, e in offsets), default=0))
+    marks = bytearray(n)
+    for a, b in spans:
+        marks[max(a, 0) : b] = b"\x01" * (b - max(a, 0))
+    covered = [0] * (n + 1)  # prefix sums of "character is in a span"
+    for c in range(n):
+        covered[c + 1] = covered[c] + marks[c]
+    return [e > s and covered[e] - covered[s] > 0 for s, e in offsets]

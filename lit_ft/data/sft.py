@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 import torch
 
 from lit_ft.data._base import _TextDataModule
-from lit_ft.data._common import check_int, pad_left, pad_right
+from lit_ft.data._common import KEY_SPAN_PRESETS, check_int, key_spans_in, pad_left, pad_right, tokens_in_spans
 
 IGNORE_INDEX = -100
 
@@ -36,7 +37,10 @@ class SFTDataModule(_TextDataModule):
     dropped); a warning reports the counts at setup.
 
     Batch: ``input_ids``, ``attention_mask``, ``labels`` (long [B, T], right-padded with the pad id / 0 / -100) and
-    ``sample_idx`` (long [B]: the row's index in its split, stable across epochs and resume).
+    ``sample_idx`` (long [B]: the row's index in its split, stable across epochs and resume); with ``key_spans`` or
+    ``key_span_patterns`` also ``key_token_mask`` (bool [B, T], aligned with ``labels``: True on labelled tokens
+    that hold at least one character of a key span — found in each completion / assistant turn's text and mapped
+    to tokens through the fast tokenizer's offsets; used by :class:`lit_ft.callbacks.KeyTokenWeighting`).
 
     Args:
         data: training data: a .jsonl/.json file, or an asset name (``python -m lit_ft.assets list``).
@@ -57,6 +61,12 @@ class SFTDataModule(_TextDataModule):
         max_train_samples: keep a seeded random subset of this many training rows (>= 1); None = all.
         max_val_samples: same for validation rows.
         seed: seed of the validation split, subsets and the per-epoch batch order.
+        key_spans: mark key tokens with a preset (adds ``key_token_mask`` to batches): ``"tool_call"`` = in each
+            JSON tool call ``{"name": ..., "arguments": {...}}`` of a completion, the function name and every
+            argument key; ``"tool_name"`` = the function name only. None = no preset.
+        key_span_patterns: regular expressions (Python ``re``) searched in each completion / assistant turn's
+            text; every match — or its group 1 when the pattern has a group — is a key span (adds
+            ``key_token_mask``; combines with ``key_spans`` by union). Needs a fast tokenizer. None = none.
     """
 
     def __init__(
@@ -76,8 +86,25 @@ class SFTDataModule(_TextDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         seed: int = 0,
+        key_spans: str | None = None,
+        key_span_patterns: list[str] | None = None,
     ) -> None:
         check_int("min_prompt_length", min_prompt_length, 0)
+        if key_spans is not None and key_spans not in KEY_SPAN_PRESETS:
+            raise ValueError(f"key_spans must be one of {sorted(KEY_SPAN_PRESETS)} or None, got {key_spans!r}")
+        compiled: list[re.Pattern] = []
+        if key_span_patterns is not None:
+            if isinstance(key_span_patterns, str) or not isinstance(key_span_patterns, (list, tuple)):
+                raise ValueError(
+                    f"key_span_patterns must be a list of regular expressions or None, got {key_span_patterns!r}"
+                )
+            for i, pat in enumerate(key_span_patterns):
+                if not isinstance(pat, str) or not pat:
+                    raise ValueError(f"key_span_patterns[{i}] must be a non-empty string, got {pat!r}")
+                try:
+                    compiled.append(re.compile(pat))
+                except re.error as e:
+                    raise ValueError(f"key_span_patterns[{i}]={pat!r} is not a valid regular expression: {e}") from None
         if use_chat_template is not None and not isinstance(use_chat_template, bool):
             raise ValueError(f"use_chat_template must be True, False or None, got {use_chat_template!r}")
         if system_prompt is not None and not isinstance(system_prompt, str):
@@ -91,6 +118,10 @@ class SFTDataModule(_TextDataModule):
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
         self.bucket_by_length = bucket_by_length
+        self.key_spans = key_spans
+        self.key_span_patterns = None if key_span_patterns is None else list(key_span_patterns)
+        self._key_patterns = compiled
+        self.marks_key_tokens = key_spans is not None or key_span_patterns is not None
 
     # ----------------------------------------------------------------------------------------------------------
     _summed_stats = ("truncated_samples", "truncated_tokens", "dropped_samples")
@@ -107,12 +138,17 @@ class SFTDataModule(_TextDataModule):
         self._eos_id = tok.eos_token_id
         if self._eos_id is None:
             raise ValueError(f"tokenizer={self.tokenizer_name!r} has no eos token; completion-only SFT needs one")
+        if self.marks_key_tokens and not getattr(tok, "is_fast", False):
+            raise ValueError(
+                f"key_spans/key_span_patterns need a fast tokenizer (character offsets), but "
+                f"tokenizer={self.tokenizer_name!r} loads as {type(tok).__name__}; save it with a tokenizer.json"
+            )
         probe = tok("a", add_special_tokens=True)["input_ids"]
         self._bos = [tok.bos_token_id] if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] else []
 
     def _encode_split(self, rows: list[dict], keep: list[int], split: str) -> tuple[list[dict], dict[str, int]]:
         examples = []
-        n_trunc = n_tok = n_drop = n_label = 0
+        n_trunc = n_tok = n_drop = n_label = n_key = n_key_samples = 0
         for i in keep:
             ex = self._encode(rows[i], i, split)
             if ex["truncated"]:
@@ -122,13 +158,20 @@ class SFTDataModule(_TextDataModule):
                 n_drop += 1
                 continue
             n_label += ex["n_labels"]
+            if self.marks_key_tokens:
+                k = sum(ex["key_mask"])
+                n_key += k
+                n_key_samples += k > 0
             examples.append(ex)
-        return examples, {
+        stats = {
             "truncated_samples": n_trunc,
             "truncated_tokens": n_tok,
             "dropped_samples": n_drop,
             "label_tokens": n_label,
         }
+        if self.marks_key_tokens:
+            stats.update(key_tokens=n_key, key_samples=n_key_samples)
+        return examples, stats
 
     def _check_splits(self, stage: str | None) -> None:
         if not self._splits["train"] and stage in (None, "fit"):
@@ -182,6 +225,20 @@ class SFTDataModule(_TextDataModule):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _labelled_ids(self, text: str, end: str = "") -> tuple[list[int], list[bool]]:
+        """Token ids of a labelled text and, per token, whether it is a key token (always False when no key spans
+        are configured). Key spans are searched in ``text`` without its trailing ``end`` (the eos/end-of-turn
+        string), then mapped to tokens by character offsets."""
+        if not text:
+            return [], []
+        if not self.marks_key_tokens:
+            ids = self._ids(text)
+            return ids, [False] * len(ids)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        body = text[: len(text) - len(end)] if end and text.endswith(end) else text
+        spans = key_spans_in(body, self.key_spans, self._key_patterns)
+        return enc["input_ids"], tokens_in_spans(enc["offset_mapping"], spans)
+
     def _chat_pieces(self, msgs: list[dict], idx: int, split: str) -> tuple[list[tuple[str, bool]], str]:
         """Text pieces (text, is_label) of a conversation and the generation prompt for its last assistant turn."""
         if self.system_prompt is not None and msgs[0]["role"] != "system":
@@ -222,6 +279,7 @@ class SFTDataModule(_TextDataModule):
             # merge neighbouring unlabelled pieces, then tokenise piece by piece
             ids: list[int] = []
             labels: list[int] = []
+            keys: list[bool] = []
             merged: list[tuple[str, bool]] = []
             for text, lab in pieces:
                 if merged and not lab and not merged[-1][1]:
@@ -229,8 +287,13 @@ class SFTDataModule(_TextDataModule):
                 elif text:
                     merged.append((text, lab))
             for text, lab in merged:
-                t = self._ids(text)
+                if lab:
+                    t, k = self._labelled_ids(text, self.tokenizer.eos_token or "")
+                else:
+                    t = self._ids(text)
+                    k = [False] * len(t)
                 ids += t
+                keys += k
                 labels += t if lab else [IGNORE_INDEX] * len(t)
             gen_ids = self._ids(gen_text)
         else:
@@ -242,8 +305,10 @@ class SFTDataModule(_TextDataModule):
             if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
                 completion = " " + completion
             p = self._bos + self._ids(prompt)
-            c = self._ids(completion) + [self._eos_id]
+            c, ck = self._labelled_ids(completion)
+            c, ck = c + [self._eos_id], ck + [False]
             ids, labels, gen_ids = p + c, [IGNORE_INDEX] * len(p) + c, p
+            keys = [False] * len(p) + ck
         # truncation: the prompt (before the first label) from the left, down to min_prompt_length tokens; then
         # the sequence from the right
         truncated = 0
@@ -251,14 +316,14 @@ class SFTDataModule(_TextDataModule):
         if excess > 0:
             first = next((j for j, v in enumerate(labels) if v != IGNORE_INDEX), len(labels))
             cut = min(excess, max(0, first - self.min_prompt_length))
-            ids, labels = ids[cut:], labels[cut:]
+            ids, labels, keys = ids[cut:], labels[cut:], keys[cut:]
             truncated = excess
             if len(ids) > self.max_length:
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
+                ids, labels, keys = ids[: self.max_length], labels[: self.max_length], keys[: self.max_length]
         if len(gen_ids) > self.max_length:
             gen_ids = gen_ids[len(gen_ids) - self.max_length :]
         answer = row.get("answer")
-        return {
+        out = {
             "input_ids": ids,
             "labels": labels,
             "sample_idx": idx,
@@ -267,10 +332,19 @@ class SFTDataModule(_TextDataModule):
             "gen_ids": gen_ids,
             "answer": None if answer is None else str(answer),
         }
+        if self.marks_key_tokens:
+            out["key_mask"] = keys
+        return out
 
     # ----------------------------------------------------------------------------------------------------------
     def _collate_labels(self, examples: list[dict]) -> torch.Tensor:
         return pad_right([e["labels"] for e in examples], IGNORE_INDEX)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().collate(examples)
+        if self.marks_key_tokens:
+            batch["key_token_mask"] = pad_right([e["key_mask"] for e in examples], 0).bool()
+        return batch
 
     def _group_by_length(self) -> bool:
         return self.bucket_by_length
