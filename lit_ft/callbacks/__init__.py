@@ -4,5 +4,6 @@ from lit_ft.callbacks.token_selection import ExcessLossSelection
 from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
 from lit_ft.callbacks.token_selection import QTuning
+from lit_ft.callbacks.token_selection import SSToken
 
-__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought", "QTuning"]
+__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought", "QTuning", "SSToken"]

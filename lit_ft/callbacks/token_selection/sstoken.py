@@ -1,0 +1,550 @@
+"""ssToken: self-modulated, semantic-aware token selection (history-model excess loss + attention to the prompt)."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.batch import IGNORE_INDEX
+from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
+from lit_ft.core.tokens import TokenDecision, TokenScores
+
+_HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_HISTORY_DEVICES = ("same", "cpu")
+_NO_ATTENTION_HINT = "set gamma=1.0 to use the loss-based score only"
+#: elements of one [B, H, chunk, T] float32 logit block in :func:`prompt_attention_mass` (64 MiB)
+_ATTN_BLOCK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# attention-to-prompt mass of one decoder layer, recomputed from its captured input
+# ---------------------------------------------------------------------------------------------------------------------
+def check_attention_layout(layer: torch.nn.Module) -> None:
+    """Raise :class:`~lit_ft.core.introspect.ModelLayoutError` unless ``layer`` is a decoder layer whose attention
+    :func:`prompt_attention_mass` can recompute: Llama-style ``input_layernorm`` + ``self_attn`` with ``q_proj``,
+    ``k_proj``, ``head_dim``, ``scaling`` and rotary position embeddings (Llama, Mistral, Qwen2, SmolLM2; Qwen3's
+    per-head ``q_norm``/``k_norm`` is applied too). Logit soft-capping (Gemma 2) is refused."""
+    name = type(layer).__name__
+    attn = getattr(layer, "self_attn", None)
+    missing = [a for a in ("input_layernorm", "self_attn") if not isinstance(getattr(layer, a, None), torch.nn.Module)]
+    if attn is not None:
+        missing += [f"self_attn.{a}" for a in ("q_proj", "k_proj") if not isinstance(getattr(attn, a, None), torch.nn.Module)]
+        missing += [f"self_attn.{a}" for a in ("head_dim", "scaling") if getattr(attn, a, None) is None]
+    if missing:
+        raise ModelLayoutError(
+            f"SSToken: the attention score needs a Llama-style decoder layer (input_layernorm, self_attn.q_proj/"
+            f"k_proj/head_dim/scaling, rotary position embeddings); {name} lacks {missing}. {_NO_ATTENTION_HINT}."
+        )
+    cfg = getattr(attn, "config", None)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise ModelLayoutError(
+            f"SSToken: {name} uses attention logit soft-capping, which the attention score does not reproduce; "
+            f"{_NO_ATTENTION_HINT}."
+        )
+    for norm in ("q_norm", "k_norm"):
+        m = getattr(attn, norm, None)
+        w = getattr(m, "weight", None)
+        if m is not None and (w is None or w.shape[-1] != attn.head_dim):
+            raise ModelLayoutError(
+                f"SSToken: {name}.self_attn.{norm} normalises the whole projection (OLMo-2 style), which the "
+                f"attention score does not reproduce (only per-head norms, Qwen3 style); {_NO_ATTENTION_HINT}."
+            )
+
+
+def _sliding_window(layer: torch.nn.Module) -> int | None:
+    attn = layer.self_attn
+    if hasattr(attn, "sliding_window"):  # Qwen2/Qwen3: set per layer, None when the layer attends globally
+        return attn.sliding_window
+    return getattr(getattr(attn, "config", None), "sliding_window", None)  # Mistral: one window for all layers
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@torch.no_grad()
+def prompt_attention_mass(
+    layer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention mass that each query of one decoder layer puts on a set of keys, averaged over heads.
+
+    Recomputes only that layer's attention probabilities eagerly from its *input* (what a forward pre-hook on the
+    decoder layer sees): ``input_layernorm`` → ``q_proj``/``k_proj`` (→ per-head ``q_norm``/``k_norm`` if present)
+    → rotary embedding with the captured ``(cos, sin)`` → GQA repeat → ``q·kᵀ·scaling`` → causal (+ padding,
+    + sliding-window) mask → softmax in float32. Value/output projections are never computed, the full
+    ``[B, H, T, T]`` map is never stored (queries are processed in blocks).
+
+    Args:
+        layer: a Llama-style decoder layer (see :func:`check_attention_layout`).
+        hidden_states: the layer's input ``[B, T, D]`` (before ``input_layernorm``).
+        position_embeddings: the ``(cos, sin)`` the model passed to the layer, each ``[B or 1, T, head_dim]``.
+        key_mask: bool ``[B, T]``, the keys whose probability mass is summed (ssToken: the prompt tokens).
+        attention_mask: ``[B, T]`` with 1 for attended (non-padding) positions; ``None`` = all attended.
+
+    Returns:
+        float32 ``[B, T]``: ``out[b, i] = mean_h Σ_{j ∈ key_mask[b]} softmax_j(q_{b,h,i}·k_{b,h,j})``, row ``i`` being
+        the query at input position ``i``; 0 for a query that may attend to no key (e.g. left padding).
+    """
+    attn = layer.self_attn
+    B, T, _ = hidden_states.shape
+    hd = int(attn.head_dim)
+    dev = hidden_states.device
+    wdtype = attn.q_proj.weight.dtype
+    with torch.autocast(dev.type, enabled=False):
+        h = layer.input_layernorm(hidden_states.to(wdtype))
+        q = attn.q_proj(h).view(B, T, -1, hd)
+        k = attn.k_proj(h).view(B, T, -1, hd)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        q = q.transpose(1, 2).float()
+        k = k.transpose(1, 2).float()
+        cos, sin = (t.to(dev, torch.float32).unsqueeze(1) for t in position_embeddings)
+        if cos.shape[-1] != hd:
+            raise ModelLayoutError(
+                f"SSToken: rotary embedding of size {cos.shape[-1]} but head_dim {hd} (partial rotary is not "
+                f"supported); {_NO_ATTENTION_HINT}"
+            )
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        n_heads, n_kv = q.shape[1], k.shape[1]
+        if n_heads % n_kv:
+            raise ModelLayoutError(f"SSToken: {n_heads} query heads are not a multiple of {n_kv} key/value heads")
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # == transformers' repeat_kv
+
+        pos = torch.arange(T, device=dev)
+        allowed = pos[None, :] <= pos[:, None]  # [Tq, Tk] causal
+        window = _sliding_window(layer)
+        if window:
+            allowed &= (pos[:, None] - pos[None, :]) < int(window)
+        keys_ok = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        key_mask = key_mask.to(dev).bool() & keys_ok
+        out = torch.zeros(B, T, dtype=torch.float32, device=dev)
+        chunk = max(1, _ATTN_BLOCK_ELEMENTS // max(1, B * n_heads * T))
+        neg = torch.finfo(torch.float32).min
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            ok = allowed[None, None, s:e, :] & keys_ok[:, None, None, :]  # [B, 1, c, T]
+            logits = torch.matmul(q[:, :, s:e], k.transpose(-1, -2)) * float(attn.scaling)
+            probs = torch.softmax(logits.masked_fill(~ok, neg), dim=-1)
+            mass = (probs * key_mask[:, None, None, :]).sum(-1).mean(1)  # [B, c]
+            out[:, s:e] = mass * ok.any(-1).squeeze(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-response selection
+# ---------------------------------------------------------------------------------------------------------------------
+def per_response_min_max(values: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalise each row of ``values`` over its ``valid`` entries: ``(v − min) / (max − min + eps)``
+    (the release's formula; a constant row maps to 0). Invalid entries are 0."""
+    v = values.float()
+    inf = torch.tensor(float("inf"), device=v.device)
+    lo = torch.where(valid, v, inf).amin(1, keepdim=True)
+    hi = torch.where(valid, v, -inf).amax(1, keepdim=True)
+    out = (v - lo) / (hi - lo + eps)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def per_response_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the ``⌈ratio·n_i⌉`` highest-scoring valid tokens of every row ``i`` (``n_i`` = its valid tokens).
+
+    Ties are broken by position (earlier first). ``⌈·⌉`` is taken with a 1e-9 tolerance so that float error in
+    ``ratio·n`` (e.g. ``0.7·10 = 7.000000000000001``) does not keep one token too many.
+    """
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    B, T = scores.shape
+    n = valid.sum(1)
+    k = torch.ceil(n.double() * float(ratio) - 1e-9).long().clamp(min=0)
+    k = torch.minimum(k, n)
+    s = scores.detach().float().masked_fill(~valid, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(T, device=s.device).expand(B, T).contiguous())
+    return valid & (rank < k[:, None])
+
+
+def _frozen_copy(hf_model: torch.nn.Module) -> torch.nn.Module:
+    """``deepcopy`` of a HF model without the hooks other callbacks put on it (module forward/backward hooks, the
+    lit_ft loss hook): copying those would copy the callbacks, their pipelines and their own models."""
+    memo: dict[int, Any] = {}
+    hook_dicts = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+    dropped: list[tuple[str, str]] = []
+    for mname, m in hf_model.named_modules():
+        for attr in hook_dicts:
+            d = m.__dict__.get(attr)
+            if d:
+                memo[id(d)] = type(d)()
+        for key, value in list(m.__dict__.items()):
+            if key.startswith("_lit_ft") or (key == "_loss_function" and type(value).__module__.startswith("lit_ft")):
+                memo[id(value)] = None
+                dropped.append((mname, key))
+    out = copy.deepcopy(hf_model, memo)
+    modules = dict(out.named_modules())
+    for mname, key in dropped:
+        modules[mname].__dict__.pop(key, None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the callback
+# ---------------------------------------------------------------------------------------------------------------------
+class SSToken(TokenScorerCallback):
+    """ssToken — self-modulated and semantic-aware token selection (ICLR 2026; code: jianke0604/ssToken).
+
+    Algorithm, every training step, for each response (= each row of the batch) ``i`` with ``n_i`` valid targets:
+
+    1. ``REL_t = ℓ_his,t − ℓ_θ,t``: per-token NLL of a *history model* minus the current model's (how much the model
+       improved on token ``t``), min-max normalised within the response → ``REL'_t ∈ [0, 1]``;
+    2. ``a_t`` = attention mass that the query predicting target ``t`` puts on the prompt keys (input positions with
+       ``attention_mask = 1`` and ``labels = -100``), averaged over heads, in one decoder layer. The layer's input
+       is captured with a forward pre-hook during the training forward and only its attention probabilities are
+       recomputed (:func:`prompt_attention_mass`) — never ``output_attentions=True`` for the whole model;
+    3. ``score_t = γ·REL'_t + (1 − γ)·a_t``; keep the top ``⌈ρ·n_i⌉`` tokens of each response;
+    4. loss = mean NLL over the kept tokens (normalised by the global kept-token count of the accumulation window).
+
+    Alignment: in target space position ``t`` predicts token ``t+1`` from the hidden state at input position ``t``,
+    so target ``t`` uses attention row ``t``. (The authors' release pairs attention row ``t`` with the loss of
+    token ``t``, i.e. one position off.) Evaluation losses are never filtered.
+
+    Args:
+        keep_ratio: ρ, fraction of each response's valid tokens kept, in (0, 1] (paper default 0.6).
+        gamma: γ ∈ [0, 1], weight of the loss-based score against the attention score (paper default 0.5).
+            ``1.0`` = loss only (no attention work, any decoder layout); ``0.0`` = attention only (no history model).
+        attention_layer: index of the decoder layer whose attention is used (negative counts from the end; ``-1`` =
+            last layer, as in the paper). Needs a Llama-style layer (Llama, Mistral, Qwen2/3, SmolLM2).
+        history: the history model. ``"ema"`` = exponential moving average of the training weights, updated after
+            every optimizer step (``θ_his ← decay·θ_his + (1 − decay)·θ``); ``"initial"`` = frozen copy of the
+            weights when training starts (what the release approximates with precomputed base-model losses);
+            otherwise a local HF folder or a ``lit_ft.assets`` name (frozen; must share the tokenizer). ``"ema"``
+            and ``"initial"`` weights are stored in the checkpoint.
+        ema_decay: decay of the EMA history, in [0, 1] (only for ``history="ema"``; 0 = the current weights, 1 =
+            the initial weights).
+        history_device: ``"same"`` (history model on the training device) or ``"cpu"`` (kept in CPU memory between
+            steps; moved to the training device for its forward and back, and the EMA update copies the weights to
+            the CPU every step — lower peak GPU memory, more host↔device traffic).
+        history_dtype: ``"float32"`` or ``"bfloat16"`` (halves its memory; an EMA in bfloat16 accumulates rounding
+            error, prefer float32 for ``history="ema"``).
+        integration: ``"auto"`` (best available), ``"mixin"``, ``"hook"`` (HF ``loss_function`` of a plain module)
+            or ``"batch"`` (labels of dropped tokens set to -100 before the forward; costs an extra no-grad forward
+            of the current model, whose pass through the chosen layer also provides the attention).
+    """
+
+    token_needs = frozenset({"nll"})
+    scorer_name = "sstoken"
+
+    def __init__(
+        self,
+        keep_ratio: float = 0.6,
+        gamma: float = 0.5,
+        attention_layer: int = -1,
+        history: str = "ema",
+        ema_decay: float = 0.99,
+        history_device: str = "same",
+        history_dtype: str = "float32",
+        integration: str = "auto",
+    ) -> None:
+        super().__init__(integration=integration)
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
+            raise ValueError(f"SSToken: keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"SSToken: gamma must be in [0, 1], got {gamma!r}")
+        if isinstance(attention_layer, bool) or not isinstance(attention_layer, int):
+            raise ValueError(f"SSToken: attention_layer must be an int layer index (-1 = last), got {attention_layer!r}")
+        if not isinstance(history, str) or not history:
+            raise ValueError(
+                f"SSToken: history must be 'ema', 'initial', or a local model folder / lit_ft asset name, got {history!r}"
+            )
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= float(ema_decay) <= 1.0:
+            raise ValueError(f"SSToken: ema_decay must be in [0, 1], got {ema_decay!r}")
+        if history_device not in _HISTORY_DEVICES:
+            raise ValueError(f"SSToken: history_device must be one of {list(_HISTORY_DEVICES)}, got {history_device!r}")
+        if history_dtype not in _HISTORY_DTYPES:
+            raise ValueError(f"SSToken: history_dtype must be one of {sorted(_HISTORY_DTYPES)}, got {history_dtype!r}")
+        self.keep_ratio = float(keep_ratio)
+        self.gamma = float(gamma)
+        self.attention_layer = attention_layer
+        self.history = history
+        self.ema_decay = float(ema_decay)
+        self.history_device = history_device
+        self.history_dtype = history_dtype
+
+        self._history_model: torch.nn.Module | None = None
+        self._pending_history_state: dict[str, torch.Tensor] | None = None
+        self._ema_step: int | None = None  # the global step the EMA weights correspond to
+        self._ema_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._trained_model_ref: Any = None
+        self._trainer_ref: Any = None
+        self._history_nll: torch.Tensor | None = None
+        self._prompt_keys: torch.Tensor | None = None
+        self._layer: torch.nn.Module | None = None
+        self._hook_handle: Any = None
+        self._armed = False
+        self._captured: tuple[torch.Tensor, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            keep_ratio=self.keep_ratio, gamma=self.gamma, attention_layer=self.attention_layer, history=self.history,
+        )
+
+    @property
+    def uses_history(self) -> bool:
+        return self.gamma > 0.0
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.gamma < 1.0
+
+    @property
+    def history_model(self) -> torch.nn.Module | None:
+        """The history model (``None`` before setup or when ``gamma == 0``)."""
+        return self._history_model
+
+    # -- setup / teardown ---------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        hf_model = find_hf_model(pl_module, require_lm_head=True)
+        self._trained_model_ref = weakref.ref(hf_model)
+        self._trainer_ref = weakref.ref(trainer)
+        if stage == "fit" and self.uses_history and self._history_model is None:
+            self._history_model = self._build_history(hf_model)
+        super().setup(trainer, pl_module, stage)
+        if self.uses_attention and self._hook_handle is None:
+            layers = find_decoder_layers(hf_model)
+            n = len(layers)
+            if not -n <= self.attention_layer < n:
+                raise ValueError(
+                    f"SSToken: attention_layer must be in [-{n}, {n - 1}] for this model ({n} decoder layers), got "
+                    f"{self.attention_layer}"
+                )
+            layer = layers[self.attention_layer]
+            check_attention_layout(layer)
+            self._layer = layer
+            self._hook_handle = layer.register_forward_pre_hook(self._capture_layer_input, with_kwargs=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+        self._hook_handle = None
+        self._layer = None
+        self._armed = False
+        self._captured = None
+        self._history_nll = None
+        self._ema_pairs = None
+        super().teardown(trainer, pl_module, stage)
+
+    def _capture_layer_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._armed:
+            return None
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        pe = kwargs.get("position_embeddings")
+        if pe is None and len(args) > 5:
+            pe = args[5]
+        self._captured = (hs.detach(), None if pe is None else tuple(t.detach() for t in pe))
+        return None
+
+    # -- history model ------------------------------------------------------------------------------------------------
+    def _build_history(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        if self.history in ("ema", "initial"):
+            model = _frozen_copy(hf_model)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from lit_ft.assets import resolve
+
+            model = AutoModelForCausalLM.from_pretrained(resolve(self.history))
+            if model.config.vocab_size != hf_model.config.vocab_size:
+                raise ValueError(
+                    f"SSToken: history model {self.history!r} has vocab_size {model.config.vocab_size} but the trained "
+                    f"model has {hf_model.config.vocab_size}; they must share a tokenizer"
+                )
+        model = model.to(dtype=_HISTORY_DTYPES[self.history_dtype]).eval()
+        if self.history_device == "cpu":
+            model = model.to("cpu")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self._pending_history_state is not None:
+            model.load_state_dict(self._pending_history_state)
+            self._pending_history_state = None
+        return model
+
+    def _history_forward(self, pl_module: pl.LightningModule, batch: Mapping[str, Any]) -> torch.Tensor:
+        from lit_ft.modules.token_loss import causal_lm_token_nll
+
+        if self._history_model is None:
+            self._history_model = self._build_history(find_hf_model(pl_module, require_lm_head=True))
+        model = self._history_model
+        device = batch["input_ids"].device
+        if next(model.parameters()).device != device:
+            if self.history_device == "cpu":
+                model.to(device)
+                try:
+                    return causal_lm_token_nll(model, batch)
+                finally:
+                    model.to("cpu")
+            model.to(device)
+            self._ema_pairs = None
+        return causal_lm_token_nll(model, batch)
+
+    def _sync_history(self) -> None:
+        """Bring the EMA up to the trainer's global step: one update per optimizer step since the last sync
+        (``n`` missed steps = one update with ``decay**n``). Idempotent within a step."""
+        if self.history != "ema" or self._history_model is None:
+            return
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if trainer is None:
+            return
+        step = int(trainer.global_step)
+        if self._ema_step is None:
+            self._ema_step = step
+            return
+        if step <= self._ema_step:
+            return
+        self._ema_update(self.ema_decay ** (step - self._ema_step))
+        self._ema_step = step
+
+    @torch.no_grad()
+    def _ema_update(self, decay: float) -> None:
+        if self._ema_pairs is None:
+            trained = self._trained_model_ref() if self._trained_model_ref is not None else None
+            if trained is None:
+                return
+            cur = dict(trained.named_parameters())
+            cur_buffers = dict(trained.named_buffers())
+            pairs = []
+            for name, p in self._history_model.named_parameters():  # type: ignore[union-attr]
+                if name not in cur:
+                    raise RuntimeError(f"SSToken: history parameter {name!r} has no counterpart in the trained model")
+                pairs.append((p, cur[name]))
+            for name, b in self._history_model.named_buffers():  # type: ignore[union-attr]
+                if name in cur_buffers and b.is_floating_point():
+                    pairs.append((b, cur_buffers[name]))
+            self._ema_pairs = pairs
+        weight = 1.0 - decay
+        by_key: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for his, cur in self._ema_pairs:
+            lists = by_key.setdefault((his.device, his.dtype), ([], []))
+            lists[0].append(his)
+            lists[1].append(cur.detach().to(his.device, his.dtype))
+        for his_list, cur_list in by_key.values():
+            torch._foreach_lerp_(his_list, cur_list, weight)
+
+    # -- per batch ----------------------------------------------------------------------------------------------------
+    def prepare_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], training: bool) -> None:
+        self._captured = None
+        self._armed = False
+        self._history_nll = None
+        self._prompt_keys = None
+        if not training:
+            return
+        self._sync_history()
+        if self.uses_history:
+            self._history_nll = self._history_forward(pl_module, batch)
+        if self.uses_attention:
+            labels = batch["labels"]
+            am = batch.get("attention_mask")
+            attended = torch.ones_like(labels, dtype=torch.bool) if am is None else am.bool()
+            # snapshot now: a batch-level editor running later may set dropped response labels to -100
+            self._prompt_keys = attended & (labels == IGNORE_INDEX)
+            self._armed = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._armed = False
+        self._captured = None
+        self._sync_history()
+
+    def _attention_scores(self, scores: TokenScores) -> torch.Tensor:
+        if self._captured is None or self._prompt_keys is None:
+            raise RuntimeError(
+                "SSToken: the input of the attention layer was not captured in this training forward. Its "
+                "on_train_batch_start must run before the forward (is the callback passed to the Trainer that trains, "
+                f"and does the forward go through the model's decoder layers?). Or {_NO_ATTENTION_HINT}."
+            )
+        hidden, pos = self._captured
+        self._captured = None
+        self._armed = False
+        if pos is None:
+            raise ModelLayoutError(
+                "SSToken: the decoder layer was called without `position_embeddings` (cos, sin); this transformers "
+                f"layout is not supported for the attention score. {_NO_ATTENTION_HINT}."
+            )
+        am = scores.batch.get("attention_mask") if scores.batch is not None else None
+        assert self._layer is not None
+        return prompt_attention_mass(
+            self._layer, hidden, pos, self._prompt_keys.to(hidden.device),
+            None if am is None else am.to(hidden.device),
+        ).to(scores.valid.device)
+
+    def score_tokens(self, scores: TokenScores) -> TokenDecision:
+        if not scores.training:
+            return TokenDecision()
+        if scores.nll is None:
+            raise RuntimeError("SSToken needs the current per-token NLL; the loss path did not provide it")
+        valid = scores.valid
+        n_valid = valid.sum().clamp_min(1)
+        metrics: dict[str, Any] = {}
+        combined = torch.zeros_like(scores.nll, dtype=torch.float32)
+        rel = None
+        if self.uses_history:
+            if self._history_nll is None or self._history_nll.shape != scores.nll.shape:
+                raise RuntimeError(
+                    "SSToken: no history NLL for this batch. Its on_train_batch_start must run before the forward "
+                    "(is the callback passed to the Trainer that trains?)"
+                )
+            his = self._history_nll.to(scores.nll.device)
+            rel = torch.where(valid, his - scores.nll.float(), torch.zeros_like(his))
+            combined = combined + self.gamma * per_response_min_max(rel, valid)
+            metrics["rel_mean"] = rel.sum() / n_valid
+            metrics["history_nll"] = (his * valid).sum() / n_valid
+        attn = None
+        if self.uses_attention:
+            attn = self._attention_scores(scores)
+            combined = combined + (1.0 - self.gamma) * torch.where(valid, attn, torch.zeros_like(attn))
+        keep = per_response_topk_mask(combined, valid, self.keep_ratio)
+        kept = keep.sum().clamp_min(1)
+        metrics["kept_fraction"] = (keep.sum() / n_valid).float()
+        if rel is not None:
+            metrics["rel_kept_mean"] = (rel * keep).sum() / kept
+        if attn is not None:
+            metrics["attn_mean"] = (attn * valid).sum() / n_valid
+            metrics["attn_kept_mean"] = (attn * keep).sum() / kept
+        return TokenDecision(keep=keep, metrics=metrics)
+
+    # -- checkpoint ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self._sync_history()
+        state: dict[str, Any] = {
+            "keep_ratio": self.keep_ratio, "gamma": self.gamma, "history": self.history, "ema_step": self._ema_step,
+        }
+        if self.history in ("ema", "initial") and self._history_model is not None:
+            state["history_state"] = {k: v.detach().cpu().clone() for k, v in self._history_model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("ema_step") is not None:
+            self._ema_step = int(state_dict["ema_step"])
+        his_state = state_dict.get("history_state")
+        if his_state is None:
+            return
+        if self._history_model is not None:
+            self._history_model.load_state_dict(his_state)
+        else:
+            self._pending_history_state = his_state
+
+
+__all__ = ["SSToken", "check_attention_layout", "per_response_min_max", "per_response_topk_mask", "prompt_attention_mass"]

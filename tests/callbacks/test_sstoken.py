@@ -1,0 +1,480 @@
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_ft.callbacks import ExcessLossSelection, SSToken
+from lit_ft.callbacks.token_selection.sstoken import (
+    check_attention_layout,
+    per_response_min_max,
+    per_response_topk_mask,
+    prompt_attention_mass,
+)
+from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
+from lit_ft.core.tokens import token_pipeline_for
+from lit_ft.modules import CausalLMModule, causal_lm_token_nll
+
+from helpers import VOCAB, ListDataModule, PlainHFModule, random_batch, tiny_config
+
+
+def _trainer(callbacks, max_steps=3, **kw):
+    return pl.Trainer(
+        max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, **kw,
+    )
+
+
+def _hf(model_type="llama", attn="eager", **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(tiny_config())
+    cfg.pop("model_type")
+    cfg.update(extra)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), attn_implementation=attn)
+
+
+def _capture(layer):
+    cap = {}
+
+    def hook(mod, args, kwargs):
+        cap["hs"] = kwargs.get("hidden_states", args[0] if args else None)
+        cap["pe"] = kwargs["position_embeddings"]
+
+    return cap, layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _prompt_keys(batch):
+    return batch["attention_mask"].bool() & (batch["labels"] == -100)
+
+
+# -- arguments ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"keep_ratio": 0.0}, "keep_ratio must be in \\(0, 1\\]"),
+        ({"keep_ratio": 1.5}, "keep_ratio must be in \\(0, 1\\]"),
+        ({"keep_ratio": "x"}, "keep_ratio"),
+        ({"gamma": -0.1}, "gamma must be in \\[0, 1\\]"),
+        ({"gamma": 1.2}, "gamma must be in \\[0, 1\\]"),
+        ({"attention_layer": 1.5}, "attention_layer must be an int"),
+        ({"history": ""}, "history must be"),
+        ({"ema_decay": 1.5}, "ema_decay must be in \\[0, 1\\]"),
+        ({"history_device": "gpu"}, "history_device must be one of"),
+        ({"history_dtype": "int8"}, "history_dtype must be one of"),
+        ({"integration": "magic"}, "integration"),
+    ],
+)
+def test_bad_arguments_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SSToken(**kw)
+
+
+def test_defaults():
+    cb = SSToken()
+    assert (cb.keep_ratio, cb.gamma, cb.attention_layer, cb.history, cb.ema_decay) == (0.6, 0.5, -1, "ema", 0.99)
+    assert (cb.history_device, cb.history_dtype, cb.integration) == ("same", "float32", "auto")
+
+
+# -- the attention computation -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [("llama", {}), ("qwen3", {"head_dim": 8}), ("mistral", {"sliding_window": 4})],
+    ids=["llama_gqa", "qwen3_qknorm", "mistral_window"],
+)
+def test_prompt_attention_mass_equals_the_layers_eager_attention_weights(model_type, extra):
+    """Recomputing one layer's attention from its captured input reproduces the weights the layer itself returns
+    with attn_implementation='eager' + output_attentions (every single key, and a multi-key set)."""
+    torch.manual_seed(0)
+    model = _hf(model_type, **extra)
+    layer = model.model.layers[-1]
+    batch = random_batch(3, 12, seed=1)
+    batch["attention_mask"][1, :2] = 0  # left padding on one row
+    cap, h = _capture(layer)
+    with torch.no_grad():
+        A = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True).attentions[-1]
+    h.remove()
+    rows = batch["attention_mask"].bool()
+    for j in range(12):
+        keys = torch.zeros(3, 12, dtype=torch.bool)
+        keys[:, j] = True
+        mass = prompt_attention_mass(layer, cap["hs"], cap["pe"], keys, batch["attention_mask"])
+        torch.testing.assert_close(mass[rows], A[:, :, :, j].mean(1)[rows], rtol=1e-5, atol=1e-6)
+    keys = _prompt_keys(batch)
+    mass = prompt_attention_mass(layer, cap["hs"], cap["pe"], keys, batch["attention_mask"])
+    ref = (A * keys[:, None, None, :]).sum(-1).mean(1)
+    torch.testing.assert_close(mass[rows], ref[rows], rtol=1e-5, atol=1e-6)
+    assert torch.all(mass[1, :2] == 0)  # left-padding queries may attend to no key at all
+    assert 0.0 <= float(mass[rows].min()) and float(mass[rows].max()) <= 1.0 + 1e-6
+
+
+def test_unsupported_layout_is_refused_at_setup_unless_gamma_is_one():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    class GPT2Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = AutoModelForCausalLM.from_config(
+                AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)
+            )
+
+    cb = SSToken(gamma=0.5)
+    with pytest.raises(ModelLayoutError, match="set gamma=1.0"):
+        cb.setup(_trainer([cb]), GPT2Module(), "fit")
+    cb = SSToken(gamma=1.0)
+    cb.setup(_trainer([cb]), GPT2Module(), "fit")  # loss-only score: any causal LM
+    assert cb.history_model is not None
+    with pytest.raises(ModelLayoutError, match="soft-capping"):
+        check_attention_layout(_hf("gemma2").model.layers[0])
+
+
+def test_attention_layer_out_of_range():
+    cb = SSToken(attention_layer=2)  # the tiny model has 2 layers
+    with pytest.raises(ValueError, match="attention_layer must be in \\[-2, 1\\]"):
+        cb.setup(_trainer([cb]), CausalLMModule(model_config=tiny_config()), "fit")
+
+
+# -- selection math ----------------------------------------------------------------------------------------------------
+def test_per_response_selection_by_hand():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.5, 0.2, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    keep = per_response_topk_mask(scores, valid, 0.6)
+    # row 0: 5 valid -> 3 kept: 0.9, then the tie 0.5/0.5 (both); row 1: 6 valid -> ceil(3.6)=4, ties -> first four
+    assert keep.tolist() == [
+        [False, True, True, True, False, False], [True, True, True, True, False, False], [False] * 6,
+    ]
+    # 0.7 * 10 = 7.000000000000001 in floats: still 7 tokens, not 8
+    assert int(per_response_topk_mask(torch.rand(1, 10), torch.ones(1, 10, dtype=torch.bool), 0.7).sum()) == 7
+    norm = per_response_min_max(torch.tensor([[2.0, 4.0, 3.0, 100.0], [5.0, 5.0, 0.0, 0.0]]),
+                                torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool))
+    torch.testing.assert_close(norm, torch.tensor([[0.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def _setup(module, cb, max_steps=1):
+    trainer = _trainer([cb], max_steps=max_steps)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    cb.setup(trainer, module, "fit")
+    module.train()
+    return trainer
+
+
+def _hand_reference(model, history, batch, gamma, ratio):
+    """ssToken by hand: per row, REL min-max, attention row t (the query predicting target t) on the prompt keys of
+    the last layer from eager output_attentions, top ceil(ratio*n) per row."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        cur = causal_lm_token_nll(model, batch)
+        his = causal_lm_token_nll(history, batch)
+        A = eager(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True).attentions[-1]
+    keys = _prompt_keys(batch)
+    targets = shift_targets(batch["labels"])
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    for b in range(targets.shape[0]):
+        idx = [t for t in range(targets.shape[1]) if targets[b, t] != -100]
+        rel = torch.tensor([float(his[b, t] - cur[b, t]) for t in idx])
+        reln = (rel - rel.min()) / (rel.max() - rel.min() + 1e-8)
+        att = torch.tensor([float(A[b, :, t, keys[b]].sum(-1).mean()) for t in idx])
+        score = gamma * reln + (1 - gamma) * att
+        k = math.ceil(round(ratio * len(idx), 9))
+        order = sorted(range(len(idx)), key=lambda i: (-float(score[i]), i))[:k]
+        for i in order:
+            keep[b, idx[i]] = True
+    return keep, cur
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+def test_selection_and_loss_match_hand_computed_sstoken(gamma):
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=tiny_config())
+    with torch.no_grad():  # peaky, content-dependent attention (a random tiny model attends almost uniformly, so
+        attn = module.model.model.layers[-1].self_attn  # prompt mass would just decrease with position)
+        attn.q_proj.weight.mul_(6.0)
+        attn.k_proj.weight.mul_(6.0)
+    cb = SSToken(keep_ratio=0.5, gamma=gamma)
+    _setup(module, cb)
+    if gamma > 0:
+        cb._history_model = CausalLMModule(model_config=tiny_config()).model.eval()  # a different history model
+    else:
+        assert cb.history_model is None  # attention only: no history copy at all
+    batch = random_batch(4, 16, seed=3)
+    cb.on_train_batch_start(module.trainer, module, batch, 0)
+    out = module.compute_token_loss(batch, module.model)
+    keep, cur = _hand_reference(module.model, cb._history_model or module.model, batch, gamma, 0.5)
+    assert torch.equal(out.keep, keep)
+    torch.testing.assert_close(out.loss.detach(), cur[keep].mean(), rtol=1e-5, atol=1e-6)
+    # per response, not global: every row keeps exactly ceil(0.5 * its valid tokens)
+    n = (shift_targets(batch["labels"]) != -100).sum(1)
+    assert out.keep.sum(1).tolist() == [math.ceil(0.5 * int(x)) for x in n]
+
+
+def test_dropped_tokens_get_exactly_zero_gradient():
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=tiny_config())
+    cb = SSToken(keep_ratio=0.5)
+    _setup(module, cb)
+    batch = random_batch(2, 12, seed=5)
+    cb.on_train_batch_start(module.trainer, module, batch, 0)
+    grads = {}
+
+    def keep_grad(m, i, o):
+        o.register_hook(lambda g: grads.setdefault("g", g))
+
+    handle = module.model.model.norm.register_forward_hook(keep_grad)
+    out = module.compute_token_loss(batch, module.model)
+    out.loss.backward()
+    handle.remove()
+    g = grads["g"].abs().sum(-1)
+    assert torch.all(g[~out.keep] == 0) and torch.all(g[out.keep] > 0)
+    assert 0 < out.keep.sum() < (shift_targets(batch["labels"]) != -100).sum()
+
+
+# -- in a Trainer ------------------------------------------------------------------------------------------------------
+def test_effect_in_a_trainer_metrics_and_ema_math():
+    """A few steps: per-row kept counts, metrics logged, attention-only selection keeps high-attention tokens, and
+    the EMA history equals the hand-computed EMA of the weights after each optimizer step."""
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.weights = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.weights.append({k: v.detach().clone() for k, v in pl_module.model.named_parameters()})
+
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    init = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    cb = SSToken(keep_ratio=0.5, gamma=0.5, ema_decay=0.5)
+    rec = Record()
+    trainer = _trainer([cb, rec], max_steps=3)
+    trainer.fit(module, datamodule=ListDataModule())
+    m = trainer.callback_metrics
+    assert cb.level == "mixin"
+    for name in ("kept_fraction", "rel_mean", "rel_kept_mean", "attn_mean", "attn_kept_mean", "history_nll"):
+        assert torch.isfinite(m[f"lit_ft/sstoken/{name}"]), name
+    n = (shift_targets(ListDataModule().batches[2]["labels"]) != -100).sum(1)
+    expected = sum(math.ceil(0.5 * int(x)) for x in n) / int(n.sum())
+    assert abs(float(m["lit_ft/sstoken/kept_fraction"]) - expected) < 1e-6
+    assert cb._ema_step == 3
+    ema = dict(init)
+    for w in rec.weights:
+        ema = {k: 0.5 * ema[k] + 0.5 * w[k] for k in ema}
+    his = dict(cb.history_model.named_parameters())
+    for k in ema:
+        torch.testing.assert_close(his[k], ema[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(his["lm_head.weight"], init["lm_head.weight"])
+    assert cb._hook_handle is None  # teardown removed the capture hook
+    assert not module.model.model.layers[-1]._forward_pre_hooks
+
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    cb = SSToken(keep_ratio=0.5, gamma=0.0)
+    trainer = _trainer([cb], max_steps=2)
+    trainer.fit(module, datamodule=ListDataModule())
+    m = trainer.callback_metrics
+    assert cb.history_model is None and "lit_ft/sstoken/history_nll" not in m
+    assert float(m["lit_ft/sstoken/attn_kept_mean"]) > float(m["lit_ft/sstoken/attn_mean"])
+
+
+def test_initial_history_stays_frozen_and_bf16_cpu_history():
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    init = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    cb = SSToken(history="initial", gamma=1.0)
+    _trainer([cb], max_steps=2).fit(module, datamodule=ListDataModule())
+    for k, v in cb.history_model.named_parameters():
+        assert torch.equal(v, init[k]), k
+    assert not torch.equal(module.model.lm_head.weight, init["lm_head.weight"])
+
+    module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    cb = SSToken(history_dtype="bfloat16", history_device="cpu", ema_decay=0.5)
+    _trainer([cb], max_steps=2).fit(module, datamodule=ListDataModule())
+    p = cb.history_model.lm_head.weight
+    assert p.dtype == torch.bfloat16 and p.device.type == "cpu" and cb._ema_step == 2
+
+
+def _first_step(module, cb, batch):
+    trainer = _trainer([cb], max_steps=1)
+    module.trainer = trainer
+    cb.setup(trainer, module, "fit")
+    module.train()
+    return trainer
+
+
+def test_same_selection_at_all_three_integration_levels():
+    """Mixin (fused op, trunk forward), HF loss hook in a plain module (HF forward, sdpa) and batch-level label
+    editing (extra no-grad forward) capture the same layer input and select the same tokens."""
+    torch.manual_seed(0)
+    plain = PlainHFModule()
+    state = plain.model.state_dict()
+    his_state = PlainHFModule().model.state_dict()
+    batch = random_batch(4, 16, seed=7)
+
+    mixin = CausalLMModule(model_config=tiny_config())
+    mixin.model.load_state_dict(state)
+    cb = SSToken(keep_ratio=0.5)
+    _first_step(mixin, cb, batch)
+    cb.history_model.load_state_dict(his_state)
+    cb.on_train_batch_start(mixin.trainer, mixin, dict(batch), 0)
+    out = mixin.compute_token_loss(dict(batch), mixin.model)
+
+    cb2 = SSToken(keep_ratio=0.5, integration="hook")
+    _first_step(plain, cb2, batch)
+    cb2.history_model.load_state_dict(his_state)
+    b2 = dict(batch)
+    cb2.on_train_batch_start(plain.trainer, plain, b2, 0)
+    loss_hook = plain.training_step(b2, 0).detach()
+    assert cb2.level == "hook"
+    assert torch.isfinite(token_pipeline_for(plain).last_metrics["lit_ft/sstoken/attn_mean"])
+
+    plain3 = PlainHFModule()
+    plain3.model.load_state_dict(state)
+    cb3 = SSToken(keep_ratio=0.5, integration="batch")
+    _first_step(plain3, cb3, batch)
+    cb3.history_model.load_state_dict(his_state)
+    b3 = dict(batch)
+    cb3.on_train_batch_start(plain3.trainer, plain3, b3, 0)
+    loss_batch = plain3.training_step(b3, 0).detach()
+    kept_batch = shift_targets(b3["labels"]) != -100
+    assert torch.equal(kept_batch, out.keep)
+
+    torch.testing.assert_close(loss_hook, out.loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_batch, out.loss.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_module_drop_in_trains_and_hooks_are_removed():
+    module = PlainHFModule()
+    cb = SSToken(keep_ratio=0.5)
+    trainer = _trainer([cb], max_steps=3)
+    trainer.fit(module, datamodule=ListDataModule())
+    assert cb.level == "hook"
+    assert 0.5 <= float(trainer.callback_metrics["lit_ft/sstoken/kept_fraction"]) < 0.7
+    assert torch.isfinite(trainer.callback_metrics["lit_ft/sstoken/attn_mean"])
+    assert "_loss_function" not in module.model.__dict__
+    assert not module.model.model.layers[-1]._forward_pre_hooks
+
+
+def test_missing_labels_key_names_it():
+    module = PlainHFModule()
+    cb = SSToken()
+    trainer = _trainer([cb], max_steps=1)
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    module.trainer = trainer
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(BatchKeyError, match="'labels'"):
+        cb.on_train_batch_start(trainer, module, batch, 0)
+
+
+def test_scoring_without_a_captured_layer_input_is_a_clear_error():
+    module = CausalLMModule(model_config=tiny_config())
+    cb = SSToken()
+    _setup(module, cb)
+    batch = random_batch(2, 12, seed=1)
+    with pytest.raises(RuntimeError, match="no history NLL|not captured"):
+        module.compute_token_loss(batch, module.model)  # on_train_batch_start never ran
+
+
+def test_composes_with_excess_loss_and_history_copy_has_no_hooks():
+    """Both callbacks on one module: the kept set is the AND of each one's own selection."""
+    torch.manual_seed(0)
+    base = CausalLMModule(model_config=tiny_config())
+    state = base.model.state_dict()
+    ref_state = CausalLMModule(model_config=tiny_config()).model.state_dict()
+    his_state = CausalLMModule(model_config=tiny_config()).model.state_dict()
+    batch = random_batch(4, 16, seed=11)
+
+    def keep_of(callbacks):
+        module = CausalLMModule(model_config=tiny_config())
+        module.model.load_state_dict(state)
+        trainer = _trainer(callbacks, max_steps=1)
+        trainer.strategy.connect(module)
+        module.trainer = trainer
+        for c in callbacks:
+            c.setup(trainer, module, "fit")
+            if isinstance(c, ExcessLossSelection):
+                c._ref_model.load_state_dict(ref_state)
+            else:
+                c.history_model.load_state_dict(his_state)
+                assert not c.history_model.model.layers[-1]._forward_pre_hooks  # no copied capture hook
+                assert "_lit_ft_loss_hook" not in c.history_model.__dict__
+        module.train()
+        b = dict(batch)
+        for c in callbacks:
+            c.on_train_batch_start(trainer, module, b, 0)
+        return module.compute_token_loss(b, module.model).keep
+
+    both = keep_of([ExcessLossSelection(keep_ratio=0.6, integration="hook"), SSToken(keep_ratio=0.6)])
+    a = keep_of([ExcessLossSelection(keep_ratio=0.6)])
+    s = keep_of([SSToken(keep_ratio=0.6)])
+    assert torch.equal(both, a & s)
+    assert both.sum() < min(a.sum(), s.sum())
+
+
+def test_checkpoint_resume_equals_uninterrupted_with_ema_state(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, save_dir=None):
+        torch.manual_seed(0)
+        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+        cb = SSToken(keep_ratio=0.5, ema_decay=0.5)
+        callbacks = [cb]
+        if save_dir:
+            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
+        trainer = pl.Trainer(
+            max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
+        return module, cb
+
+    full, cb_full = run(save_dir=tmp_path)
+    saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"][cb_full.state_key]
+    assert saved["ema_step"] == 2 and "history_state" in saved
+    resumed, cb_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    for (n, a), (_, b) in zip(cb_full.history_model.state_dict().items(), cb_res.history_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    # the saved EMA is the step-2 EMA: neither the initial nor the final weights
+    torch.manual_seed(0)
+    init = CausalLMModule(model_config=tiny_config()).model.lm_head.weight
+    w2 = saved["history_state"]["lm_head.weight"]
+    assert not torch.equal(w2, init) and not torch.equal(w2, cb_full.history_model.lm_head.weight)
+
+
+# -- DDP -----------------------------------------------------------------------------------------------------------------
+class _SGDModule(CausalLMModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def _fit_ddp(strategy, devices, batch_size, init_state, data):
+    module = _SGDModule(model_config=tiny_config())
+    module.load_state_dict(init_state)
+    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, 16, batch_size)]
+    trainer = pl.Trainer(
+        accelerator="cpu", strategy=strategy, devices=devices, max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[SSToken(keep_ratio=0.5, ema_decay=0.5)], use_distributed_sampler=True,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module.state_dict()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process():
+    """2 ranks x batch 4 == 1 process x batch 8 over 2 steps (per-response selection, global normalisation, EMA
+    history used at step 2). Rank r gets batches r, r+2: rows 0-7 at step 1, rows 8-15 at step 2."""
+    torch.manual_seed(0)
+    init = _SGDModule(model_config=tiny_config()).state_dict()
+    data = random_batch(16, 16, prompt_len=3, seed=2)
+    data["labels"][:4, 3:12] = -100  # rank 0 holds far fewer tokens than rank 1 at step 1
+    single = _fit_ddp("auto", 1, 8, init, data)
+    ddp = _fit_ddp("ddp_spawn", 2, 4, init, data)
+    moved = False
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+        moved |= not torch.equal(single[name], init[name])
+    assert moved
