@@ -80,8 +80,11 @@ def test_defaults():
 # -- the attention computation -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "model_type, extra",
-    [("llama", {}), ("qwen3", {"head_dim": 8}), ("mistral", {"sliding_window": 4})],
-    ids=["llama_gqa", "qwen3_qknorm", "mistral_window"],
+    [
+        ("llama", {}), ("qwen3", {"head_dim": 8}), ("mistral", {"sliding_window": 4}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}),
+    ],
+    ids=["llama_gqa", "qwen3_qknorm", "mistral_window", "qwen2_sliding_layer"],
 )
 def test_prompt_attention_mass_equals_the_layers_eager_attention_weights(model_type, extra):
     """Recomputing one layer's attention from its captured input reproduces the weights the layer itself returns
