@@ -173,8 +173,9 @@ class MaskedThought(Callback):
     # -- schedule -----------------------------------------------------------------------------------------------
     def _resolve_total_steps(self, trainer: pl.Trainer) -> int:
         if self._total_steps is None:
-            total: float = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else float("nan")
-            if math.isnan(total):
+            if trainer.max_steps is not None and trainer.max_steps > 0:
+                total = float(trainer.max_steps)
+            else:
                 total = float(trainer.estimated_stepping_batches)
             if not math.isfinite(total):
                 if self.warmup_fraction > 0:
