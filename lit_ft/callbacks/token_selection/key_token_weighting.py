@@ -112,10 +112,13 @@ class KeyTokenWeighting(TokenScorerCallback):
         key &= scores.valid
         n_valid = scores.valid.sum().clamp_min(1)
         has_key = key.any(1)
+        n_has = has_key.sum()
+        key_weight = (w * has_key).sum() / n_has.clamp_min(1)
         metrics = {
             "key_fraction": (key.sum() / n_valid).float(),
             "weight_mean": (weights * scores.valid).sum() / n_valid,
-            "key_weight": (w * has_key).sum() / has_key.sum().clamp_min(1),
+            # mean w_i over the samples that have key tokens (1 when none has)
+            "key_weight": torch.where(n_has > 0, key_weight, torch.ones_like(key_weight)),
             "samples_with_keys": has_key.float().mean(),
         }
         return TokenDecision(weights=weights, metrics=metrics)
