@@ -109,21 +109,31 @@ def compose_decisions(
     return weights, keep
 
 
-def _dist_ready() -> bool:
+def dist_ready() -> bool:
+    """True inside an initialised torch.distributed group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _gather_varlen(x: torch.Tensor) -> torch.Tensor:
-    """All-gather 1-D tensors of different lengths from every rank (concatenated)."""
+def gather_varlen(x: torch.Tensor, return_sizes: bool = False) -> Any:
+    """All-gather 1-D tensors of different lengths from every rank, concatenated in rank order.
+
+    With ``return_sizes`` also returns the list of per-rank lengths (e.g. to find this rank's offset)."""
     n = torch.tensor([x.numel()], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    max_n = int(max(s.item() for s in sizes))
-    padded = torch.zeros(max_n, dtype=x.dtype, device=x.device)
-    padded[: x.numel()] = x
+    sizes_t = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes_t, n)
+    sizes = [int(s.item()) for s in sizes_t]
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x.reshape(-1)
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    values = torch.cat([o[:s] for o, s in zip(out, sizes)])
+    return (values, sizes) if return_sizes else values
+
+
+def _ceil_count(ratio: float, n: int) -> int:
+    """``ceil(ratio * n)`` with a 1e-9 tolerance: float error must not keep one token too many
+    (``0.7 * 10 = 7.000000000000001``)."""
+    return max(0, math.ceil(ratio * n - 1e-9))
 
 
 def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float, largest: bool = True) -> torch.Tensor:
@@ -143,15 +153,15 @@ def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float, la
     flat_valid_idx = valid.reshape(-1).nonzero().squeeze(1)
     local = s.reshape(-1)[flat_valid_idx]
     keep = torch.zeros_like(valid)
-    if not _dist_ready():
-        k = math.ceil(ratio * local.numel())
+    if not dist_ready():
+        k = _ceil_count(ratio, local.numel())
         if k == 0:
             return keep
         order = torch.sort(local, descending=True, stable=True).indices[:k]
         keep.view(-1)[flat_valid_idx[order]] = True
         return keep
-    pool = _gather_varlen(local)
-    k = math.ceil(ratio * pool.numel())
+    pool = gather_varlen(local)
+    k = _ceil_count(ratio, pool.numel())
     if k == 0:
         return keep
     threshold = torch.sort(pool, descending=True, stable=True).values[k - 1]
@@ -164,6 +174,36 @@ def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float, la
     chosen = torch.cat([(local > threshold).nonzero().squeeze(1), local_ties[:take]])
     keep.view(-1)[flat_valid_idx[chosen]] = True
     return keep
+
+
+def per_response_min_max(values: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalise each row of ``values`` over its ``valid`` entries: ``(v − min) / (max − min + eps)``
+    (the release's formula; a constant row maps to 0). Invalid entries are 0."""
+    v = values.float()
+    inf = torch.tensor(float("inf"), device=v.device)
+    lo = torch.where(valid, v, inf).amin(1, keepdim=True)
+    hi = torch.where(valid, v, -inf).amax(1, keepdim=True)
+    out = (v - lo) / (hi - lo + eps)
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def per_response_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the ``⌈ratio·n_i⌉`` highest-scoring valid tokens of every row ``i`` (``n_i`` = its valid tokens).
+
+    Ties are broken by position (earlier first). ``⌈·⌉`` is taken with a 1e-9 tolerance so that float error in
+    ``ratio·n`` (e.g. ``0.7·10 = 7.000000000000001``) does not keep one token too many.
+    """
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    B, T = scores.shape
+    n = valid.sum(1)
+    k = torch.ceil(n.double() * float(ratio) - 1e-9).long().clamp(min=0)
+    k = torch.minimum(k, n)
+    s = scores.detach().float().masked_fill(~valid, float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(T, device=s.device).expand(B, T).contiguous())
+    return valid & (rank < k[:, None])
 
 
 class TokenPipeline:

@@ -8,12 +8,10 @@ import torch
 from lit_ft.callbacks import ExcessLossSelection, SSToken
 from lit_ft.callbacks.token_selection.sstoken import (
     check_attention_layout,
-    per_response_min_max,
-    per_response_topk_mask,
     prompt_attention_mass,
 )
 from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
-from lit_ft.core.tokens import token_pipeline_for
+from lit_ft.core.tokens import per_response_min_max, per_response_topk_mask, token_pipeline_for
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
 from helpers import VOCAB, ListDataModule, PlainHFModule, random_batch, tiny_config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,11 +9,9 @@ import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.frozen import DTYPES, frozen_copy, load_frozen_causal_lm
 from lit_ft.core.introspect import find_hf_model
 from lit_ft.core.tokens import TokenDecision, TokenScores, global_topk_mask
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class ExcessLossSelection(TokenScorerCallback):
     """Train only on the tokens whose loss most exceeds a reference model's (Rho-1, Lin et al. 2024,
@@ -57,9 +54,9 @@ class ExcessLossSelection(TokenScorerCallback):
         super().__init__(integration=integration)
         if not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
             raise ValueError(f"ExcessLossSelection: keep_ratio must be in (0, 1], got {keep_ratio!r}")
-        if reference_dtype not in _DTYPES:
+        if reference_dtype not in DTYPES:
             raise ValueError(
-                f"ExcessLossSelection: reference_dtype must be one of {sorted(_DTYPES)}, got {reference_dtype!r}"
+                f"ExcessLossSelection: reference_dtype must be one of {sorted(DTYPES)}, got {reference_dtype!r}"
             )
         self.keep_ratio = float(keep_ratio)
         self.reference = reference
@@ -82,21 +79,9 @@ class ExcessLossSelection(TokenScorerCallback):
     def _build_reference(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         hf_model = find_hf_model(pl_module, require_lm_head=True)
         if self.reference is None:
-            ref = copy.deepcopy(hf_model)
+            ref = frozen_copy(hf_model, self.reference_dtype)
         else:
-            from transformers import AutoModelForCausalLM
-
-            from lit_ft.assets import resolve
-
-            ref = AutoModelForCausalLM.from_pretrained(resolve(self.reference))
-            if ref.config.vocab_size != hf_model.config.vocab_size:
-                raise ValueError(
-                    f"ExcessLossSelection: reference {self.reference!r} has vocab_size {ref.config.vocab_size} but "
-                    f"the trained model has {hf_model.config.vocab_size}; they must share a tokenizer"
-                )
-        ref = ref.to(dtype=_DTYPES[self.reference_dtype]).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
+            ref = load_frozen_causal_lm(self.reference, hf_model, "ExcessLossSelection", self.reference_dtype)
         if self._pending_ref_state is not None:
             ref.load_state_dict(self._pending_ref_state)
             self._pending_ref_state = None

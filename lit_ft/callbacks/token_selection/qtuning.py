@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +18,8 @@ from lit_ft.core.introspect import find_hf_model
 from lit_ft.core.tokens import (
     TokenDecision,
     TokenScores,
-    _dist_ready,
-    _gather_varlen,
+    dist_ready,
+    gather_varlen,
     global_topk_mask,
     shift_targets,
 )
@@ -279,11 +278,10 @@ class QTuning(TokenScorerCallback):
         ent = torch.where(valid, entropy.double(), 0.0).sum(1) / denom
         local = torch.stack([ppl, ent, counted.double()], dim=1)  # [B, 3]
         offset = 0
-        if _dist_ready():
-            sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-            dist.all_gather(sizes, torch.tensor([B], device=device))
-            offset = int(sum(int(s) for s in sizes[: dist.get_rank()]))
-            pool = _gather_varlen(local.reshape(-1)).reshape(-1, 3)
+        if dist_ready():
+            flat, sizes = gather_varlen(local.reshape(-1), return_sizes=True)
+            offset = sum(sizes[: dist.get_rank()]) // 3  # 3 values per sample
+            pool = flat.reshape(-1, 3)
         else:
             pool = local
         pool = pool.detach().cpu()
@@ -301,7 +299,7 @@ class QTuning(TokenScorerCallback):
         token_keep = q2_keep | (valid & q4[:, None])
 
         counts = torch.stack([token_keep.sum(), valid.sum(), q2_keep.sum(), q2_tokens.sum()]).double()
-        if _dist_ready():
+        if dist_ready():
             dist.all_reduce(counts)
         n = int(tri.counted.sum())
         kept_samples = int((tri.keep_q2 | tri.keep_q4).sum())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +12,8 @@ import torch
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
-from lit_ft.core.tokens import TokenDecision, TokenScores
+from lit_ft.core.frozen import frozen_copy, load_frozen_causal_lm
+from lit_ft.core.tokens import TokenDecision, TokenScores, per_response_min_max, per_response_topk_mask
 
 _HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HISTORY_DEVICES = ("same", "cpu")
@@ -147,59 +147,6 @@ def prompt_attention_mass(
 # ---------------------------------------------------------------------------------------------------------------------
 # per-response selection
 # ---------------------------------------------------------------------------------------------------------------------
-def per_response_min_max(values: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Min-max normalise each row of ``values`` over its ``valid`` entries: ``(v − min) / (max − min + eps)``
-    (the release's formula; a constant row maps to 0). Invalid entries are 0."""
-    v = values.float()
-    inf = torch.tensor(float("inf"), device=v.device)
-    lo = torch.where(valid, v, inf).amin(1, keepdim=True)
-    hi = torch.where(valid, v, -inf).amax(1, keepdim=True)
-    out = (v - lo) / (hi - lo + eps)
-    return torch.where(valid, out, torch.zeros_like(out))
-
-
-def per_response_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep the ``⌈ratio·n_i⌉`` highest-scoring valid tokens of every row ``i`` (``n_i`` = its valid tokens).
-
-    Ties are broken by position (earlier first). ``⌈·⌉`` is taken with a 1e-9 tolerance so that float error in
-    ``ratio·n`` (e.g. ``0.7·10 = 7.000000000000001``) does not keep one token too many.
-    """
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    B, T = scores.shape
-    n = valid.sum(1)
-    k = torch.ceil(n.double() * float(ratio) - 1e-9).long().clamp(min=0)
-    k = torch.minimum(k, n)
-    s = scores.detach().float().masked_fill(~valid, float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(T, device=s.device).expand(B, T).contiguous())
-    return valid & (rank < k[:, None])
-
-
-def _frozen_copy(hf_model: torch.nn.Module) -> torch.nn.Module:
-    """``deepcopy`` of a HF model without the hooks other callbacks put on it (module forward/backward hooks, the
-    lit_ft loss hook): copying those would copy the callbacks, their pipelines and their own models."""
-    memo: dict[int, Any] = {}
-    hook_dicts = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-    dropped: list[tuple[str, str]] = []
-    for mname, m in hf_model.named_modules():
-        for attr in hook_dicts:
-            d = m.__dict__.get(attr)
-            if d:
-                memo[id(d)] = type(d)()
-        for key, value in list(m.__dict__.items()):
-            if key.startswith("_lit_ft") or (key == "_loss_function" and type(value).__module__.startswith("lit_ft")):
-                memo[id(value)] = None
-                dropped.append((mname, key))
-    out = copy.deepcopy(hf_model, memo)
-    modules = dict(out.named_modules())
-    for mname, key in dropped:
-        modules[mname].__dict__.pop(key, None)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the callback
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,24 +306,13 @@ class SSToken(TokenScorerCallback):
 
     # -- history model ------------------------------------------------------------------------------------------------
     def _build_history(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        device = "cpu" if self.history_device == "cpu" else None
         if self.history in ("ema", "initial"):
-            model = _frozen_copy(hf_model)
+            model = frozen_copy(hf_model, self.history_dtype, device)
         else:
-            from transformers import AutoModelForCausalLM
-
-            from lit_ft.assets import resolve
-
-            model = AutoModelForCausalLM.from_pretrained(resolve(self.history))
-            if model.config.vocab_size != hf_model.config.vocab_size:
-                raise ValueError(
-                    f"SSToken: history model {self.history!r} has vocab_size {model.config.vocab_size} but the trained "
-                    f"model has {hf_model.config.vocab_size}; they must share a tokenizer"
-                )
-        model = model.to(dtype=_HISTORY_DTYPES[self.history_dtype]).eval()
-        if self.history_device == "cpu":
-            model = model.to("cpu")
-        for p in model.parameters():
-            p.requires_grad_(False)
+            model = load_frozen_causal_lm(self.history, hf_model, "SSToken", self.history_dtype)
+            if device is not None:
+                model = model.to(device)
         if self._pending_history_state is not None:
             model.load_state_dict(self._pending_history_state)
             self._pending_history_state = None
@@ -547,4 +483,4 @@ class SSToken(TokenScorerCallback):
             self._pending_history_state = his_state
 
 
-__all__ = ["SSToken", "check_attention_layout", "per_response_min_max", "per_response_topk_mask", "prompt_attention_mass"]
+__all__ = ["SSToken", "check_attention_layout", "prompt_attention_mass"]

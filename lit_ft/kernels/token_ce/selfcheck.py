@@ -17,7 +17,7 @@ import time
 import zlib
 
 import torch
-import torch.nn.functional as F
+
 
 from .reference import token_ce_reference
 
