@@ -2,7 +2,7 @@
 
 Fine-tunes the real SmolLM2-135M-Instruct on ASDiv math word problems (lit_ft assets, fetched from PyPI) with the
 same seed, steps, data order and evaluation set for: plain SFT, ExcessLossSelection, SSToken, QTuning (25% samples x
-50% tokens, the paper's setting) and MaskedThought. Reports held-out completion loss, exact match (greedy, last
+50% tokens, the paper's setting), MaskedThought and KeyTokenWeighting (key tokens = the answer's digits). Reports held-out completion loss, exact match (greedy, last
 number), lm_head tokens back-propagated, and wall time vs plain SFT (= step-time overhead), as a markdown table and a
 PNG plot. The evaluation before training is the same model for every run, so it is computed once.
 
@@ -29,6 +29,13 @@ TECHNIQUES: dict[str, Callable[[], list[pl.Callback]]] = {
     "SSToken(keep_ratio=0.6, gamma=0.5)": lambda: [cbs.SSToken()],
     "QTuning(sample_ratio=0.25, token_ratio=0.5)": lambda: [cbs.QTuning(sample_ratio=0.25, token_ratio=0.5, plot_every_n_steps=0)],
     "MaskedThought(max_rate=0.4)": lambda: [cbs.MaskedThought(max_rate=0.4)],
+    # key tokens on ASDiv = the answer's digits (the DataModule marks them, see DATA_OPTIONS)
+    "KeyTokenWeighting(w_max=9, key = answer digits)": lambda: [cbs.KeyTokenWeighting(w_max=9.0)],
+}
+
+#: extra SFTDataModule options a technique needs
+DATA_OPTIONS: dict[str, dict[str, Any]] = {
+    "KeyTokenWeighting(w_max=9, key = answer digits)": {"key_span_patterns": [r"\d+"]},
 }
 
 
@@ -48,9 +55,9 @@ class _Meter(pl.Callback):
         self.tokens += float(trainer.callback_metrics.get("train/tokens", 0.0))
 
 
-def _datamodule(args: argparse.Namespace) -> SFTDataModule:
+def _datamodule(args: argparse.Namespace, **extra: Any) -> SFTDataModule:
     return SFTDataModule(data="asdiv", tokenizer="smollm2-135m-instruct", max_length=256, batch_size=args.batch_size,
-                         eval_batch_size=16, max_val_samples=args.eval_samples, seed=args.seed)
+                         eval_batch_size=16, max_val_samples=args.eval_samples, seed=args.seed, **extra)
 
 
 def _module(args: argparse.Namespace, before: bool) -> CausalLMModule:
@@ -67,7 +74,7 @@ def run(name: str, make: Callable[[], list[pl.Callback]], args: argparse.Namespa
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          log_every_n_steps=1, callbacks=[meter, *make()])
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=_datamodule(args))
+    trainer.fit(module, datamodule=_datamodule(args, **DATA_OPTIONS.get(name, {})))
     m = trainer.callback_metrics
     row: dict[str, Any] = {
         "name": name,
