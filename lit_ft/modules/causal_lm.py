@@ -202,7 +202,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        groups = adamw_param_groups(self.model, self.hparams.learning_rate, self.hparams.weight_decay)
+        groups = adamw_param_groups(self, self.hparams.learning_rate, self.hparams.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
         warmup = self.hparams.warmup_steps
         if not warmup:

@@ -85,5 +85,5 @@ class ClassificationModule(pl.LightningModule):
         log_data_stats(self)
 
     def configure_optimizers(self) -> Any:
-        groups = adamw_param_groups(self.model, self.hparams.learning_rate, self.hparams.weight_decay)
+        groups = adamw_param_groups(self, self.hparams.learning_rate, self.hparams.weight_decay)
         return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)

@@ -1,0 +1,144 @@
+"""Shared plumbing for parameter techniques (gradient tensor selection, parameter reset, freezing).
+
+Each technique expresses what may train as a :class:`~lit_ft.core.params.ParamPlan` keyed by the LightningModule's
+own parameter names (``pl_module.named_parameters()``). A :class:`ParamPlanRegistry` on the module composes the
+plans of every active callback with the user's own ``requires_grad`` choices (intersection; a conflict raises
+:class:`~lit_ft.core.params.ParamPlanConflict` naming both owners), applies the result, keeps the optimizer's
+param groups and state consistent when trainability changes mid-run, masks gradients of element-masked tensors
+before the optimizer step and re-projects masked-out entries after it (so weight decay and momentum cannot move
+them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_ft.core.params import (
+    ParamPlan,
+    PlanSummary,
+    RebuildReport,
+    apply_plan,
+    compose,
+    mask_gradients,
+    rebuild_param_groups,
+    reproject_masked,
+    snapshot_masked,
+)
+
+_REGISTRY_ATTR = "_lit_ft_param_plans"
+
+
+class ParamPlanRegistry:
+    """The composed parameter plan of one LightningModule."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        #: the user's own choices (tensors frozen before any lit_ft callback ran stay frozen)
+        self.baseline = ParamPlan.from_requires_grad(module, owner=f"{type(module).__name__} (requires_grad)")
+        self.plans: dict[str, ParamPlan] = {}
+        self.composed: ParamPlan | None = None
+        self._snapshot: dict[str, torch.Tensor] = {}
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self._snapshot)
+
+    def set(self, key: str, plan: ParamPlan | None, module: torch.nn.Module) -> PlanSummary:
+        """Register (or replace, or with ``None`` remove) one callback's plan, recompose and apply it."""
+        if plan is None:
+            self.plans.pop(key, None)
+        else:
+            self.plans[key] = plan
+        self.composed = compose([self.baseline, *self.plans.values()], owner="lit_ft")
+        summary = apply_plan(module, self.composed, unlisted="keep")
+        # values to restore masked-out entries to: taken when the plan changes
+        self._snapshot = snapshot_masked(module, self.composed)
+        return summary
+
+    def mask_gradients(self, module: torch.nn.Module) -> None:
+        if self.composed is not None:
+            mask_gradients(module, self.composed)
+
+    def reproject(self, module: torch.nn.Module) -> None:
+        if self.composed is not None and self._snapshot:
+            reproject_masked(module, self.composed, self._snapshot)
+
+
+def param_plans_for(module: torch.nn.Module, create: bool = True) -> ParamPlanRegistry | None:
+    """The :class:`ParamPlanRegistry` of ``module`` (created on first use: the baseline is read then)."""
+    reg = module.__dict__.get(_REGISTRY_ATTR)
+    if reg is None and create:
+        reg = ParamPlanRegistry(module)
+        module.__dict__[_REGISTRY_ATTR] = reg
+    return reg
+
+
+def _optimizer_defaults(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """Base lr and weight decay for tensors that become trainable mid-run: those of the first decayed group."""
+    groups = optimizer.param_groups
+    decayed = [g for g in groups if g.get("weight_decay", 0.0) > 0] or groups
+    g = decayed[0]
+    return float(g.get("initial_lr", g["lr"])), float(g.get("weight_decay", 0.0))
+
+
+class ParamPlanCallback(Callback):
+    """Base class for parameter techniques.
+
+    Subclasses implement :meth:`build_plan` (called at ``setup("fit")``, before the optimizer exists) and may call
+    :meth:`update_plan` later (epoch start, phase switch); ``technique_name`` names the log prefix
+    ``lit_ft/<technique_name>/``. Gradient masking (``on_before_optimizer_step``) and exact re-projection
+    (``on_train_batch_end``) of element-masked tensors are done here for every registered plan.
+    """
+
+    technique_name: str = "param_plan"
+
+    def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan | None:
+        """The plan to apply before training (``None`` = no constraint yet)."""
+        return None
+
+    @property
+    def plan_key(self) -> str:
+        return self.state_key
+
+    def registry(self, pl_module: pl.LightningModule) -> ParamPlanRegistry:
+        reg = param_plans_for(pl_module)
+        assert reg is not None
+        return reg
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        plan = self.build_plan(trainer, pl_module)
+        if plan is not None:
+            self._last_summary = self.registry(pl_module).set(self.plan_key, plan, pl_module)
+
+    def update_plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: ParamPlan | None
+    ) -> RebuildReport | None:
+        """Replace this callback's plan mid-run: recompose, apply ``requires_grad``, and rebuild every optimizer's
+        param groups by name (state of tensors that stay trainable is kept, state of frozen ones deleted, newly
+        trainable ones start fresh). Returns the first optimizer's report."""
+        reg = self.registry(pl_module)
+        self._last_summary = reg.set(self.plan_key, plan, pl_module)
+        report = None
+        for opt in trainer.optimizers:
+            lr, wd = _optimizer_defaults(opt)
+            r = rebuild_param_groups(opt, pl_module, reg.composed, lr, wd, apply=False)
+            report = report or r
+        return report
+
+    def trainable_fraction(self) -> float:
+        s = getattr(self, "_last_summary", None)
+        return float(s.fraction) if s is not None else 1.0
+
+    # -- enforcement, shared by every parameter technique (idempotent when several are active) -------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.registry(pl_module).mask_gradients(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.registry(pl_module).reproject(pl_module)
+        pl_module.log(f"lit_ft/{self.technique_name}/trainable_fraction", self.trainable_fraction(),
+                      on_step=True, on_epoch=False, batch_size=1)
