@@ -5,5 +5,7 @@ from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
 from lit_ft.callbacks.token_selection import QTuning
 from lit_ft.callbacks.token_selection import SSToken
+from lit_ft.callbacks.tensor_selection import LocalizedTuning
+from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "MaskedThought", "QTuning", "SSToken"]
+__all__ = ["ExcessLossSelection", "KeyTokenWeighting", "LocalizedTuning", "MaskedThought", "QTuning", "SSToken", "TrainOnly"]
