@@ -19,6 +19,7 @@ _LAZY = {
     "ClassificationDataModule": "lit_ft.data",
     "ExcessLossSelection": "lit_ft.callbacks",
     "fused_linear_token_ce": "lit_ft.kernels",
+    "compose_sparse_diffs": "lit_ft.callbacks.param_reset",
 }
 
 __all__ = ["__version__", *_LAZY]

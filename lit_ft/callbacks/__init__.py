@@ -1,6 +1,7 @@
 """lit_ft callbacks, addressable from LightningCLI YAML as ``class_path: lit_ft.callbacks.<Name>``."""
 
 from lit_ft.callbacks.param_reset import HalfFineTuning
+from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
 from lit_ft.callbacks.token_selection import ExcessLossSelection
 from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
@@ -9,4 +10,4 @@ from lit_ft.callbacks.token_selection import SSToken
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["ExcessLossSelection", "HalfFineTuning", "KeyTokenWeighting", "LocalizedTuning", "MaskedThought", "QTuning", "SSToken", "TrainOnly"]
+__all__ = ["ExcessLossSelection", "HalfFineTuning", "KeyTokenWeighting", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "QTuning", "SSToken", "TrainOnly"]

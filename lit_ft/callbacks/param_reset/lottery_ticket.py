@@ -1,0 +1,510 @@
+"""LT-SFT: Lottery-Ticket Sparse Fine-Tuning (Ansell et al., "Composable Sparse Fine-Tuning for Cross-Lingual
+Transfer", ACL 2022; reference code ``cambridgeltl/composable-sft``, ``src/sft/lt_sft.py``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+
+from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.callbacks.param_reset.sparse_diff import export_sparse_diff
+from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
+from lit_ft.core.params import ParamPlan, reset_optimizer_state, select_param_names
+
+__all__ = ["LotteryTicketSparseFT", "topk_abs_delta_masks"]
+
+_THETA0_DEVICES = ("cpu", "same")
+_THETA0_DTYPES = ("exact", "bfloat16")
+_DIFF_DTYPES = ("float64", "float32")
+_CHUNK = 1 << 22  # elements per chunk of the threshold passes: extra memory ~ 5 * 4 MiB * 4 bytes, whatever the model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Top-K of |θ − θ₀| over many tensors without materialising them together
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _abs_delta_bits(p: torch.Tensor, base: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """int64 bit patterns of |p − base| (float32) in flat row-major chunks (non-negative floats order as their bits)."""
+    flat_p = p.detach().reshape(-1)
+    flat_b = base.reshape(-1)
+    for s in range(0, flat_p.numel(), chunk):
+        d = (flat_p[s : s + chunk].float() - flat_b[s : s + chunk].to(flat_p.device).float()).abs_()
+        yield d.view(torch.int32).to(torch.int64)
+
+
+def topk_abs_delta_masks(
+    params: Mapping[str, torch.Tensor],
+    theta0: Mapping[str, torch.Tensor],
+    k: int,
+    chunk: int = _CHUNK,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Boolean masks of the ``k`` entries with the largest ``|θ − θ₀|`` over all tensors of ``params``.
+
+    The k-th largest value is found exactly by a 4-pass radix select over the float32 bit patterns (a 256-bin
+    ``bincount`` per byte, chunk by chunk), so the extra memory is O(``chunk``) however large the model, and no list
+    of all values is ever built. Ties at the threshold are broken by model order then flat index, so exactly ``k``
+    entries are kept and the result depends only on the values (identical on every DDP rank).
+
+    Args:
+        params: name -> tensor ``θ`` (model order is the mapping's order).
+        theta0: name -> tensor ``θ₀`` of the same shape (any device / dtype; compared in float32).
+        k: number of entries to keep, ``1 <= k <= total``.
+        chunk: elements per pass chunk.
+
+    Returns:
+        ``(masks, threshold)``: name -> ``torch.bool`` mask on the parameter's device, and the k-th largest ``|Δ|``.
+
+    Raises:
+        ValueError: ``k`` out of range, or a non-finite difference.
+    """
+    names = list(params)
+    total = sum(params[n].numel() for n in names)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
+        raise ValueError(f"`k` must be an int in [1, {total}] (the number of maskable entries), got {k!r}.")
+    inf_bits = 0x7F800000
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for n in names:
+            yield from _abs_delta_bits(params[n], theta0[n], chunk)
+
+    prefix, prefix_mask, need = 0, 0, k
+    for shift in (24, 16, 8, 0):
+        hist = None
+        for bits in chunks():
+            if shift == 24 and bool((bits > inf_bits).any()):
+                bad = next(n for n in names if not torch.isfinite(params[n].detach().float() - theta0[n].to(params[n].device).float()).all())
+                raise ValueError(f"LotteryTicketSparseFT: |θ − θ₀| of {bad!r} is not finite (NaN); cannot rank entries.")
+            sel = bits if prefix_mask == 0 else bits[(bits & prefix_mask) == prefix]
+            h = torch.bincount((sel >> shift) & 0xFF, minlength=256)
+            hist = h if hist is None else hist + h
+        counts = hist.cpu().tolist()  # type: ignore[union-attr]
+        above = 0
+        for b in range(255, -1, -1):
+            if above + counts[b] >= need:
+                need -= above
+                prefix |= b << shift
+                prefix_mask |= 0xFF << shift
+                break
+            above += counts[b]
+    threshold_bits, ties = prefix, need  # keep every entry above, and the first `ties` entries equal to it
+    masks: dict[str, torch.Tensor] = {}
+    for n in names:
+        parts = []
+        for bits in _abs_delta_bits(params[n], theta0[n], chunk):
+            m = bits > threshold_bits
+            if ties > 0:
+                eq = bits == threshold_bits
+                take = eq & (torch.cumsum(eq, 0) <= ties)
+                ties -= int(take.sum())
+                m |= take
+            parts.append(m)
+        masks[n] = torch.cat(parts).view(params[n].shape) if parts else torch.zeros(params[n].shape, dtype=torch.bool)
+    threshold = float(torch.tensor([threshold_bits], dtype=torch.int32).view(torch.float32))
+    return masks, threshold
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The callback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _head_param_ids(pl_module: torch.nn.Module) -> set[int]:
+    """Ids of the output head's parameters: an untied ``lm_head``, or a ``score``/``classifier``/``qa_outputs``."""
+    try:
+        hf = find_hf_model(pl_module)
+    except ModelLayoutError:
+        return set()
+    try:
+        head = find_lm_head(hf)
+        return set() if lm_head_is_tied(hf) else {id(p) for p in head.parameters()}
+    except ModelLayoutError:
+        pass
+    for attr in ("score", "classifier", "qa_outputs"):
+        m = getattr(hf, attr, None)
+        if isinstance(m, torch.nn.Module):
+            return {id(p) for p in m.parameters()}
+    return set()
+
+
+def _module_prefix(pl_module: torch.nn.Module) -> str:
+    """Path of the HF model inside ``pl_module`` (``"model."``), ``""`` if it is the module itself or absent."""
+    try:
+        hf = find_hf_model(pl_module)
+    except ModelLayoutError:
+        return ""
+    for name, m in pl_module.named_modules():
+        if m is hf:
+            return f"{name}." if name else ""
+    return ""
+
+
+class LotteryTicketSparseFT(ParamPlanCallback):
+    """LT-SFT, lottery-ticket sparse fine-tuning (Ansell et al., ACL 2022).
+
+    Algorithm:
+
+    1. *Phase 1*: fine-tune every trainable ("maskable") tensor in full, from ``θ₀`` (the values at fit start).
+    2. At the boundary: keep the ``K`` entries with the largest ``|θ₁ − θ₀|`` over all maskable tensors (exact,
+       chunked radix select: memory O(chunk), no list of all values); reset *every* trainable tensor to ``θ₀``
+       (head included); delete the optimizer state (moments and step counts) of every tensor.
+    3. *Phase 2* (the rest of training): only the ``K`` entries (plus the ``always_train`` tensors) train. The
+       element masks go through the shared :class:`~lit_ft.core.params.ParamPlan`: gradients are masked before
+       the step and masked-out entries are copied back after it, so AdamW weight decay and momentum cannot move
+       them (the reference implementation only zeroes gradients). Tensors without a kept entry are frozen.
+    4. At the end of training, ``φ = θ − θ₀`` is written as a sparse diff (masked entries only; ``always_train``
+       tensors densely) to ``export_path``; diffs compose with :func:`lit_ft.compose_sparse_diffs`.
+
+    Memory: a copy of ``θ₀`` of every trainable tensor (``theta0_device``, ``theta0_dtype``) during phase 1 — it is
+    also written into each phase-1 checkpoint, so those checkpoints hold the trainable weights twice. In phase 2
+    only ``θ₀`` at the kept entries (and of the ``always_train`` tensors) is kept; the base class additionally holds
+    a copy of each partly-masked tensor for the re-projection.
+
+    Not implemented: ``n_ft_iterations > 1`` of the reference (unfreezing K/n more entries per iteration), its L1
+    penalty towards ``θ₀``, and restarting the LR schedule for phase 2 (the run keeps one schedule). Phase-2 resume
+    needs a strategy that restores callback state before ``on_fit_start`` (single device, DDP; not DeepSpeed).
+    Under DDP set ``find_unused_parameters=True`` (``strategy="ddp_find_unused_parameters_true"``): tensors without
+    kept entries stop receiving gradients in phase 2.
+
+    Args:
+        proportion: ``K`` as a fraction of all maskable entries, ``0 < proportion <= 1`` (reference default 0.01);
+            ignored when ``num_params`` is set.
+        num_params: ``K`` as an absolute number of entries (``>= 1``, at most the number of maskable entries).
+        phase1_steps: optimizer steps of phase 1. Exclusive with ``phase1_epochs``.
+        phase1_epochs: epochs of phase 1 (the switch happens at the end of that epoch).
+        phase1_fraction: when neither ``phase1_steps`` nor ``phase1_epochs`` is given, phase 1 lasts this fraction
+            of ``trainer.estimated_stepping_batches`` (``0 < phase1_fraction < 1``; the reference recipes use equal
+            phases).
+        always_train: name patterns (fnmatch globs or ``"re:"`` regexes over the LightningModule's parameter names)
+            of tensors excluded from masking and trained in full in both phases (e.g. a task head; they are still
+            reset to ``θ₀`` at the boundary, as in the reference). ``None``: the output head when it is not tied to
+            the input embeddings (an untied ``lm_head``, or ``score``/``classifier``); ``[]``: none. Explicit
+            patterns are *required*: another callback freezing them raises ``ParamPlanConflict``.
+        theta0_device: where the ``θ₀`` copy lives: ``"cpu"`` (spares accelerator memory) or ``"same"`` (the
+            parameter's device; faster switch and export).
+        theta0_dtype: ``"exact"`` (the parameter's own dtype: exact reset and exact diff) or ``"bfloat16"`` (half
+            the memory of an fp32 copy; the reset then lands on bf16-rounded values and the diff is taken against
+            them).
+        export: write the sparse diff at the end of training (rank 0).
+        export_path: file to write; ``None``: ``<trainer.log_dir or default_root_dir>/sparse_diff.safetensors``.
+        diff_dtype: dtype of the exported values: ``"float64"`` (exact reconstruction) or ``"float32"``.
+    """
+
+    technique_name = "lottery_ticket"
+
+    def __init__(
+        self,
+        proportion: float = 0.01,
+        num_params: Optional[int] = None,
+        phase1_steps: Optional[int] = None,
+        phase1_epochs: Optional[int] = None,
+        phase1_fraction: float = 0.5,
+        always_train: Optional[list[str]] = None,
+        theta0_device: str = "cpu",
+        theta0_dtype: str = "exact",
+        export: bool = True,
+        export_path: Optional[str] = None,
+        diff_dtype: str = "float64",
+    ) -> None:
+        super().__init__()
+        if isinstance(proportion, bool) or not isinstance(proportion, (int, float)) or not 0 < proportion <= 1:
+            raise ValueError(f"`proportion` must be a number in (0, 1], got {proportion!r}.")
+        if num_params is not None and (isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1):
+            raise ValueError(f"`num_params` must be None or an int >= 1, got {num_params!r}.")
+        for arg, v in (("phase1_steps", phase1_steps), ("phase1_epochs", phase1_epochs)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"`{arg}` must be None or an int >= 1, got {v!r}.")
+        if phase1_steps is not None and phase1_epochs is not None:
+            raise ValueError(
+                f"`phase1_steps` ({phase1_steps}) and `phase1_epochs` ({phase1_epochs}) are exclusive: set one of them."
+            )
+        if isinstance(phase1_fraction, bool) or not isinstance(phase1_fraction, (int, float)) or not 0 < phase1_fraction < 1:
+            raise ValueError(f"`phase1_fraction` must be a number in (0, 1), got {phase1_fraction!r}.")
+        if always_train is not None:
+            if isinstance(always_train, str):
+                always_train = [always_train]
+            if not isinstance(always_train, (list, tuple)) or not all(isinstance(p, str) and p for p in always_train):
+                raise ValueError(f"`always_train` must be None or a list of non-empty name patterns, got {always_train!r}.")
+            always_train = list(always_train)
+        if theta0_device not in _THETA0_DEVICES:
+            raise ValueError(f"`theta0_device` must be one of {_THETA0_DEVICES}, got {theta0_device!r}.")
+        if theta0_dtype not in _THETA0_DTYPES:
+            raise ValueError(f"`theta0_dtype` must be one of {_THETA0_DTYPES}, got {theta0_dtype!r}.")
+        if diff_dtype not in _DIFF_DTYPES:
+            raise ValueError(f"`diff_dtype` must be one of {_DIFF_DTYPES}, got {diff_dtype!r}.")
+        if export_path is not None and (not isinstance(export_path, str) or not export_path):
+            raise ValueError(f"`export_path` must be None or a non-empty path string, got {export_path!r}.")
+        self.proportion = float(proportion)
+        self.num_params = num_params
+        self.phase1_steps = phase1_steps
+        self.phase1_epochs = phase1_epochs
+        self.phase1_fraction = float(phase1_fraction)
+        self.always_train = always_train
+        self.theta0_device = theta0_device
+        self.theta0_dtype = theta0_dtype
+        self.export = bool(export)
+        self.export_path = export_path
+        self.diff_dtype = diff_dtype
+        # run state
+        self.phase = 1
+        self.boundary_step: Optional[int] = None
+        self.k: Optional[int] = None
+        self.threshold: Optional[float] = None
+        self.kept = 0
+        self.num_maskable = 0
+        self.maskable: list[str] = []
+        self.always_trained: list[str] = []
+        self.masks: dict[str, torch.Tensor] = {}
+        self.last_export_path: Optional[str] = None
+        self._theta0: dict[str, torch.Tensor] = {}
+        self._loaded: Optional[dict[str, Any]] = None
+        self._switched_at: Optional[int] = None
+        self._phase1_fraction_trainable = 1.0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            proportion=self.proportion, num_params=self.num_params, phase1_steps=self.phase1_steps,
+            phase1_epochs=self.phase1_epochs, always_train=self.always_train,
+        )
+
+    # -- setup ------------------------------------------------------------------------------------------------------
+    def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ParamPlan]:
+        if not self.always_train:
+            return None
+        names = select_param_names(pl_module, self.always_train, owner=type(self).__name__)
+        return ParamPlan({n: "trainable" for n in names}, owner=type(self).__name__, required=names)
+
+    def _always_train_names(self, pl_module: pl.LightningModule) -> list[str]:
+        if self.always_train is not None:
+            return select_param_names(pl_module, self.always_train, owner=type(self).__name__) if self.always_train else []
+        ids = _head_param_ids(pl_module)
+        return [n for n, p in pl_module.named_parameters() if id(p) in ids]
+
+    def _copy_theta0(self, p: torch.Tensor) -> torch.Tensor:
+        t = p.detach()
+        if self.theta0_dtype == "bfloat16" and t.is_floating_point():
+            t = t.to(torch.bfloat16)
+        return t.to("cpu" if self.theta0_device == "cpu" else t.device, copy=True)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self._restore(trainer, pl_module, loaded, params)
+            return
+        if trainer.global_step > 0:
+            warnings.warn(
+                "LotteryTicketSparseFT: resuming from a checkpoint without this callback's state; θ₀ is taken from "
+                "the current (already trained) weights.", stacklevel=2,
+            )
+        always = set(self._always_train_names(pl_module))
+        trainable = [n for n, p in params.items() if p.requires_grad]
+        self.always_trained = [n for n in trainable if n in always]
+        self.maskable = [n for n in trainable if n not in always]
+        self.num_maskable = sum(params[n].numel() for n in self.maskable)
+        if not self.maskable:
+            raise ValueError(
+                "LotteryTicketSparseFT: no maskable parameters: every trainable tensor is matched by `always_train` "
+                f"({self.always_train!r}) or frozen."
+            )
+        if self.num_params is not None:
+            if self.num_params > self.num_maskable:
+                raise ValueError(
+                    f"`num_params`={self.num_params} exceeds the {self.num_maskable} maskable entries; allowed range "
+                    f"[1, {self.num_maskable}]."
+                )
+            self.k = self.num_params
+        else:
+            self.k = int(self.proportion * self.num_maskable)
+            if self.k < 1:
+                raise ValueError(
+                    f"`proportion`={self.proportion} keeps no entry of the {self.num_maskable} maskable ones; use at "
+                    f"least {1 / self.num_maskable:.3g} or set `num_params`."
+                )
+        self.boundary_step = self._boundary(trainer)
+        self._theta0 = {n: self._copy_theta0(params[n]) for n in self.maskable + self.always_trained}
+        total = sum(p.numel() for p in params.values())
+        self._phase1_fraction_trainable = sum(params[n].numel() for n in trainable) / total if total else 0.0
+        self.phase = 1
+
+    def _boundary(self, trainer: pl.Trainer) -> Optional[int]:
+        if self.phase1_epochs is not None:
+            return None
+        if self.phase1_steps is not None:
+            steps = self.phase1_steps
+        else:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "LotteryTicketSparseFT: the run length is unknown (trainer.estimated_stepping_batches is infinite); "
+                    "set `phase1_steps` or `phase1_epochs`."
+                )
+            steps = max(1, round(self.phase1_fraction * total))
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if max_steps is not None and steps >= max_steps:
+            warnings.warn(
+                f"LotteryTicketSparseFT: phase 1 lasts {steps} steps but max_steps={max_steps}: phase 2 (sparse "
+                "fine-tuning) will not run and no sparse diff is exported.", stacklevel=2,
+            )
+        return steps
+
+    # -- the phase switch -------------------------------------------------------------------------------------------
+    def _phase2_plan(self, pl_module: pl.LightningModule) -> ParamPlan:
+        entries: dict[str, Any] = {n: m for n, m in self.masks.items()}
+        entries.update({n: "trainable" for n in self.always_trained})
+        return ParamPlan(entries, owner=type(self).__name__,
+                         required=self.always_trained if self.always_train else ())
+
+    def switch_to_phase2(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_epoch_end: bool = False) -> None:
+        """Select the top-K entries, reset to ``θ₀``, clear the optimizer state and start sparse fine-tuning."""
+        params = dict(pl_module.named_parameters())
+        maskable = {n: params[n] for n in self.maskable}
+        masks, self.threshold = topk_abs_delta_masks(maskable, {n: self._theta0[n] for n in self.maskable}, self.k)  # type: ignore[arg-type]
+        self.masks = {n: m.cpu() for n, m in masks.items()}
+        self.kept = int(sum(int(m.sum()) for m in self.masks.values()))
+        with torch.no_grad():
+            for n, base in self._theta0.items():
+                params[n].copy_(base.to(device=params[n].device, dtype=params[n].dtype))
+        # keep θ₀ only where it can still differ from θ: the kept entries and the always-trained tensors
+        self._theta0 = {
+            **{n: self._theta0[n].reshape(-1)[self.masks[n].reshape(-1).to(self._theta0[n].device)].clone()
+               for n in self.maskable},
+            **{n: self._theta0[n] for n in self.always_trained},
+        }
+        self.phase = 2
+        self._switched_at = trainer.global_step
+        self.rebuild_report = self.update_plan(trainer, pl_module, self._phase2_plan(pl_module))
+        self.optimizer_states_cleared = 0
+        for opt in trainer.optimizers:
+            inner = getattr(opt, "_optimizer", opt)
+            ps = [p for g in inner.param_groups for p in g["params"]]
+            if ps:
+                self.optimizer_states_cleared += reset_optimizer_state(inner, ps)
+        self._log_switch(pl_module, at_epoch_end)
+
+    def _log_switch(self, pl_module: pl.LightningModule, at_epoch_end: bool) -> None:
+        pre = f"lit_ft/{self.technique_name}"
+        kw = dict(on_step=not at_epoch_end, on_epoch=at_epoch_end, batch_size=1)
+        pl_module.log(f"{pre}/kept_entries", float(self.kept), **kw)
+        pl_module.log(f"{pre}/threshold", float(self.threshold or 0.0), **kw)
+
+    def trainable_fraction(self) -> float:
+        return super().trainable_fraction() if self.phase == 2 else self._phase1_fraction_trainable
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if (self.phase == 1 and self.boundary_step is not None and trainer.global_step >= self.boundary_step
+                and not self._run_is_over(trainer)):
+            self.switch_to_phase2(trainer, pl_module)
+        pl_module.log(f"lit_ft/{self.technique_name}/phase", float(self.phase), on_step=True, on_epoch=False,
+                      batch_size=1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == 1 and self.phase1_epochs is not None and trainer.current_epoch + 1 >= self.phase1_epochs \
+                and not self._run_is_over(trainer):
+            self.switch_to_phase2(trainer, pl_module, at_epoch_end=True)
+
+    @staticmethod
+    def _run_is_over(trainer: pl.Trainer) -> bool:
+        """No optimizer step left: switching now would only reset the phase-1 weights."""
+        total = trainer.estimated_stepping_batches
+        return trainer.should_stop or (math.isfinite(total) and trainer.global_step >= total)
+
+    # -- export -------------------------------------------------------------------------------------------------
+    def default_export_path(self, trainer: pl.Trainer) -> str:
+        root = trainer.log_dir or trainer.default_root_dir
+        return os.path.join(root, "sparse_diff.safetensors")
+
+    def sparse_diff_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(theta0, masks)`` for :func:`~lit_ft.callbacks.param_reset.sparse_diff.export_sparse_diff` (phase 2)."""
+        if self.phase != 2:
+            raise RuntimeError("LotteryTicketSparseFT: the sparse diff exists only in phase 2.")
+        masks = {n: m for n, m in self.masks.items() if bool(m.any())}
+        theta0 = {n: self._theta0[n] for n in list(masks) + self.always_trained}
+        return theta0, masks
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.export:
+            return
+        if self.phase != 2:
+            warnings.warn(
+                "LotteryTicketSparseFT: training ended in phase 1 (the model holds the fully fine-tuned weights); no "
+                "sparse diff was exported.", stacklevel=2,
+            )
+            return
+        if not trainer.is_global_zero:
+            return
+        theta0, masks = self.sparse_diff_inputs()
+        path = self.export_path or self.default_export_path(trainer)
+        export_sparse_diff(
+            pl_module, theta0, masks, path, diff_dtype=self.diff_dtype, module_prefix=_module_prefix(pl_module),
+            metadata={"technique": "LT-SFT", "k": self.k, "kept": self.kept, "threshold": self.threshold,
+                      "switch_step": self._switched_at, "always_train": self.always_trained,
+                      "theta0_dtype": self.theta0_dtype},
+        )
+        self.last_export_path = path
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd: dict[str, Any] = {
+            "version": 1,
+            "phase": self.phase,
+            "boundary_step": self.boundary_step,
+            "switched_at": self._switched_at,
+            "k": self.k,
+            "threshold": self.threshold,
+            "kept": self.kept,
+            "num_maskable": self.num_maskable,
+            "maskable": list(self.maskable),
+            "always_trained": list(self.always_trained),
+            "phase1_fraction_trainable": self._phase1_fraction_trainable,
+            "theta0": {n: t.detach().cpu() for n, t in self._theta0.items()},
+        }
+        if self.phase == 2:
+            sd["plan"] = ParamPlan(dict(self.masks), owner=type(self).__name__).state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != 1:
+            raise ValueError(f"LotteryTicketSparseFT: unsupported state version {state_dict.get('version')!r}.")
+        self._loaded = dict(state_dict)
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sd: dict[str, Any],
+                 params: Mapping[str, torch.Tensor]) -> None:
+        self.phase = int(sd["phase"])
+        self.boundary_step = sd["boundary_step"]
+        self._switched_at = sd["switched_at"]
+        self.k, self.threshold, self.kept = sd["k"], sd["threshold"], int(sd["kept"])
+        self.num_maskable = int(sd["num_maskable"])
+        self.maskable, self.always_trained = list(sd["maskable"]), list(sd["always_trained"])
+        self._phase1_fraction_trainable = float(sd["phase1_fraction_trainable"])
+        missing = [n for n in self.maskable + self.always_trained if n not in params]
+        if missing:
+            raise ValueError(
+                f"LotteryTicketSparseFT: the checkpoint names parameters this module does not have: {missing[:5]}."
+            )
+        dev = (lambda n: "cpu") if self.theta0_device == "cpu" else (lambda n: params[n].device)
+        self._theta0 = {n: t.to(dev(n)) for n, t in sd["theta0"].items()}
+        if self.phase == 2:
+            plan = ParamPlan.from_state_dict(sd["plan"])
+            self.masks = {}
+            for n in self.maskable:
+                e = plan.get(n)
+                shape = params[n].shape
+                if e is None or e.state == "trainable":
+                    self.masks[n] = torch.ones(shape, dtype=torch.bool)
+                elif e.state == "frozen":
+                    self.masks[n] = torch.zeros(shape, dtype=torch.bool)
+                else:
+                    self.masks[n] = e.mask.cpu()  # type: ignore[union-attr]
+            # recompose, apply and rebuild the optimizer groups as at the switch; Lightning restores the optimizer
+            # state (saved with the phase-2 groups) after on_fit_start
+            self.update_plan(trainer, pl_module, self._phase2_plan(pl_module))
