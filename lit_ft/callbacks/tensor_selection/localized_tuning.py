@@ -237,11 +237,21 @@ class LocalizedTuning(ParamPlanCallback):
             return
         epoch_loss = self._epoch_loss_sum / self._epoch_steps
         pl_module.log(f"lit_ft/{self.technique_name}/epoch_loss", epoch_loss, on_step=False, on_epoch=True, batch_size=1)
+        self._maybe_stop(trainer, epoch_loss)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming from a checkpoint written after an epoch's last step but before its end hooks (ModelCheckpoint
+        # every_n_train_steps), Lightning goes straight to the next epoch without calling on_train_epoch_end for
+        # the finished one; take the stop decision the uninterrupted run took there.
+        if 0 <= self._epoch < trainer.current_epoch and self._epoch_steps > 0:
+            self._maybe_stop(trainer, self._epoch_loss_sum / self._epoch_steps)
+
+    def _maybe_stop(self, trainer: pl.Trainer, epoch_loss: float) -> None:
         if self.stop_below is not None and epoch_loss < self.stop_below:
             trainer.should_stop = True
             self.stopped_early = True
             rank_zero_info(
-                f"LocalizedTuning: epoch {trainer.current_epoch} average loss {epoch_loss:.4g} < stop_below="
+                f"LocalizedTuning: epoch {self._epoch} average loss {epoch_loss:.4g} < stop_below="
                 f"{self.stop_below:g}; stopping ({self.skipped_steps} of {self.optimizer_steps} steps skipped)."
             )
 
