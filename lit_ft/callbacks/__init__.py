@@ -2,12 +2,15 @@
 
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
+from lit_ft.callbacks.param_reset import ReinitTopLayers
 from lit_ft.callbacks.token_selection import ExcessLossSelection
 from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
 from lit_ft.callbacks.token_selection import QTuning
 from lit_ft.callbacks.token_selection import SSToken
+from lit_ft.callbacks.tensor_selection import FreezeLayers
+from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["ExcessLossSelection", "HalfFineTuning", "KeyTokenWeighting", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "QTuning", "SSToken", "TrainOnly"]
+__all__ = ["ExcessLossSelection", "FreezeLayers", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]

@@ -1,0 +1,176 @@
+"""FreezeLayers: freeze the input embeddings and the lowest decoder/encoder layers (Tinn et al., BLURB), optionally
+unfreezing them at a later epoch."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.callbacks.tensor_selection._names import module_param_names
+from lit_ft.core.introspect import (
+    ModelLayoutError,
+    find_decoder_layers,
+    find_hf_model,
+    find_input_embeddings,
+    find_lm_head,
+)
+from lit_ft.core.params import FROZEN, ParamPlan
+
+
+def _check_int(value: Any, name: str, low: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"FreezeLayers: `{name}` must be an integer >= {low} ({what}), got {value!r}.")
+    return value
+
+
+class FreezeLayers(ParamPlanCallback):
+    """Freeze the input embeddings and the lower ``num_layers`` transformer layers; train the rest.
+
+    Paper: Tinn et al., *Fine-Tuning Large Neural Language Models for Biomedical Natural Language Processing*
+    (Patterns 2023, BLURB) — freezing the embeddings and the lower layers stabilises fine-tuning (best for BERT-base
+    there).
+
+    Algorithm: at ``setup("fit")`` (before the optimizer exists) the parameters of the input-embedding module and of
+    decoder/encoder layers ``0 .. num_layers-1`` (found with :mod:`lit_ft.core.introspect`, mapped to the
+    LightningModule's own parameter names) are frozen through a :class:`~lit_ft.core.params.ParamPlan`; the plan
+    composes with the other lit_ft parameter callbacks and with what the module already froze (intersection).
+    Under PEFT the layers are those of the wrapped model: the adapter tensors inside the lower layers are frozen.
+    With ``unfreeze_at_epoch`` the plan is dropped at the start of that epoch (gradual unfreezing): the tensors
+    become trainable again and join the optimizer with fresh state, by name.
+
+    With tied input/output embeddings (``tie_word_embeddings=True``, e.g. SmolLM2) the embedding matrix *is* the
+    lm_head: ``freeze_embeddings=True`` freezes the output layer too (a warning says so).
+
+    Args:
+        num_layers: number of lowest layers to freeze (>= 0, at most the model's layer count).
+        freeze_embeddings: also freeze the input-embedding module (and, when tied, the lm_head).
+        unfreeze_at_epoch: epoch (>= 1) at whose start everything frozen here is unfrozen again; ``None`` = never.
+    """
+
+    technique_name = "freeze_layers"
+
+    def __init__(self, num_layers: int = 2, freeze_embeddings: bool = True, unfreeze_at_epoch: Optional[int] = None) -> None:
+        self.num_layers = _check_int(num_layers, "num_layers", 0, "number of lowest layers to freeze")
+        if not isinstance(freeze_embeddings, bool):
+            raise ValueError(f"FreezeLayers: `freeze_embeddings` must be a bool, got {freeze_embeddings!r}.")
+        if num_layers == 0 and not freeze_embeddings:
+            raise ValueError("FreezeLayers: num_layers=0 with freeze_embeddings=False freezes nothing; set "
+                             "num_layers >= 1 or freeze_embeddings=True (or drop the callback).")
+        if unfreeze_at_epoch is not None:
+            _check_int(unfreeze_at_epoch, "unfreeze_at_epoch", 1, "epoch at whose start the layers unfreeze, or None")
+        self.freeze_embeddings = freeze_embeddings
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        #: whether the unfreeze has happened (saved in the checkpoint)
+        self.unfrozen = False
+        #: canonical names this callback froze (filled at setup), their element count and the model's
+        self.frozen_names: list[str] = []
+        self.frozen_numel = 0
+        self.total_numel = 0
+        self.tied_embeddings: Optional[bool] = None
+        self._resync: list[torch.nn.Parameter] = []  # unfrozen after the DDP wrap: gradients synced by hand
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(num_layers=self.num_layers, freeze_embeddings=self.freeze_embeddings)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unfrozen": self.unfrozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unfrozen = bool(state_dict.get("unfrozen", False))
+
+    # -- selection ----------------------------------------------------------------------------------------------
+    def select_names(self, pl_module: pl.LightningModule) -> list[str]:
+        """Canonical parameter names of the embeddings (if frozen here) and the lowest ``num_layers`` layers."""
+        hf = find_hf_model(pl_module)
+        layers = find_decoder_layers(hf)
+        if self.num_layers > len(layers):
+            raise ValueError(
+                f"FreezeLayers: `num_layers`={self.num_layers} exceeds the model's {len(layers)} layers; allowed: "
+                f"0..{len(layers)}."
+            )
+        modules = list(layers[: self.num_layers])
+        if self.freeze_embeddings:
+            emb = find_input_embeddings(hf)
+            modules.append(emb)
+            try:
+                self.tied_embeddings = find_lm_head(hf).weight is emb.weight
+            except ModelLayoutError:
+                self.tied_embeddings = None
+        return module_param_names(pl_module, modules, owner="FreezeLayers")
+
+    def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ParamPlan]:
+        if self.unfrozen:  # a second fit() after the unfreeze: nothing to freeze any more
+            return None
+        names = self.select_names(pl_module)
+        params = dict(pl_module.named_parameters())
+        if self.tied_embeddings:
+            emb = find_input_embeddings(find_hf_model(pl_module))
+            if emb.weight.requires_grad:
+                rank_zero_warn(
+                    "FreezeLayers(freeze_embeddings=True): the input embeddings and the lm_head are one tied tensor "
+                    "(tie_word_embeddings=True), so the output layer is frozen too. Set freeze_embeddings=False to "
+                    "keep training it."
+                )
+        self.frozen_names = names
+        self.frozen_numel = sum(params[n].numel() for n in names)
+        self.total_numel = sum(p.numel() for p in params.values())
+        rank_zero_info(
+            f"FreezeLayers: freezing {'the input embeddings and ' if self.freeze_embeddings else ''}the lowest "
+            f"{self.num_layers} layer(s): {len(names)} tensor(s), {self.frozen_numel:,} of {self.total_numel:,} elements"
+            + (f"; unfreezing at epoch {self.unfreeze_at_epoch}" if self.unfreeze_at_epoch is not None else "")
+        )
+        return ParamPlan({n: FROZEN for n in names}, owner="FreezeLayers")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        summary = getattr(self, "_last_summary", None)
+        if stage == "fit" and summary is not None and summary.trainable == 0:
+            raise ValueError(
+                f"FreezeLayers(num_layers={self.num_layers}, freeze_embeddings={self.freeze_embeddings}) leaves no "
+                f"trainable parameter (together with the other parameter callbacks and what the module froze); "
+                f"lower `num_layers` or set freeze_embeddings=False."
+            )
+
+    # -- gradual unfreezing -------------------------------------------------------------------------------------
+    def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        before = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        report = self.update_plan(trainer, pl_module, None)
+        self.unfrozen = True
+        if report is not None and report.groups_added and trainer.lr_scheduler_configs:
+            from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
+
+            for opt in trainer.optimizers:
+                sync_schedulers(trainer, opt, origin=None, owner="FreezeLayers")
+        # DDP registered its gradient hooks when these tensors were frozen: it never all-reduces their gradients, so
+        # average them by hand before each optimizer step (all ranks unfreeze at the same epoch)
+        if trainer.world_size > 1:
+            self._resync = [p for n, p in pl_module.named_parameters() if p.requires_grad and n not in before]
+        rank_zero_info(f"FreezeLayers: unfroze {len(report.added) if report else 0} tensor(s) at epoch "
+                       f"{trainer.current_epoch} (fresh optimizer state)")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # resumed after the unfreeze: the module's optimizer was built from the frozen layout, the checkpoint's
+        # optimizer state holds the unfrozen one. Rebuild the groups before Lightning loads that state.
+        if self.unfrozen and self.plan_key in self.registry(pl_module).plans:
+            self._unfreeze(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.unfreeze_at_epoch is not None and not self.unfrozen and trainer.current_epoch >= self.unfreeze_at_epoch:
+            self._unfreeze(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self._resync:
+            ws = trainer.world_size
+            for p in self._resync:
+                if p.grad is not None:
+                    p.grad.copy_(trainer.strategy.reduce(p.grad, reduce_op="sum") / ws)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        frac = self.frozen_numel / self.total_numel if self.total_numel else 0.0
+        pl_module.log(f"lit_ft/{self.technique_name}/frozen_fraction", 0.0 if self.unfrozen else frac, batch_size=1)
