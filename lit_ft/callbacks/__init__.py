@@ -9,8 +9,9 @@ from lit_ft.callbacks.token_selection import MaskedThought
 from lit_ft.callbacks.token_selection import QTuning
 from lit_ft.callbacks.token_selection import SSToken
 from lit_ft.callbacks.tensor_selection import FreezeLayers
+from lit_ft.callbacks.tensor_selection import GreenTrainer
 from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["ExcessLossSelection", "FreezeLayers", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+__all__ = ["ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]

@@ -1,0 +1,1028 @@
+"""GreenTrainer: adaptive backpropagation under a FLOPs budget (FLOPs-budgeted tensor selection).
+
+Paper: Huang et al., "Towards Green AI in Fine-tuning Large Language Models via Adaptive Backpropagation"
+(ICLR 2024); reference code ``pittisl/GreenTrainer`` (``decoder_lm/train.py``, ``tensor_selector.py``).
+
+Algorithm (every ``interval`` epochs, on the first batch of the epoch):
+
+1. **FLOPs model** (once, measured with :class:`torch.utils.flop_counter.FlopCounterMode` on that real batch, no
+   per-architecture tables): the forward FLOPs ``t_fp``; per parameter tensor ``k`` (ordered output -> input) the
+   weight-gradient FLOPs ``t_dw[k]`` and the activation-gradient FLOPs ``t_dy[k]`` that back-propagation must spend
+   to reach ``k`` from the tensor before it. See :func:`profile_tensor_flops` for how they are measured.
+2. **Importance** (probe step): snapshot the parameters and the optimizer state, take one real optimizer step on
+   the batch with every candidate tensor trainable, record ``Δw``, forward/backward again at the new weights for
+   ``g``, ``I_k = Σ g_k ⊙ Δw_k`` normalised by ``max |I|`` and negated (larger = more first-order loss reduction);
+   then restore parameters and optimizer state exactly.
+3. **Selection** (:func:`select_tensors_dp`): maximise ``Σ_{k∈S} I_k`` subject to
+   ``Σ_{k∈S} t_dw[k] + Σ_{j ≤ deepest(S)} t_dy[j] ≤ ρ_bp · T_bp`` (back-propagation has to reach the deepest
+   selected tensor), with costs quantised to ``quantization`` units; ``ρ`` (fraction of the full training-step
+   FLOPs) becomes the backward budget ``ρ_bp = ρ(1 + t_fp/t_bp) − t_fp/t_bp`` (``0.05`` if that is ≤ 0).
+4. Unselected tensors are frozen through the shared :class:`~lit_ft.core.params.ParamPlan` machinery (optimizer
+   state of tensors that stay selected is kept, state of frozen ones dropped, newly selected ones start fresh).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.core.params import FROZEN, TRAINABLE, ParamPlan, ParamPlanConflict, compose, rebuild_param_groups
+from lit_ft.core.tokens import token_pipeline_for
+
+__all__ = ["GreenTrainer", "FlopsProfile", "profile_tensor_flops", "select_tensors_dp", "backward_budget"]
+
+#: ρ_bp used when the requested ρ is below the forward pass's share of the step (as in the reference code)
+MIN_BACKWARD_RHO = 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Budget and selection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def backward_budget(rho: float, t_fp: float, t_bp: float) -> float:
+    """Convert ``rho`` (target fraction of the full training-step FLOPs ``t_fp + t_bp``) into the fraction of the
+    backward FLOPs ``t_bp`` that may be spent: ``ρ_bp = ρ(1 + t_fp/t_bp) − t_fp/t_bp``, ``MIN_BACKWARD_RHO`` (0.05)
+    if that is not positive, at most 1."""
+    if t_bp <= 0:
+        return 1.0
+    r = t_fp / t_bp
+    rho_bp = rho * (1.0 + r) - r
+    if rho_bp <= 0:
+        rho_bp = MIN_BACKWARD_RHO
+    return float(min(rho_bp, 1.0))
+
+
+def selection_cost(t_dy: Sequence[float], t_dw: Sequence[float], selected: Sequence[bool]) -> float:
+    """Backward cost of a selection (tensors ordered output -> input):
+    ``Σ_{k∈S} t_dw[k] + Σ_{j ≤ max S} t_dy[j]``."""
+    sel = np.asarray(selected, dtype=bool)
+    if not sel.any():
+        return 0.0
+    deepest = int(np.flatnonzero(sel).max())
+    dw = np.asarray(t_dw, dtype=np.float64)[sel]
+    return float(np.sum(dw) + np.sum(np.asarray(t_dy, dtype=np.float64)[: deepest + 1]))
+
+
+def select_tensors_dp(
+    t_dy: Sequence[int], t_dw: Sequence[int], importance: Sequence[float], budget: int
+) -> tuple[float, np.ndarray]:
+    """Choose the tensors to train: maximise ``Σ_{k∈S} importance[k]`` subject to
+    ``Σ_{k∈S} t_dw[k] + Σ_{j ≤ max S} t_dy[j] ≤ budget``, over non-empty ``S``.
+
+    Tensors are ordered output -> input (index 0 is next to the loss); ``t_dy[j]`` is the activation-gradient
+    cost of getting back-propagation from tensor ``j − 1`` to tensor ``j``. Selecting tensor ``k`` costs its own
+    ``t_dw[k]`` plus ``Σ_{j ≤ k} t_dy[j]`` (back-propagation must reach it), paid once, for the deepest selected
+    tensor (the reference code's ``selection_DP`` semantics).
+
+    Exact dynamic programme in ``O(N · budget)`` time (vectorised over the budget axis with numpy): for each
+    candidate deepest tensor ``d`` the rest is a 0/1 knapsack over the tensors above it with weights ``t_dw``,
+    whose table is extended one tensor at a time (instead of the reference's ``O(N² · T)`` triple loop).
+
+    Args:
+        t_dy: non-negative integer activation-gradient costs (quantised).
+        t_dw: non-negative integer weight-gradient costs (quantised).
+        importance: importance of each tensor (any sign).
+        budget: integer backward budget in the same units.
+
+    Returns:
+        ``(value, selected)``: the maximal total importance and a bool array. If no single tensor fits the
+        budget, the cheapest tensor alone is returned (training needs at least one trainable tensor).
+    """
+    t_dy = np.asarray(t_dy, dtype=np.int64).reshape(-1)
+    t_dw = np.asarray(t_dw, dtype=np.int64).reshape(-1)
+    imp = np.asarray(importance, dtype=np.float64).reshape(-1)
+    n = t_dy.shape[0]
+    if t_dw.shape[0] != n or imp.shape[0] != n:
+        raise ValueError(
+            f"t_dy, t_dw and importance must have the same length, got {n}, {t_dw.shape[0]}, {imp.shape[0]}")
+    if n and (t_dy.min() < 0 or t_dw.min() < 0):
+        raise ValueError("t_dy and t_dw must be non-negative")
+    if not np.all(np.isfinite(imp)):
+        raise ValueError("importance must be finite")
+    selected = np.zeros(n, dtype=bool)
+    if n == 0:
+        return 0.0, selected
+    reach = np.cumsum(t_dy)  # reach[d]: t_dy paid when d is the deepest selected tensor
+    b = int(budget)
+    if b < 0:
+        cost = reach + t_dw
+        d = int(np.lexsort((-imp, cost))[0])
+        selected[d] = True
+        return float(imp[d]), selected
+    knap = np.zeros(b + 1)  # best importance over tensors < d with Σ t_dw <= t
+    take = np.zeros((n, b + 1), dtype=bool)
+    best_val, best_d = -math.inf, -1
+    for d in range(n):
+        base = int(reach[d] + t_dw[d])
+        if base <= b:
+            v = imp[d] + knap[b - base]
+            if v > best_val:
+                best_val, best_d = float(v), d
+        if reach[d] > b:  # deeper tensors cannot be reached; no need to extend the knapsack
+            break
+        w = int(t_dw[d])
+        if w <= b:
+            cand = np.full(b + 1, -math.inf)
+            cand[w:] = knap[: b + 1 - w] + imp[d]
+            better = cand > knap
+            take[d] = better
+            knap = np.where(better, cand, knap)
+    if best_d < 0:
+        cost = reach + t_dw
+        d = int(np.lexsort((-imp, cost))[0])
+        selected[d] = True
+        return float(imp[d]), selected
+    selected[best_d] = True
+    r = b - int(reach[best_d] + t_dw[best_d])
+    for i in range(best_d - 1, -1, -1):
+        if take[i, r]:
+            selected[i] = True
+            r -= int(t_dw[i])
+    return best_val, selected
+
+
+def quantize_costs(
+    t_dy: Sequence[float], t_dw: Sequence[float], units: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scale costs so that their total is ``units`` and round: ``t_dw`` per tensor, ``t_dy`` through its running sum
+    (so the reach cost of every depth is within half a unit). Returns ``(t_dy_q, t_dw_q, scale)``."""
+    t_dy = np.asarray(t_dy, dtype=np.float64)
+    t_dw = np.asarray(t_dw, dtype=np.float64)
+    total = float(t_dy.sum() + t_dw.sum())
+    if total <= 0:
+        return np.zeros(t_dy.shape, np.int64), np.zeros(t_dw.shape, np.int64), 0.0
+    scale = units / total
+    reach_q = np.rint(np.cumsum(t_dy) * scale).astype(np.int64)
+    t_dy_q = np.diff(reach_q, prepend=0)
+    t_dw_q = np.rint(t_dw * scale).astype(np.int64)
+    return np.maximum(t_dy_q, 0), t_dw_q, scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs profile
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlopsProfile:
+    """Measured FLOPs model of one batch.
+
+    Attributes:
+        names: parameter names ordered output -> input (the order gradients become ready in a full backward;
+            tensors that get no gradient come first, with zero costs).
+        t_dw: weight-gradient FLOPs per tensor.
+        reach: FLOPs of activation-gradient propagation needed to reach each tensor from the loss, i.e. to have
+            the gradient of its op's output (cumulative, non-decreasing along ``names``).
+        t_fp: forward FLOPs with nothing trainable.
+        t_step_all: measured forward+backward FLOPs with every floating-point parameter trainable.
+        outside_used: tensors used outside their own modules (e.g. a tied embedding in a fused linear-CE loss), whose
+            ``t_dw`` was measured by difference of two full steps.
+        batch_shape: ``input_ids`` shape of the profiled batch.
+    """
+
+    names: list[str]
+    t_dw: list[float]
+    reach: list[float]
+    t_fp: float
+    t_step_all: float
+    outside_used: list[str] = field(default_factory=list)
+    batch_shape: list[int] = field(default_factory=list)
+
+    def restricted(self, candidates: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Names (output -> input), ``t_dy`` and ``t_dw`` of the candidates only: ``t_dy[k]`` is the reach
+        increment from the previous candidate, so ``cumsum(t_dy)[k]`` is still the reach of ``k``."""
+        cset = set(candidates)
+        idx = [i for i, n in enumerate(self.names) if n in cset]
+        names = [self.names[i] for i in idx]
+        reach = np.asarray(self.reach, dtype=np.float64)[idx] if idx else np.zeros(0)
+        t_dy = np.diff(reach, prepend=0.0)
+        t_dw = np.asarray(self.t_dw, dtype=np.float64)[idx] if idx else np.zeros(0)
+        return names, np.maximum(t_dy, 0.0), t_dw
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Any]) -> "FlopsProfile":
+        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sd.items()})
+
+
+def _token_ce_flops(hidden, weight, labels, bias, token_weights, keep, *rest, out_val=None,  # noqa: ANN001
+                    grad_tokens=None):
+    """FLOPs of lit_ft's fused linear-CE custom op: the logits matmul, plus ``dX = dZ·W`` and ``dW = dZᵀX`` when its
+    ``grad_mask`` asks for them (it computes them inside the op), over the kept tokens only."""
+    from lit_ft.kernels.token_ce import GRAD_HIDDEN, GRAD_WEIGHT
+
+    ignore_index, grad_mask = rest[1 if grad_tokens is None else 0], rest[-1]
+    kept = labels != ignore_index
+    if keep is not None:
+        kept = kept & keep
+    n = int(kept.sum().item())
+    v, d = weight.shape
+    mm = 2 * n * v * d
+    return mm * (1 + bool(grad_mask & GRAD_HIDDEN) + bool(grad_mask & GRAD_WEIGHT))
+
+
+def _token_ce_backward_flops(grad_tokens, hidden, weight, labels, bias, token_weights, keep, *rest,  # noqa: ANN001
+                             out_val=None):
+    return _token_ce_flops(hidden, weight, labels, bias, token_weights, keep, *rest, out_val=out_val,
+                           grad_tokens=grad_tokens)
+
+
+_token_ce_flops._get_raw = True  # type: ignore[attr-defined]
+_token_ce_backward_flops._get_raw = True  # type: ignore[attr-defined]
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent :class:`FlopCounterMode` that also counts lit_ft's fused linear-CE custom op (``lit_ft::token_ce``
+    computes the lm_head matmuls inside one opaque op, which the stock counter would count as 0)."""
+    mapping: dict[Any, Any] = {}
+    try:
+        import lit_ft.kernels  # noqa: F401  (registers the ops)
+
+        mapping[torch.ops.lit_ft.token_ce] = _token_ce_flops
+        mapping[torch.ops.lit_ft.token_ce_backward] = _token_ce_backward_flops
+    except (ImportError, AttributeError):  # pragma: no cover - kernels are part of lit_ft
+        pass
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+class _UseTracker(TorchDispatchMode):
+    """Marks parameters that an op reads while none of the hooked modules owning them is running."""
+
+    def __init__(self, storages: dict[int, list[str]], active: list[set[str]]) -> None:
+        super().__init__()
+        self.storages = storages
+        self.active = active
+        self.outside: set[str] = set()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if not self.paused:
+            allowed = self.active[-1] if self.active else set()
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    try:
+                        key = t.untyped_storage().data_ptr()
+                    except (RuntimeError, NotImplementedError):
+                        continue
+                    for name in self.storages.get(key, ()):
+                        if name not in allowed:
+                            self.outside.add(name)
+        return func(*args, **kwargs)
+
+
+def _float_leaves(obj: Any) -> list[torch.Tensor]:
+    if hasattr(obj, "to_tuple") and callable(obj.to_tuple):  # transformers ModelOutput
+        obj = obj.to_tuple()
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _detach_floats(obj: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    def f(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.detach().requires_grad_(True)
+        return t
+
+    return tree_map(f, obj)
+
+
+def profile_tensor_flops(
+    model: nn.Module, loss_fn: Callable[[], torch.Tensor], names_by_id: Optional[Mapping[int, str]] = None
+) -> FlopsProfile:
+    """Measure the FLOPs model of ``model`` on one batch with :class:`~torch.utils.flop_counter.FlopCounterMode`.
+
+    ``loss_fn()`` must run the forward pass on the batch and return the scalar loss. Every floating-point parameter
+    is made trainable during the measurement (``requires_grad`` and ``.grad`` are restored afterwards).
+
+    How (all numbers are FlopCounterMode counts: matmul-class ops; elementwise ops such as norms, activations and
+    the embedding gather/scatter count 0, the same convention as the measured step FLOPs):
+
+    * ``t_dw`` of a tensor owned by a module: each call of a module that owns parameters is replayed on detached
+      copies of its inputs and ``torch.autograd.grad(outputs, [p])`` is counted (autograd computes only ``dW``;
+      a ``Linear`` gives ``dW = dYᵀX``, the forward matmul's FLOPs). Tensors also read outside their own modules
+      (found with a dispatch mode; e.g. a tied embedding used as the lm_head of a fused linear-CE loss, which
+      computes its gradient during the forward) get ``t_dw`` = step FLOPs with every tensor trainable minus step
+      FLOPs with all but that tensor trainable.
+    * ``reach`` (the ``t_dy`` chain): one forward+backward with every tensor trainable except the outside-used ones;
+      a hook on each tensor reads the running FLOPs total when its gradient is ready, which
+      orders the tensors output -> input; ``reach[k]`` = running total − ``t_fp`` − ``Σ t_dw`` of the tensors
+      ready so far − the ``dX`` of ``k``'s own module call (replayed as ``autograd.grad(outputs, inputs)``; it runs
+      in the same autograd node as ``dW`` but is only needed to go deeper), made non-decreasing. It therefore
+      contains every op back-propagation executes before ``k``'s gradient can be formed: ``dX = dY·W`` of the
+      layers above, attention, the loss. (The reference code also charges ``k``'s own ``dX``; its OPT table lumps
+      the attention backward into ``v``'s ``t_dy``, which this measurement reproduces by position.) Outside-used
+      tensors take their position from a full backward and the reach of the tensor ready just before them.
+    * Parallel branches (``q``, ``k``, ``v``) are linearised in the order autograd runs them, so selecting the
+      deepest of them also charges the others' ``dX`` (an overestimate of at most a few projections).
+    * ``t_fp``: a forward with nothing trainable.
+    """
+    params: dict[str, nn.Parameter] = {}
+    if names_by_id is None:
+        names_by_id = {id(p): n for n, p in model.named_parameters()}
+    for p_name, p in model.named_parameters():
+        params[names_by_id.get(id(p), p_name)] = p
+    floats = {n: p for n, p in params.items() if p.is_floating_point()}
+    saved_rg = {n: p.requires_grad for n, p in params.items()}
+    saved_grad = {n: p.grad for n, p in params.items()}
+
+    def set_trainable(names: set[str]) -> None:
+        for n, p in floats.items():
+            p.requires_grad_(n in names)
+
+    def clear_grads() -> None:
+        for p in params.values():
+            p.grad = None
+
+    try:
+        clear_grads()
+        set_trainable(set(floats))
+
+        # -- pass A: replay every param-owning module call to count dW per tensor; find outside uses --------------
+        owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+        storages: dict[int, list[str]] = defaultdict(list)
+        for n, p in floats.items():
+            storages[p.untyped_storage().data_ptr()].append(n)
+        active: list[set[str]] = []
+        tracker = _UseTracker(storages, active)
+        replay_dw: dict[str, float] = defaultdict(float)
+        first_dx: dict[str, float] = {}  # dX FLOPs of the first (deepest) call of each tensor's module
+
+        def pre_hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
+            own = {names_by_id[id(p)] for p in mod.parameters(recurse=False) if id(p) in names_by_id}
+            active.append(own | (active[-1] if active else set()))
+
+        def post_hook(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            active.pop()
+            direct = [(names_by_id[id(p)], p) for p in mod.parameters(recurse=False)
+                      if id(p) in names_by_id and p.is_floating_point()]
+            if not direct:
+                return
+            tracker.paused = True
+            try:
+                with torch.enable_grad():
+                    r_args, r_kwargs = _detach_floats((args, kwargs))
+                    outs = [o for o in _float_leaves(mod.forward(*r_args, **r_kwargs)) if o.requires_grad]
+                    if not outs:
+                        return
+                    grads = [torch.ones_like(o) for o in outs]
+                    inputs = [t for t in _float_leaves((r_args, r_kwargs)) if t.requires_grad]
+                    dx = 0.0
+                    if inputs:
+                        with flop_counter() as fc:
+                            torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+                        dx = float(fc.get_total_flops())
+                    for n, _ in direct:
+                        first_dx.setdefault(n, dx)
+                    for n, p in direct:
+                        with flop_counter() as fc:
+                            torch.autograd.grad(outs, [p], grads, retain_graph=True, allow_unused=True)
+                        replay_dw[n] += fc.get_total_flops()
+            finally:
+                tracker.paused = False
+
+        handles = []
+        for m in owners:
+            handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+        try:
+            with torch.no_grad(), tracker:
+                loss_fn()
+        finally:
+            for h in handles:
+                h.remove()
+        outside = sorted(n for n in tracker.outside if n in floats)
+
+        # -- pass B: forward FLOPs with nothing trainable ---------------------------------------------------------
+        set_trainable(set())
+        with torch.no_grad(), flop_counter() as fc:
+            loss_fn()
+        t_fp = float(fc.get_total_flops())
+
+        def step_flops(trainable: set[str], timeline: Optional[list[tuple[str, float]]] = None) -> float:
+            set_trainable(trainable)
+            clear_grads()
+            hooks = []
+            with flop_counter() as fcs:
+                if timeline is not None:
+                    for n in trainable:
+                        def on_ready(g: torch.Tensor, n: str = n) -> None:
+                            timeline.append((n, float(fcs.get_total_flops())))
+                        hooks.append(floats[n].register_hook(on_ready))
+                try:
+                    with torch.enable_grad():
+                        loss = loss_fn()
+                        if loss.requires_grad:  # autograd.grad: no .grad, no DDP reducer hooks
+                            torch.autograd.grad(loss, [floats[n] for n in trainable], allow_unused=True)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            clear_grads()
+            return float(fcs.get_total_flops())
+
+        # -- pass C: full step (order of gradient readiness, total) ------------------------------------------------
+        all_names = set(floats)
+        full_timeline: list[tuple[str, float]] = []
+        t_step_all = step_flops(all_names, full_timeline)
+        inside_names = all_names - set(outside)
+        if outside:
+            inside_timeline: list[tuple[str, float]] = []
+            step_inside = step_flops(inside_names, inside_timeline)
+        else:
+            inside_timeline, step_inside = full_timeline, t_step_all
+
+        t_dw: dict[str, float] = {n: float(replay_dw.get(n, 0.0)) for n in floats if n not in outside}
+        for n in outside:  # measured by difference of two full steps
+            without = step_inside if len(outside) == 1 else step_flops(all_names - {n})
+            t_dw[n] = max(0.0, t_step_all - without)
+
+        # reach along the inside timeline
+        reach_inside: dict[str, float] = {}
+        done_dw = 0.0
+        running_max = 0.0
+        for n, total in inside_timeline:
+            done_dw += t_dw.get(n, 0.0)
+            # the tensor's own dX runs in the same autograd node as its dW: needed only to go deeper
+            own = total - t_fp - done_dw - first_dx.get(n, 0.0)
+            running_max = max(running_max, own)
+            reach_inside[n] = running_max
+        order = [n for n, _ in full_timeline]
+        seen = set(order)
+        no_grad_names = [n for n in params if n not in seen]  # unused or non-float tensors: first, free
+        names: list[str] = list(no_grad_names)
+        reach: list[float] = [0.0] * len(no_grad_names)
+        last = 0.0
+        for n in order:
+            if n in reach_inside:
+                last = max(last, reach_inside[n])
+            names.append(n)
+            reach.append(last)
+        dw_list = [t_dw.get(n, 0.0) for n in names]
+        del step_inside
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved_rg[n])
+            p.grad = saved_grad[n]
+    return FlopsProfile(names=names, t_dw=dw_list, reach=reach, t_fp=t_fp, t_step_all=t_step_all,
+                        outside_used=outside)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The callback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Quiet:
+    """Run ``training_step`` for a side computation: no ``self.log``, no token-count bookkeeping left behind."""
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.m = pl_module
+
+    def __enter__(self) -> "_Quiet":
+        noop = lambda *a, **k: None  # noqa: E731
+        self.m.__dict__["log"] = noop
+        self.m.__dict__["log_dict"] = noop
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.m.__dict__.pop("log", None)
+        self.m.__dict__.pop("log_dict", None)
+
+
+def _reset_pipeline(pl_module: pl.LightningModule) -> None:
+    """Forget the token count a side computation through ``TokenLossMixin`` left in the module's token pipeline (the
+    real step's gradient normalisation must not see it)."""
+    pipe = token_pipeline_for(pl_module, create=False)
+    if pipe is not None:
+        pipe.reset()
+
+
+def _rng_devices(pl_module: pl.LightningModule) -> list[int]:
+    dev = getattr(pl_module, "device", torch.device("cpu"))
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return [dev.index if dev.index is not None else torch.cuda.current_device()]
+    return []
+
+
+class GreenTrainer(ParamPlanCallback):
+    """GreenTrainer (Huang et al., ICLR 2024): train, each epoch, the parameter tensors that give the most loss
+    reduction per FLOP, chosen by dynamic programming under a training-FLOPs budget (adaptive backpropagation).
+
+    Every ``interval`` epochs, on the first training batch of the epoch (the probe batch):
+
+    1. the first time, a FLOPs model is measured on that batch with ``FlopCounterMode`` (forward FLOPs, and per
+       tensor ordered output -> input the weight-gradient FLOPs ``t_dw`` and the activation-gradient FLOPs
+       needed to reach it; see :func:`profile_tensor_flops`);
+    2. importance: parameters and optimizer state are snapshotted, one real optimizer step is taken on the batch
+       with every candidate tensor trainable (``Δw``), the gradient ``g`` at the new weights is computed,
+       ``I_k = −Σ g_k ⊙ Δw_k / max|I|``, and parameters and optimizer state are restored bit-exactly;
+    3. :func:`select_tensors_dp` picks the tensors maximising ``Σ I_k`` within the backward budget
+       ``ρ_bp = ρ(1 + t_fp/t_bp) − t_fp/t_bp`` (≥ 0.05) of the full backward FLOPs;
+    4. unselected tensors are frozen (``requires_grad=False``, dropped from the optimizer); tensors that stay
+       selected keep their optimizer state, newly selected ones start fresh.
+
+    Candidates are the tensors the other parameter callbacks and the user's module leave trainable (a PEFT
+    model's LoRA tensors, for example); tensors another plan *requires* are always selected (a budget too small
+    for them raises :class:`~lit_ft.core.params.ParamPlanConflict`). Under DDP the FLOPs model is measured on
+    rank 0 and broadcast, importance is averaged over ranks, and rank 0's selection is broadcast, so every rank
+    trains the same tensors; use ``strategy="ddp_find_unused_parameters_true"`` (frozen tensors get no gradient).
+    FSDP / DeepSpeed (sharded parameters) are not supported.
+
+    Every ``measure_every_n_steps`` steps the real training step (``training_step`` forward + backward) is run
+    under ``FlopCounterMode``, and so is a full-backprop forward+backward of the same batch (gradients discarded),
+    giving the *measured* FLOPs fraction (``measured_flops_fraction``, ``measured_flops_saved``).
+
+    Args:
+        rho: target fraction of the full-backprop training-step FLOPs (forward + backward), in (0, 1]. The
+            paper uses 0.4, 0.5 and 0.7.
+        interval: re-select every this many epochs (>= 1; the paper: 2).
+        quantization: number of integer cost units the DP works in (>= 10; the paper: 1000). Larger = finer and
+            slower (time and memory are O(number of tensors × quantization)).
+        measure_every_n_steps: measure the real step's FLOPs against full backprop every this many optimizer
+            steps (0 = never). Costs one extra forward+backward and FlopCounterMode overhead on those steps.
+    """
+
+    technique_name = "green_trainer"
+
+    def __init__(
+        self,
+        rho: float = 0.5,
+        interval: int = 2,
+        quantization: int = 1000,
+        measure_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < float(rho) <= 1.0):
+            raise ValueError(
+                f"GreenTrainer: `rho` must be a float in (0, 1] (fraction of full training FLOPs), got {rho!r}.")
+        for arg, value, lo in (("interval", interval, 1), ("quantization", quantization, 10),
+                               ("measure_every_n_steps", measure_every_n_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"GreenTrainer: `{arg}` must be an int >= {lo}, got {value!r}.")
+        self.rho = float(rho)
+        self.interval = interval
+        self.quantization = quantization
+        self.measure_every_n_steps = measure_every_n_steps
+
+        #: measured FLOPs model (set at the first selection, restored from checkpoints)
+        self.profile: Optional[FlopsProfile] = None
+        #: names of the selected tensors (``None`` before the first selection)
+        self.last_selection: Optional[list[str]] = None
+        #: candidate name -> normalised importance (larger = more loss reduction) of the last selection
+        self.last_importance: dict[str, float] = {}
+        self.last_selection_epoch: int = -1
+        self.n_selections: int = 0
+        self.rho_bp: Optional[float] = None
+        self.selected_tensor_fraction: Optional[float] = None
+        self.selected_param_fraction: Optional[float] = None
+        #: model estimate: selected backward FLOPs / full backward FLOPs
+        self.est_backward_flops_fraction: Optional[float] = None
+        #: model estimate: (forward + selected backward) / (forward + full backward)
+        self.est_flops_fraction: Optional[float] = None
+        #: measured: FLOPs of the real step / FLOPs of a full-backprop step on the same batch (last measurement)
+        self.measured_flops_fraction: Optional[float] = None
+        self.measured_flops_saved: Optional[float] = None
+        self.measured_step_flops: Optional[float] = None
+        self.measured_full_flops: Optional[float] = None
+        #: every measurement as (global_step, step FLOPs, full-backprop FLOPs)
+        self.measurements: list[tuple[int, float, float]] = []
+
+        self._trainer: Optional[pl.Trainer] = None
+        self._module: Optional[pl.LightningModule] = None
+        self._restored_layouts: Optional[list[Any]] = None
+        self._pending_apply = False
+        self._counter: Optional[FlopCounterMode] = None
+        self._measure_full: Optional[float] = None
+        self._last_measured_step = -1
+        self._log_measured = False
+        self._local_importance: Optional[np.ndarray] = None
+        self._hook_handles: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rho=self.rho, interval=self.interval)
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._trainer, self._module = trainer, pl_module
+            self._check_strategy(trainer)
+            if not pl_module.automatic_optimization:
+                raise ValueError(
+                    "GreenTrainer needs automatic optimization (the probe step computes the loss with training_step "
+                    "and steps the module's optimizer); set `self.automatic_optimization = True`."
+                )
+        super().setup(trainer, pl_module, stage)
+
+    @staticmethod
+    def _check_strategy(trainer: pl.Trainer) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name:
+            raise ValueError(
+                f"GreenTrainer does not support {name}: it needs whole parameter tensors to probe and freeze. "
+                "Use strategy='ddp_find_unused_parameters_true' or a single device."
+            )
+        if isinstance(strategy, DDPStrategy):
+            kw = getattr(strategy, "_ddp_kwargs", {}) or {}
+            if not kw.get("find_unused_parameters", False) or kw.get("static_graph", False):
+                raise ValueError(
+                    "GreenTrainer freezes tensors mid-run, so DDP must tolerate parameters without gradients: use "
+                    "strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true'), "
+                    f"got {name} with find_unused_parameters={kw.get('find_unused_parameters', False)}."
+                )
+
+    def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ParamPlan]:
+        # every candidate stays trainable until the first selection: the optimizer (and a DDP reducer) then know
+        # every tensor a later selection may unfreeze
+        return None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_apply and self.last_selection is not None:
+            self._pending_apply = False
+            self._apply_selection(trainer, pl_module, self.last_selection, self._candidates(pl_module)[0])
+        if self._restored_layouts is not None:
+            layouts, self._restored_layouts = self._restored_layouts, None
+            for opt, layout in zip(trainer.optimizers, layouts):
+                if layout is not None:
+                    self._hook_handles.append(
+                        opt.register_load_state_dict_pre_hook(self._layout_hook(pl_module, layout)))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+
+    # -- selection --------------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        epoch = trainer.current_epoch
+        if self.last_selection is None or (epoch % self.interval == 0 and self.last_selection_epoch != epoch):
+            self.reselect(trainer, pl_module, batch)
+        if self.measure_every_n_steps and trainer.global_step % self.measure_every_n_steps == 0 \
+                and trainer.global_step != self._last_measured_step:
+            self._start_measurement(trainer, pl_module, batch)
+
+    def _candidates(self, pl_module: pl.LightningModule) -> tuple[list[str], set[str], ParamPlan]:
+        """(candidate names, names another plan requires, the composition of every other plan with the baseline)."""
+        reg = self.registry(pl_module)
+        others = [p for k, p in reg.plans.items() if k != self.plan_key]
+        base = compose([reg.baseline, *others], owner="lit_ft")
+        cands, required = [], set()
+        for n, p in pl_module.named_parameters():
+            e = base.get(n)
+            if not p.is_floating_point() or (e is not None and not e.trainable):
+                continue
+            cands.append(n)
+            if e is not None and e.required:
+                required.add(n)
+        return cands, required, base
+
+    def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+        with _Quiet(pl_module), trainer.strategy.precision_plugin.train_step_context():
+            out = type(pl_module).training_step(pl_module, batch, 0)
+        loss = out.get("loss") if isinstance(out, Mapping) else out
+        if not isinstance(loss, torch.Tensor):
+            raise RuntimeError(
+                f"GreenTrainer: training_step returned {type(out).__name__} on the probe batch; it must return the "
+                "loss tensor (or a dict with 'loss')."
+            )
+        return loss
+
+    def reselect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[str]:
+        """Profile (first time), probe importance on ``batch``, run the DP and apply the selection. Returns the
+        selected names (identical on every rank)."""
+        candidates, required, base = self._candidates(pl_module)
+        if not candidates:
+            raise ValueError(
+                "GreenTrainer: no candidate tensor is trainable (the module and the other parameter callbacks froze "
+                "everything), so there is nothing to select."
+            )
+        strategy = trainer.strategy
+        by_name = dict(pl_module.named_parameters())
+        with torch.random.fork_rng(devices=_rng_devices(pl_module)):
+            if self.profile is None:
+                prof = None
+                if trainer.is_global_zero:
+                    def loss_fn() -> torch.Tensor:
+                        loss = self._loss(trainer, pl_module, batch)
+                        _reset_pipeline(pl_module)
+                        return loss
+
+                    prof = profile_tensor_flops(pl_module, loss_fn)
+                    prof.batch_shape = list(batch["input_ids"].shape) if isinstance(batch, Mapping) and \
+                        isinstance(batch.get("input_ids"), torch.Tensor) else []
+                    prof = prof.state_dict()
+                prof = strategy.broadcast(prof, src=0)
+                self.profile = FlopsProfile.from_state_dict(prof)
+            raw = self.probe_importance(trainer, pl_module, batch, candidates, base)
+        self._local_importance = raw.copy()
+        raw_t = torch.as_tensor(raw, dtype=torch.float64, device=pl_module.device)
+        raw = strategy.reduce(raw_t, reduce_op="mean").detach().cpu().numpy()
+        scale = float(np.abs(raw).max()) if raw.size else 0.0
+        imp = -raw / scale if scale > 0 else np.zeros_like(raw)
+        importance = dict(zip(candidates, imp.tolist()))
+
+        names, t_dy, t_dw = self.profile.restricted(candidates)
+        # candidates the profile never saw (no gradient) are free and useless: they stay out unless required
+        dp_imp = np.array([importance.get(n, 0.0) for n in names])
+        bonus = float(len(names) + 1)
+        dp_imp = dp_imp + np.array([bonus if n in required else 0.0 for n in names])
+        t_bp = float(t_dy.sum() + t_dw.sum())
+        self.rho_bp = backward_budget(self.rho, self.profile.t_fp, t_bp)
+        t_dy_q, t_dw_q, _ = quantize_costs(t_dy, t_dw, self.quantization)
+        budget = int(math.floor(self.rho_bp * self.quantization + 1e-9))
+        _, sel = select_tensors_dp(t_dy_q, t_dw_q, dp_imp, budget)
+        selected = [n for n, s in zip(names, sel) if s]
+        selected = strategy.broadcast(selected, src=0)
+
+        sel_mask = np.array([n in set(selected) for n in names], dtype=bool)
+        sel_bwd = selection_cost(t_dy, t_dw, sel_mask)
+        self.est_backward_flops_fraction = sel_bwd / t_bp if t_bp > 0 else 1.0
+        denom = self.profile.t_fp + t_bp
+        self.est_flops_fraction = (self.profile.t_fp + sel_bwd) / denom if denom > 0 else 1.0
+        self.selected_tensor_fraction = len(selected) / len(candidates)
+        numel = {n: by_name[n].numel() for n in candidates}
+        self.selected_param_fraction = sum(numel[n] for n in selected) / max(1, sum(numel.values()))
+        self.last_importance = importance
+        self.last_selection = list(selected)
+        self.last_selection_epoch = trainer.current_epoch
+        self.n_selections += 1
+        self._apply_selection(trainer, pl_module, selected, candidates)
+        return selected
+
+    def _apply_selection(self, trainer: pl.Trainer, pl_module: pl.LightningModule, selected: Sequence[str],
+                         candidates: Sequence[str]) -> None:
+        sel = set(selected)
+        unknown = sel - set(candidates)
+        if unknown:
+            raise ValueError(
+                f"GreenTrainer: the restored selection names tensors that are not trainable candidates of this "
+                f"module: {sorted(unknown)[:4]}. Was the checkpoint made with a different model or callbacks?"
+            )
+        plan = ParamPlan({n: (TRAINABLE if n in sel else FROZEN) for n in candidates}, owner="GreenTrainer")
+        try:
+            self.update_plan(trainer, pl_module, plan)
+        except ParamPlanConflict as e:
+            raise ParamPlanConflict(
+                f"{e} GreenTrainer could not fit every tensor another callback requires into its FLOPs budget "
+                f"(rho={self.rho}); raise `rho`.", e.name, e.required_by, e.restricted_by,
+            ) from e
+
+    # -- importance probe -------------------------------------------------------------------------------------------
+    def probe_importance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                         candidates: Sequence[str], base: Optional[ParamPlan] = None) -> np.ndarray:
+        """Raw ``Σ g_k ⊙ Δw_k`` per candidate (not normalised, not negated) from one real optimizer step on
+        ``batch``; parameters, gradients, ``requires_grad`` and the optimizer's state and param groups are restored
+        exactly afterwards."""
+        if not trainer.optimizers:
+            raise RuntimeError("GreenTrainer: the trainer has no optimizer yet; the probe needs the real optimizer.")
+        opt = trainer.optimizers[0]
+        opt = getattr(opt, "_optimizer", opt)
+        if base is None:
+            base = self._candidates(pl_module)[2]
+        named = dict(pl_module.named_parameters())
+        cand = [named[n] for n in candidates]
+        all_params = list(named.items())
+        saved_rg = {n: p.requires_grad for n, p in all_params}
+        saved_grad = {n: p.grad for n, p in all_params}
+        saved_w = [p.detach().clone() for p in cand]
+        saved_groups = [
+            {k: (list(v) if k in ("params", "param_names") else v) for k, v in g.items()} for g in opt.param_groups
+        ]
+        saved_state = {
+            p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+            for p, s in opt.state.items()
+        }
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        masks = {n: base[n].mask for n in candidates if n in base and base[n].mask is not None}
+
+        def backward() -> None:
+            # autograd.grad, not loss.backward(): a DDP reducer (find_unused_parameters) would otherwise mark the
+            # probe's tensors as used in the next real step
+            for p in named.values():
+                p.grad = None
+            with torch.enable_grad():
+                loss = self._loss(trainer, pl_module, batch)
+                grads = torch.autograd.grad(loss, cand, allow_unused=True)
+            for p, g in zip(cand, grads):
+                p.grad = g
+            pipe = token_pipeline_for(pl_module, create=False)
+            if pipe is not None and pipe.pending:  # TokenLossMixin: normalise as a real step would
+                pipe.finalize_gradients(cand, strategy=None, world_size=1)
+                for p in cand:
+                    if p.grad is not None:
+                        p.grad.div_(accumulate)
+
+        try:
+            probe_plan = ParamPlan({n: TRAINABLE for n in candidates}, owner="GreenTrainer (probe)")
+            lr, wd = _optimizer_defaults_safe(opt)
+            rebuild_param_groups(opt, pl_module, compose([base, probe_plan]), lr, wd, apply=True)
+            backward()
+            for n, p in zip(candidates, cand):
+                if n in masks and p.grad is not None:
+                    p.grad.mul_(masks[n].to(p.grad.device, p.grad.dtype))
+            opt.step()
+            with torch.no_grad():
+                dw = torch._foreach_sub([p.detach() for p in cand], saved_w)
+                for i, n in enumerate(candidates):
+                    if n in masks:
+                        dw[i].mul_(masks[n].to(dw[i].device, dw[i].dtype))
+            backward()
+            with torch.no_grad():
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in cand]
+                prods = torch._foreach_mul([g.float() for g in grads], [d.float() for d in dw])
+                raw = torch.stack([x.sum(dtype=torch.float64) for x in prods]).cpu().numpy() if prods else np.zeros(0)
+        finally:
+            with torch.no_grad():
+                for p, w in zip(cand, saved_w):
+                    p.copy_(w)
+            for g, sg in zip(opt.param_groups, saved_groups):  # in place: schedulers may hold the dicts
+                g.clear()
+                g.update(sg)
+            del opt.param_groups[len(saved_groups):]
+            opt.state.clear()
+            opt.state.update(saved_state)
+            _reset_pipeline(pl_module)
+            for n, p in all_params:
+                p.requires_grad_(saved_rg[n])
+                p.grad = saved_grad[n]
+        return np.nan_to_num(raw.astype(np.float64))
+
+    # -- measured FLOPs ---------------------------------------------------------------------------------------------
+    def _start_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        pipe = token_pipeline_for(pl_module, create=False)
+        if pipe is not None and pipe.pending:  # inside an accumulation window: measure at a window start
+            return
+        self._last_measured_step = trainer.global_step
+        named = dict(pl_module.named_parameters())
+        candidates = self._candidates(pl_module)[0]
+        saved_rg = {n: p.requires_grad for n, p in named.items()}
+        try:
+            with torch.random.fork_rng(devices=_rng_devices(pl_module)):
+                for n in candidates:
+                    named[n].requires_grad_(True)
+                with flop_counter() as fc, torch.enable_grad():
+                    loss = self._loss(trainer, pl_module, batch)
+                    params = [named[n] for n in candidates]
+                    if loss.requires_grad:
+                        torch.autograd.grad(loss, params, allow_unused=True)
+                self._measure_full = float(fc.get_total_flops())
+        finally:
+            for n, p in named.items():
+                p.requires_grad_(saved_rg[n])
+            _reset_pipeline(pl_module)
+
+        counter = flop_counter()
+        cls_step = type(pl_module).training_step
+
+        def measured_step(*args: Any, **kwargs: Any) -> Any:
+            pl_module.__dict__.pop("training_step", None)  # one-shot
+            counter.__enter__()
+            self._counter = counter
+            return cls_step(pl_module, *args, **kwargs)
+
+        pl_module.__dict__["training_step"] = measured_step
+
+    def _stop_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: bool) -> None:
+        pl_module.__dict__.pop("training_step", None)
+        counter, self._counter = self._counter, None
+        if counter is None:
+            return
+        counter.__exit__(None, None, None)
+        if record and self._measure_full:
+            step = float(counter.get_total_flops())
+            self.measured_step_flops = step
+            self.measured_full_flops = self._measure_full
+            self.measured_flops_fraction = step / self._measure_full
+            self.measured_flops_saved = 1.0 - self.measured_flops_fraction
+            self.measurements.append((trainer.global_step, step, self._measure_full))
+            self._log_measured = True
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._counter is not None:
+            self._stop_measurement(trainer, pl_module, record=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._counter is not None or "training_step" in pl_module.__dict__:
+            self._stop_measurement(trainer, pl_module, record=False)  # the step skipped its backward
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        log = lambda k, v: pl_module.log(f"lit_ft/{self.technique_name}/{k}", float(v), on_step=True,  # noqa: E731
+                                         on_epoch=False, batch_size=1)
+        if self.last_selection is not None and self.selected_tensor_fraction is not None:
+            log("selected_tensor_fraction", self.selected_tensor_fraction)
+            log("selected_param_fraction", self.selected_param_fraction)
+            log("est_backward_flops_fraction", self.est_backward_flops_fraction)
+            log("est_flops_fraction", self.est_flops_fraction)
+            log("rho_bp", self.rho_bp)
+            log("selections", self.n_selections)
+        if self._log_measured:
+            self._log_measured = False
+            log("measured_flops_fraction", self.measured_flops_fraction)
+            log("measured_flops_saved", self.measured_flops_saved)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._counter is not None or "training_step" in pl_module.__dict__:
+            self._stop_measurement(trainer, pl_module, record=False)
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        layouts = None
+        if self._trainer is not None and self._module is not None:
+            by_id = {id(p): n for n, p in self._module.named_parameters()}
+            layouts = []
+            for opt in self._trainer.optimizers:
+                opt = getattr(opt, "_optimizer", opt)
+                groups = [[by_id.get(id(p)) for p in g["params"]] for g in opt.param_groups]
+                layouts.append(None if any(n is None for g in groups for n in g) else groups)
+        return {
+            "version": 1,
+            "rho": self.rho,
+            "interval": self.interval,
+            "quantization": self.quantization,
+            "last_selection_epoch": self.last_selection_epoch,
+            "n_selections": self.n_selections,
+            "selection": None if self.last_selection is None else list(self.last_selection),
+            "importance": dict(self.last_importance),
+            "profile": None if self.profile is None else self.profile.state_dict(),
+            "rho_bp": self.rho_bp,
+            "fractions": {
+                "selected_tensor_fraction": self.selected_tensor_fraction,
+                "selected_param_fraction": self.selected_param_fraction,
+                "est_backward_flops_fraction": self.est_backward_flops_fraction,
+                "est_flops_fraction": self.est_flops_fraction,
+            },
+            "optimizer_layouts": layouts,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != 1:
+            raise ValueError(f"GreenTrainer: unknown checkpoint state version {state_dict.get('version')!r}.")
+        for key in ("rho", "interval", "quantization"):
+            if state_dict[key] != getattr(self, key):
+                warnings.warn(
+                    f"GreenTrainer: the checkpoint was made with {key}={state_dict[key]!r}, this callback has "
+                    f"{key}={getattr(self, key)!r}; resuming with the checkpoint's value.", stacklevel=2)
+                setattr(self, key, state_dict[key])
+        self.last_selection_epoch = int(state_dict["last_selection_epoch"])
+        self.n_selections = int(state_dict["n_selections"])
+        sel = state_dict["selection"]
+        self.last_selection = None if sel is None else list(sel)
+        self.last_importance = dict(state_dict.get("importance") or {})
+        prof = state_dict.get("profile")
+        self.profile = None if prof is None else FlopsProfile.from_state_dict(prof)
+        self.rho_bp = state_dict.get("rho_bp")
+        for k, v in (state_dict.get("fractions") or {}).items():
+            setattr(self, k, v)
+        self._restored_layouts = state_dict.get("optimizer_layouts")
+        self._pending_apply = self.last_selection is not None
+
+    @staticmethod
+    def _layout_hook(pl_module: pl.LightningModule, layout: list[list[str]]) -> Callable[..., None]:
+        """Optimizer ``load_state_dict`` pre-hook: give the fresh optimizer the saved run's param-group layout (by
+        name), so the positional state restore puts every Adam moment on its own tensor even after selections
+        changed the groups' contents and order."""
+
+        def hook(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+            named = dict(pl_module.named_parameters())
+            saved_groups = state_dict.get("param_groups", [])
+            if len(saved_groups) != len(layout) or any(
+                len(sg["params"]) != len(names) for sg, names in zip(saved_groups, layout)
+            ) or any(n not in named for names in layout for n in names):
+                return None
+            new_groups = []
+            for sg, names in zip(saved_groups, layout):
+                g = {k: v for k, v in sg.items() if k != "params"}
+                g["params"] = [named[n] for n in names]
+                new_groups.append(g)
+            optimizer.param_groups[:] = new_groups
+            optimizer.state.clear()
+            return None
+
+        return hook
+
+
+def _optimizer_defaults_safe(opt: torch.optim.Optimizer) -> tuple[float, float]:
+    from lit_ft.callbacks._param_plan import _optimizer_defaults
+
+    return _optimizer_defaults(opt)
