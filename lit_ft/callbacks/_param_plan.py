@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_ft.core.params import (
+    FROZEN,
+    TRAINABLE,
     ParamPlan,
     PlanSummary,
     RebuildReport,
@@ -74,6 +76,24 @@ def param_plans_for(module: torch.nn.Module, create: bool = True) -> ParamPlanRe
         reg = ParamPlanRegistry(module)
         module.__dict__[_REGISTRY_ATTR] = reg
     return reg
+
+
+def selection_plan(
+    pl_module: torch.nn.Module, names: list[str], baseline: ParamPlan, owner: str, required: bool, what: str,
+    hint: str = "",
+) -> tuple[ParamPlan, list[str]]:
+    """Plan that trains ``names`` minus what the user's module already froze (``baseline``) and freezes every
+    other tensor; returns it with the names it trains. Raises if nothing would train."""
+    keep = [n for n in names if n not in baseline or baseline[n].trainable]
+    if not keep:
+        raise ValueError(
+            f"{owner}: {what} selects {len(names)} tensor(s) ({names[:4]}{' ...' if len(names) > 4 else ''}), but "
+            f"your LightningModule froze all of them (requires_grad=False before training, e.g. PEFT's frozen base "
+            f"weights), so nothing would train. {owner} never unfreezes what your module froze; {hint}"
+        )
+    keep_set = set(keep)
+    entries = {n: (TRAINABLE if n in keep_set else FROZEN) for n, _ in pl_module.named_parameters()}
+    return ParamPlan(entries, owner, required=keep if required else ()), keep
 
 
 def _optimizer_defaults(optimizer: torch.optim.Optimizer) -> tuple[float, float]:

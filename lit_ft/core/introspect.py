@@ -1,12 +1,17 @@
-"""Find the parts of a Hugging Face model inside any LightningModule.
+"""Find the parts of a Hugging Face model inside any LightningModule, and name their parameters.
 
 Techniques must work whether the user's module stores the model as ``self.model``, ``self.net``, inside a PEFT
-wrapper, or elsewhere. These helpers search and, when they fail, say what they searched.
+wrapper, or elsewhere. These helpers search and, when they fail, say what they searched. Parameter plans are keyed
+by the LightningModule's own ``named_parameters()`` names (``model.model.layers.0.mlp.down_proj.weight`` for lit_ft's
+CausalLMModule, ``model.base_model.model.model.layers...`` under PEFT): techniques find modules by structure and
+translate them to names by object identity with :func:`param_names_by_id` / :func:`module_param_names`, so that no
+prefix is ever hard-coded.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +24,34 @@ _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "encoder.layer", "enc
 
 class ModelLayoutError(LookupError):
     """A model part could not be found; the message lists what was searched."""
+
+
+def param_names_by_id(root: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` for every parameter of ``root``, in ``root.named_parameters()`` order (tied tensors:
+    their first, canonical name)."""
+    return {id(p): n for n, p in root.named_parameters()}
+
+
+def module_param_names(root: nn.Module, modules: Iterable[nn.Module], owner: str = "lit_ft") -> list[str]:
+    """Canonical names (as ``root.named_parameters()`` spells them, in that order) of every parameter of
+    ``modules`` (recursively). Tied tensors appear once.
+
+    Raises:
+        ValueError: a module's parameter is not a parameter of ``root`` (the module lives outside it).
+    """
+    by_id = param_names_by_id(root)
+    order = {n: i for i, n in enumerate(by_id.values())}
+    names: set[str] = set()
+    for m in modules:
+        for p in m.parameters():
+            n = by_id.get(id(p))
+            if n is None:
+                raise ValueError(
+                    f"{owner}: a parameter of {type(m).__name__} (shape {tuple(p.shape)}) is not a parameter of "
+                    f"{type(root).__name__}; the model part must be registered inside the LightningModule."
+                )
+            names.add(n)
+    return sorted(names, key=order.__getitem__)
 
 
 def _is_hf_model(m: object) -> bool:

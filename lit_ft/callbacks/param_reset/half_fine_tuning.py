@@ -14,18 +14,13 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
-from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
+from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.params import FROZEN, ParamPlan, masked_state_reset, pack_mask, unpack_mask
 
 GRANULARITIES = ("matrix", "layer", "parameter")
 RESELECTS = ("epoch", "steps", "never")
 THETA0_DEVICES = ("cpu", "same")
 _STATE_VERSION = 1
-
-
-def _names_by_id(module: nn.Module) -> dict[int, str]:
-    """``id(parameter) -> name`` as ``module.named_parameters()`` spells it (tied tensors: the first name)."""
-    return {id(p): n for n, p in module.named_parameters()}
 
 
 @dataclass
@@ -189,7 +184,7 @@ class HalfFineTuning(ParamPlanCallback):
     def discover(self, pl_module: pl.LightningModule) -> list[_Unit]:
         """Find the selectable units (tensors trainable now, inside the transformer layers) and the trainable
         tensors outside the layers. Called at ``setup("fit")``; public so tests and benchmarks can inspect it."""
-        names = _names_by_id(pl_module)
+        names = param_names_by_id(pl_module)
         baseline = param_plans_for(pl_module).baseline  # the user's requires_grad, before any lit_ft plan
         trainable = {n for n, e in baseline.items() if e.trainable}
         layers = find_decoder_layers(find_hf_model(pl_module))
@@ -435,7 +430,7 @@ class HalfFineTuning(ParamPlanCallback):
             optimizers = self._trainer.optimizers
         except Exception:  # noqa: BLE001 - no strategy attached
             return None
-        names = _names_by_id(self._pl_module)
+        names = param_names_by_id(self._pl_module)
         out: list[Optional[list[list[str]]]] = []
         for o in optimizers:
             opt = getattr(o, "_optimizer", o)
@@ -447,7 +442,7 @@ class HalfFineTuning(ParamPlanCallback):
         """Order the fresh optimizer's param groups like the checkpointed one, so that the optimizer state (restored
         by position) lands on the right tensors after mid-run rebuilds moved tensors between or within groups."""
         params = dict(pl_module.named_parameters())
-        names = _names_by_id(pl_module)
+        names = param_names_by_id(pl_module)
         for o, layout in zip(trainer.optimizers, layouts):
             opt = getattr(o, "_optimizer", o)
             if layout is None:

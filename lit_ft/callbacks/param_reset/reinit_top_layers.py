@@ -12,8 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_ft.callbacks._param_plan import param_plans_for
-from lit_ft.callbacks.tensor_selection._names import param_names_by_id
-from lit_ft.core.introspect import find_decoder_layers, find_hf_model
+from lit_ft.core.introspect import find_decoder_layers, find_hf_model, param_names_by_id
 
 
 def _is_norm(m: nn.Module) -> bool:

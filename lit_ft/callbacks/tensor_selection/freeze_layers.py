@@ -10,13 +10,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
-from lit_ft.callbacks.tensor_selection._names import module_param_names
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
     find_hf_model,
     find_input_embeddings,
     find_lm_head,
+    module_param_names,
 )
 from lit_ft.core.params import FROZEN, ParamPlan
 

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import lr_scheduler as _lrs
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
-from lit_ft.callbacks.tensor_selection._names import module_param_names
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_base_model,
@@ -22,6 +21,8 @@ from lit_ft.core.introspect import (
     find_hf_model,
     find_input_embeddings,
     find_lm_head,
+    module_param_names,
+    param_names_by_id,
 )
 from lit_ft.core.params import _group_id, _unwrap
 
@@ -193,7 +194,7 @@ class LayerwiseLRDecay(Callback):
         """Split ``optimizer``'s param groups by layer multiplier (state kept) and re-map its LR schedulers.
         Returns whether the groups changed."""
         opt = _unwrap(optimizer)
-        names = {id(p): n for n, p in pl_module.named_parameters()}
+        names = param_names_by_id(pl_module)
         order = {id(p): i for i, p in enumerate(pl_module.parameters())}
         mult = {id(p): self.multipliers.get(n, 1.0) for n, p in pl_module.named_parameters()}
         named = any("param_names" in g for g in opt.param_groups)

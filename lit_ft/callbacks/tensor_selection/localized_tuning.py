@@ -12,9 +12,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback
-from lit_ft.callbacks.tensor_selection._names import param_names_by_id, selection_plan
-from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
+from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
+from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.params import ParamPatternError, ParamPlan
 
 

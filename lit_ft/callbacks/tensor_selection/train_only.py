@@ -8,8 +8,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback
-from lit_ft.callbacks.tensor_selection._names import module_param_names, selection_plan
+from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -18,6 +17,7 @@ from lit_ft.core.introspect import (
     find_input_embeddings,
     find_lm_head,
     lm_head_is_tied,
+    module_param_names,
 )
 from lit_ft.core.params import ParamPlan, select_param_names
 
