@@ -60,6 +60,8 @@ __all__ = [
     "reproject_masked",
     "build_param_groups",
     "rebuild_param_groups",
+    "param_group_id",
+    "unwrap_optimizer",
     "verify_optimizer",
     "reset_optimizer_state",
     "masked_state_reset",
@@ -882,8 +884,13 @@ def _first(table: list[tuple[Any, float, str]], name: str) -> Optional[float]:
     return None
 
 
-def _group_id(lr: float, wd: float) -> str:
+def param_group_id(lr: float, wd: float) -> str:
+    """The ``group_id`` of a param group of the (lr, weight decay) class, as :func:`build_param_groups` sets it and
+    :func:`rebuild_param_groups` looks it up (set it on groups you split or make, so rebuilds find them again)."""
     return f"lr={lr!r},weight_decay={wd!r}"
+
+
+_group_id = param_group_id  # private alias (older callers)
 
 
 def _trainable_names(index: _ParamIndex, plan: Optional[ParamPlan]) -> list[str]:
@@ -943,7 +950,7 @@ def build_param_groups(
         m = _first(mult, name)
         lr = lr * m if m is not None else lr
         wd = 0.0 if name in no_decay else weight_decay
-        gid = _group_id(lr, wd)
+        gid = param_group_id(lr, wd)
         g = groups.setdefault(gid, {"params": [], "param_names": [], "lr": lr, "weight_decay": wd, "group_id": gid})
         g["params"].append(index.params[name])
         g["param_names"].append(name)
@@ -970,13 +977,22 @@ class RebuildReport:
     groups_added: list[int]
 
 
-def _unwrap(optimizer: Any, argname: str = "optimizer") -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: Any, argname: str = "optimizer") -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` itself: a Lightning ``LightningOptimizer`` is unwrapped, a torch optimizer is
+    returned as is.
+
+    Raises:
+        TypeError: ``optimizer`` is neither.
+    """
     inner = getattr(optimizer, "_optimizer", None)  # lightning.pytorch.core.optimizer.LightningOptimizer
     if isinstance(inner, torch.optim.Optimizer):
         return inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"`{argname}` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
     return optimizer
+
+
+_unwrap = unwrap_optimizer  # private alias (older callers)
 
 
 def _group_matches(group: Mapping[str, Any], gid: str, lr: float, wd: float) -> bool:
@@ -1033,7 +1049,7 @@ def rebuild_param_groups(
     Raises:
         RuntimeError: the result still misses a trainable tensor or holds a frozen one (see :func:`verify_optimizer`).
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if plan is not None and apply:
         apply_plan(model, plan)
     index = _index(model)
@@ -1124,7 +1140,7 @@ def verify_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, plan: O
     Raises:
         RuntimeError: naming the missing, frozen-but-present and duplicated tensors.
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if plan is not None:
         _check_plan(plan)
     index = _index(model)
@@ -1177,7 +1193,7 @@ def reset_optimizer_state(
             ``param_names`` in the optimizer.
         ParamPatternError: a name/pattern matches nothing.
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     items: list[Union[torch.Tensor, str]]
     if isinstance(params_or_names, (torch.Tensor, str)):
         items = [params_or_names]
@@ -1238,7 +1254,7 @@ def masked_state_reset(optimizer: torch.optim.Optimizer, param: torch.Tensor, ma
     Returns:
         The state keys that were zeroed (empty if the tensor has no state yet).
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"`param` must be a tensor in the optimizer, got {type(param).__name__}.")
     if not any(param is p for g in opt.param_groups for p in g["params"]):

@@ -24,7 +24,7 @@ from lit_ft.core.introspect import (
     module_param_names,
     param_names_by_id,
 )
-from lit_ft.core.params import _group_id, _unwrap
+from lit_ft.core.params import param_group_id, unwrap_optimizer
 
 TIED_HEAD = ("embeddings", "head")
 #: group keys holding a learning rate, scaled with the multiplier (OneCycleLR keeps max_lr / min_lr in the groups)
@@ -94,12 +94,12 @@ def sync_schedulers(
     Raises:
         TypeError: a scheduler type whose per-group state is unknown (custom ``LRScheduler`` subclasses).
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     count = 0
     for cfg in trainer.lr_scheduler_configs:
         s = cfg.scheduler
         s_opt = getattr(s, "optimizer", None)
-        if s_opt is None or _unwrap(s_opt) is opt:
+        if s_opt is None or unwrap_optimizer(s_opt) is opt:
             _sync_one(s, opt, origin, scale, owner)
             count += 1
     return count
@@ -193,7 +193,7 @@ class LayerwiseLRDecay(Callback):
     def regroup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
         """Split ``optimizer``'s param groups by layer multiplier (state kept) and re-map its LR schedulers.
         Returns whether the groups changed."""
-        opt = _unwrap(optimizer)
+        opt = unwrap_optimizer(optimizer)
         names = param_names_by_id(pl_module)
         order = {id(p): i for i, p in enumerate(pl_module.parameters())}
         mult = {id(p): self.multipliers.get(n, 1.0) for n, p in pl_module.named_parameters()}
@@ -225,7 +225,7 @@ class LayerwiseLRDecay(Callback):
                 g["initial_lr"] = b["base"] * m_p
             g[_MULT], g[_BASE] = m_p, b["base"]
             if "group_id" in src:
-                g["group_id"] = _group_id(b["base"] * m_p, float(src.get("weight_decay", 0.0)))
+                g["group_id"] = param_group_id(b["base"] * m_p, float(src.get("weight_decay", 0.0)))
             items = sorted(b["items"], key=lambda t: t[0])
             g["params"] = [p for _, p, _ in items]
             if named:
@@ -280,7 +280,7 @@ class LayerwiseLRDecay(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         for opt in trainer.optimizers:
-            inner = _unwrap(opt)
+            inner = unwrap_optimizer(opt)
             if self._layout(inner.param_groups) != self._signature.get(id(inner)):
                 self.regroup(trainer, pl_module, inner)  # another callback added / moved tensors
         if trainer.optimizers:
@@ -289,7 +289,7 @@ class LayerwiseLRDecay(Callback):
 
     def layer_lrs(self, optimizer: Any, pl_module: pl.LightningModule) -> dict[str, float]:
         """Current lr of the top layer, the bottom layer and the embeddings (those with a tensor in the optimizer)."""
-        opt = _unwrap(optimizer)
+        opt = unwrap_optimizer(optimizer)
         params = dict(pl_module.named_parameters())
         where = {id(p): g for g in opt.param_groups for p in g["params"]}
         out = {}
