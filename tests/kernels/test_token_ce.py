@@ -298,3 +298,19 @@ def test_cuda_paths_match_reference(dtype, reduction):
     for impl in ("torch", "auto"):
         out = fused_linear_token_ce(h, w, y, impl=impl, **kw)
         assert (out.double() - ref).abs().max() < (5e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_flop_counter_counts_the_fused_op():
+    """FlopCounterMode sees the lm_head matmuls inside the op (forward + dX + dW over kept tokens only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lit_ft.kernels import fused_linear_token_ce
+
+    n, d, v = 12, 8, 30
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(v, d, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+    keep = torch.arange(n) % 3 != 0  # 8 kept
+    with FlopCounterMode(display=False) as fc:
+        fused_linear_token_ce(h, w, y, keep=keep, impl="torch").backward()
+    assert fc.get_total_flops() == 3 * 2 * 8 * d * v

@@ -221,44 +221,13 @@ class FlopsProfile:
         return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sd.items()})
 
 
-def _token_ce_flops(hidden, weight, labels, bias, token_weights, keep, *rest, out_val=None,  # noqa: ANN001
-                    grad_tokens=None):
-    """FLOPs of lit_ft's fused linear-CE custom op: the logits matmul, plus ``dX = dZ·W`` and ``dW = dZᵀX`` when its
-    ``grad_mask`` asks for them (it computes them inside the op), over the kept tokens only."""
-    from lit_ft.kernels.token_ce import GRAD_HIDDEN, GRAD_WEIGHT
-
-    ignore_index, grad_mask = rest[1 if grad_tokens is None else 0], rest[-1]
-    kept = labels != ignore_index
-    if keep is not None:
-        kept = kept & keep
-    n = int(kept.sum().item())
-    v, d = weight.shape
-    mm = 2 * n * v * d
-    return mm * (1 + bool(grad_mask & GRAD_HIDDEN) + bool(grad_mask & GRAD_WEIGHT))
-
-
-def _token_ce_backward_flops(grad_tokens, hidden, weight, labels, bias, token_weights, keep, *rest,  # noqa: ANN001
-                             out_val=None):
-    return _token_ce_flops(hidden, weight, labels, bias, token_weights, keep, *rest, out_val=out_val,
-                           grad_tokens=grad_tokens)
-
-
-_token_ce_flops._get_raw = True  # type: ignore[attr-defined]
-_token_ce_backward_flops._get_raw = True  # type: ignore[attr-defined]
-
-
 def flop_counter() -> FlopCounterMode:
-    """A silent :class:`FlopCounterMode` that also counts lit_ft's fused linear-CE custom op (``lit_ft::token_ce``
-    computes the lm_head matmuls inside one opaque op, which the stock counter would count as 0)."""
-    mapping: dict[Any, Any] = {}
-    try:
-        import lit_ft.kernels  # noqa: F401  (registers the ops)
+    """A silent :class:`FlopCounterMode`. lit_ft's fused linear-CE ops register their FLOP formulas when
+    ``lit_ft.kernels`` is imported (lit_ft/kernels/token_ce/flops.py), so the lm_head matmuls done inside
+    ``lit_ft::token_ce`` are counted."""
+    import lit_ft.kernels  # noqa: F401  (registers the ops and their FLOP formulas)
 
-        mapping[torch.ops.lit_ft.token_ce] = _token_ce_flops
-        mapping[torch.ops.lit_ft.token_ce_backward] = _token_ce_backward_flops
-    except (ImportError, AttributeError):  # pragma: no cover - kernels are part of lit_ft
-        pass
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    return FlopCounterMode(display=False)
 
 
 class _UseTracker(TorchDispatchMode):

@@ -197,6 +197,10 @@ def _backward(ctx, grad_loss, *_unused):
 
 _token_ce.register_autograd(_backward, setup_context=_setup_context)
 
+from . import flops as _flops  # noqa: E402  (after both ops exist)
+
+_flops.register()  # FlopCounterMode counts the lm_head matmuls done inside the ops
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # public wrapper
