@@ -26,6 +26,7 @@ from lit_ft.core.params import (
     apply_plan,
     compose,
     mask_gradients,
+    plan_summary,
     rebuild_param_groups,
     reproject_masked,
     snapshot_masked,
@@ -43,6 +44,7 @@ class ParamPlanRegistry:
         self.plans: dict[str, ParamPlan] = {}
         self.composed: ParamPlan | None = None
         self._snapshot: dict[str, torch.Tensor] = {}
+        self._summary: PlanSummary | None = None  # of the composed plan; replaced at every set()
 
     @property
     def has_masks(self) -> bool:
@@ -55,10 +57,17 @@ class ParamPlanRegistry:
         else:
             self.plans[key] = plan
         self.composed = compose([self.baseline, *self.plans.values()], owner="lit_ft")
-        summary = apply_plan(module, self.composed, unlisted="keep")
+        summary = self._summary = apply_plan(module, self.composed, unlisted="keep")
         # values to restore masked-out entries to: taken when the plan changes
         self._snapshot = snapshot_masked(module, self.composed)
         return summary
+
+    def summary(self, module: torch.nn.Module) -> PlanSummary:
+        """What may train now under the composed plan of every registered callback (the baseline alone before any
+        plan is set)."""
+        if self._summary is None:
+            self._summary = plan_summary(module, self.composed or self.baseline, strict=False)
+        return self._summary
 
     def mask_gradients(self, module: torch.nn.Module) -> None:
         if self.composed is not None:
@@ -131,9 +140,10 @@ class ParamPlanCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._plan_module = pl_module
         plan = self.build_plan(trainer, pl_module)
         if plan is not None:
-            self._last_summary = self.registry(pl_module).set(self.plan_key, plan, pl_module)
+            self.registry(pl_module).set(self.plan_key, plan, pl_module)
 
     def update_plan(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: ParamPlan | None
@@ -142,7 +152,7 @@ class ParamPlanCallback(Callback):
         param groups by name (state of tensors that stay trainable is kept, state of frozen ones deleted, newly
         trainable ones start fresh). Returns the first optimizer's report."""
         reg = self.registry(pl_module)
-        self._last_summary = reg.set(self.plan_key, plan, pl_module)
+        reg.set(self.plan_key, plan, pl_module)
         report = None
         for opt in trainer.optimizers:
             lr, wd = _optimizer_defaults(opt)
@@ -151,8 +161,14 @@ class ParamPlanCallback(Callback):
         return report
 
     def trainable_fraction(self) -> float:
-        s = getattr(self, "_last_summary", None)
-        return float(s.fraction) if s is not None else 1.0
+        """Fraction of the module's elements that may change now, after composing every active parameter plan with
+        the user's own ``requires_grad`` (read from the registry when called, so another callback's later plan
+        change is included). ``1.0`` before ``setup("fit")``."""
+        module = getattr(self, "_plan_module", None)
+        if module is None:
+            return 1.0
+        reg = param_plans_for(module, create=False)
+        return float(reg.summary(module).fraction if reg is not None else plan_summary(module).fraction)
 
     # -- enforcement, shared by every parameter technique (idempotent when several are active) -------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

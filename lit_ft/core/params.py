@@ -55,6 +55,7 @@ __all__ = [
     "select_param_names",
     "compose",
     "apply_plan",
+    "plan_summary",
     "mask_gradients",
     "snapshot_masked",
     "reproject_masked",
@@ -656,7 +657,7 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class PlanSummary:
-    """Result of :func:`apply_plan`: elements that may change (mask ``True`` counts for masked tensors), all
+    """Result of :func:`apply_plan` / :func:`plan_summary`: elements that may change (mask ``True`` counts for masked tensors), all
     elements, their ratio, and the per-tensor breakdown (canonical names; tied tensors counted once)."""
 
     trainable: int
@@ -722,20 +723,39 @@ def apply_plan(
         raise ValueError(f"`unlisted` must be 'keep', 'trainable' or 'frozen', got {unlisted!r}.")
     index = _index(model)
     entries = _plan_on_model(index, plan, strict)
+    for name, p in index.params.items():
+        hit = entries.get(name)
+        if hit is not None:
+            p.requires_grad_(hit[1].trainable)
+        elif unlisted != "keep":
+            p.requires_grad_(unlisted == "trainable")
+    return _summarize(index, entries)
+
+
+def plan_summary(model: nn.Module, plan: Optional[ParamPlan] = None, strict: bool = True) -> PlanSummary:
+    """What :func:`apply_plan` would report, without changing anything: elements of ``model`` that may change under
+    ``plan`` (mask ``True`` counts for masked tensors; a tensor the plan does not name, or every tensor when ``plan``
+    is ``None``, counts by its current ``requires_grad``).
+
+    Raises:
+        KeyError: (``strict``) a plan name is not a parameter of ``model``.
+    """
+    index = _index(model)
+    entries = _plan_on_model(index, _check_plan(plan), strict) if plan is not None else {}
+    return _summarize(index, entries)
+
+
+def _summarize(index: _ParamIndex, entries: Mapping[str, tuple[str, PlanEntry]]) -> PlanSummary:
     by_tensor: dict[str, TensorSummary] = {}
     trainable = total = 0
     for name, p in index.params.items():
         hit = entries.get(name)
-        entry = hit[1] if hit is not None else None
-        if entry is None:
-            if unlisted != "keep":
-                p.requires_grad_(unlisted == "trainable")
+        if hit is None:
             count = p.numel() if p.requires_grad else 0
             by_tensor[name] = TensorSummary("unlisted", count, p.numel())
         else:
-            p.requires_grad_(entry.trainable)
-            count = entry.trainable_count(p.numel())
-            by_tensor[name] = TensorSummary(entry.state, count, p.numel())
+            count = hit[1].trainable_count(p.numel())
+            by_tensor[name] = TensorSummary(hit[1].state, count, p.numel())
         trainable += count
         total += p.numel()
     return PlanSummary(trainable, total, trainable / total if total else 0.0, by_tensor)

@@ -84,3 +84,14 @@ def test_update_plan_mid_run_rebuilds_optimizer_by_name():
     assert "model.lm_head.weight" in cb.report.added and cb.report.removed
     assert not torch.equal(module.model.lm_head.weight, snap["model.lm_head.weight"])  # newly trainable: updated
     assert torch.equal(module.model.model.norm.weight, snap["model.model.norm.weight"])  # newly frozen: still
+
+
+def test_trainable_fraction_is_read_from_the_composed_plan_when_logged():
+    module = CausalLMModule(model_config=tiny_config())
+    a = _Plan(lambda m: ParamPlan.freeze(m, ["model.lm_head.weight"], owner="A"), "A")
+    b = _Plan(lambda m: None, "B")  # no plan at setup
+    trainer = _fit(module, [a, b], steps=1)
+    before = a.trainable_fraction()
+    assert 0 < before < 1 and b.trainable_fraction() == before
+    b.update_plan(trainer, module, ParamPlan.freeze(module, ["model.model.layers.0.*"], owner="B"))
+    assert a.trainable_fraction() == b.trainable_fraction() < before  # A sees B's later change

@@ -265,7 +265,6 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self._theta0: dict[str, torch.Tensor] = {}
         self._loaded: Optional[dict[str, Any]] = None
         self._switched_at: Optional[int] = None
-        self._phase1_fraction_trainable = 1.0
 
     @property
     def state_key(self) -> str:
@@ -330,8 +329,6 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                 )
         self.boundary_step = self._boundary(trainer)
         self._theta0 = {n: self._copy_theta0(params[n]) for n in self.maskable + self.always_trained}
-        total = sum(p.numel() for p in params.values())
-        self._phase1_fraction_trainable = sum(params[n].numel() for n in trainable) / total if total else 0.0
         self.phase = 1
 
     def _boundary(self, trainer: pl.Trainer) -> Optional[int]:
@@ -394,9 +391,6 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         kw = dict(on_step=not at_epoch_end, on_epoch=at_epoch_end, batch_size=1)
         pl_module.log(f"{pre}/kept_entries", float(self.kept), **kw)
         pl_module.log(f"{pre}/threshold", float(self.threshold or 0.0), **kw)
-
-    def trainable_fraction(self) -> float:
-        return super().trainable_fraction() if self.phase == 2 else self._phase1_fraction_trainable
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -465,7 +459,6 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             "num_maskable": self.num_maskable,
             "maskable": list(self.maskable),
             "always_trained": list(self.always_trained),
-            "phase1_fraction_trainable": self._phase1_fraction_trainable,
             "theta0": {n: t.detach().cpu() for n, t in self._theta0.items()},
         }
         if self.phase == 2:
@@ -485,7 +478,6 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self.k, self.threshold, self.kept = sd["k"], sd["threshold"], int(sd["kept"])
         self.num_maskable = int(sd["num_maskable"])
         self.maskable, self.always_trained = list(sd["maskable"]), list(sd["always_trained"])
-        self._phase1_fraction_trainable = float(sd["phase1_fraction_trainable"])
         missing = [n for n in self.maskable + self.always_trained if n not in params]
         if missing:
             raise ValueError(

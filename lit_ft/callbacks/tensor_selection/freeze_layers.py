@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -128,8 +128,8 @@ class FreezeLayers(ParamPlanCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        summary = getattr(self, "_last_summary", None)
-        if stage == "fit" and summary is not None and summary.trainable == 0:
+        reg = param_plans_for(pl_module, create=False)
+        if stage == "fit" and reg is not None and self.plan_key in reg.plans and reg.summary(pl_module).trainable == 0:
             raise ValueError(
                 f"FreezeLayers(num_layers={self.num_layers}, freeze_embeddings={self.freeze_embeddings}) leaves no "
                 f"trainable parameter (together with the other parameter callbacks and what the module froze); "
