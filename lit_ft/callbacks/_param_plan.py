@@ -6,7 +6,7 @@ plans of every active callback with the user's own ``requires_grad`` choices (in
 :class:`~lit_ft.core.params.ParamPlanConflict` naming both owners), applies the result, keeps the optimizer's
 param groups and state consistent when trainability changes mid-run, masks gradients of element-masked tensors
 before the optimizer step and re-projects masked-out entries after it (so weight decay and momentum cannot move
-them).
+them), and on resume arranges the fresh optimizer's param groups like the checkpointed ones.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from lit_ft.core.params import (
     ParamPlan,
     PlanSummary,
     RebuildReport,
+    apply_optimizer_layout,
     apply_plan,
     compose,
     mask_gradients,
+    optimizer_layout,
     plan_summary,
     rebuild_param_groups,
     reproject_masked,
@@ -33,6 +35,8 @@ from lit_ft.core.params import (
 )
 
 _REGISTRY_ATTR = "_lit_ft_param_plans"
+#: top-level checkpoint key of the state shared by every parameter callback (the optimizer group layout)
+CHECKPOINT_KEY = "lit_ft_param_plans"
 
 
 class ParamPlanRegistry:
@@ -120,6 +124,13 @@ class ParamPlanCallback(Callback):
     :meth:`update_plan` later (epoch start, phase switch); ``technique_name`` names the log prefix
     ``lit_ft/<technique_name>/``. Gradient masking (``on_before_optimizer_step``) and exact re-projection
     (``on_train_batch_end``) of element-masked tensors are done here for every registered plan.
+
+    Resume: mid-run plan changes rebuild the param groups by name, so a run's group layout depends on its history,
+    while Lightning restores the optimizer state *by position* after ``on_fit_start``. Every checkpoint therefore
+    records each optimizer's layout (:func:`~lit_ft.core.params.optimizer_layout`, under ``checkpoint[
+    "lit_ft_param_plans"]``), and :meth:`on_fit_start` of the last parameter callback re-applies it
+    (:meth:`restore_optimizer_layout`). A subclass that overrides ``on_fit_start`` restores its own plan there
+    (``update_plan``) and then calls ``super().on_fit_start(trainer, pl_module)``.
     """
 
     technique_name: str = "param_plan"
@@ -141,6 +152,7 @@ class ParamPlanCallback(Callback):
         if stage != "fit":
             return
         self._plan_module = pl_module
+        self._restored_layout: list[list[list[str]] | None] | None = None  # set by on_load_checkpoint
         plan = self.build_plan(trainer, pl_module)
         if plan is not None:
             self.registry(pl_module).set(self.plan_key, plan, pl_module)
@@ -169,6 +181,64 @@ class ParamPlanCallback(Callback):
             return 1.0
         reg = param_plans_for(module, create=False)
         return float(reg.summary(module).fraction if reg is not None else plan_summary(module).fraction)
+
+    # -- resume: the optimizer's group layout ------------------------------------------------------------------
+    @staticmethod
+    def optimizer_layouts(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[list[list[str]] | None]:
+        """:func:`~lit_ft.core.params.optimizer_layout` of every optimizer (``None`` for one holding tensors that
+        are not parameters of ``pl_module``)."""
+        out: list[list[list[str]] | None] = []
+        for opt in trainer.optimizers:
+            try:
+                out.append(optimizer_layout(opt, pl_module))
+            except ValueError:
+                out.append(None)
+        return out
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        shared = checkpoint.setdefault(CHECKPOINT_KEY, {})
+        if "optimizer_layout" not in shared:  # the same for every parameter callback: written once
+            shared["optimizer_layout"] = self.optimizer_layouts(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored_layout = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_layout")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plan_callbacks = [c for c in trainer.callbacks if isinstance(c, ParamPlanCallback)]
+        if plan_callbacks and plan_callbacks[-1] is self:  # every parameter callback has restored its plan by now
+            self.restore_optimizer_layout(trainer, pl_module)
+        self._restored_layout = None
+
+    def restore_optimizer_layout(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+        layout: list[list[list[str]] | None] | None = None,
+    ) -> None:
+        """Arrange every optimizer's param groups as ``layout`` (one entry per optimizer, ``None`` = leave it; by
+        default the layout of the checkpoint being resumed), so the optimizer state Lightning restores by position
+        after ``on_fit_start`` lands on the right tensors. LR schedulers are re-mapped if the group count changed.
+
+        Raises:
+            RuntimeError: an optimizer does not hold the checkpointed tensors (the model or a parameter callback
+                changed between the runs).
+        """
+        if layout is None:
+            layout = getattr(self, "_restored_layout", None)
+        if not layout:
+            return
+        for i, (opt, lay) in enumerate(zip(trainer.optimizers, layout)):
+            if lay is None:
+                continue
+            n_before = len(opt.param_groups)
+            try:
+                origin = apply_optimizer_layout(opt, pl_module, lay)
+            except ValueError as e:
+                raise RuntimeError(
+                    f"{type(self).__name__}: cannot give optimizer {i} the param-group layout of the checkpoint: {e}"
+                ) from None
+            if origin is not None and len(origin) != n_before and trainer.lr_scheduler_configs:
+                from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
+
+                sync_schedulers(trainer, opt, origin=origin, owner=type(self).__name__)
 
     # -- enforcement, shared by every parameter technique (idempotent when several are active) -------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

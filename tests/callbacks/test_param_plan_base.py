@@ -95,3 +95,39 @@ def test_trainable_fraction_is_read_from_the_composed_plan_when_logged():
     assert 0 < before < 1 and b.trainable_fraction() == before
     b.update_plan(trainer, module, ParamPlan.freeze(module, ["model.model.layers.0.*"], owner="B"))
     assert a.trainable_fraction() == b.trainable_fraction() < before  # A sees B's later change
+
+
+def test_optimizer_layout_is_checkpointed_and_reapplied_on_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_ft.core.params import optimizer_layout
+
+    class Switch(_Plan):  # mid-run: the head thaws and joins the end of its group (history-dependent order)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1 and self.key in param_plans_for(pl_module).plans:
+                self.update_plan(trainer, pl_module, None)
+
+        def on_fit_start(self, trainer, pl_module):
+            if trainer.ckpt_path:  # resumed after the switch: restore the plan, then the base the layout
+                self.update_plan(trainer, pl_module, None)
+            super().on_fit_start(trainer, pl_module)
+
+    def run(ckpt_path=None, save_dir=None):
+        torch.manual_seed(0)
+        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1)
+        cb = Switch(lambda m: ParamPlan.freeze(m, ["model.model.layers.0.mlp.up_proj.weight"], owner="S"), "S")
+        cbs = [cb] + ([ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else [])
+        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=cbs, limit_val_batches=0)
+        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
+        return module, trainer
+
+    full, t_full = run(save_dir=tmp_path)
+    ckpt = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=True)
+    saved = ckpt["lit_ft_param_plans"]["optimizer_layout"][0]
+    up = "model.model.layers.0.mlp.up_proj.weight"
+    assert next(g for g in saved if up in g)[-1] == up  # appended by the mid-run rebuild, not in model order
+    resumed, t_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    assert optimizer_layout(t_res.optimizers[0], resumed) == optimizer_layout(t_full.optimizers[0], full)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n

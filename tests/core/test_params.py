@@ -19,11 +19,13 @@ from lit_ft.core.params import (
     ParamPlan,
     ParamPlanConflict,
     PlanEntry,
+    apply_optimizer_layout,
     apply_plan,
     build_param_groups,
     compose,
     mask_gradients,
     masked_state_reset,
+    optimizer_layout,
     pack_mask,
     rebuild_param_groups,
     reproject_masked,
@@ -577,3 +579,27 @@ def test_plan_entry_semantics():
     assert e.trainable and e.trainable_count(3) == 2
     assert PlanEntry(FROZEN).trainable_count(5) == 0 and not PlanEntry(FROZEN).trainable
     assert PlanEntry(TRAINABLE).trainable_count(5) == 5
+
+
+def test_optimizer_layout_round_trip_reorders_groups_and_keeps_state(seq):
+    named = dict(seq.named_parameters())
+    opt = torch.optim.AdamW(build_param_groups(seq, None, 1e-2, 0.1), lr=1e-2)
+    seq(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    layout = optimizer_layout(opt, seq)
+    assert sorted(n for g in layout for n in g) == sorted(named)
+    target = [list(reversed(g)) for g in reversed(layout)]  # other group order, other order inside the groups
+    state = {n: opt.state[p]["exp_avg"].clone() for n, p in named.items()}
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+    origin = apply_optimizer_layout(opt, seq, target)
+    assert origin == [len(layout) - 1 - i for i in range(len(layout))]
+    assert optimizer_layout(opt, seq) == target
+    for g in opt.param_groups:
+        assert all(named[n] is p for n, p in zip(g["param_names"], g["params"]))
+        assert all(lrs[n] == g["lr"] for n in g["param_names"])
+    assert all(torch.equal(opt.state[p]["exp_avg"], state[n]) for n, p in named.items())
+    assert apply_optimizer_layout(opt, seq, target) is None  # already so: unchanged
+    with pytest.raises(ValueError, match="does not hold the tensors"):
+        apply_optimizer_layout(opt, seq, [g[:-1] for g in target])
+    with pytest.raises(ValueError, match="not parameters"):
+        apply_optimizer_layout(opt, seq, [["nope"]])

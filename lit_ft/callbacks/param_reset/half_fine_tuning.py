@@ -173,8 +173,6 @@ class HalfFineTuning(ParamPlanCallback):
         self._theta0: dict[str, torch.Tensor] = {}
         self._stash: dict[int, dict[str, dict[str, Any]]] = {}  # optimizer index -> name -> state (kept moments)
         self._restored: Optional[dict[str, Any]] = None
-        self._pl_module: Optional[pl.LightningModule] = None
-        self._trainer: Optional[pl.Trainer] = None
 
     @property
     def state_key(self) -> str:
@@ -302,7 +300,6 @@ class HalfFineTuning(ParamPlanCallback):
 
     # -- hooks -----------------------------------------------------------------------------------------------------
     def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan | None:
-        self._pl_module, self._trainer = pl_module, trainer
         self.registry(pl_module)  # the user's requires_grad is read now, before anything is frozen
         if self.seed is None:
             env = os.environ.get("PL_GLOBAL_SEED")
@@ -325,7 +322,6 @@ class HalfFineTuning(ParamPlanCallback):
                 }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pl_module, self._trainer = pl_module, trainer
         self._check_strategy(trainer)
         if not self.units:
             self._prepare(pl_module)
@@ -335,14 +331,13 @@ class HalfFineTuning(ParamPlanCallback):
         restored, self._restored = self._restored, None
         if restored is None:
             self._enter_stage(trainer, pl_module, self.stage_for(trainer), transition=False)
-            return
-        self.resets = int(restored["resets"])
-        self._stash = restored["stash"]
-        self._enter_stage(trainer, pl_module, int(restored["stage"]), selection=restored["selection"],
-                          transition=False)
-        layouts = restored.get("optimizer_layout")
-        if layouts:
-            self._apply_layout(trainer, pl_module, layouts)
+        else:
+            self.resets = int(restored["resets"])
+            self._stash = restored["stash"]
+            self._enter_stage(trainer, pl_module, int(restored["stage"]), selection=restored["selection"],
+                              transition=False)
+        # the base arranges the optimizer's groups like the checkpointed ones (state is restored by position)
+        super().on_fit_start(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         stage = self.stage_for(trainer)
@@ -422,53 +417,6 @@ class HalfFineTuning(ParamPlanCallback):
         self.stage, self.selection = stage, selection
         self.selected_fraction = self._selected_fraction(selection)
 
-    # -- optimizer layout (resume) ---------------------------------------------------------------------------------
-    def _layouts(self) -> Optional[list[Optional[list[list[str]]]]]:
-        if self._trainer is None or self._pl_module is None:
-            return None
-        try:
-            optimizers = self._trainer.optimizers
-        except Exception:  # noqa: BLE001 - no strategy attached
-            return None
-        names = param_names_by_id(self._pl_module)
-        out: list[Optional[list[list[str]]]] = []
-        for o in optimizers:
-            opt = getattr(o, "_optimizer", o)
-            groups = [[names.get(id(p)) for p in g["params"]] for g in opt.param_groups]
-            out.append(None if any(n is None for g in groups for n in g) else groups)  # type: ignore[misc]
-        return out
-
-    def _apply_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layouts: list) -> None:
-        """Order the fresh optimizer's param groups like the checkpointed one, so that the optimizer state (restored
-        by position) lands on the right tensors after mid-run rebuilds moved tensors between or within groups."""
-        params = dict(pl_module.named_parameters())
-        names = param_names_by_id(pl_module)
-        for o, layout in zip(trainer.optimizers, layouts):
-            opt = getattr(o, "_optimizer", o)
-            if layout is None:
-                continue
-            current = [[names.get(id(p)) for p in g["params"]] for g in opt.param_groups]
-            if current == layout:
-                continue
-            flat_now = sorted(n for g in current for n in g if n is not None)
-            flat_saved = sorted(n for g in layout for n in g)
-            if flat_now != flat_saved:
-                raise RuntimeError(
-                    "HalfFineTuning: the optimizer rebuilt for the checkpointed stage does not hold the same tensors "
-                    f"as the checkpointed optimizer ({len(flat_now)} vs {len(flat_saved)}); was the model or another "
-                    "parameter callback changed between the runs?"
-                )
-            templates = opt.param_groups
-            named = "param_names" in templates[0] if templates else False
-            new_groups = []
-            for i, group_names in enumerate(layout):
-                t = {k: v for k, v in templates[min(i, len(templates) - 1)].items() if k not in ("params", "param_names")}
-                t["params"] = [params[n] for n in group_names]
-                if named:
-                    t["param_names"] = list(group_names)
-                new_groups.append(t)
-            opt.param_groups[:] = new_groups
-
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.granularity == "parameter" and self.selection is not None:
@@ -484,7 +432,6 @@ class HalfFineTuning(ParamPlanCallback):
             "selection": selection,
             "theta0": {n: t.detach().cpu() for n, t in self._theta0.items()},
             "stash": {oi: {n: dict(st) for n, st in d.items()} for oi, d in self._stash.items()},
-            "optimizer_layout": self._layouts(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -511,5 +458,4 @@ class HalfFineTuning(ParamPlanCallback):
             "resets": state_dict["resets"],
             "selection": selection,
             "stash": {int(oi): {n: dict(st) for n, st in d.items()} for oi, d in state_dict.get("stash", {}).items()},
-            "optimizer_layout": state_dict.get("optimizer_layout"),
         }

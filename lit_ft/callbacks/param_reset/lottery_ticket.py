@@ -297,7 +297,12 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(trainer, pl_module, loaded, params)
-            return
+        else:
+            self._start(trainer, pl_module, params)
+        # the base arranges the optimizer's groups like the checkpointed ones (state is restored by position)
+        super().on_fit_start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, torch.Tensor]) -> None:
         if trainer.global_step > 0:
             warnings.warn(
                 "LotteryTicketSparseFT: resuming from a checkpoint without this callback's state; θ₀ is taken from "
@@ -497,6 +502,6 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                     self.masks[n] = torch.zeros(shape, dtype=torch.bool)
                 else:
                     self.masks[n] = e.mask.cpu()  # type: ignore[union-attr]
-            # recompose, apply and rebuild the optimizer groups as at the switch; Lightning restores the optimizer
-            # state (saved with the phase-2 groups) after on_fit_start
+            # recompose, apply and rebuild the optimizer groups as at the switch (the base then orders them like the
+            # checkpoint's); Lightning restores the optimizer state (saved with the phase-2 groups) after on_fit_start
             self.update_plan(trainer, pl_module, self._phase2_plan(pl_module))

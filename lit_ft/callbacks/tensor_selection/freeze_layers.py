@@ -154,10 +154,12 @@ class FreezeLayers(ParamPlanCallback):
                        f"{trainer.current_epoch} (fresh optimizer state)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # resumed after the unfreeze: the module's optimizer was built from the frozen layout, the checkpoint's
-        # optimizer state holds the unfrozen one. Rebuild the groups before Lightning loads that state.
+        # resumed after the unfreeze: the module's optimizer was built from the frozen plan, the checkpoint's
+        # optimizer state holds the unfrozen one. Drop the plan again; the base then arranges the groups like the
+        # checkpointed ones before Lightning loads that state.
         if self.unfrozen and self.plan_key in self.registry(pl_module).plans:
             self._unfreeze(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unfreeze_at_epoch is not None and not self.unfrozen and trainer.current_epoch >= self.unfreeze_at_epoch:
