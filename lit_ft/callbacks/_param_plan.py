@@ -6,7 +6,8 @@ plans of every active callback with the user's own ``requires_grad`` choices (in
 :class:`~lit_ft.core.params.ParamPlanConflict` naming both owners), applies the result, keeps the optimizer's
 param groups and state consistent when trainability changes mid-run, masks gradients of element-masked tensors
 before the optimizer step and re-projects masked-out entries after it (so weight decay and momentum cannot move
-them), and on resume arranges the fresh optimizer's param groups like the checkpointed ones.
+them), on resume arranges the fresh optimizer's param groups like the checkpointed ones, and under DDP averages
+the gradients of tensors that became trainable after DDP was set up (its reducer never sees them).
 """
 
 from __future__ import annotations
@@ -32,11 +33,19 @@ from lit_ft.core.params import (
     rebuild_param_groups,
     reproject_masked,
     snapshot_masked,
+    unwrap_optimizer,
 )
 
 _REGISTRY_ATTR = "_lit_ft_param_plans"
 #: top-level checkpoint key of the state shared by every parameter callback (the optimizer group layout)
 CHECKPOINT_KEY = "lit_ft_param_plans"
+#: attribute of the DDP wrapper: ids of the parameters trainable when it was built (its reducer averages only those)
+_TRAINABLE_AT_WRAP = "_lit_ft_trainable_at_wrap"
+
+
+def _ddp_wrapper(trainer: pl.Trainer) -> torch.nn.parallel.DistributedDataParallel | None:
+    model = getattr(trainer.strategy, "model", None)
+    return model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
 
 
 class ParamPlanRegistry:
@@ -125,6 +134,10 @@ class ParamPlanCallback(Callback):
     ``lit_ft/<technique_name>/``. Gradient masking (``on_before_optimizer_step``) and exact re-projection
     (``on_train_batch_end``) of element-masked tensors are done here for every registered plan.
 
+    DDP: the reducer only all-reduces the tensors that were trainable when the strategy wrapped the model. The
+    first :meth:`update_plan` after the wrap records that set; tensors trainable later get their gradients averaged
+    across ranks here before each optimizer step (all ranks change plans at the same step).
+
     Resume: mid-run plan changes rebuild the param groups by name, so a run's group layout depends on its history,
     while Lightning restores the optimizer state *by position* after ``on_fit_start``. Every checkpoint therefore
     records each optimizer's layout (:func:`~lit_ft.core.params.optimizer_layout`, under ``checkpoint[
@@ -164,6 +177,9 @@ class ParamPlanCallback(Callback):
         param groups by name (state of tensors that stay trainable is kept, state of frozen ones deleted, newly
         trainable ones start fresh). Returns the first optimizer's report."""
         reg = self.registry(pl_module)
+        ddp = _ddp_wrapper(trainer)
+        if ddp is not None and _TRAINABLE_AT_WRAP not in ddp.__dict__:  # first change since the wrap: what DDP syncs
+            ddp.__dict__[_TRAINABLE_AT_WRAP] = {id(p) for p in pl_module.parameters() if p.requires_grad}
         reg.set(self.plan_key, plan, pl_module)
         report = None
         for opt in trainer.optimizers:
@@ -203,9 +219,12 @@ class ParamPlanCallback(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored_layout = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_layout")
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _is_last_plan_callback(self, trainer: pl.Trainer) -> bool:
         plan_callbacks = [c for c in trainer.callbacks if isinstance(c, ParamPlanCallback)]
-        if plan_callbacks and plan_callbacks[-1] is self:  # every parameter callback has restored its plan by now
+        return bool(plan_callbacks) and plan_callbacks[-1] is self
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._is_last_plan_callback(trainer):  # every parameter callback has restored its plan by now
             self.restore_optimizer_layout(trainer, pl_module)
         self._restored_layout = None
 
@@ -243,6 +262,25 @@ class ParamPlanCallback(Callback):
     # -- enforcement, shared by every parameter technique (idempotent when several are active) -------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.registry(pl_module).mask_gradients(pl_module)
+        if self._is_last_plan_callback(trainer):  # once per step, whatever the number of parameter callbacks
+            self.average_late_gradients(trainer, pl_module, optimizer)
+
+    @staticmethod
+    def average_late_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> int:
+        """Under DDP with several ranks, all-reduce-average the gradients of ``optimizer``'s tensors that are
+        trainable now but were not when DDP wrapped the model (DDP's reducer does not know them). Returns how many
+        tensors were averaged."""
+        ws = trainer.world_size
+        ddp = _ddp_wrapper(trainer) if ws > 1 else None
+        at_wrap = ddp.__dict__.get(_TRAINABLE_AT_WRAP) if ddp is not None else None
+        if at_wrap is None:
+            return 0
+        in_opt = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
+        late = [p for p in pl_module.parameters()
+                if p.requires_grad and p.grad is not None and id(p) not in at_wrap and id(p) in in_opt]
+        for p in late:
+            p.grad.copy_(trainer.strategy.reduce(p.grad, reduce_op="sum") / ws)
+        return len(late)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.registry(pl_module).reproject(pl_module)

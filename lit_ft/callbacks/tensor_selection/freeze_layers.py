@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
@@ -71,7 +70,6 @@ class FreezeLayers(ParamPlanCallback):
         self.frozen_numel = 0
         self.total_numel = 0
         self.tied_embeddings: Optional[bool] = None
-        self._resync: list[torch.nn.Parameter] = []  # unfrozen after the DDP wrap: gradients synced by hand
 
     @property
     def state_key(self) -> str:
@@ -138,7 +136,7 @@ class FreezeLayers(ParamPlanCallback):
 
     # -- gradual unfreezing -------------------------------------------------------------------------------------
     def _unfreeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        before = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        # under DDP the base averages the gradients of the unfrozen tensors (DDP's reducer never registered them)
         report = self.update_plan(trainer, pl_module, None)
         self.unfrozen = True
         if report is not None and report.groups_added and trainer.lr_scheduler_configs:
@@ -146,10 +144,6 @@ class FreezeLayers(ParamPlanCallback):
 
             for opt in trainer.optimizers:
                 sync_schedulers(trainer, opt, origin=None, owner="FreezeLayers")
-        # DDP registered its gradient hooks when these tensors were frozen: it never all-reduces their gradients, so
-        # average them by hand before each optimizer step (all ranks unfreeze at the same epoch)
-        if trainer.world_size > 1:
-            self._resync = [p for n, p in pl_module.named_parameters() if p.requires_grad and n not in before]
         rank_zero_info(f"FreezeLayers: unfroze {len(report.added) if report else 0} tensor(s) at epoch "
                        f"{trainer.current_epoch} (fresh optimizer state)")
 
@@ -164,14 +158,6 @@ class FreezeLayers(ParamPlanCallback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unfreeze_at_epoch is not None and not self.unfrozen and trainer.current_epoch >= self.unfreeze_at_epoch:
             self._unfreeze(trainer, pl_module)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        if self._resync:
-            ws = trainer.world_size
-            for p in self._resync:
-                if p.grad is not None:
-                    p.grad.copy_(trainer.strategy.reduce(p.grad, reduce_op="sum") / ws)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frac = self.frozen_numel / self.total_numel if self.total_numel else 0.0
