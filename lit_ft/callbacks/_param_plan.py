@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_ft.core.params import (
+    DEFAULT_NO_DECAY_PATTERNS,
     FROZEN,
     TRAINABLE,
     ParamPlan,
@@ -49,11 +50,21 @@ def _ddp_wrapper(trainer: pl.Trainer) -> torch.nn.parallel.DistributedDataParall
 
 
 class ParamPlanRegistry:
-    """The composed parameter plan of one LightningModule."""
+    """The composed parameter plan of one LightningModule.
+
+    ``no_decay_patterns``: tensors that get no weight decay when they join the optimizer mid-run — the module's own
+    ``no_decay_patterns`` attribute if it defines one (lit_ft's modules do: biases, norms and embeddings), else
+    :data:`~lit_ft.core.params.DEFAULT_NO_DECAY_PATTERNS`, so a rebuild follows the policy the module's
+    ``configure_optimizers`` used.
+    """
 
     def __init__(self, module: torch.nn.Module) -> None:
         #: the user's own choices (tensors frozen before any lit_ft callback ran stay frozen)
         self.baseline = ParamPlan.from_requires_grad(module, owner=f"{type(module).__name__} (requires_grad)")
+        patterns = getattr(module, "no_decay_patterns", None)
+        self.no_decay_patterns: tuple[str, ...] = (
+            (patterns,) if isinstance(patterns, str) else tuple(patterns) if patterns is not None else DEFAULT_NO_DECAY_PATTERNS
+        )
         self.plans: dict[str, ParamPlan] = {}
         self.composed: ParamPlan | None = None
         self._snapshot: dict[str, torch.Tensor] = {}
@@ -184,7 +195,8 @@ class ParamPlanCallback(Callback):
         report = None
         for opt in trainer.optimizers:
             lr, wd = _optimizer_defaults(opt)
-            r = rebuild_param_groups(opt, pl_module, reg.composed, lr, wd, apply=False)
+            r = rebuild_param_groups(opt, pl_module, reg.composed, lr, wd, no_decay_patterns=reg.no_decay_patterns,
+                                     apply=False)
             report = report or r
         return report
 

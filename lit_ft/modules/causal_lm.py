@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.modules.data_stats import log_data_stats
-from lit_ft.modules.optim import adamw_param_groups
+from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
 from lit_ft.modules.token_loss import TokenLossMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,6 +76,9 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         eval_before_training: evaluate once when training starts and log ``val_before/loss`` and
             ``val_before/exact_match`` (the quickstart prints before/after).
     """
+
+    #: tensors without weight decay, in configure_optimizers and when parameter callbacks rebuild the groups
+    no_decay_patterns = MODULE_NO_DECAY_PATTERNS
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ import torch
 import torchmetrics
 
 from lit_ft.modules.data_stats import log_data_stats
-from lit_ft.modules.optim import adamw_param_groups
+from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
 
 
 class ClassificationModule(pl.LightningModule):
@@ -24,6 +24,9 @@ class ClassificationModule(pl.LightningModule):
         learning_rate: AdamW learning rate (> 0).
         weight_decay: AdamW weight decay (≥ 0), not applied to biases, norms and embeddings.
     """
+
+    #: tensors without weight decay, in configure_optimizers and when parameter callbacks rebuild the groups
+    no_decay_patterns = MODULE_NO_DECAY_PATTERNS
 
     def __init__(
         self,

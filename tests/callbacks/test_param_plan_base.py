@@ -131,3 +131,18 @@ def test_optimizer_layout_is_checkpointed_and_reapplied_on_resume(tmp_path):
     assert optimizer_layout(t_res.optimizers[0], resumed) == optimizer_layout(t_full.optimizers[0], full)
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_tensors_thawed_mid_run_follow_the_modules_no_decay_patterns():
+    class Thaw(_Plan):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                self.update_plan(trainer, pl_module, None)
+
+    emb, up = "model.model.embed_tokens.weight", "model.model.layers.0.mlp.up_proj.weight"
+    module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1)
+    assert param_plans_for(module).no_decay_patterns == tuple(module.no_decay_patterns)
+    cb = Thaw(lambda m: ParamPlan.freeze(m, [emb, up], owner="T"), "T")
+    trainer = _fit(module, [cb], steps=2)
+    wd = {n: g["weight_decay"] for g in trainer.optimizers[0].param_groups for n in g["param_names"]}
+    assert wd[emb] == 0.0 and wd[up] == 0.1  # embeddings are excluded by CausalLMModule, as in configure_optimizers
