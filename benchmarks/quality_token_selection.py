@@ -40,18 +40,23 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 class _Meter(pl.Callback):
-    """Counts kept target tokens that reach the loss, and times training steps (excluding evaluation)."""
+    """Counts kept target tokens that reach the loss, and times training steps (excluding evaluation and the
+    first ``skip`` warm-up steps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int = 0) -> None:
         self.tokens = 0.0
         self.step_time = 0.0
+        self.timed = 0
+        self.skip = skip
         self._t0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-        self.step_time += time.perf_counter() - self._t0
+        if batch_idx >= self.skip:
+            self.step_time += time.perf_counter() - self._t0
+            self.timed += 1
         self.tokens += float(trainer.callback_metrics.get("train/tokens", 0.0))
 
 
@@ -81,12 +86,34 @@ def run(name: str, make: Callable[[], list[pl.Callback]], args: argparse.Namespa
         "loss_after": float(m["val/loss"]),
         "em_after": float(m.get("val/exact_match", float("nan"))),
         "tokens": meter.tokens,
-        "step_s": meter.step_time / args.steps,
+        "step_s": meter.step_time / max(meter.timed, 1),
         "wall_s": time.perf_counter() - t0,
     }
     row.update(module.eval_history.get("before", {}))
     print(f"[{name}] {row}", flush=True)
     return row
+
+
+def timing(names: list[str], args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Step time only (no evaluation): ``--timing-steps`` steps per technique, the first 2 not timed, one process.
+    Meant for a quiet machine, separately from the quality runs."""
+    out = []
+    for name in names:
+        pl.seed_everything(args.seed, verbose=False)
+        module = _module(args, before=False)
+        module.hparams.eval_exact_match = 0
+        meter = _Meter(skip=2)
+        trainer = pl.Trainer(max_steps=args.timing_steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[meter, *TECHNIQUES[name]()])
+        trainer.fit(module, datamodule=_datamodule(args, **DATA_OPTIONS.get(name, {})))
+        out.append((name, meter.step_time / max(meter.timed, 1)))
+        print(f"[timing] {name}: {out[-1][1]:.2f} s/step", flush=True)
+    base = out[0][1]
+    print("| technique | step time | vs plain |\n|---|---|---|")
+    for name, t in out:
+        print(f"| {name} | {t:.2f} s | {t / base:.2f}x |")
+    return out
 
 
 def main() -> None:
@@ -99,11 +126,16 @@ def main() -> None:
     p.add_argument("--only", type=str, default=None, help="comma-separated subset of technique names (prefix match)")
     p.add_argument("--out", type=str, default=None, help="write the markdown table here")
     p.add_argument("--plot", type=str, default=None, help="write a PNG plot here")
+    p.add_argument("--timing-steps", type=int, default=0,
+                   help="instead of the quality runs, time this many training steps per technique (no evaluation)")
     args = p.parse_args()
     names = list(TECHNIQUES)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         names = [n for n in names if any(n.startswith(w) for w in wanted)]
+    if args.timing_steps:
+        timing(names, args)
+        return
     rows = []
     t_all = time.perf_counter()
     for i, name in enumerate(names):
