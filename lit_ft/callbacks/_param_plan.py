@@ -298,3 +298,29 @@ class ParamPlanCallback(Callback):
         self.registry(pl_module).reproject(pl_module)
         pl_module.log(f"lit_ft/{self.technique_name}/trainable_fraction", self.trainable_fraction(),
                       on_step=True, on_epoch=False, batch_size=1)
+
+
+class SelectionPlanCallback(ParamPlanCallback):
+    """Base of techniques that train one fixed selection of tensors and freeze every other (TrainOnly,
+    LocalizedTuning): :meth:`plan_selection` builds the plan (never unfreezing what the module froze) and records
+    ``selected_names`` / ``selected_numel`` / ``total_numel``. Subclasses set ``self.required``."""
+
+    selected_numel: int = 0
+    total_numel: int = 0
+    required: bool = False
+
+    @property
+    def selected_fraction(self) -> float:
+        """Fraction of the model's elements this callback's selection trains (before composition with others)."""
+        return self.selected_numel / self.total_numel if self.total_numel else 0.0
+
+    def plan_selection(self, pl_module: pl.LightningModule, names: list[str], owner: str, what: str,
+                       hint: str = "") -> ParamPlan:
+        """:func:`selection_plan` of ``names`` against the user's baseline, with the selection bookkeeping."""
+        plan, keep = selection_plan(pl_module, names, self.registry(pl_module).baseline, owner, self.required, what,
+                                    hint=hint)
+        numel = {n: p.numel() for n, p in pl_module.named_parameters()}
+        self.selected_names = keep
+        self.selected_numel = sum(numel[n] for n in keep)
+        self.total_numel = sum(numel.values())
+        return plan

@@ -53,6 +53,7 @@ __all__ = [
     "PlanSummary",
     "RebuildReport",
     "select_param_names",
+    "name_matcher",
     "compose",
     "apply_plan",
     "plan_summary",
@@ -152,8 +153,14 @@ def _as_pattern_list(patterns: Union[str, Iterable[str]], argname: str) -> list[
     return out
 
 
-def _compile(pattern: str, argname: str):
-    """Return a predicate ``name -> bool`` for one pattern."""
+def name_matcher(pattern: str, argname: str = "patterns"):  # noqa: ANN201
+    """A predicate ``name -> bool`` for one pattern of the module's syntax (an fnmatch glob over the whole name, a
+    ``"re:"``-prefixed regex with ``re.fullmatch``, or an exact name), for names other than the model's parameter
+    names (e.g. names relative to a layer).
+
+    Raises:
+        ParamPatternError: an invalid regular expression (the message names ``argname``).
+    """
     if pattern.startswith("re:"):
         try:
             rx = re.compile(pattern[3:])
@@ -163,6 +170,9 @@ def _compile(pattern: str, argname: str):
     if not (_GLOB_CHARS & set(pattern)):
         return lambda n: n == pattern
     return lambda n: fnmatch.fnmatchcase(n, pattern)
+
+
+_compile = name_matcher  # private alias
 
 
 def _no_match_error(pattern: str, names: Sequence[str], owner: Optional[str], argname: str) -> ParamPatternError:

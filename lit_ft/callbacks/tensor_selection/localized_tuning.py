@@ -3,28 +3,16 @@ fit, stop when the epoch-average loss is low enough."""
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
+from lit_ft.callbacks._param_plan import SelectionPlanCallback
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
-from lit_ft.core.params import ParamPatternError, ParamPlan
-
-
-def _matcher(pattern: str):  # noqa: ANN202
-    if pattern.startswith("re:"):
-        try:
-            rx = re.compile(pattern[3:])
-        except re.error as e:
-            raise ValueError(f"LocalizedTuning: `module_pattern` {pattern!r} is not a valid regular expression: {e}.") from None
-        return lambda s: rx.fullmatch(s) is not None
-    return lambda s: fnmatch.fnmatchcase(s, pattern)
+from lit_ft.core.params import ParamPatternError, ParamPlan, name_matcher
 
 
 def _check_threshold(value: Any, argname: str) -> float:
@@ -33,7 +21,7 @@ def _check_threshold(value: Any, argname: str) -> float:
     return float(value)
 
 
-class LocalizedTuning(ParamPlanCallback):
+class LocalizedTuning(SelectionPlanCallback):
     """LocFT-BF: localized, breadth-first fine-tuning of one module.
 
     Paper: *Fine-tuning Done Right in Model Editing* (LocFT-BF; code ``ICT-STAR/LocFT``). The edited module is one
@@ -88,7 +76,7 @@ class LocalizedTuning(ParamPlanCallback):
                 f"LocalizedTuning: `module_pattern` must be a non-empty string such as 'mlp.down_proj', 'mlp.*' or "
                 f"'*', got {module_pattern!r}."
             )
-        _matcher(module_pattern)  # regex syntax errors now, not at setup
+        name_matcher(module_pattern, "module_pattern")  # regex syntax errors now, not at setup
         self.skip_below = _check_threshold(skip_below, "skip_below")
         self.stop_below = None if stop_below is None else _check_threshold(stop_below, "stop_below")
         if not isinstance(required, bool):
@@ -120,11 +108,6 @@ class LocalizedTuning(ParamPlanCallback):
         return self._generate_state_key(layer=self.layer, module_pattern=self.module_pattern)
 
     @property
-    def selected_fraction(self) -> float:
-        """Fraction of the model's elements this callback's selection trains (before composition with others)."""
-        return self.selected_numel / self.total_numel if self.total_numel else 0.0
-
-    @property
     def tracks_loss(self) -> bool:
         return self.skip_below > 0 or self.stop_below is not None
 
@@ -140,7 +123,7 @@ class LocalizedTuning(ParamPlanCallback):
             raise ValueError(f"LocalizedTuning: `layer`={self.layer} is out of range for a model with {n} decoder layers; allowed: {-n}..{n - 1}.")
         self.layer_index = self.layer % n
         block = layers[self.layer_index]
-        match = _matcher(self.module_pattern)
+        match = name_matcher(self.module_pattern, "module_pattern")
         by_id = param_names_by_id(pl_module)
         picked: set[str] = set()
         rel_names = []
@@ -166,17 +149,13 @@ class LocalizedTuning(ParamPlanCallback):
             )
         names = self.select_names(pl_module)
         what = f"layer={self.layer} (index {self.layer_index}), module_pattern={self.module_pattern!r}"
-        plan, keep = selection_plan(
-            pl_module, names, self.registry(pl_module).baseline, "LocalizedTuning", self.required, what,
+        plan = self.plan_selection(
+            pl_module, names, "LocalizedTuning", what,
             hint="under PEFT choose a module that carries an adapter (e.g. module_pattern='self_attn.q_proj' with "
             "LoraConfig(target_modules=['q_proj', ...])) or add the module to target_modules.",
         )
-        numel = {n: p.numel() for n, p in pl_module.named_parameters()}
-        self.selected_names = keep
-        self.selected_numel = sum(numel[n] for n in keep)
-        self.total_numel = sum(numel.values())
         rank_zero_info(
-            f"LocalizedTuning({what}): training {keep}, {self.selected_numel:,} of {self.total_numel:,} elements "
+            f"LocalizedTuning({what}): training {self.selected_names}, {self.selected_numel:,} of {self.total_numel:,} elements "
             f"({100 * self.selected_fraction:.3f}%)"
         )
         return plan

@@ -8,7 +8,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
+from lit_ft.callbacks._param_plan import SelectionPlanCallback
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -24,7 +24,7 @@ from lit_ft.core.params import ParamPlan, select_param_names
 PRESETS = ("embeddings_and_head", "last_layers", "patterns")
 
 
-class TrainOnly(ParamPlanCallback):
+class TrainOnly(SelectionPlanCallback):
     """Lightweight fine-tuning: train only a fixed subset of tensors, freeze the rest.
 
     Paper: Zlotchevski et al., *Exploring and Evaluating Personalized Models for Code Generation* (FSE 2022) —
@@ -102,11 +102,6 @@ class TrainOnly(ParamPlanCallback):
             preset=self.preset, last_k=self.last_k, patterns=tuple(self.patterns or ()), include_head=self.include_head
         )
 
-    @property
-    def selected_fraction(self) -> float:
-        """Fraction of the model's elements this callback's selection trains (before composition with others)."""
-        return self.selected_numel / self.total_numel if self.total_numel else 0.0
-
     # -- selection --------------------------------------------------------------------------------------------
     def _hf_model(self, pl_module: pl.LightningModule):  # noqa: ANN202
         try:
@@ -144,17 +139,13 @@ class TrainOnly(ParamPlanCallback):
     def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan:
         names = self.select_names(pl_module)
         what = f"preset={self.preset!r}" + (f" (patterns={self.patterns})" if self.preset == "patterns" else "")
-        plan, keep = selection_plan(
-            pl_module, names, self.registry(pl_module).baseline, "TrainOnly", self.required, what,
+        plan = self.plan_selection(
+            pl_module, names, "TrainOnly", what,
             hint="select tensors that are trainable there (under PEFT: the adapter parameters, e.g. preset='patterns', "
             "patterns=['*lora_*'], or add the module to LoraConfig(modules_to_save=...)).",
         )
-        numel = {n: p.numel() for n, p in pl_module.named_parameters()}
-        self.selected_names = keep
-        self.selected_numel = sum(numel[n] for n in keep)
-        self.total_numel = sum(numel.values())
         rank_zero_info(
-            f"TrainOnly({what}): training {len(keep)} tensor(s), {self.selected_numel:,} of {self.total_numel:,} "
+            f"TrainOnly({what}): training {len(self.selected_names)} tensor(s), {self.selected_numel:,} of {self.total_numel:,} "
             f"elements ({100 * self.selected_fraction:.3f}%)"
             + (" — input embeddings and lm_head are one tied tensor" if self.tied_embeddings and self.preset != "patterns" else "")
         )
