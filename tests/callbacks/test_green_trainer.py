@@ -434,7 +434,7 @@ def test_checkpoint_resume_after_selection_reordered_the_optimizer(tmp_path):
     make = lambda: Scripted(script, rho=0.7, interval=1, measure_every_n_steps=0)  # noqa: E731
     full, cb_full, tr_full = _resume_run(tmp_path, make, 6, save=True)
     ckpt = tmp_path / "epoch=1-step=4.ckpt"
-    layout = torch.load(ckpt, weights_only=False)["callbacks"][cb_full.state_key]["optimizer_layouts"][0]
+    layout = torch.load(ckpt, weights_only=False)["lit_ft_param_plans"]["optimizer_layout"][0]
     assert layout == [[], [LM, DOWN1]]  # differs from what configure_optimizers builds from requires_grad
     resumed, cb_res, tr_res = _resume_run(tmp_path, make, 6, ckpt_path=str(ckpt))
     _assert_same(full, resumed)

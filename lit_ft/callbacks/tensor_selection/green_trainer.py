@@ -575,14 +575,12 @@ class GreenTrainer(ParamPlanCallback):
 
         self._trainer: Optional[pl.Trainer] = None
         self._module: Optional[pl.LightningModule] = None
-        self._restored_layouts: Optional[list[Any]] = None
         self._pending_apply = False
         self._counter: Optional[FlopCounterMode] = None
         self._measure_full: Optional[float] = None
         self._last_measured_step = -1
         self._log_measured = False
         self._local_importance: Optional[np.ndarray] = None
-        self._hook_handles: list[Any] = []
 
     @property
     def state_key(self) -> str:
@@ -629,17 +627,8 @@ class GreenTrainer(ParamPlanCallback):
         if self._pending_apply and self.last_selection is not None:
             self._pending_apply = False
             self._apply_selection(trainer, pl_module, self.last_selection, self._candidates(pl_module)[0])
-        if self._restored_layouts is not None:
-            layouts, self._restored_layouts = self._restored_layouts, None
-            for opt, layout in zip(trainer.optimizers, layouts):
-                if layout is not None:
-                    self._hook_handles.append(
-                        opt.register_load_state_dict_pre_hook(self._layout_hook(pl_module, layout)))
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for h in self._hook_handles:
-            h.remove()
-        self._hook_handles = []
+        # the base re-applies the checkpointed optimizer layout (shared by every parameter technique)
+        super().on_fit_start(trainer, pl_module)
 
     # -- selection --------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -916,14 +905,6 @@ class GreenTrainer(ParamPlanCallback):
 
     # -- state ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        layouts = None
-        if self._trainer is not None and self._module is not None:
-            by_id = {id(p): n for n, p in self._module.named_parameters()}
-            layouts = []
-            for opt in self._trainer.optimizers:
-                opt = getattr(opt, "_optimizer", opt)
-                groups = [[by_id.get(id(p)) for p in g["params"]] for g in opt.param_groups]
-                layouts.append(None if any(n is None for g in groups for n in g) else groups)
         return {
             "version": 1,
             "rho": self.rho,
@@ -941,7 +922,6 @@ class GreenTrainer(ParamPlanCallback):
                 "est_backward_flops_fraction": self.est_backward_flops_fraction,
                 "est_flops_fraction": self.est_flops_fraction,
             },
-            "optimizer_layouts": layouts,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -963,32 +943,7 @@ class GreenTrainer(ParamPlanCallback):
         self.rho_bp = state_dict.get("rho_bp")
         for k, v in (state_dict.get("fractions") or {}).items():
             setattr(self, k, v)
-        self._restored_layouts = state_dict.get("optimizer_layouts")
         self._pending_apply = self.last_selection is not None
-
-    @staticmethod
-    def _layout_hook(pl_module: pl.LightningModule, layout: list[list[str]]) -> Callable[..., None]:
-        """Optimizer ``load_state_dict`` pre-hook: give the fresh optimizer the saved run's param-group layout (by
-        name), so the positional state restore puts every Adam moment on its own tensor even after selections
-        changed the groups' contents and order."""
-
-        def hook(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-            named = dict(pl_module.named_parameters())
-            saved_groups = state_dict.get("param_groups", [])
-            if len(saved_groups) != len(layout) or any(
-                len(sg["params"]) != len(names) for sg, names in zip(saved_groups, layout)
-            ) or any(n not in named for names in layout for n in names):
-                return None
-            new_groups = []
-            for sg, names in zip(saved_groups, layout):
-                g = {k: v for k, v in sg.items() if k != "params"}
-                g["params"] = [named[n] for n in names]
-                new_groups.append(g)
-            optimizer.param_groups[:] = new_groups
-            optimizer.state.clear()
-            return None
-
-        return hook
 
 
 def _optimizer_defaults_safe(opt: torch.optim.Optimizer) -> tuple[float, float]:
