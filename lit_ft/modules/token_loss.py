@@ -18,6 +18,9 @@ from torch import nn
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.introspect import CausalLMParts, causal_lm_parts, find_hf_model
 from lit_ft.core.tokens import TokenPipeline, TokenScores, shift_targets, token_pipeline_for
+from lit_ft.kernels.token_ce.flops import register as _register_flop_formulas
+
+_register_flop_formulas()  # profiling a lit_ft module with FlopCounterMode counts the fused lm_head
 
 #: keys forwarded to the HF trunk; everything else in the batch (sample_idx, token_weights, ...) stays out
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")

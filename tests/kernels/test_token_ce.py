@@ -305,7 +305,9 @@ def test_flop_counter_counts_the_fused_op():
     from torch.utils.flop_counter import FlopCounterMode
 
     from lit_ft.kernels import fused_linear_token_ce
+    from lit_ft.kernels.token_ce.flops import register
 
+    register()  # automatic once Lightning / lit_ft.modules is imported; explicit for a bare lit_ft.kernels user
     n, d, v = 12, 8, 30
     h = torch.randn(n, d, requires_grad=True)
     w = torch.randn(v, d, requires_grad=True)

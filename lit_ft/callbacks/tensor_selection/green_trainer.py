@@ -225,7 +225,9 @@ def flop_counter() -> FlopCounterMode:
     """A silent :class:`FlopCounterMode`. lit_ft's fused linear-CE ops register their FLOP formulas when
     ``lit_ft.kernels`` is imported (lit_ft/kernels/token_ce/flops.py), so the lm_head matmuls done inside
     ``lit_ft::token_ce`` are counted."""
-    import lit_ft.kernels  # noqa: F401  (registers the ops and their FLOP formulas)
+    from lit_ft.kernels.token_ce.flops import register
+
+    register()
 
     return FlopCounterMode(display=False)
 

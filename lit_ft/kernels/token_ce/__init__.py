@@ -8,6 +8,8 @@ folded into dlogits). Triton is imported only when the Triton path actually runs
 
 from __future__ import annotations
 
+import sys
+
 import importlib.util
 import math
 import os
@@ -197,9 +199,13 @@ def _backward(ctx, grad_loss, *_unused):
 
 _token_ce.register_autograd(_backward, setup_context=_setup_context)
 
-from . import flops as _flops  # noqa: E402  (after both ops exist)
+# FLOP formulas (FlopCounterMode then counts the lm_head matmuls done inside the ops). torch.utils.flop_counter
+# imports triton, which `import lit_ft.kernels` must not: register now only if it is already loaded (Lightning
+# loads it), else lit_ft.kernels.token_ce.flops.register() does it on demand (lit_ft's modules call it).
+if "torch.utils.flop_counter" in sys.modules:
+    from . import flops as _flops  # noqa: E402
 
-_flops.register()  # FlopCounterMode counts the lm_head matmuls done inside the ops
+    _flops.register()
 
 
 # ----------------------------------------------------------------------------------------------------------------

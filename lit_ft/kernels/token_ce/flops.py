@@ -30,7 +30,16 @@ def token_ce_backward_flops(grad_tokens, hidden, weight, labels, bias, token_wei
     return token_ce_flops(hidden, weight, labels, bias, token_weights, keep, *rest, grad_tokens=grad_tokens)
 
 
+_registered = False
+
+
 def register() -> None:
-    """Register both formulas (idempotent)."""
+    """Register both formulas (once)."""
+    global _registered
+    if _registered:
+        return
+    import lit_ft.kernels.token_ce  # noqa: F401  (defines the ops)
+
     register_flop_formula(torch.ops.lit_ft.token_ce, get_raw=True)(token_ce_flops)
     register_flop_formula(torch.ops.lit_ft.token_ce_backward, get_raw=True)(token_ce_backward_flops)
+    _registered = True
