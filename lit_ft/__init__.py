@@ -19,7 +19,7 @@ _LAZY = {
     "ClassificationDataModule": "lit_ft.data",
     "ExcessLossSelection": "lit_ft.callbacks",
     "fused_linear_token_ce": "lit_ft.kernels",
-    "compose_sparse_diffs": "lit_ft.callbacks.param_reset",
+    "compose_sparse_diffs": "lit_ft.core.sparse_diff",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,4 +1,4 @@
-"""LayerwiseLRDecay: per-tensor lrs equal the hand-computed lr * decay ** (L - l), SGD updates scale with them,
+"""LayerwiseLRDecay (lit_ft/callbacks/tensor_selection/layerwise_lr_decay.py): per-tensor lrs equal the hand-computed lr * decay ** (L - l), SGD updates scale with them,
 weight-decay splits and optimizer state are kept, LR schedulers are re-mapped (or refused), tensors unfrozen later
 move to their layer's group, resume rebuilds the same groups, plain and PEFT modules."""
 

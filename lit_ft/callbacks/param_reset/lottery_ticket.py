@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
-from lit_ft.callbacks.param_reset.sparse_diff import export_sparse_diff
+from lit_ft.core.sparse_diff import export_sparse_diff
 from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
 from lit_ft.core.params import ParamPlan, reset_optimizer_state, select_param_names
 
@@ -423,7 +423,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         return os.path.join(root, "sparse_diff.safetensors")
 
     def sparse_diff_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(theta0, masks)`` for :func:`~lit_ft.callbacks.param_reset.sparse_diff.export_sparse_diff` (phase 2)."""
+        """``(theta0, masks)`` for :func:`~lit_ft.core.sparse_diff.export_sparse_diff` (phase 2)."""
         if self.phase != 2:
             raise RuntimeError("LotteryTicketSparseFT: the sparse diff exists only in phase 2.")
         masks = {n: m for n, m in self.masks.items() if bool(m.any())}
