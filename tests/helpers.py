@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lit_ft.modules import CausalLMModule
 from lit_ft.testing import tiny_llama_config
 
 VOCAB = 384
@@ -58,3 +59,29 @@ class PlainHFModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class SGDModule(CausalLMModule):
+    """SGD (lr 1) makes the update proportional to the gradient: any selection or normalisation difference between
+    runs shows in the weights."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def fit_global_batches(strategy: str, devices: int, batch_size: int, init_state: dict, data: dict, callbacks: list,
+                       steps: int = 1):
+    """Train :class:`SGDModule` from ``init_state`` on ``data`` (dict of [N, ...] tensors) cut into micro-batches of
+    ``batch_size`` in order; under DDP the distributed sampler gives rank r every r-th micro-batch, so 2 ranks x 4
+    see exactly the global batches that 1 process x 8 sees. Returns ``(state_dict, trainer)``."""
+    module = SGDModule(model_config=tiny_config())
+    module.load_state_dict(init_state)
+    n = next(iter(data.values())).shape[0]
+    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+    trainer = pl.Trainer(
+        accelerator="cpu", strategy=strategy, devices=devices, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        use_distributed_sampler=True,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return module.state_dict(), trainer

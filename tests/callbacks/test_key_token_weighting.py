@@ -10,7 +10,7 @@ from lit_ft.core import BatchKeyError
 from lit_ft.core.tokens import TokenScores, shift_targets
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config
 
 
 def keyed_batch(batch_size=4, seq_len=16, seed=0, p=0.15):
@@ -339,24 +339,6 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert not torch.equal(init.model.lm_head.weight, resumed.model.lm_head.weight)
 
 
-class SGDModule(CausalLMModule):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
-def _fit_ddp(strategy, devices, batch_size, init_state, data):
-    module = SGDModule(model_config=tiny_config())
-    module.load_state_dict(init_state)
-    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, 8, batch_size)]
-    trainer = pl.Trainer(
-        accelerator="cpu", strategy=strategy, devices=devices, max_steps=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[KeyTokenWeighting()], use_distributed_sampler=True,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return module.state_dict()
-
-
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_big_batch():
     torch.manual_seed(0)
@@ -364,8 +346,8 @@ def test_ddp_two_ranks_equal_one_big_batch():
     data = keyed_batch(8, 16, seed=2, p=0.2)
     data["labels"][:4, 3:12] = -100  # rank 0 holds far fewer tokens than rank 1
     data["key_token_mask"] &= data["labels"] != -100
-    single = _fit_ddp("auto", 1, 8, init, data)
-    ddp = _fit_ddp("ddp_spawn", 2, 4, init, data)
+    single, _ = fit_global_batches("auto", 1, 8, init, data, [KeyTokenWeighting()])
+    ddp, _ = fit_global_batches("ddp_spawn", 2, 4, init, data, [KeyTokenWeighting()])
     moved = False
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -9,7 +9,7 @@ from lit_ft.callbacks import ExcessLossSelection, MaskedThought
 from lit_ft.core import BatchKeyError
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
-from helpers import VOCAB, ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import VOCAB, ListDataModule, PlainHFModule, SGDModule, random_batch, tiny_config
 
 
 def _trainer(callbacks, max_steps=3, **kw):
@@ -345,11 +345,6 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
 
 
 # -- DDP ---------------------------------------------------------------------------------------------------------
-class _SGDModule(CausalLMModule):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
 class _DumpInputs(pl.Callback):
     def __init__(self, path):
         self.path, self.seen = path, []
@@ -376,7 +371,7 @@ class _RankSlices(torch.utils.data.Dataset):
 
 
 def _ddp_fit(tmp_path, devices, batch_size, init_state, steps):
-    module = _SGDModule(model_config=tiny_config())
+    module = SGDModule(model_config=tiny_config())
     module.load_state_dict(init_state)
     mt = MaskedThought(max_rate=0.4, warmup_fraction=0.0, mode="random", seed=3)
     trainer = pl.Trainer(
@@ -392,7 +387,7 @@ def _ddp_fit(tmp_path, devices, batch_size, init_state, steps):
 @pytest.mark.slow
 def test_ddp_two_ranks_mask_exactly_like_one_process(tmp_path):
     torch.manual_seed(0)
-    init = _SGDModule(model_config=tiny_config()).state_dict()
+    init = SGDModule(model_config=tiny_config()).state_dict()
     steps = [random_batch(8, 16, prompt_len=3, seed=2), random_batch(8, 16, prompt_len=3, seed=3)]
     single = _ddp_fit(tmp_path, 1, 8, init, steps)
     ddp = _ddp_fit(tmp_path, 2, 4, init, steps)

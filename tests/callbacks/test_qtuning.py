@@ -10,7 +10,7 @@ from lit_ft.callbacks.token_selection.qtuning import _corners, smoothed_log_scor
 from lit_ft.core import BatchKeyError, ModelLayoutError, global_topk_mask, shift_targets
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config
 
 
 def _trainer(callbacks, max_steps=3, **kw):
@@ -433,28 +433,16 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, scoring):
 
 
 # -- DDP ----------------------------------------------------------------------------------------------------------
-class _SGDModule(CausalLMModule):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
 _METRICS = ("sample_fraction", "kept_token_fraction", "alpha", "ppl_lo", "ppl_hi", "ent_lo", "ent_hi",
             "q1", "q2", "q3", "q4", "kept_q2", "kept_q4", "topped_up")
 
 
 def _fit(strategy, devices, batch_size, init_state, datas, scoring):
-    module = _SGDModule(model_config=tiny_config())
-    module.load_state_dict(init_state)
-    batches = [{k: v[i : i + batch_size] for k, v in d.items()} for d in datas for i in range(0, 8, batch_size)]
+    merged = {k: torch.cat([d[k] for d in datas]) for k in datas[0]}  # step i = datas[i]
     cb = QTuning(sample_ratio=0.25, token_ratio=0.5, scoring=scoring, plot_every_n_steps=0)
-    trainer = pl.Trainer(
-        accelerator="cpu", strategy=strategy, devices=devices, max_steps=len(datas), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
-        use_distributed_sampler=True,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    state, trainer = fit_global_batches(strategy, devices, batch_size, init_state, merged, [cb], steps=len(datas))
     metrics = {k: float(trainer.callback_metrics[f"lit_ft/qtuning/{k}"]) for k in _METRICS}
-    return module.state_dict(), metrics
+    return state, metrics
 
 
 @pytest.mark.slow
@@ -463,7 +451,7 @@ def test_ddp_two_ranks_select_what_one_big_batch_selects(scoring):
     """Step 1: both kept samples (Q2, token-pruned across them) sit on rank 1, so rank 0 trains on the
     no-target fallback row; step 2: the kept samples are split across the ranks."""
     torch.manual_seed(0)
-    init = _SGDModule(model_config=tiny_config()).state_dict()
+    init = SGDModule(model_config=tiny_config()).state_dict()
     datas = []
     for seed in (2, 4):
         data = random_batch(8, 16, prompt_len=3, seed=seed)

@@ -14,7 +14,7 @@ from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
 from lit_ft.core.tokens import per_response_min_max, per_response_topk_mask, token_pipeline_for
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
-from helpers import VOCAB, ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import VOCAB, ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config
 
 
 def _trainer(callbacks, max_steps=3, **kw):
@@ -446,34 +446,19 @@ def test_checkpoint_resume_equals_uninterrupted_with_ema_state(tmp_path):
 
 
 # -- DDP -----------------------------------------------------------------------------------------------------------------
-class _SGDModule(CausalLMModule):
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
-def _fit_ddp(strategy, devices, batch_size, init_state, data):
-    module = _SGDModule(model_config=tiny_config())
-    module.load_state_dict(init_state)
-    batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, 16, batch_size)]
-    trainer = pl.Trainer(
-        accelerator="cpu", strategy=strategy, devices=devices, max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SSToken(keep_ratio=0.5, ema_decay=0.5)], use_distributed_sampler=True,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return module.state_dict()
-
-
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process():
     """2 ranks x batch 4 == 1 process x batch 8 over 2 steps (per-response selection, global normalisation, EMA
     history used at step 2). Rank r gets batches r, r+2: rows 0-7 at step 1, rows 8-15 at step 2."""
     torch.manual_seed(0)
-    init = _SGDModule(model_config=tiny_config()).state_dict()
+    init = SGDModule(model_config=tiny_config()).state_dict()
     data = random_batch(16, 16, prompt_len=3, seed=2)
     data["labels"][:4, 3:12] = -100  # rank 0 holds far fewer tokens than rank 1 at step 1
-    single = _fit_ddp("auto", 1, 8, init, data)
-    ddp = _fit_ddp("ddp_spawn", 2, 4, init, data)
+    def cbs():
+        return [SSToken(keep_ratio=0.5, ema_decay=0.5)]
+
+    single, _ = fit_global_batches("auto", 1, 8, init, data, cbs(), steps=2)
+    ddp, _ = fit_global_batches("ddp_spawn", 2, 4, init, data, cbs(), steps=2)
     moved = False
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
