@@ -1,0 +1,237 @@
+"""Shared plumbing for prompt techniques (DESIGN.md §4 "Prompts").
+
+:class:`PromptCallback` installs a technique's :class:`~lit_ft.core.prompts.PromptSource` at ``setup`` (any stage,
+before the optimizer exists and before a checkpoint is restored), registers it as a submodule of the
+LightningModule (``pl_module.lit_ft_prompts[<name>]``: moved, checkpointed and DDP-synchronised with the module),
+activates it in the HF model's :class:`~lit_ft.core.prompts.PromptInjector`, freezes the backbone through the
+shared parameter-plan registry (composes with every other parameter callback; never unfreezes what the user froze),
+gives the technique's tensors their own learning rates at ``on_fit_start``, logs, and writes the prompt artifact
+(``prompt.safetensors`` + ``prompt_config.json``) when training ends.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
+from lit_ft.core.group_hparams import assign_group_hparams
+from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.params import ParamPlan
+from lit_ft.core.prompts import (
+    HOST_ATTR,
+    ModelGeometry,
+    PromptError,
+    PromptInjector,
+    PromptSource,
+    injector_for,
+    load_tokenizer,
+    model_geometry,
+    register_source,
+    save_prompt,
+    unregister_source,
+)
+
+
+def check_optional_lr(value: float | None, argname: str, owner: str) -> float | None:
+    """``None`` or a finite number > 0 (a learning rate); raises naming the argument otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: `{argname}` must be a number > 0 or null (= the optimizer's), got {value!r}")
+    return float(value)
+
+
+def check_optional_wd(value: float | None, argname: str, owner: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: `{argname}` must be a number >= 0 or null (= the optimizer's), got {value!r}")
+    return float(value)
+
+
+class PromptCallback(ParamPlanCallback):
+    """Base class of prompt techniques.
+
+    Subclasses implement :meth:`build_source` and may override :meth:`extra_trainable` (tensors of the model that
+    train with the prompt, e.g. a classification head), :meth:`group_hparams` (more learning rates) and the usual
+    Lightning hooks (call ``super()``).
+
+    Common arguments (subclasses expose them):
+        freeze_backbone: freeze every model tensor except the technique's (default). ``False`` trains the prompt
+            together with whatever the module itself trains.
+        learning_rate: lr of the prompt's tensors (their own param group); ``None`` = the optimizer's lr.
+        weight_decay: weight decay of the prompt's tensors; ``None`` = that of the group they came from.
+        save_dir: write the prompt artifact here when ``fit`` ends (rank 0); ``None`` = do not.
+        tokenizer: tokenizer (local folder or lit_ft asset name) for text initialisation when the DataModule has no
+            ``tokenizer`` attribute.
+    """
+
+    technique_name = "prompt"
+    #: name of the source under ``pl_module.lit_ft_prompts``
+    source_name = "prompt"
+
+    def __init__(self, freeze_backbone: bool = True, learning_rate: float | None = None,
+                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
+        owner = type(self).__name__
+        if not isinstance(freeze_backbone, bool):
+            raise ValueError(f"{owner}: `freeze_backbone` must be true or false, got {freeze_backbone!r}")
+        self.freeze_backbone = freeze_backbone
+        self.learning_rate = check_optional_lr(learning_rate, "learning_rate", owner)
+        self.weight_decay = check_optional_wd(weight_decay, "weight_decay", owner)
+        if save_dir is not None and not isinstance(save_dir, str):
+            raise ValueError(f"{owner}: `save_dir` must be a path string or null, got {save_dir!r}")
+        self.save_dir = save_dir
+        self.tokenizer = tokenizer
+        self.source: PromptSource | None = None
+        self.injector: PromptInjector | None = None
+        self._host: pl.LightningModule | None = None
+
+    # -- to implement ----------------------------------------------------------------------------------------------
+    def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: torch.nn.Module,
+                     geometry: ModelGeometry) -> PromptSource:
+        raise NotImplementedError
+
+    def extra_trainable(self, pl_module: pl.LightningModule) -> list[str]:
+        """Names of model tensors (not the prompt's) that train with the prompt while the backbone is frozen."""
+        return []
+
+    def group_hparams(self, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+        """Parameter name -> ``{"lr": .., "weight_decay": ..}`` given at ``on_fit_start`` (default: the prompt's
+        tensors get ``learning_rate`` / ``weight_decay`` when set)."""
+        hp: dict[str, float] = {}
+        if self.learning_rate is not None:
+            hp["lr"] = self.learning_rate
+        if self.weight_decay is not None:
+            hp["weight_decay"] = self.weight_decay
+        return {n: dict(hp) for n in self.source_param_names(pl_module)} if hp else {}
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def tokenizer_for(self, trainer: pl.Trainer) -> Any:
+        """The DataModule's tokenizer, else ``tokenizer`` loaded (``None`` when neither is available)."""
+        dm = getattr(trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None) if dm is not None else None
+        if tok is None and self.tokenizer is not None:
+            tok = load_tokenizer(self.tokenizer)
+        return tok
+
+    def source_param_names(self, pl_module: pl.LightningModule, name: str | None = None) -> list[str]:
+        prefix = f"{HOST_ATTR}.{name or self.source_name}."
+        return [n for n, _ in pl_module.named_parameters() if n.startswith(prefix)]
+
+    @property
+    def installed(self) -> bool:
+        return self.source is not None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.source is None or self._host is not pl_module:
+            self.install(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)  # parameter plan (fit only)
+
+    def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        owner = type(self).__name__
+        hf = find_hf_model(pl_module)
+        try:
+            inj = injector_for(hf)
+        except PromptError as e:
+            raise PromptError(f"{owner}: {e}") from None
+        assert inj is not None
+        if inj.source is not None and inj.source is not self.source:
+            raise PromptError(
+                f"{owner}: the model already runs the prompt of another technique ({type(inj.source).__name__}); "
+                "use one prompt technique per model."
+            )
+        geometry = model_geometry(hf)
+        source = self.build_source(trainer, pl_module, hf, geometry)
+        p = next(hf.parameters())
+        source.to(device=p.device)
+        register_source(pl_module, self.source_name, source)
+        inj.activate(source)
+        self.source, self.injector, self._host = source, inj, pl_module
+        n_params = sum(t.numel() for t in source.parameters())
+        rank_zero_info(f"{owner}: {type(source).__name__} ({source.kind}, {source.num_virtual_tokens} virtual tokens, "
+                       f"{n_params:,} parameters) installed")
+
+    def remove(self) -> None:
+        """Take the prompt out of the model (its tensors leave the LightningModule)."""
+        if self.injector is not None:
+            self.injector.activate(None)
+        if self._host is not None:
+            unregister_source(self._host, self.source_name)
+        self.source = self.injector = self._host = None
+
+    def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan | None:
+        if not self.freeze_backbone:
+            return None
+        names = self.source_param_names(pl_module) + self.extra_trainable(pl_module)
+        plan, _ = selection_plan(pl_module, names, self.registry(pl_module).baseline, type(self).__name__,
+                                 required=False, what="the prompt")
+        return plan
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.apply_group_hparams(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)  # param-group layout of the checkpoint on resume
+
+    def apply_group_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                            assignments: dict[str, dict[str, float]] | None = None) -> None:
+        """Give the technique's tensors their learning rates (and add any the optimizer does not hold: a
+        ``configure_optimizers`` over ``self.model.parameters()`` would otherwise never train the prompt)."""
+        from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
+
+        if assignments is None:
+            assignments = self.group_hparams(pl_module)
+            for n in self.source_param_names(pl_module) + self.extra_trainable(pl_module):
+                assignments.setdefault(n, {})
+        params = dict(pl_module.named_parameters())
+        assignments = {n: hp for n, hp in assignments.items() if params[n].requires_grad}
+        for opt in trainer.optimizers:
+            r = assign_group_hparams(opt, pl_module, assignments)
+            if r.changed and trainer.lr_scheduler_configs:
+                sync_schedulers(trainer, opt, origin=r.origin, scale=r.scale, owner=type(self).__name__)
+            if r.added:
+                rank_zero_info(f"{type(self).__name__}: added {len(r.added)} prompt tensor(s) the optimizer did not hold")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.source is not None:
+            norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in self.source.parameters()))
+            pl_module.log(f"lit_ft/{self.technique_name}/prompt_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_dir and self.source is not None and trainer.is_global_zero:
+            hf = find_hf_model(pl_module)
+            meta = {"technique": type(self).__name__,
+                    "base_model": str(getattr(getattr(hf, "config", None), "_name_or_path", ""))}
+            save_prompt(self.source, self.save_dir, metadata=meta)
+            rank_zero_info(f"{type(self).__name__}: prompt saved to {self.save_dir}")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(source=self.source_name)
+
+    def load_source_state(self, path: str) -> dict[str, torch.Tensor]:
+        """Tensors of a saved artifact (``prompt.safetensors`` in a folder)."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        f = Path(path)
+        f = f / "prompt.safetensors" if f.is_dir() else f
+        if not f.is_file():
+            raise PromptError(f"{type(self).__name__}: no prompt weights at {path}")
+        return load_file(str(f))
+
+
+_SAFE = re.compile(r"[^0-9A-Za-z_]")
+
+
+def safe_module_key(text: str) -> str:
+    """A ``ModuleDict`` key from arbitrary text."""
+    return _SAFE.sub("_", text)

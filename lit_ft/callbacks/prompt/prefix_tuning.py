@@ -1,0 +1,96 @@
+"""PrefixTuning: trainable per-layer key/value prefixes (Li & Liang, 2021; P-tuning v2)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource
+
+
+class PrefixEncoder(PromptSource):
+    """Per-layer key/value prefixes, laid out like PEFT's ``PrefixEncoder`` (so its tensors load one to one).
+
+    Without projection: ``embedding.weight`` ``[n, 2 L kv]``. With projection (``projection_hidden_size > 0``):
+    ``embedding`` ``[n, D]`` -> ``transform`` = Linear(D, h) -> tanh -> Linear(h, 2 L kv). The ``[n, 2L, H_kv, d_h]``
+    result is split so layer ``l`` gets keys ``[:, 2l]`` and values ``[:, 2l + 1]`` (PEFT's permute/split order).
+    """
+
+    kind = "prefix"
+
+    def __init__(self, geometry: ModelGeometry, num_virtual_tokens: int = 20, projection_hidden_size: int = 0) -> None:
+        super().__init__(geometry, num_virtual_tokens)
+        if isinstance(projection_hidden_size, bool) or not isinstance(projection_hidden_size, int) or projection_hidden_size < 0:
+            raise PromptError(f"PrefixEncoder: projection_hidden_size must be an int >= 0, got {projection_hidden_size!r}")
+        self.projection_hidden_size = projection_hidden_size
+        out = 2 * geometry.num_layers * geometry.kv_dim
+        if projection_hidden_size:
+            self.embedding = nn.Embedding(num_virtual_tokens, geometry.hidden_size)
+            self.transform = nn.Sequential(
+                nn.Linear(geometry.hidden_size, projection_hidden_size), nn.Tanh(), nn.Linear(projection_hidden_size, out)
+            )
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, out)
+
+    def flat_key_values(self) -> torch.Tensor:
+        """``[n, 2 L kv]``"""
+        x = self.embedding.weight
+        return self.transform(x) if self.projection_hidden_size else x
+
+    def prefix_key_values(self, inputs: PromptInputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = self.geometry
+        n = self.num_virtual_tokens
+        kv = self.flat_key_values().view(n, 2 * g.num_layers, g.num_kv_heads, g.head_dim).permute(1, 2, 0, 3)
+        return [(kv[2 * i].unsqueeze(0), kv[2 * i + 1].unsqueeze(0)) for i in range(g.num_layers)]
+
+    def artifact_config(self) -> dict:
+        return {"num_virtual_tokens": self.num_virtual_tokens, "projection_hidden_size": self.projection_hidden_size}
+
+
+class PrefixTuning(PromptCallback):
+    """Prefix tuning: every attention layer attends to ``n`` trainable key/value vectors before the input.
+
+    Paper: Li & Liang, *Prefix-Tuning: Optimizing Continuous Prompts for Generation* (ACL 2021); the same deep
+    prompts as P-tuning v2 (Liu et al., 2022). Behaviour and tensor layout match HF PEFT's ``PREFIX_TUNING``
+    (tested: same outputs from the same tensors).
+
+    Algorithm: the prefix keys/values are written into the attention cache before the input is processed
+    (``attention_mask`` gets ``n`` leading ones, the tokens' positions start at ``n``); decoding continues from that
+    cache, so ``generate()`` pays for the prefix once. The optional MLP re-parameterisation (Li & Liang's trick for
+    stable training) computes the prefix from a smaller ``[n, D]`` table.
+
+    Args:
+        num_virtual_tokens: prefix length ``n`` (>= 1).
+        projection_hidden_size: hidden size ``h`` of the re-parameterisation MLP; 0 (default) = train the
+            ``[n, 2 L kv]`` table directly.
+        init_std: std of the normal initialisation of the table (and of the MLP's input table).
+        seed: seed of the initialisation.
+        freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer: as in :class:`PromptTuning`.
+    """
+
+    technique_name = "prefix_tuning"
+
+    def __init__(self, num_virtual_tokens: int = 20, projection_hidden_size: int = 0, init_std: float = 0.02,
+                 seed: int = 0, freeze_backbone: bool = True, learning_rate: float | None = None,
+                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+            raise ValueError(f"PrefixTuning: `num_virtual_tokens` must be an int >= 1, got {num_virtual_tokens!r}")
+        if isinstance(projection_hidden_size, bool) or not isinstance(projection_hidden_size, int) or projection_hidden_size < 0:
+            raise ValueError(f"PrefixTuning: `projection_hidden_size` must be an int >= 0, got {projection_hidden_size!r}")
+        if not isinstance(init_std, (int, float)) or isinstance(init_std, bool) or not init_std > 0:
+            raise ValueError(f"PrefixTuning: `init_std` must be a number > 0, got {init_std!r}")
+        self.num_virtual_tokens = num_virtual_tokens
+        self.projection_hidden_size = projection_hidden_size
+        self.init_std = float(init_std)
+        self.seed = int(seed)
+
+    def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: nn.Module,
+                     geometry: ModelGeometry) -> PrefixEncoder:
+        src = PrefixEncoder(geometry, self.num_virtual_tokens, self.projection_hidden_size)
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            src.embedding.weight.copy_(torch.randn(src.embedding.weight.shape, generator=g) * self.init_std)
+        return src
