@@ -219,6 +219,7 @@ class PromptInjector:
         self.enabled = True
         self._context: dict[str, torch.Tensor] = {}
         self._strip: list[int] = []
+        self._prefill: list[PromptInputs | None] = []  # per nested trunk call: its PromptInputs at prefill
         self._handles: list[Any] = []
         self.calls = 0  # prefills that carried the prompt (tests, logs)
 
@@ -272,6 +273,12 @@ class PromptInjector:
         self._context = dict(tensors)
 
     @property
+    def prefill_inputs(self) -> PromptInputs | None:
+        """While the trunk runs a prefill with the prompt: its :class:`PromptInputs` (for hooks a source registered
+        in :meth:`PromptSource.on_install`, e.g. per-layer prompts computed from that layer's input); else ``None``."""
+        return self._prefill[-1] if self._prefill else None
+
+    @property
     def active(self) -> bool:
         return self.enabled and self.source is not None
 
@@ -287,6 +294,7 @@ class PromptInjector:
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.active:
             self._strip.append(0)
+            self._prefill.append(None)
             return None
         src = self.source
         assert src is not None
@@ -294,6 +302,7 @@ class PromptInjector:
         input_ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         if (input_ids is None) == (embeds is None):
             self._strip.append(0)
+            self._prefill.append(None)
             return None  # let the model raise its own error
         ref = input_ids if input_ids is not None else embeds
         B, T = ref.shape[0], ref.shape[1]
@@ -335,6 +344,7 @@ class PromptInjector:
         kw["attention_mask"] = torch.cat([ones, mask], dim=1)
         shifted = pos + n
         strip = 0
+        inputs = None
         if prefill:
             if embeds is None:
                 embeds = self.embedding(input_ids)
@@ -365,10 +375,13 @@ class PromptInjector:
             kw["input_ids"], kw["inputs_embeds"] = None, embeds
         kw["position_ids"] = shifted
         self._strip.append(strip)
+        self._prefill.append(inputs)
         return (), kw
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         n = self._strip.pop() if self._strip else 0
+        if self._prefill:
+            self._prefill.pop()
         if not n:
             return output
         if isinstance(output, tuple):
