@@ -67,7 +67,8 @@ class PromptCallback(ParamPlanCallback):
             together with whatever the module itself trains.
         learning_rate: lr of the prompt's tensors (their own param group); ``None`` = the optimizer's lr.
         weight_decay: weight decay of the prompt's tensors; ``None`` = that of the group they came from.
-        save_dir: write the prompt artifact here when ``fit`` ends (rank 0); ``None`` = do not.
+        save_dir: write the prompt artifact here when ``fit`` ends (rank 0); a relative path is relative to the
+            trainer's ``default_root_dir``; ``None`` = do not.
         tokenizer: tokenizer (local folder or lit_ft asset name) for text initialisation when the DataModule has no
             ``tokenizer`` attribute.
     """
@@ -209,8 +210,17 @@ class PromptCallback(ParamPlanCallback):
             hf = find_hf_model(pl_module)
             meta = {"technique": type(self).__name__,
                     "base_model": str(getattr(getattr(hf, "config", None), "_name_or_path", ""))}
-            save_prompt(self.source, self.save_dir, metadata=meta)
-            rank_zero_info(f"{type(self).__name__}: prompt saved to {self.save_dir}")
+            out = self.resolved_save_dir(trainer)
+            save_prompt(self.source, out, metadata=meta)
+            rank_zero_info(f"{type(self).__name__}: prompt saved to {out}")
+
+    def resolved_save_dir(self, trainer: pl.Trainer) -> str | None:
+        """``save_dir``; a relative path is taken relative to ``trainer.default_root_dir``."""
+        import os
+
+        if not self.save_dir:
+            return None
+        return self.save_dir if os.path.isabs(self.save_dir) else os.path.join(trainer.default_root_dir, self.save_dir)
 
     @property
     def state_key(self) -> str:

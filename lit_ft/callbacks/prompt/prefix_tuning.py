@@ -14,7 +14,7 @@ class PrefixEncoder(PromptSource):
     """Per-layer key/value prefixes, laid out like PEFT's ``PrefixEncoder`` (so its tensors load one to one).
 
     Without projection: ``embedding.weight`` ``[n, 2 L kv]``. With projection (``projection_hidden_size > 0``):
-    ``embedding`` ``[n, D]`` -> ``transform`` = Linear(D, h) -> tanh -> Linear(h, 2 L kv). The ``[n, 2L, H_kv, d_h]``
+    ``embedding`` ``[n, kv]`` -> ``transform`` = Linear(kv, h) -> tanh -> Linear(h, 2 L kv). The ``[n, 2L, H_kv, d_h]``
     result is split so layer ``l`` gets keys ``[:, 2l]`` and values ``[:, 2l + 1]`` (PEFT's permute/split order).
     """
 
@@ -27,9 +27,10 @@ class PrefixEncoder(PromptSource):
         self.projection_hidden_size = projection_hidden_size
         out = 2 * geometry.num_layers * geometry.kv_dim
         if projection_hidden_size:
-            self.embedding = nn.Embedding(num_virtual_tokens, geometry.hidden_size)
+            # PEFT's token_dim is the key/value width (num_kv_heads * head_dim), not the hidden size
+            self.embedding = nn.Embedding(num_virtual_tokens, geometry.kv_dim)
             self.transform = nn.Sequential(
-                nn.Linear(geometry.hidden_size, projection_hidden_size), nn.Tanh(), nn.Linear(projection_hidden_size, out)
+                nn.Linear(geometry.kv_dim, projection_hidden_size), nn.Tanh(), nn.Linear(projection_hidden_size, out)
             )
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, out)
@@ -59,7 +60,7 @@ class PrefixTuning(PromptCallback):
     Algorithm: the prefix keys/values are written into the attention cache before the input is processed
     (``attention_mask`` gets ``n`` leading ones, the tokens' positions start at ``n``); decoding continues from that
     cache, so ``generate()`` pays for the prefix once. The optional MLP re-parameterisation (Li & Liang's trick for
-    stable training) computes the prefix from a smaller ``[n, D]`` table.
+    stable training) computes the prefix from a smaller ``[n, kv]`` table (``kv`` = key/value width).
 
     Args:
         num_virtual_tokens: prefix length ``n`` (>= 1).

@@ -91,7 +91,8 @@ class PromptTuning(PromptCallback):
         learning_rate: the prompt's lr (own param group); ``None`` = the optimizer's. Prompt tuning wants a large
             lr (0.3 in the paper with Adafactor; ~1e-2..1e-1 with AdamW).
         weight_decay: the prompt's weight decay; ``None`` = the optimizer's.
-        save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends.
+        save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends (relative paths: under
+            the trainer's ``default_root_dir``).
         tokenizer: tokenizer for ``init="text"`` when the DataModule has none.
     """
 
