@@ -33,6 +33,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks._rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -105,28 +107,7 @@ def make_inputs(d, v, n, keep_frac, dtype, device, seed=0):
     return h, w, y, keep
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+_rss_bytes, _reset_peak_rss, _peak_rss_bytes = rss_bytes, reset_peak_rss, peak_rss_bytes
 
 
 def measure(method, d, v, n, keep_frac, dtype, device, warmup, repeats):
