@@ -3,6 +3,8 @@
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
 from lit_ft.callbacks.param_reset import ReinitTopLayers
+from lit_ft.callbacks.prompt import DePT
+from lit_ft.callbacks.prompt import EPT
 from lit_ft.callbacks.prompt import PrefixTuning
 from lit_ft.callbacks.prompt import PromptTuning
 from lit_ft.callbacks.token_selection import ExcessLossSelection
@@ -16,4 +18,4 @@ from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+__all__ = ["DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
