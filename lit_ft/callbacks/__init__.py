@@ -3,6 +3,7 @@
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
 from lit_ft.callbacks.param_reset import ReinitTopLayers
+from lit_ft.callbacks.prompt import CPT
 from lit_ft.callbacks.prompt import DePT
 from lit_ft.callbacks.prompt import EPT
 from lit_ft.callbacks.prompt import PrefixTuning
@@ -18,4 +19,4 @@ from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
