@@ -6,6 +6,7 @@ from lit_ft.callbacks.param_reset import ReinitTopLayers
 from lit_ft.callbacks.prompt import CPT
 from lit_ft.callbacks.prompt import DePT
 from lit_ft.callbacks.prompt import EPT
+from lit_ft.callbacks.prompt import IAPT
 from lit_ft.callbacks.prompt import PrefixTuning
 from lit_ft.callbacks.prompt import PromptTuning
 from lit_ft.callbacks.token_selection import ExcessLossSelection
@@ -19,4 +20,4 @@ from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]

@@ -3,7 +3,8 @@
 from lit_ft.callbacks.prompt.cpt import CPT
 from lit_ft.callbacks.prompt.dept import DePT
 from lit_ft.callbacks.prompt.ept import EPT
+from lit_ft.callbacks.prompt.iapt import IAPT
 from lit_ft.callbacks.prompt.prefix_tuning import PrefixTuning
 from lit_ft.callbacks.prompt.prompt_tuning import PromptTuning
 
-__all__ = ["CPT", "DePT", "EPT", "PrefixTuning", "PromptTuning"]
+__all__ = ["CPT", "DePT", "EPT", "IAPT", "PrefixTuning", "PromptTuning"]
