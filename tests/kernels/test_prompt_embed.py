@@ -77,6 +77,24 @@ def test_equals_depts_repeat_formulation_and_broadcast_positions():
         torch.testing.assert_close(got, exp)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_torch_path_token_chunks(monkeypatch, dtype):
+    """Several token chunks (the in-place update and the chunked index_add_) give the unchunked result."""
+    from lit_ft.kernels.prompt_embed import torch_impl
+
+    ids, w, pos, a, bb = make_case(b=3, t=7, dtype=dtype, lora_dtype=torch.float64 if dtype == torch.float64
+                                   else torch.float32)
+    up = torch.randn(3, 7, w.shape[1], dtype=torch.float64).to(dtype)
+    full = prompt_embed(ids, w, pos, a, bb, 0.4, impl="torch")
+    g_full = grads(full, up, (a, bb))
+    monkeypatch.setattr(torch_impl, "chunk_rows", lambda d: 4)  # 21 tokens -> 6 chunks
+    chunked = prompt_embed(ids, w, pos, a, bb, 0.4, impl="torch")
+    assert torch.equal(chunked, full)
+    torch.testing.assert_close(chunked, prompt_embed_reference(ids, w, pos, a, bb, 0.4), rtol=1e-12, atol=1e-12)
+    for x, y in zip(grads(chunked, up, (a, bb)), g_full):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
 def test_gradcheck_fp64():
     ids, w, pos, a, bb = make_case(b=2, t=7, v=9, d=5, s=5, r=2, seed=3)
 
