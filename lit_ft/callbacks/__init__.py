@@ -9,6 +9,7 @@ from lit_ft.callbacks.prompt import EPT
 from lit_ft.callbacks.prompt import IAPT
 from lit_ft.callbacks.prompt import PrefixTuning
 from lit_ft.callbacks.prompt import PromptTuning
+from lit_ft.callbacks.prompt import PTEC
 from lit_ft.callbacks.token_selection import ExcessLossSelection
 from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
@@ -20,4 +21,4 @@ from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "PTEC", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]

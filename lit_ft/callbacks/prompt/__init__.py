@@ -6,5 +6,6 @@ from lit_ft.callbacks.prompt.ept import EPT
 from lit_ft.callbacks.prompt.iapt import IAPT
 from lit_ft.callbacks.prompt.prefix_tuning import PrefixTuning
 from lit_ft.callbacks.prompt.prompt_tuning import PromptTuning
+from lit_ft.callbacks.prompt.ptec import PTEC
 
-__all__ = ["CPT", "DePT", "EPT", "IAPT", "PrefixTuning", "PromptTuning"]
+__all__ = ["CPT", "DePT", "EPT", "IAPT", "PrefixTuning", "PromptTuning", "PTEC"]
