@@ -1,4 +1,5 @@
-"""Sequence classification data: ``{"text", "label"}`` rows -> padded batches with one label per sample."""
+"""Sequence classification data: ``{"text", "label"}`` rows -> padded batches with one label per sample (or a
+multi-hot vector with ``multi_label``)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class ClassificationDataModule(_TextDataModule):
     tokenizer (special tokens kept) and counted in :attr:`stats`, with a warning at setup. A tokenizer without a pad
     token (decoder models) pads with eos. Training batches are shuffled with a seeded, resumable sampler.
 
-    Batch: ``input_ids``, ``attention_mask`` (long [B, T], right-padded), ``labels`` (long [B]), ``sample_idx``
-    (long [B]: the row's index in its split).
+    Batch: ``input_ids``, ``attention_mask`` (long [B, T], right-padded), ``labels`` (long [B]; with ``multi_label``
+    float [B, num_labels] multi-hot), ``sample_idx`` (long [B]: the row's index in its split).
 
     Args:
         data: training data: a .jsonl/.json file, or an asset name (``python -m lit_ft.assets list``).
@@ -40,6 +41,11 @@ class ClassificationDataModule(_TextDataModule):
         max_train_samples: keep a seeded random subset of this many training rows (>= 1); None = all.
         max_val_samples: same for validation rows.
         seed: seed of the validation split, subsets and the per-epoch shuffle.
+        multi_label: every row's label is a list of labels (ints or strings, possibly empty); ``labels`` is then a
+            multi-hot float matrix (for ``ClassificationModule(multi_label=True)``).
+        template: a pattern with one ``{text}`` placeholder wrapped around every text before tokenisation (PET-style
+            prompts for ``VerbalizerClassificationModule``, e.g. ``"{text} Is it sarcastic? Answer:"``); only the
+            text is truncated, so the pattern always stays whole. None = the text as is.
     """
 
     def __init__(
@@ -58,10 +64,16 @@ class ClassificationDataModule(_TextDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         seed: int = 0,
+        multi_label: bool = False,
+        template: str | None = None,
     ) -> None:
         for name, value in (("text_key", text_key), ("label_key", label_key)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if not isinstance(multi_label, bool):
+            raise ValueError(f"multi_label must be true or false, got {multi_label!r}")
+        if template is not None and (not isinstance(template, str) or template.count("{text}") != 1):
+            raise ValueError(f"template must be a string with exactly one '{{text}}' placeholder, got {template!r}")
         check_int("num_labels", num_labels, 2, optional=True)
         super().__init__(
             data=data, val_data=val_data, val_split=val_split, tokenizer=tokenizer, max_length=max_length,
@@ -71,6 +83,8 @@ class ClassificationDataModule(_TextDataModule):
         self.text_key = text_key
         self.label_key = label_key
         self.num_labels = num_labels
+        self.multi_label = multi_label
+        self.template = template
         self.label_names: list[str] | None = None
         self._mapping: dict = {}
 
@@ -86,17 +100,29 @@ class ClassificationDataModule(_TextDataModule):
             if not isinstance(r[self.text_key], str):
                 raise ValueError(f"{split} row {i}: {self.text_key!r} must be a string, got {r[self.text_key]!r}")
             lab = r[self.label_key]
-            if isinstance(lab, bool) or not isinstance(lab, (int, str)):
+            if self.multi_label:
+                if not isinstance(lab, list) or any(isinstance(x, bool) or not isinstance(x, (int, str)) for x in lab):
+                    raise ValueError(
+                        f"{split} row {i}: with multi_label=true, {self.label_key!r} must be a list of ints or strings, "
+                        f"got {lab!r}"
+                    )
+            elif isinstance(lab, bool) or not isinstance(lab, (int, str)):
                 raise ValueError(f"{split} row {i}: label {self.label_key!r} must be an int or a string, got {lab!r}")
 
+    def _row_labels(self, row: dict) -> list:
+        lab = row[self.label_key]
+        return list(lab) if self.multi_label else [lab]
+
     def _label_mapping(self, train: list[dict], val: list[dict], info: dict) -> dict:
-        labels = [r[self.label_key] for r in train + val]
+        labels = [x for r in train + val for x in self._row_labels(r)]
+        if not labels:
+            raise ValueError(f"no labels under {self.label_key!r} in the data")
         kinds = {type(x) for x in labels}
         if len(kinds) > 1:
             raise ValueError(f"labels under {self.label_key!r} mix ints and strings; use one kind")
         if kinds == {str}:
-            names = sorted({r[self.label_key] for r in train})
-            unknown = sorted({r[self.label_key] for r in val} - set(names))
+            names = sorted({x for r in train for x in self._row_labels(r)})
+            unknown = sorted({x for r in val for x in self._row_labels(r)} - set(names))
             if unknown:
                 raise ValueError(f"validation labels {unknown[:10]} never occur in the training data")
             if self.num_labels is not None and self.num_labels < len(names):
@@ -126,18 +152,42 @@ class ClassificationDataModule(_TextDataModule):
         self._mapping = self._label_mapping(train_rows, val_rows, info)
         self.num_labels = len(self.label_names)
 
+    def _apply_template(self, text: str) -> str:
+        return text if self.template is None else self.template.replace("{text}", text)
+
+    def _fit_template(self, text: str, over: int) -> list[int]:
+        """Ids of the templated ``text`` cut (in the text only, about ``over`` tokens) to ``max_length`` tokens."""
+        tok = self.tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ends = [e for _, e in enc["offset_mapping"]]
+        keep = max(0, len(ends) - over) + 1
+        while keep > 0:
+            keep -= 1
+            ids = tok(self._apply_template(text[: ends[keep - 1]] if keep else ""), add_special_tokens=True)["input_ids"]
+            if len(ids) <= self.max_length:
+                return ids
+        raise ValueError(
+            f"ClassificationDataModule: the template {self.template!r} alone is longer than max_length="
+            f"{self.max_length} tokens; raise max_length or shorten the template"
+        )
+
     def _encode_split(self, rows: list[dict], keep: list[int], split: str) -> tuple[list[dict], dict[str, int]]:
         tok = self.tokenizer
-        texts = [rows[i][self.text_key] for i in keep]
+        texts = [self._apply_template(rows[i][self.text_key]) for i in keep]
         full = tok(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
         long = [j for j, ids in enumerate(full) if len(ids) > self.max_length]
         n_tok = sum(len(full[j]) - self.max_length for j in long)
-        if long:
+        if long and self.template is not None:
+            for j in long:
+                full[j] = self._fit_template(rows[keep[j]][self.text_key], len(full[j]) - self.max_length)
+        elif long:
             cut = tok([texts[j] for j in long], truncation=True, max_length=self.max_length)["input_ids"]
             for j, ids in zip(long, cut):
                 full[j] = ids
         examples = [
-            {"input_ids": ids, "label": self._mapping[rows[i][self.label_key]], "sample_idx": i}
+            {"input_ids": ids, "sample_idx": i,
+             "label": ([self._mapping[x] for x in rows[i][self.label_key]] if self.multi_label
+                       else self._mapping[rows[i][self.label_key]])}
             for i, ids in zip(keep, full)
         ]
         return examples, {"truncated_samples": len(long), "truncated_tokens": n_tok}
@@ -154,4 +204,17 @@ class ClassificationDataModule(_TextDataModule):
 
     # ----------------------------------------------------------------------------------------------------------
     def _collate_labels(self, examples: list[dict]) -> torch.Tensor:
+        if self.multi_label:
+            hot = torch.zeros(len(examples), self.num_labels)
+            for b, e in enumerate(examples):
+                hot[b, e["label"]] = 1.0
+            return hot
         return torch.tensor([e["label"] for e in examples], dtype=torch.long)
+
+    def label_counts(self) -> list[int]:
+        """How many training samples carry each label (after subsampling)."""
+        counts = [0] * int(self.num_labels or 0)
+        for e in self._examples("train"):
+            for lab in (e["label"] if self.multi_label else [e["label"]]):
+                counts[lab] += 1
+        return counts

@@ -14,16 +14,20 @@ import pytest
 import yaml
 
 from lit_ft.cli import run as main
-from lit_ft.testing import tiny_llama_config, write_tiny_sft_jsonl
+from lit_ft.testing import tiny_llama_config, write_tiny_classification_jsonl, write_tiny_sft_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
 
 
-def _tiny_overrides(tmp_path: Path, tokenizer: str) -> list[str]:
-    train = write_tiny_sft_jsonl(tmp_path / "train.jsonl", n=24)
-    val = write_tiny_sft_jsonl(tmp_path / "val.jsonl", n=8, seed=1)
+def _tiny_overrides(tmp_path: Path, tokenizer: str, config: str | None = None) -> list[str]:
+    # classification configs (ClassificationDataModule) get {text, label} rows and no generation arguments
+    classify = config is not None and "ClassificationDataModule" in Path(config).read_text()
+    write = write_tiny_classification_jsonl if classify else write_tiny_sft_jsonl
+    train = write(tmp_path / "train.jsonl", n=24)
+    val = write(tmp_path / "val.jsonl", n=8, seed=1)
     cfg = tiny_llama_config(vocab_size=384)
+    generation = [] if classify else ["--model.init_args.eval_exact_match=4", "--model.init_args.max_new_tokens=3"]
     return [
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",
@@ -35,8 +39,7 @@ def _tiny_overrides(tmp_path: Path, tokenizer: str) -> list[str]:
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         f"--model.init_args.model_config={json.dumps(cfg)}",
-        "--model.init_args.eval_exact_match=4",
-        "--model.init_args.max_new_tokens=3",
+        *generation,
         f"--data.init_args.data={train}",
         f"--data.init_args.val_data={val}",
         f"--data.init_args.tokenizer={tokenizer}",
@@ -52,7 +55,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).stem for c in CONFIGS])
 def test_every_config_runs_two_steps_on_a_tiny_model(config, tmp_path, tiny_tokenizer_path, capsys):
-    main(["fit", f"--config={config}", *_tiny_overrides(tmp_path, tiny_tokenizer_path)])
+    main(["fit", f"--config={config}", *_tiny_overrides(tmp_path, tiny_tokenizer_path, config)])
     out = capsys.readouterr().out
     assert "lit-ft fit finished" in out and "logs (CSVLogger)" in out
     metrics = list((tmp_path / "logs").rglob("metrics.csv"))
