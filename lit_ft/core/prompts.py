@@ -222,6 +222,12 @@ class PromptInjector:
         self._prefill: list[PromptInputs | None] = []  # per nested trunk call: its PromptInputs at prefill
         self._handles: list[Any] = []
         self.calls = 0  # prefills that carried the prompt (tests, logs)
+        try:
+            from lit_ft.core.introspect import find_decoder_layers
+
+            self._layers = list(find_decoder_layers(hf_model))
+        except (ModelLayoutError, AttributeError, TypeError):
+            self._layers = []
 
     # -- installation ----------------------------------------------------------------------------------------------
     def activate(self, source: PromptSource | None) -> None:
@@ -359,6 +365,14 @@ class PromptInjector:
                 if cache is not None:
                     setattr(cache, _CACHE_MARK, n)
             elif src.kind == "prefix":
+                if torch.is_grad_enabled() and any(
+                    getattr(m, "gradient_checkpointing", False) and m.training for m in self._layers
+                ):
+                    raise PromptError(
+                        f"{type(src).__name__} puts its prefix in the attention cache, and gradient checkpointing "
+                        "makes every decoder layer drop the cache in training (the prefix would be silently ignored). "
+                        "Turn gradient checkpointing off, or use an input-embedding prompt (PromptTuning, DePT, EPT)."
+                    )
                 if cache is None:
                     cache = _new_cache(self.hf_model)
                 for layer, (k, v) in enumerate(src.prefix_key_values(inputs)):

@@ -417,3 +417,19 @@ def test_prefix_projection_matches_peft_layout():
     attach_prompt(base, src)
     ids = torch.randint(3, 300, (2, 7))
     torch.testing.assert_close(base(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_refuses_gradient_checkpointing():
+    model = hf_model().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if hasattr(
+        model, "gradient_checkpointing_enable") else model.activation_checkpointing_enable()
+    attach_prompt(model, make_source("prefix", model))
+    ids = torch.randint(3, 300, (1, 5))
+    with pytest.raises(PromptError, match="gradient checkpointing"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():  # no backward to replay: the cache is kept, the prefix applies
+        model(input_ids=ids)
+    # an embeddings prompt is unaffected by checkpointing
+    detach_prompt(model)
+    attach_prompt(model, make_source("prompt", model))
+    model(input_ids=ids, labels=ids).loss.backward()
