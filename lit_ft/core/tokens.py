@@ -16,7 +16,7 @@ clipping). The loss *value* a micro-batch returns is still its own mean, so logs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,15 +206,53 @@ def per_response_topk_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: flo
     return valid & (rank < k[:, None])
 
 
+@dataclass
+class AuxLossInputs:
+    """What an :class:`AuxiliaryLoss` sees in one forward of :class:`lit_ft.modules.TokenLossMixin` (level 3).
+
+    Tensors are ``[B, T]`` in target space, like :class:`TokenScores`. ``keep``: the tokens whose loss is taken
+    (after the scorers); ``n_tokens``: ``keep.sum()`` (this micro-batch, this rank). ``logits_at(mask)``: the
+    model's logits ``[mask.sum(), V]`` (float32, **with** gradient) at the positions of a bool ``[B, T]`` mask,
+    computed from the trunk's hidden states and the lm_head (with the model's logit scale / soft-cap) only where
+    asked — level 3 never materialises the full logits.
+    """
+
+    targets: torch.Tensor
+    valid: torch.Tensor
+    keep: torch.Tensor
+    n_tokens: torch.Tensor
+    batch: Mapping[str, Any]
+    training: bool
+    logits_at: Callable[[torch.Tensor], torch.Tensor]
+
+
+class AuxiliaryLoss:
+    """Mixin for callbacks that add a term to the token loss of a :class:`lit_ft.modules.TokenLossMixin` module
+    (e.g. PANDA's distillation term). Register with :meth:`TokenPipeline.register_aux`.
+
+    :meth:`aux_loss` returns ``None`` (nothing this forward) or a scalar that is added to the **sum** of the kept
+    tokens' losses before normalisation: in training it is divided, like them, by the global kept-token count of
+    the accumulation window (deferred normalisation, see :class:`TokenPipeline`); in evaluation by this batch's
+    count. A per-token mean ``m`` therefore contributes ``m * inputs.n_tokens``.
+    """
+
+    aux_name: str = "aux"
+
+    def aux_loss(self, inputs: AuxLossInputs) -> torch.Tensor | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 class TokenPipeline:
     """The per-module registry of token scorers plus the deferred global normalisation.
 
     One pipeline lives on each LightningModule that has token scorers (see :func:`token_pipeline_for`), shared by
-    the HF loss hook (level 2) and :class:`lit_ft.modules.TokenLossMixin` (level 3).
+    the HF loss hook (level 2) and :class:`lit_ft.modules.TokenLossMixin` (level 3). Auxiliary loss terms
+    (:class:`AuxiliaryLoss`, level 3 only) are registered here too.
     """
 
     def __init__(self) -> None:
         self.scorers: list[TokenScorer] = []
+        self.aux_losses: list[AuxiliaryLoss] = []
         self._count: torch.Tensor | None = None  # kept tokens since the last optimizer step (local rank)
         self.last_metrics: dict[str, float | torch.Tensor] = {}
         #: the batch of the forward in progress, bound by the callbacks at batch start (the HF loss hook sees
@@ -233,6 +271,29 @@ class TokenPipeline:
     def unregister(self, scorer: TokenScorer) -> None:
         if scorer in self.scorers:
             self.scorers.remove(scorer)
+
+    def register_aux(self, provider: AuxiliaryLoss) -> None:
+        """Add an auxiliary loss term (see :class:`AuxiliaryLoss`); idempotent."""
+        if not callable(getattr(provider, "aux_loss", None)):
+            raise TypeError(f"{type(provider).__name__} has no aux_loss(inputs) method")
+        if provider not in self.aux_losses:
+            self.aux_losses.append(provider)
+
+    def unregister_aux(self, provider: AuxiliaryLoss) -> None:
+        if provider in self.aux_losses:
+            self.aux_losses.remove(provider)
+
+    def aux_sum(self, inputs: AuxLossInputs) -> torch.Tensor | None:
+        """Sum of the registered auxiliary terms for this forward (``None`` when none contributes)."""
+        total: torch.Tensor | None = None
+        for provider in self.aux_losses:
+            term = provider.aux_loss(inputs)
+            if term is None:
+                continue
+            if term.dim() != 0:
+                raise ValueError(f"{type(provider).__name__}.aux_loss must return a scalar, got shape {tuple(term.shape)}")
+            total = term if total is None else total + term
+        return total
 
     @property
     def needs(self) -> frozenset[str]:

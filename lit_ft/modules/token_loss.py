@@ -3,7 +3,9 @@
 :class:`TokenLossMixin` is integration level 3 of DESIGN.md §4: the LightningModule computes its loss through the
 fused op ``lit_ft.kernels.fused_linear_token_ce`` and hands per-token quantities (NLL, entropy, LSE) to the token
 scorers registered on its :class:`~lit_ft.core.tokens.TokenPipeline`. Tokens a scorer drops are packed out before
-the lm_head matmul, so they cost no lm_head FLOPs in forward or backward.
+the lm_head matmul, so they cost no lm_head FLOPs in forward or backward. Callbacks that add a loss term of their
+own (:class:`~lit_ft.core.tokens.AuxiliaryLoss`, e.g. PANDA's distillation) register it on the same pipeline; they
+get logits only at the positions they ask for (:func:`logits_at`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.introspect import CausalLMParts, causal_lm_parts, find_hf_model
-from lit_ft.core.tokens import TokenPipeline, TokenScores, shift_targets, token_pipeline_for
+from lit_ft.core.tokens import AuxLossInputs, TokenPipeline, TokenScores, shift_targets, token_pipeline_for
 from lit_ft.kernels.token_ce.flops import register as _register_flop_formulas
 
 _register_flop_formulas()  # profiling a lit_ft module with FlopCounterMode counts the fused lm_head
@@ -102,14 +104,31 @@ def causal_lm_token_nll(hf_model: nn.Module, batch: Mapping[str, Any], impl: str
 
 @dataclass
 class TokenLossOutput:
-    """``loss``: what ``training_step`` returns (value = mean over kept tokens; gradient normalised globally at the
-    optimizer step in training). ``mean``: detached mean for logging. ``n_tokens``: kept tokens in this batch."""
+    """``loss``: what ``training_step`` returns (value = mean over kept tokens, plus the auxiliary terms; gradient
+    normalised globally at the optimizer step in training). ``mean``: detached mean token loss for logging (without
+    the auxiliary terms). ``n_tokens``: kept tokens in this batch. ``aux``: detached sum of the registered
+    :class:`~lit_ft.core.tokens.AuxiliaryLoss` terms divided by ``n_tokens`` (what they add to ``loss``), or
+    ``None`` when none contributed."""
 
     loss: torch.Tensor
     mean: torch.Tensor
     n_tokens: torch.Tensor
     keep: torch.Tensor
     weights: torch.Tensor | None
+    aux: torch.Tensor | None = None
+
+
+def logits_at(parts: CausalLMParts, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[mask.sum(), V]`` (float32, differentiable) of the positions of a bool ``[B, T]`` mask: the lm_head
+    applied to those hidden states only, then the model's logit scale and soft-cap (as the fused op applies them)."""
+    if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(f"logits_at: mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+    z = torch.nn.functional.linear(hidden[mask], parts.weight, parts.bias).float()
+    if parts.logit_scale is not None:
+        z = z * parts.logit_scale
+    if parts.logit_softcap is not None:
+        z = parts.logit_softcap * torch.tanh(z / parts.logit_softcap)
+    return z
 
 
 class TokenLossMixin:
@@ -175,13 +194,21 @@ class TokenLossMixin:
         )
         n_tokens = keep.sum()
         mean = loss_sum.detach() / n_tokens.clamp_min(1)
+        aux = None
+        if pipeline.aux_losses:
+            aux = pipeline.aux_sum(AuxLossInputs(
+                targets=targets, valid=valid, keep=keep, n_tokens=n_tokens, batch=batch, training=training,
+                logits_at=lambda mask: logits_at(parts, hidden, mask),
+            ))
+        total = loss_sum if aux is None else loss_sum + aux
         if training:
             trainer = getattr(self, "_trainer", None)
             accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
-            loss = pipeline.training_loss(loss_sum, n_tokens, accumulate)
+            loss = pipeline.training_loss(total, n_tokens, accumulate)
         else:
-            loss = loss_sum / n_tokens.clamp_min(1)
-        return TokenLossOutput(loss=loss, mean=mean, n_tokens=n_tokens, keep=keep, weights=weights)
+            loss = total / n_tokens.clamp_min(1)
+        aux_mean = None if aux is None else aux.detach() / n_tokens.clamp_min(1)
+        return TokenLossOutput(loss=loss, mean=mean, n_tokens=n_tokens, keep=keep, weights=weights, aux=aux_mean)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         trainer = getattr(self, "_trainer", None)
