@@ -3,10 +3,11 @@
     python benchmarks/prompt_embed.py                         # CPU, B=8 T=256 D=576 r=32 V=49152, fp32 table
     python benchmarks/prompt_embed.py --dtype bf16 --b 8,32   # bf16 frozen table, fp32 LoRA factors
 
-Time = best of ``--repeats`` steps; one step = forward + backward of ``out`` with a fixed upstream gradient (gradients into ``lora_a``/``lora_b`` only;
-the table is frozen). "repeat" is ``weight[ids] + (scale * A[:T] @ B).repeat(B, 1, 1)`` (DePT's code path), "ours"
-is :func:`lit_ft.kernels.prompt_embed` (positions ``0..T-1``). Memory: peak RSS increase over the step, each
-(configuration, method) in a fresh subprocess (CPU has no allocator statistics); on CUDA
+Time = best of ``--repeats`` steps; one step = forward + backward of ``out`` with a fixed upstream gradient
+(gradients into ``lora_a``/``lora_b`` only; the table is frozen). "repeat" is
+``weight[ids] + (scale * A[:T] @ B).repeat(B, 1, 1)`` (DePT's code path), "ours" is
+:func:`lit_ft.kernels.prompt_embed` (positions ``0..T-1``). Memory: peak RSS increase over the first full-size step,
+each (configuration, method) in a fresh subprocess (CPU has no allocator statistics); on CUDA
 ``torch.cuda.max_memory_allocated`` increase. Prints a markdown table; ratios < 1 mean ours is better.
 """
 
@@ -69,7 +70,7 @@ def measure(method, b, t, d, r, v, dtype, device, repeats):
     step()
     peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
     times = []
-    for _ in range(repeats):  # time: best of `repeats` (the CPU runners are shared; the minimum is the stable statistic)
+    for _ in range(repeats):  # time: best of `repeats` (shared CPU runners: the minimum is the stable statistic)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -82,7 +83,8 @@ def measure(method, b, t, d, r, v, dtype, device, repeats):
 
 def run_worker(method, cfg, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--cfg", json.dumps(cfg),
-           "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+           "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
