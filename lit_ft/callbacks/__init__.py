@@ -6,8 +6,10 @@ from lit_ft.callbacks.param_reset import ReinitTopLayers
 from lit_ft.callbacks.prompt import CPT
 from lit_ft.callbacks.prompt import DePT
 from lit_ft.callbacks.prompt import EPT
+from lit_ft.callbacks.prompt import PANDA
 from lit_ft.callbacks.prompt import IAPT
 from lit_ft.callbacks.prompt import PrefixTuning
+from lit_ft.callbacks.prompt import ProMoT
 from lit_ft.callbacks.prompt import PromptTuning
 from lit_ft.callbacks.prompt import PTEC
 from lit_ft.callbacks.token_selection import ExcessLossSelection
@@ -21,4 +23,4 @@ from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PrefixTuning", "PromptTuning", "PTEC", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PANDA", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]

@@ -48,6 +48,26 @@ def _tiny_overrides(tmp_path: Path, tokenizer: str, config: str | None = None) -
     ]
 
 
+def _config_extras(config: str, tmp_path: Path) -> list[str]:
+    """Per-technique overrides for the 2-step run: a prompt artifact PANDA reads (a tiny source prompt for the tiny
+    model), ProMoT switches to stage 2 within the 2 steps, their artifacts go to tmp_path."""
+    text = Path(config).read_text()
+    if "lit_ft.callbacks.PANDA" in text:
+        from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding
+        from lit_ft.core.prompts import ModelGeometry, save_prompt
+
+        c = tiny_llama_config(vocab_size=384)
+        geometry = ModelGeometry(c["hidden_size"], c["num_hidden_layers"], c["num_key_value_heads"],
+                                 c["hidden_size"] // c["num_attention_heads"], c["vocab_size"])
+        source = save_prompt(PromptEmbedding(geometry, 20), tmp_path / "source_prompt")
+        return [f"--trainer.callbacks.init_args.source_prompt={source}",
+                f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]
+    if "lit_ft.callbacks.ProMoT" in text:
+        return ["--trainer.callbacks.init_args.prompt_steps=1",
+                f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]
+    return []
+
+
 def test_configs_exist():
     names = {Path(c).name for c in CONFIGS}
     assert "quickstart.yaml" in names and "excess_loss.yaml" in names
@@ -55,7 +75,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).stem for c in CONFIGS])
 def test_every_config_runs_two_steps_on_a_tiny_model(config, tmp_path, tiny_tokenizer_path, capsys):
-    main(["fit", f"--config={config}", *_tiny_overrides(tmp_path, tiny_tokenizer_path, config)])
+    main(["fit", f"--config={config}", *_tiny_overrides(tmp_path, tiny_tokenizer_path, config),
+          *_config_extras(config, tmp_path)])
     out = capsys.readouterr().out
     assert "lit-ft fit finished" in out and "logs (CSVLogger)" in out
     metrics = list((tmp_path / "logs").rglob("metrics.csv"))
@@ -65,6 +86,10 @@ def test_every_config_runs_two_steps_on_a_tiny_model(config, tmp_path, tiny_toke
     assert "data/train_samples" in header and "data/truncated_samples" in header  # truncation is logged
     if "ExcessLossSelection" in Path(config).read_text():
         assert "lit_ft/excess_loss/kept_fraction" in header
+    if "lit_ft.callbacks.PANDA" in Path(config).read_text():
+        assert "lit_ft/panda/kd_loss" in header and "lit_ft/panda/beta" in header
+    if "lit_ft.callbacks.ProMoT" in Path(config).read_text():
+        assert "lit_ft/promot/stage" in header
     saved = list((tmp_path / "logs").rglob("config.yaml"))
     assert saved, "resolved config was not saved to the log dir"
 

@@ -1,0 +1,436 @@
+"""PANDA: prompt transfer with knowledge distillation from the source prompt (Zhong et al., TKDE 2024)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.callbacks.prompt.prompt_tuning import build_prompt_embedding
+from lit_ft.core.batch import IGNORE_INDEX, require_keys
+from lit_ft.core.introspect import causal_lm_parts, find_hf_model
+from lit_ft.core.prompts import PROMPT_WEIGHTS, ModelGeometry, PromptError, PromptSource, load_prompt
+from lit_ft.core.tokens import AuxiliaryLoss, AuxLossInputs, shift_targets, token_pipeline_for
+
+KD_FORMS = ("mse", "kl")
+INITS = ("source", "vocab", "text", "random")
+INTEGRATIONS = ("auto", "mixin", "hook")
+#: the released code's fixed factor in front of beta: ``loss + 0.1 * beta * mse / B``
+MSE_FACTOR = 0.1
+
+
+def kd_term(student: torch.Tensor, teacher: torch.Tensor, form: str, batch_size: int,
+            temperature: float = 1.0) -> torch.Tensor:
+    """The distillation term between logits ``[R, C]`` (rows = supervised positions or sequences).
+
+    ``"mse"`` (the authors' code, ``p-tuning-v2/training/trainer_base.py``): ``0.1 * mean((z_s - z_t)^2) / B``, the
+    mean over all ``R x C`` entries and ``B`` the number of sequences in the batch. ``"kl"``: ``T^2 *
+    mean_r KL(softmax(z_t / T) || softmax(z_s / T))``. No rows: a graph-connected zero.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"PANDA: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    if student.numel() == 0:
+        return student.sum() * 0.0
+    s, t = student.float(), teacher.detach().float()
+    if form == "mse":
+        return MSE_FACTOR * F.mse_loss(s, t) / max(int(batch_size), 1)
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
+
+
+@dataclass
+class TeacherOutput:
+    """The teacher's logits for one training batch: ``[N, V]`` at the supervised positions ``mask`` (causal LM,
+    target space ``[B, T]``) or ``[B, C]`` with ``mask=None`` (sequence classification)."""
+
+    logits: torch.Tensor
+    mask: torch.Tensor | None
+    batch_size: int
+
+
+class _KDLossFunction:
+    """Level 2: wraps the HF model's ``loss_function`` (causal LM: ``logits``/``labels``; sequence classification:
+    ``pooled_logits``) and adds ``beta * KD`` in a training forward that has a pending teacher output."""
+
+    def __init__(self, callback: PANDA, previous: Any, owned: bool) -> None:
+        self.callback = callback
+        self.previous = previous
+        self.owned = owned  # the model had its own `_loss_function` before
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        task = self.previous(*args, **kwargs)
+        cb = self.callback
+        if cb._pending is None or not torch.is_grad_enabled():
+            return task
+        teacher = cb.take_teacher()
+        if "pooled_logits" in kwargs:
+            student = kwargs["pooled_logits"]
+        else:
+            logits = kwargs["logits"] if "logits" in kwargs else args[0]
+            labels = kwargs["labels"] if "labels" in kwargs else args[1]
+            ignore = kwargs.get("ignore_index", IGNORE_INDEX)
+            shift = kwargs.get("shift_labels")
+            targets = shift if shift is not None else shift_targets(labels, ignore)
+            student = logits[cb.check_mask(targets.to(logits.device) != ignore, teacher)]
+        kd = cb.kd(student, teacher)
+        return task + cb.beta_value * kd
+
+
+class PANDA(PromptCallback, AuxiliaryLoss):
+    """PANDA: prompt transfer (PoT) with knowledge distillation from the source-task prompt.
+
+    Paper: Zhong, Ding, Liu, Du & Tao, *PANDA: Prompt Transfer Meets Knowledge Distillation for Efficient Model
+    Adaptation* (IEEE TKDE 2024); code ``WHU-ZQH/PANDA`` (P-tuning v2).
+
+    Algorithm: a prompt trained on a *source* task (a lit_ft prompt artifact, ``source_prompt``) is the teacher.
+    The target prompt (the student) starts from it (vanilla prompt transfer) and trains on the target task with
+    ``loss = task loss + beta * KD(student logits, teacher logits)``, which keeps it close to what the source prompt
+    knew. The backbone is frozen and shared: each training batch gets one extra no-grad forward of the **same**
+    model with the teacher prompt swapped in (``injector.using(teacher)``) — no copy of the model — and only the
+    logits the loss needs are kept (supervised positions of a causal LM, the class logits of a classifier).
+
+    How the term reaches the loss: for :class:`lit_ft.modules.TokenLossMixin` modules (``CausalLMModule``) as an
+    auxiliary term of the fused token loss (student logits only at the supervised positions; normalised with the
+    token loss by the global token count); for any other module (a plain ``self.model(**batch).loss``, a
+    ``ClassificationModule``) by wrapping the HF model's ``loss_function``. The latter cannot be combined with
+    lit_ft token-scoring callbacks on the same plain module (they replace that loss function; refused).
+
+    Args:
+        source_prompt: folder of the source prompt artifact (``prompt.safetensors`` + ``prompt_config.json``,
+            written by ``lit_ft.core.prompts.save_prompt``, e.g. ``PromptTuning(save_dir=...)`` or
+            ``PrefixTuning(save_dir=...)``) for the same base model. Required at setup.
+        beta: weight of the distillation term (>= 0), or ``"auto"``: set once before training from a
+            transferability estimate on ``auto_beta_batches`` training batches (see :meth:`estimate_beta`;
+            VERIFY: the paper's metric — a cosine similarity of task embeddings, per its summary — is not in the
+            released code; this is a documented proxy). The code's default is 0.1. ``0`` = vanilla prompt transfer.
+        kd: ``"mse"`` (the code's form: ``0.1 * MSE(z_s, z_t) / B``) or ``"kl"`` (temperature-scaled KL).
+        temperature: softmax temperature of ``kd="kl"`` (> 0).
+        init: the student's start: ``"source"`` (a copy of the source prompt: vanilla prompt transfer, default) or
+            a fresh soft prompt as in :class:`PromptTuning` (``"vocab"``, ``"text"``, ``"random"``; VERIFY: the
+            released code's PANDA mode starts the student from scratch and loads its teacher from a source prompt
+            already transferred to the target task).
+        num_virtual_tokens: the student's length for a fresh init (default: the source's); must equal the source's
+            with ``init="source"``.
+        init_text, seed, tokenizer: for ``init="text"`` / ``"vocab"`` / ``"random"``, as in :class:`PromptTuning`.
+        auto_beta_batches: training batches used by ``beta="auto"`` (>= 1).
+        integration: ``"auto"`` (mixin for ``TokenLossMixin`` modules, else the loss-function hook), ``"mixin"``,
+            ``"hook"``.
+        learning_rate, weight_decay, save_dir: the student prompt's lr / weight decay / artifact folder, as in
+            :class:`PromptTuning`.
+    """
+
+    technique_name = "panda"
+    aux_name = "panda"
+
+    def __init__(self, source_prompt: str | None = None, beta: float | str = 0.1, kd: str = "mse",
+                 temperature: float = 1.0, init: str = "source", num_virtual_tokens: int | None = None,
+                 init_text: str | None = None, seed: int = 0, auto_beta_batches: int = 4, integration: str = "auto",
+                 learning_rate: float | None = None, weight_decay: float | None = None, save_dir: str | None = None,
+                 tokenizer: str | None = None) -> None:
+        super().__init__(True, learning_rate, weight_decay, save_dir, tokenizer)
+        if source_prompt is not None and not isinstance(source_prompt, str):
+            raise ValueError(f"PANDA: `source_prompt` must be a folder path, got {source_prompt!r}")
+        if beta != "auto" and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta)
+                               or beta < 0):
+            raise ValueError(f"PANDA: `beta` must be a number >= 0 or 'auto', got {beta!r}")
+        if kd not in KD_FORMS:
+            raise ValueError(f"PANDA: `kd` must be one of {KD_FORMS}, got {kd!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"PANDA: `temperature` must be a number > 0, got {temperature!r}")
+        if init not in INITS:
+            raise ValueError(f"PANDA: `init` must be one of {INITS}, got {init!r}")
+        if init == "text" and not init_text:
+            raise ValueError("PANDA: init='text' needs `init_text` (the words whose embeddings start the prompt)")
+        if num_virtual_tokens is not None and (isinstance(num_virtual_tokens, bool)
+                                               or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1):
+            raise ValueError(f"PANDA: `num_virtual_tokens` must be an int >= 1 or null, got {num_virtual_tokens!r}")
+        if isinstance(auto_beta_batches, bool) or not isinstance(auto_beta_batches, int) or auto_beta_batches < 1:
+            raise ValueError(f"PANDA: `auto_beta_batches` must be an int >= 1, got {auto_beta_batches!r}")
+        if integration not in INTEGRATIONS:
+            raise ValueError(f"PANDA: `integration` must be one of {INTEGRATIONS}, got {integration!r}")
+        self.source_prompt = source_prompt
+        self.beta = beta
+        self.kd_form = kd
+        self.temperature = float(temperature)
+        self.init = init
+        self.num_virtual_tokens = num_virtual_tokens
+        self.init_text = init_text
+        self.peft_weights = None  # build_prompt_embedding reads it
+        self.seed = int(seed)
+        self.auto_beta_batches = auto_beta_batches
+        self.integration = integration
+        #: the weight in use (``beta``, or the estimate once ``beta="auto"`` has run)
+        self.beta_value: float | None = None if beta == "auto" else float(beta)
+        #: the teacher prompt (frozen; not a submodule of the LightningModule)
+        self.teacher: PromptSource | None = None
+        self.level: str | None = None
+        self.last_kd: torch.Tensor | None = None
+        self._pending: TeacherOutput | None = None
+        self._hooked: nn.Module | None = None
+        self._pipeline_host: nn.Module | None = None
+        self._causal = True
+        self._source_digest: str | None = None
+
+    # -- the source artifact ---------------------------------------------------------------------------------------
+    def _load_source(self, hf_model: nn.Module) -> PromptSource:
+        if self.source_prompt is None:
+            raise PromptError("PANDA: `source_prompt` is required: the folder of a prompt trained on the source task "
+                              "(written by save_prompt, e.g. PromptTuning(save_dir=...))")
+        d = Path(self.source_prompt)
+        if not d.is_dir():
+            raise PromptError(f"PANDA: `source_prompt` {self.source_prompt!r} is not a folder (train a prompt on the "
+                              "source task with PromptTuning(save_dir=...) first)")
+        try:
+            source = load_prompt(d, hf_model)
+        except PromptError as e:
+            raise PromptError(f"PANDA: `source_prompt` {self.source_prompt!r}: {e}") from None
+        if source.keep_prompt_outputs:
+            raise PromptError(f"PANDA: `source_prompt` holds a {type(source).__name__}, whose outputs keep the prompt "
+                              "positions (CPT); its logits cannot be aligned with the student's")
+        self._source_digest = hashlib.sha256((d / PROMPT_WEIGHTS).read_bytes()).hexdigest()
+        return source
+
+    def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: nn.Module,
+                     geometry: ModelGeometry) -> PromptSource:
+        teacher = self._load_source(hf_model)
+        teacher.requires_grad_(False)
+        teacher.to(device=next(hf_model.parameters()).device)
+        self.teacher = teacher
+        n = self.num_virtual_tokens
+        if self.init == "source":
+            if n is not None and n != teacher.num_virtual_tokens:
+                raise PromptError(f"PANDA: init='source' copies the source prompt ({teacher.num_virtual_tokens} virtual "
+                                  f"tokens), but num_virtual_tokens={n}; leave it null or use another init")
+            return load_prompt(self.source_prompt, hf_model)  # type: ignore[arg-type]  # its own tensors
+        return build_prompt_embedding(self, trainer, hf_model, geometry,
+                                      num_virtual_tokens=n or teacher.num_virtual_tokens)
+
+    # -- setup: where the KD term goes -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.level is not None:
+            return
+        from lit_ft.modules.token_loss import TokenLossMixin
+
+        hf = find_hf_model(pl_module)
+        self._causal = hf.get_output_embeddings() is not None
+        level = self.integration
+        if level == "auto":
+            level = "mixin" if isinstance(pl_module, TokenLossMixin) else "hook"
+        if level == "mixin":
+            if not isinstance(pl_module, TokenLossMixin):
+                raise TypeError(f"PANDA(integration='mixin') needs a lit_ft.modules.TokenLossMixin module; "
+                                f"{type(pl_module).__name__} is not one. Use integration='auto'.")
+            pipe = token_pipeline_for(pl_module)
+            assert pipe is not None
+            pipe.register_aux(self)
+            self._pipeline_host = pl_module
+        else:
+            if not hasattr(type(hf), "loss_function"):
+                raise TypeError(f"PANDA: {type(hf).__name__} has no `loss_function` to extend (transformers >= 4.46 "
+                                "models have one); use a lit_ft.modules.TokenLossMixin module")
+            owned = "_loss_function" in hf.__dict__
+            hf.loss_function = _KDLossFunction(self, hf.loss_function, owned)
+            self._hooked = hf
+        self.level = level
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._pipeline_host is not None:
+            pipe = token_pipeline_for(self._pipeline_host, create=False)
+            if pipe is not None:
+                pipe.unregister_aux(self)
+        if self._hooked is not None:
+            fn = self._hooked.__dict__.get("_loss_function")
+            if isinstance(fn, _KDLossFunction) and fn.callback is self:
+                if fn.owned:
+                    self._hooked._loss_function = fn.previous
+                else:
+                    del self._hooked.__dict__["_loss_function"]
+        self._hooked = self._pipeline_host = None
+        self.level = None
+        self._pending = None
+
+    def _check_hook_intact(self) -> None:
+        if self._hooked is None:
+            return
+        fn = self._hooked.__dict__.get("_loss_function")
+        if not (isinstance(fn, _KDLossFunction) and fn.callback is self):
+            raise RuntimeError(
+                "PANDA: the HF model's loss_function was replaced after PANDA extended it (a lit_ft token-scoring "
+                "callback on a plain module?); the distillation term would be lost. Use a lit_ft.modules."
+                "TokenLossMixin module (CausalLMModule), where both compose."
+            )
+        from lit_ft.modules.hf_loss_hook import TokenWeightedLoss
+
+        if isinstance(fn.previous, TokenWeightedLoss):
+            raise RuntimeError(
+                "PANDA: a lit_ft token-scoring callback owns this plain module's loss (deferred token normalisation); "
+                "PANDA's term cannot be added to it. Use a lit_ft.modules.TokenLossMixin module (CausalLMModule)."
+            )
+
+    # -- the teacher pass ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_logits(self, pl_module: pl.LightningModule, batch: dict[str, Any]) -> TeacherOutput:
+        """The source prompt's logits on ``batch`` from the same (frozen) model: causal LM at the supervised
+        positions (``shift(labels) != -100``), classifier: the class logits."""
+        from lit_ft.modules.token_loss import final_hidden_states, logits_at, model_inputs
+
+        assert self.teacher is not None and self.injector is not None
+        hf = find_hf_model(pl_module)
+        p = next(hf.parameters())
+        if next(self.teacher.parameters()).device != p.device:
+            self.teacher.to(device=p.device)
+        B = int(batch["input_ids"].shape[0])
+        with self.injector.using(self.teacher):
+            if self._causal:
+                parts = causal_lm_parts(hf)
+                mask = shift_targets(batch["labels"]) != IGNORE_INDEX
+                hidden = final_hidden_states(parts, batch)
+                return TeacherOutput(logits_at(parts, hidden, mask.to(hidden.device)), mask, B)
+            out = hf(**model_inputs(batch))
+            return TeacherOutput(out.logits.float(), None, B)
+
+    def take_teacher(self) -> TeacherOutput:
+        out = self._pending
+        assert out is not None
+        self._pending = None
+        return out
+
+    def check_mask(self, mask: torch.Tensor, teacher: TeacherOutput) -> torch.Tensor:
+        if teacher.mask is None or mask.shape != teacher.mask.shape or not torch.equal(mask, teacher.mask.to(mask.device)):
+            raise RuntimeError(
+                "PANDA: the supervised positions of the training forward differ from those of the teacher pass run at "
+                "on_train_batch_start (was the batch edited after PANDA's hook? put PANDA after batch-editing "
+                "callbacks)."
+            )
+        return mask
+
+    def kd(self, student: torch.Tensor, teacher: TeacherOutput) -> torch.Tensor:
+        if teacher.mask is None and student.shape != teacher.logits.shape:
+            raise RuntimeError(f"PANDA: student logits {tuple(student.shape)} and teacher logits "
+                               f"{tuple(teacher.logits.shape)} differ (a different batch?)")
+        value = kd_term(student, teacher.logits.to(student.device), self.kd_form, teacher.batch_size,
+                        self.temperature)
+        self.last_kd = value.detach()
+        return value
+
+    def aux_loss(self, inputs: AuxLossInputs) -> torch.Tensor | None:
+        """Level 3 (:class:`~lit_ft.core.tokens.AuxiliaryLoss`): ``beta * KD * n_tokens``, i.e. ``beta * KD`` once the
+        token loss sum is normalised by the kept-token count."""
+        if not inputs.training or self._pending is None:
+            return None
+        teacher = self.take_teacher()
+        mask = self.check_mask(inputs.valid, teacher)
+        kd = self.kd(inputs.logits_at(mask), teacher)
+        return self.beta_value * kd * inputs.n_tokens.to(kd.dtype)  # type: ignore[operator]
+
+    # -- beta="auto" -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def task_loss(self, pl_module: pl.LightningModule, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of the task loss over the batch's supervised tokens (causal LM) or sequences (classifier), and their
+        count, with whatever prompt the injector runs now."""
+        from lit_ft.modules.token_loss import causal_lm_token_nll, model_inputs
+
+        hf = find_hf_model(pl_module)
+        if self._causal:
+            nll = causal_lm_token_nll(hf, batch)
+            valid = shift_targets(batch["labels"]) != IGNORE_INDEX
+            return nll[valid].double().sum(), valid.sum().double()
+        logits = hf(**model_inputs(batch)).logits.float()
+        return F.cross_entropy(logits, batch["labels"].to(logits.device), reduction="sum").double(), \
+            torch.tensor(float(logits.shape[0]), dtype=torch.float64, device=logits.device)
+
+    def estimate_beta(self, pl_module: pl.LightningModule, batches: list[dict[str, Any]]) -> float:
+        """``beta = clamp((L_bare - L_source) / L_bare, 0, 1)``: the relative reduction of the target task's loss
+        that the source prompt brings, zero-shot, over the bare frozen model (``L``: mean task loss on ``batches``).
+
+        VERIFY: a proxy. The paper's transferability metric maps both tasks into one space with their prompts and
+        takes a cosine similarity of task embeddings (per the paper's summary; the formula and the released code's
+        version are not available here), which needs a prompt trained on the target task; zero-shot transfer
+        performance is the quantity such metrics are built to predict, and is computable before training."""
+        assert self.injector is not None and self.teacher is not None
+        if next(self.teacher.parameters()).device != next(find_hf_model(pl_module).parameters()).device:
+            self.teacher.to(device=next(find_hf_model(pl_module).parameters()).device)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for b in batches:
+            with self.injector.using(None):
+                bare, n = self.task_loss(pl_module, b)
+            with self.injector.using(self.teacher):
+                src, _ = self.task_loss(pl_module, b)
+            sums += torch.stack([bare.cpu(), src.cpu(), n.cpu()])
+        l_bare, l_src = float(sums[0] / sums[2].clamp_min(1)), float(sums[1] / sums[2].clamp_min(1))
+        if not l_bare > 0:
+            return 0.0
+        return float(min(max((l_bare - l_src) / l_bare, 0.0), 1.0))
+
+    def _probe_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+        dm = getattr(trainer, "datamodule", None)
+        loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+        out = []
+        for i, b in enumerate(loader):
+            if i >= self.auto_beta_batches:
+                break
+            out.append(pl_module.transfer_batch_to_device(b, pl_module.device, 0))
+        if not out:
+            raise RuntimeError("PANDA: beta='auto' found no training batch to estimate the transferability on")
+        return out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.beta_value is not None:  # fixed, or restored from a checkpoint
+            return
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        was_training = pl_module.training
+        with torch.random.fork_rng(devices=devices):  # the probe must not shift the run's random stream
+            batches = self._probe_batches(trainer, pl_module)
+            pl_module.eval()
+            try:
+                beta = self.estimate_beta(pl_module, batches)
+            finally:
+                pl_module.train(was_training)
+        if trainer.world_size > 1:  # one beta for all ranks
+            t = torch.tensor(beta, dtype=torch.float32, device=pl_module.device)
+            beta = float(trainer.strategy.reduce(t, reduce_op="mean"))
+        self.beta_value = beta
+        rank_zero_info(f"PANDA: beta='auto' -> {beta:.4f} (zero-shot loss reduction of the source prompt)")
+
+    # -- per batch -------------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._pending = None
+        self.last_kd = None
+        if self.level is None or not self.beta_value:  # beta 0: nothing to distil, no teacher pass
+            return
+        self._check_hook_intact()
+        require_keys(batch, ("input_ids", "labels"), who="PANDA")
+        self._pending = self.teacher_logits(pl_module, batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._pending = None
+        if self.beta_value is not None:
+            pl_module.log("lit_ft/panda/beta", float(self.beta_value), on_step=True, on_epoch=False, batch_size=1)
+        if self.last_kd is not None:
+            pl_module.log("lit_ft/panda/kd_loss", self.last_kd, on_step=True, on_epoch=False, batch_size=1)
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta_value, "source_prompt": self.source_prompt, "source_sha256": self._source_digest}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.beta == "auto" and state_dict.get("beta") is not None:
+            self.beta_value = float(state_dict["beta"])
+        saved = state_dict.get("source_sha256")
+        if saved is not None and self._source_digest is not None and saved != self._source_digest:
+            rank_zero_warn(f"PANDA: the source prompt in {self.source_prompt!r} differs from the one the checkpoint "
+                           "was trained with; the teacher changed")

@@ -1,0 +1,365 @@
+"""PANDA: the teacher pass (same backbone, source prompt swapped in), the KD term against hand computations at both
+integration levels, no model copy and a teacher that never moves, beta=0 = plain prompt tuning, beta='auto',
+resume, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lit_ft.callbacks import PANDA, PromptTuning
+from lit_ft.callbacks.prompt.panda import kd_term
+from lit_ft.callbacks.prompt.prefix_tuning import PrefixEncoder
+from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding
+from lit_ft.core.frozen import frozen_copy
+from lit_ft.core.prompts import PromptError, attach_prompt, load_prompt, model_geometry, save_prompt
+from lit_ft.core.tokens import shift_targets, token_pipeline_for
+from lit_ft.modules import CausalLMModule
+from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+
+N = 4
+
+
+def hf_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(tiny_config(**overrides))
+    cfg.pop("model_type")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
+
+
+def write_source(path, kind="prompt", seed=1, **overrides):
+    g = model_geometry(hf_model(**overrides))
+    src = PromptEmbedding(g, N) if kind == "prompt" else PrefixEncoder(g, N)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        src.embedding.weight.normal_(0, 0.5)
+    save_prompt(src, path)
+    return str(path)
+
+
+def trainer(callbacks, max_steps=2, **kw):
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0, **kw)
+
+
+def causal_module():
+    torch.manual_seed(0)
+    return CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1)
+
+
+def ready(cb, module):
+    t = trainer([cb])
+    cb.setup(t, module, "fit")
+    return t
+
+
+def bare_copy_with(module, prompt):
+    """A frozen copy of the module's backbone (no lit_ft hooks) with ``prompt`` attached through attach_prompt."""
+    fresh = frozen_copy(module.model)
+    attach_prompt(fresh, copy.deepcopy(prompt) if not isinstance(prompt, str) else prompt)
+    return fresh
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The teacher pass
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_teacher_pass_equals_the_backbone_with_the_source_attached(tmp_path, kind):
+    src = write_source(tmp_path / "src", kind)
+    module = causal_module()
+    cb = PANDA(source_prompt=src, beta=0.5, init="vocab")
+    ready(cb, module)
+    batch = random_batch(batch_size=3, seq_len=9, prompt_len=3)
+    out = cb.teacher_logits(module, batch)
+    mask = shift_targets(batch["labels"]) != -100
+    assert torch.equal(out.mask, mask) and out.logits.shape == (int(mask.sum()), 384)
+    ref = bare_copy_with(module, src)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(out.logits, ref[mask].float(), rtol=1e-6, atol=1e-6)
+    bare = frozen_copy(module.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(out.logits, bare[mask], atol=1e-3)  # the source prompt is really there
+    assert cb.injector.source is cb.source  # the student is active again after the teacher pass
+
+
+def test_init_source_copies_the_artifact_into_a_separate_student(tmp_path):
+    src = write_source(tmp_path / "src")
+    module = causal_module()
+    cb = PANDA(source_prompt=src)
+    ready(cb, module)
+    art = load_prompt(src)
+    assert torch.equal(cb.source.embedding.weight, art.embedding.weight)
+    assert torch.equal(cb.teacher.embedding.weight, art.embedding.weight)
+    assert cb.source.embedding.weight.data_ptr() != cb.teacher.embedding.weight.data_ptr()
+    assert cb.source.embedding.weight.requires_grad and not cb.teacher.embedding.weight.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The KD term
+# ---------------------------------------------------------------------------------------------------------------
+def test_kd_term_forms_by_hand():
+    torch.manual_seed(0)
+    zs, zt = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7)
+    mse = kd_term(zs, zt, "mse", batch_size=2)
+    torch.testing.assert_close(mse, 0.1 * ((zs - zt) ** 2).sum() / 35 / 2)
+    T = 2.0
+    pt, ps = torch.softmax(zt / T, -1), torch.softmax(zs / T, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean() * T * T
+    torch.testing.assert_close(kd_term(zs, zt, "kl", batch_size=2, temperature=T), kl)
+    empty = kd_term(zs[:0], zt[:0], "mse", 2)
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def hand_loss(module, student_src, teacher_src, batch, beta, form="mse"):
+    """CE + beta * KD computed on frozen copies with both prompts attached by attach_prompt; returns the loss and
+    the gradient w.r.t. the student prompt."""
+    student = copy.deepcopy(student_src)
+    student.embedding.weight.requires_grad_(True)
+    s_model = frozen_copy(module.model)
+    attach_prompt(s_model, student)
+    t_model = bare_copy_with(module, teacher_src)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    zs = s_model(**inputs).logits
+    with torch.no_grad():
+        zt = t_model(**inputs).logits
+    targets = shift_targets(batch["labels"])
+    mask = targets != -100
+    ce = F.cross_entropy(zs[mask].float(), targets[mask])
+    loss = ce + beta * kd_term(zs[mask], zt[mask], form, batch["input_ids"].shape[0])
+    (grad,) = torch.autograd.grad(loss, student.embedding.weight)
+    return loss.detach(), ce.detach(), grad
+
+
+@pytest.mark.parametrize("form", ["mse", "kl"])
+def test_kd_hook_level_plain_module_matches_hand(tmp_path, form):
+    src = write_source(tmp_path / "src")
+    torch.manual_seed(0)
+    module = PlainHFModule()
+    cb = PANDA(source_prompt=src, beta=50.0, kd=form, init="vocab", seed=5)
+    t = ready(cb, module)
+    assert cb.level == "hook"
+    batch = random_batch(batch_size=3, seq_len=10, prompt_len=3)
+    cb.on_train_batch_start(t, module, batch, 0)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    ref, ce, grad = hand_loss(module, cb.source, src, batch, beta=50.0, form=form)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert abs(float(ref - ce)) > 1e-4  # the KD term is not negligible here: the check can fail
+    torch.testing.assert_close(cb.source.embedding.weight.grad, grad, rtol=1e-4, atol=1e-7)
+    assert cb._pending is None  # consumed by the training forward
+    # outside a training batch (no teacher output pending) the loss is the model's own
+    with torch.no_grad():
+        plain = module.model(**batch).loss
+    torch.testing.assert_close(plain, ce, rtol=1e-5, atol=1e-6)
+
+
+def test_kd_mixin_level_causal_module_matches_hand(tmp_path):
+    src = write_source(tmp_path / "src")
+    module = causal_module()
+    module.token_loss_impl = "torch"
+    cb = PANDA(source_prompt=src, beta=50.0, init="vocab", seed=5)
+    t = ready(cb, module)
+    assert cb.level == "mixin" and cb in token_pipeline_for(module).aux_losses
+    batch = random_batch(batch_size=3, seq_len=10, prompt_len=3)
+    cb.on_train_batch_start(t, module, batch, 0)
+    out = module.compute_token_loss(batch, module.model)
+    ref, ce, grad = hand_loss(module, cb.source, src, batch, beta=50.0)
+    assert abs(float(ref - ce)) > 1e-4
+    torch.testing.assert_close(out.loss.detach(), ref, rtol=1e-5, atol=1e-6)  # value: CE mean + beta * KD
+    torch.testing.assert_close(out.mean, ce, rtol=1e-5, atol=1e-6)  # the logged token loss is the task's
+    torch.testing.assert_close(out.aux, ref - ce, rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    token_pipeline_for(module).finalize_gradients(module.parameters())  # the deferred global normalisation
+    torch.testing.assert_close(cb.source.embedding.weight.grad, grad, rtol=1e-4, atol=1e-7)
+
+
+class SeqClsModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = dict(tiny_config())
+        cfg.pop("model_type")
+        torch.manual_seed(0)
+        self.model = AutoModelForSequenceClassification.from_config(
+            AutoConfig.for_model("llama", num_labels=3, pad_token_id=0, **cfg))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_kd_hook_level_sequence_classification(tmp_path):
+    src = write_source(tmp_path / "src")
+    module = SeqClsModule()
+    cb = PANDA(source_prompt=src, beta=2.0, init="vocab", seed=5)
+    t = ready(cb, module)
+    ids = torch.randint(3, 300, (4, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2, 1, 1])}
+    cb.on_train_batch_start(t, module, batch, 0)
+    assert cb._pending.mask is None and cb._pending.logits.shape == (4, 3)
+    loss = module.training_step(batch, 0)
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    zt = bare_copy_with(module, src)(**inputs).logits
+    s_model = frozen_copy(module.model)
+    attach_prompt(s_model, copy.deepcopy(cb.source))
+    zs = s_model(**inputs).logits
+    ref = F.cross_entropy(zs, batch["labels"]) + 2.0 * 0.1 * F.mse_loss(zs, zt) / 4
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the teacher never moves, no model copy, beta=0 = prompt tuning, logs
+# ---------------------------------------------------------------------------------------------------------------
+def test_teacher_frozen_and_no_second_backbone(tmp_path):
+    src = write_source(tmp_path / "src")
+    module = causal_module()
+    backbone = {n: p.detach().clone() for n, p in module.named_parameters()}
+    ptrs = {p.data_ptr() for p in module.parameters()}
+    cb = PANDA(source_prompt=src, beta=1.0, init="vocab", learning_rate=0.05)
+    t = trainer([cb], max_steps=3)
+    t.fit(module, datamodule=ListDataModule(n_batches=3))
+    art = load_prompt(src)
+    prompt_numel = art.embedding.weight.numel()
+    # the module gained exactly the student prompt; the teacher is not one of its tensors
+    assert sum(p.numel() for p in module.parameters()) == sum(v.numel() for v in backbone.values()) + prompt_numel
+    assert all(p is not q for p in cb.teacher.parameters() for q in module.parameters())
+    assert ptrs <= {p.data_ptr() for p in module.parameters()}  # the backbone's storage is the one it started with
+    others = [v for k, v in vars(cb).items() if isinstance(v, torch.nn.Module) and v is not module]
+    assert sum(p.numel() for m in others for p in m.parameters()) == 2 * prompt_numel  # teacher + student only
+    # three steps: the teacher is bit-identical to the artifact, the backbone too, the student moved
+    assert torch.equal(cb.teacher.embedding.weight, art.embedding.weight)
+    for n, v in backbone.items():
+        assert torch.equal(dict(module.named_parameters())[n], v), n
+    assert not torch.equal(cb.source.embedding.weight, art.embedding.weight)
+    # one teacher prefill + one student prefill per step, on the same model
+    assert cb.injector.calls == 2 * 3
+    assert t.callback_metrics["lit_ft/panda/beta"] == 1.0 and t.callback_metrics["lit_ft/panda/kd_loss"] > 0
+
+
+@pytest.mark.parametrize("make", ["causal", "plain"])
+def test_beta_zero_reproduces_prompt_tuning(tmp_path, make):
+    src = write_source(tmp_path / "src")
+
+    def run(cb):
+        module = causal_module() if make == "causal" else PlainHFModule()
+        trainer([cb], max_steps=3).fit(module, datamodule=ListDataModule(n_batches=3))
+        return module.state_dict()
+
+    torch.manual_seed(0)
+    ref = run(PromptTuning(num_virtual_tokens=N, init="vocab", seed=3, learning_rate=0.05))
+    torch.manual_seed(0)
+    zero = run(PANDA(source_prompt=src, beta=0.0, init="vocab", seed=3, learning_rate=0.05))
+    torch.manual_seed(0)
+    kd = run(PANDA(source_prompt=src, beta=5.0, init="vocab", seed=3, learning_rate=0.05))
+    key = "lit_ft_prompts.prompt.embedding.weight"
+    assert ref.keys() == zero.keys()
+    for k in ref:
+        torch.testing.assert_close(zero[k], ref[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(kd[key], ref[key])  # with beta > 0 the distillation changes the prompt's path
+
+
+def test_auto_beta_is_the_zero_shot_loss_reduction(tmp_path):
+    src = write_source(tmp_path / "src")
+    module = causal_module()
+    cb = PANDA(source_prompt=src, beta="auto", init="vocab", auto_beta_batches=2)
+    ready(cb, module)
+    batches = ListDataModule(n_batches=2).batches
+    est = cb.estimate_beta(module, batches)
+
+    def mean_loss(model):
+        tot = n = 0.0
+        for b in batches:
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            k = float((shift_targets(b["labels"]) != -100).sum())
+            tot, n = tot + float(out.loss) * k, n + k
+        return tot / n
+
+    with torch.no_grad():
+        l_bare, l_src = mean_loss(frozen_copy(module.model)), mean_loss(bare_copy_with(module, src))
+    assert est == pytest.approx(min(max((l_bare - l_src) / l_bare, 0.0), 1.0), rel=1e-5, abs=1e-7)
+    # an identical prompt helps nothing / a harmful one is clamped to 0; a good one is in (0, 1]
+    assert 0.0 < est < 1.0  # this source prompt happens to help a little: the clamp is not what is tested
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [0.5, "auto"])
+def test_resume_equals_uninterrupted(tmp_path, beta, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    src = write_source(tmp_path / "src")
+
+    def run(ckpt_path=None, save_dir=None):
+        torch.manual_seed(0)
+        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
+        cb = PANDA(source_prompt=src, beta=beta, learning_rate=0.05, auto_beta_batches=1)
+        callbacks = [cb]
+        if save_dir:
+            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
+        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
+                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
+        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
+        return module, cb
+
+    full, cb_full = run(save_dir=tmp_path / "ck")
+    if beta == "auto":  # the resumed run takes beta from the checkpoint, it does not re-estimate it
+        monkeypatch.setattr(PANDA, "estimate_beta", lambda *a, **k: pytest.fail("beta re-estimated on resume"))
+    resumed, cb_res = run(ckpt_path=str(tmp_path / "ck" / "epoch=0-step=2.ckpt"))
+    assert cb_res.beta_value == cb_full.beta_value and cb_full.beta_value > 0
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+def test_source_prompt_errors(tmp_path):
+    with pytest.raises(PromptError, match="`source_prompt` is required"):
+        ready(PANDA(), causal_module())
+    with pytest.raises(PromptError, match="is not a folder"):
+        ready(PANDA(source_prompt=str(tmp_path / "nope")), causal_module())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PromptError, match="not a lit_ft prompt artifact"):
+        ready(PANDA(source_prompt=str(tmp_path / "empty")), causal_module())
+    other = write_source(tmp_path / "wide", hidden_size=48)  # trained for another model
+    with pytest.raises(PromptError, match="`source_prompt`.*trained for"):
+        ready(PANDA(source_prompt=other), causal_module())
+    src = write_source(tmp_path / "src")
+    with pytest.raises(PromptError, match="num_virtual_tokens"):
+        ready(PANDA(source_prompt=src, num_virtual_tokens=N + 1), causal_module())
+    with pytest.raises(TypeError, match="integration='mixin'"):
+        ready(PANDA(source_prompt=src, integration="mixin"), PlainHFModule())
+
+
+def test_refuses_a_token_scorer_loss_hook_on_a_plain_module(tmp_path):
+    from lit_ft.callbacks import ExcessLossSelection
+
+    src = write_source(tmp_path / "src")
+    cb = PANDA(source_prompt=src, beta=0.5)
+    with pytest.raises(RuntimeError, match="loss_function was replaced"):
+        trainer([cb, ExcessLossSelection(keep_ratio=0.5)]).fit(PlainHFModule(), datamodule=ListDataModule(n_batches=1))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"beta": -0.1}, "beta"),
+    ({"beta": "high"}, "beta"),
+    ({"kd": "l1"}, "kd"),
+    ({"temperature": 0}, "temperature"),
+    ({"init": "zeros"}, "init"),
+    ({"init": "text"}, "init_text"),
+    ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+    ({"auto_beta_batches": 0}, "auto_beta_batches"),
+    ({"integration": "batch"}, "integration"),
+    ({"source_prompt": 3}, "source_prompt"),
+    ({"learning_rate": 0}, "learning_rate"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PANDA(**kwargs)
