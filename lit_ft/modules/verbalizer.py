@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -258,10 +259,28 @@ class VerbalizerClassificationModule(pl.LightningModule):
         names = getattr(dm, "label_names", None)
         if not self.verbalizer_ready:
             self.build_verbalizer(self._tokenizer(), names)
+            self._warn_tokenizer_mismatch(dm)
         n = getattr(dm, "num_labels", None)
         if isinstance(n, int) and n != self.num_classes:
             raise ValueError(f"VerbalizerClassificationModule: `label_words` has {self.num_classes} classes but the "
                              f"data has {n} labels ({names})")
+
+    def _warn_tokenizer_mismatch(self, dm: Any) -> None:
+        """The DataModule must tokenise with the model's tokenizer (ClassificationDataModule defaults to MiniLM's)."""
+        name = getattr(dm, "tokenizer_name", None)
+        if name is None or self.hparams.model_config is not None:
+            return
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from lit_ft.assets import resolve
+
+        try:
+            same = Path(resolve(name)).resolve() == Path(resolve(self.hparams.model)).resolve()
+        except Exception:  # noqa: BLE001 - unknown names: nothing to compare
+            return
+        if not same:
+            rank_zero_warn(f"VerbalizerClassificationModule: the DataModule tokenises with {name!r} but the model is "
+                           f"{self.hparams.model!r}; set data.tokenizer to the model's tokenizer")
 
     def build_verbalizer(self, tokenizer: Any, label_names: list[str] | None = None) -> None:
         """Tokenise the label words (``label_names`` when ``label_words`` is None) into the id tensors."""
