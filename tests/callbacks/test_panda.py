@@ -363,3 +363,19 @@ def test_refuses_a_token_scorer_loss_hook_on_a_plain_module(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PANDA(**kwargs)
+
+
+def test_student_artifact_round_trip(tmp_path):
+    src = write_source(tmp_path / "src", "prefix")  # a prefix source: the student is a PrefixEncoder copy
+    module = causal_module()
+    cb = PANDA(source_prompt=src, beta=1.0, learning_rate=0.05, save_dir=str(tmp_path / "student"))
+    trainer([cb], max_steps=2).fit(module, datamodule=ListDataModule(n_batches=2))
+    assert isinstance(cb.source, PrefixEncoder)
+    hf = module.model.eval()
+    ids = torch.randint(3, 300, (2, 6))
+    ref = hf(input_ids=ids).logits
+    fresh = frozen_copy(hf)
+    attach_prompt(fresh, str(tmp_path / "student"))
+    torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
+    teacher_out = bare_copy_with(module, src)(input_ids=ids).logits
+    assert not torch.allclose(teacher_out, ref)  # the student moved away from the source

@@ -232,3 +232,25 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProMoT(**kwargs)
 
+
+
+def test_artifact_and_generate_with_the_trained_model(tmp_path):
+    from lit_ft.core.prompts import attach_prompt
+
+    module = make_module("causal")
+    cb = ProMoT(num_virtual_tokens=N, learning_rate=0.05, prompt_steps=2, save_dir=str(tmp_path / "art"))
+    fit(module, [cb])
+    hf = module.model.eval()
+    ids = torch.randint(3, 300, (2, 6))
+    ref = hf(input_ids=ids).logits
+    fresh = frozen_copy(hf)  # the stage-2 weights, no lit_ft hooks
+    assert not torch.allclose(fresh(input_ids=ids).logits, ref)
+    attach_prompt(fresh, str(tmp_path / "art"))  # the stage-1 prompt saved at fit end
+    torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
+    gen = hf.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    seq = ids[:1]
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, hf(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert gen.tolist() == seq.tolist()
