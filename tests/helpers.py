@@ -85,3 +85,43 @@ def fit_global_batches(strategy: str, devices: int, batch_size: int, init_state:
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return module.state_dict(), trainer
+
+
+def tiny_hf_model(seed: int = 0, train: bool = False, **overrides):
+    """A tiny random Llama causal LM (``tiny_config(**overrides)``), in eval mode unless ``train``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(tiny_config(**overrides))
+    cfg.pop("model_type")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).train(train)
+
+
+class AdamWPlain(PlainHFModule):
+    """The plain user module with AdamW (weight decay 0.1): frozen tensors must not move even under decay."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+class LoraModule(pl.LightningModule):
+    """A user module around a PEFT-LoRA tiny Llama (q/v adapters trainable, base frozen by PEFT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import peft
+
+        self.model = peft.get_peft_model(tiny_hf_model(train=True), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+
+
+class SnapshotPrompt(pl.Callback):
+    """Copies the lit_ft prompt tensors when training starts (after setup installed them)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if k.startswith("lit_ft_")}

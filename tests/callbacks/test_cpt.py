@@ -4,21 +4,23 @@ every loss path, artifacts, generate(), resume, errors."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from lit_ft.callbacks import CPT
 from lit_ft.callbacks.prompt.cpt import CPTEmbedding, draw_examples
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, save_prompt
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from tests.helpers import AdamWPlain, ListDataModule, LoraModule, random_batch, tiny_config, tiny_hf_model
+
+def hf_model(seed: int = 0, **overrides):
+    return tiny_hf_model(seed, train=True, **overrides)
 
 EXAMPLES = [{"input": "3 plus 4", "output": "7"}, {"input": "2 plus 2", "output": "4"}]
 TEMPLATES = {"input_template": "Q: {} ?", "output_template": "A: {}."}
@@ -28,13 +30,6 @@ D = 32  # tiny_config hidden size
 def trainer(callbacks, max_steps=3, **kw):
     return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
-
-
-def hf_model(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(tiny_config(**overrides))
-    cfg.pop("model_type")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
 
 
 def installed(tok_path, module=None, **kw):
@@ -336,25 +331,6 @@ def test_matches_peft_cpt(tiny_tokenizer_path, decay):
 # ---------------------------------------------------------------------------------------------------------------
 # Training through Lightning: every loss path, backbone untouched, artifacts
 # ---------------------------------------------------------------------------------------------------------------
-class AdamWPlain(PlainHFModule):
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-
-
-class LoraModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-
-        self.model = peft.get_peft_model(hf_model().train(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-
-
 class _LossRecorder(pl.Callback):
     def __init__(self):
         self.losses = []

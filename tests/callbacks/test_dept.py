@@ -7,25 +7,19 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from lit_ft.callbacks import DePT
 from lit_ft.callbacks.prompt.dept import DePTEmbedding, lowrank_scale, rank_for_budget
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from tests.helpers import AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, random_batch, tiny_config, tiny_hf_model
+
+hf_model = tiny_hf_model
 
 N = 4  # virtual tokens
 S = 12  # max_length of the low-rank table in most tests
 R = 3
-
-
-def hf_model(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(tiny_config(**overrides))
-    cfg.pop("model_type")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).eval()
 
 
 def make_source(model, cls=DePTEmbedding, seed: int = 1, **kw):
@@ -191,30 +185,6 @@ def test_save_load_same_outputs(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Training through Lightning
 # ---------------------------------------------------------------------------------------------------------------
-class AdamWPlain(PlainHFModule):
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-
-
-class LoraModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-
-        self.model = peft.get_peft_model(hf_model().train(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-
-
-class SnapshotPrompt(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.at_start = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if k.startswith("lit_ft_")}
-
-
 def make_module(kind: str):
     torch.manual_seed(0)
     return {"causal": lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),

@@ -8,23 +8,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from lit_ft.callbacks import IAPT
 from lit_ft.callbacks.prompt.iapt import InstructionPromptGenerator
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from tests.helpers import ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, random_batch, tiny_config, tiny_hf_model
+
+hf_model = tiny_hf_model
+Snapshot = SnapshotPrompt
 
 N, R = 4, 8
-
-
-def hf_model(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(tiny_config(**overrides))
-    cfg.pop("model_type")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).eval()
 
 
 def make_source(model, mode="kv", share=True, pooling="hidden", seed=1):
@@ -300,20 +296,6 @@ class AdamWPlain(PlainHFModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
 
 
-class LoraModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-
-        self.model = peft.get_peft_model(hf_model().train(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-
-
 class MaskedData(ListDataModule):
     """Batches carrying an explicit ``instruction_mask`` (the first 3 tokens)."""
 
@@ -322,11 +304,6 @@ class MaskedData(ListDataModule):
         for b in self.batches:
             b["instruction_mask"] = torch.zeros_like(b["input_ids"], dtype=torch.bool)
             b["instruction_mask"][:, :3] = True
-
-
-class Snapshot(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.at_start = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if k.startswith("lit_ft_")}
 
 
 @pytest.mark.parametrize("make_module, mode", [("causal", "kv"), ("causal", "hidden"), ("plain", "kv"),

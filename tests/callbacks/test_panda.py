@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from lit_ft.callbacks import PANDA, PromptTuning
 from lit_ft.callbacks.prompt.panda import kd_term
@@ -20,16 +20,12 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, load_prompt, model_geometry, save_prompt
 from lit_ft.core.tokens import shift_targets, token_pipeline_for
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config, tiny_hf_model
+
+def hf_model(seed: int = 0, **overrides):
+    return tiny_hf_model(seed, train=True, **overrides)
 
 N = 4
-
-
-def hf_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(tiny_config(**overrides))
-    cfg.pop("model_type")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
 
 
 def write_source(path, kind="prompt", seed=1, **overrides):

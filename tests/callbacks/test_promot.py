@@ -12,33 +12,10 @@ from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.params import verify_optimizer
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, PlainHFModule, tiny_config
+from tests.helpers import AdamWPlain, ListDataModule, LoraModule, PlainHFModule, tiny_config
 
 N = 4
 PROMPT = "lit_ft_prompts.prompt.embedding.weight"
-
-
-class AdamWPlain(PlainHFModule):
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-
-
-class LoraModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = dict(tiny_config())
-        cfg.pop("model_type")
-        base = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
-        self.model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
 
 
 def make_module(kind):
@@ -231,7 +208,6 @@ def test_state_dict_round_trip():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProMoT(**kwargs)
-
 
 
 def test_artifact_and_generate_with_the_trained_model(tmp_path):
