@@ -125,3 +125,20 @@ class SnapshotPrompt(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.at_start = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if k.startswith("lit_ft_")}
+
+
+def quiet_trainer(callbacks, max_steps: int = 3, **kw) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
+
+
+def capture_trunk_inputs(model):
+    """Record the keyword arguments the decoder trunk receives (a pre-hook registered after lit_ft's prompt
+    injector sees its edits). Returns ``(dict, hook handle)``."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        seen.update(kwargs)
+
+    return seen, model.model.register_forward_pre_hook(hook, with_kwargs=True)

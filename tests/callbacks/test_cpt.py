@@ -17,7 +17,11 @@ from lit_ft.callbacks.prompt.cpt import CPTEmbedding, draw_examples
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, save_prompt
 from lit_ft.modules import CausalLMModule
-from tests.helpers import AdamWPlain, ListDataModule, LoraModule, random_batch, tiny_config, tiny_hf_model
+from tests.helpers import (
+    AdamWPlain, ListDataModule, LoraModule, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
+)
+
+trainer = quiet_trainer
 
 def hf_model(seed: int = 0, **overrides):
     return tiny_hf_model(seed, train=True, **overrides)
@@ -25,11 +29,6 @@ def hf_model(seed: int = 0, **overrides):
 EXAMPLES = [{"input": "3 plus 4", "output": "7"}, {"input": "2 plus 2", "output": "4"}]
 TEMPLATES = {"input_template": "Q: {} ?", "output_template": "A: {}."}
 D = 32  # tiny_config hidden size
-
-
-def trainer(callbacks, max_steps=3, **kw):
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
 
 
 def installed(tok_path, module=None, **kw):

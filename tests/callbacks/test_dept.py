@@ -13,7 +13,12 @@ from lit_ft.callbacks.prompt.dept import DePTEmbedding, lowrank_scale, rank_for_
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
-from tests.helpers import AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, random_batch, tiny_config, tiny_hf_model
+from tests.helpers import (
+    AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, capture_trunk_inputs, quiet_trainer, random_batch,
+    tiny_config, tiny_hf_model,
+)
+
+trainer = quiet_trainer
 
 hf_model = tiny_hf_model
 
@@ -30,20 +35,6 @@ def make_source(model, cls=DePTEmbedding, seed: int = 1, **kw):
         for p in src.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return src
-
-
-def trainer(callbacks, max_steps=3, **kw):
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
-
-
-def capture_trunk_inputs(model):
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen.update(kwargs)
-
-    return seen, model.model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def hand_update(src, pos: int) -> torch.Tensor:

@@ -15,7 +15,12 @@ from lit_ft.callbacks.prompt.iapt import InstructionPromptGenerator
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, random_batch, tiny_config, tiny_hf_model
+from tests.helpers import (
+    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, quiet_trainer, random_batch, tiny_config,
+    tiny_hf_model,
+)
+
+trainer = quiet_trainer
 
 hf_model = tiny_hf_model
 Snapshot = SnapshotPrompt
@@ -33,11 +38,6 @@ def make_source(model, mode="kv", share=True, pooling="hidden", seed=1):
         for p in (src.down_bias, src.up_bias, src.numerator, src.denominator):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return src
-
-
-def trainer(callbacks, max_steps=3, **kw):
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
 
 
 def capture(model):

@@ -22,7 +22,12 @@ from lit_ft.core.prompts import (
 )
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.modules import CausalLMModule
-from tests.helpers import AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, random_batch, tiny_config, tiny_hf_model
+from tests.helpers import (
+    AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, capture_trunk_inputs, quiet_trainer, random_batch,
+    tiny_config, tiny_hf_model,
+)
+
+trainer = quiet_trainer
 
 hf_model = tiny_hf_model
 
@@ -36,21 +41,6 @@ def make_source(kind: str, model, seed: int = 1):
     with torch.no_grad():
         src.embedding.weight.normal_(0, 0.5)
     return src
-
-
-def trainer(callbacks, max_steps=3, **kw):
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
-
-
-def capture_trunk_inputs(model):
-    """Record what the decoder trunk receives (a pre-hook registered after the injector's sees its edits)."""
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen.update(kwargs)
-
-    return seen, model.model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

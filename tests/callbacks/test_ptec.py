@@ -15,7 +15,9 @@ from lit_ft.callbacks.prompt.ptec import load_ptec
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry
 from lit_ft.data import ClassificationDataModule
 from lit_ft.modules import CausalLMModule, ClassificationModule
-from tests.helpers import tiny_config
+from tests.helpers import quiet_trainer, tiny_config
+
+trainer = quiet_trainer
 
 N = 4
 C = 3
@@ -61,12 +63,6 @@ class ClsDM(pl.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.batches[:2], batch_size=None)
-
-
-def trainer(callbacks, max_steps=3, **kw):
-    kw.setdefault("limit_val_batches", 0)
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
