@@ -2,7 +2,9 @@
 # One-shot GPU check of the fused token CE (run on a CUDA machine from the repo root; logs go to $OUT or ./gpu_logs):
 #   1. Triton path vs the fp64 reference (accuracy rule) at small and real lm_head shapes, PASS/FAIL per case;
 #   2. benchmarks/token_ce.py --device cuda --dtype bf16 with --compare liger,liger32,cce;
-#   3. the CUDA-only pytest cases (opcheck + torch.compile(fullgraph=True) with the Triton kernel).
+#   3. the CUDA-only pytest cases (opcheck + torch.compile(fullgraph=True) with the Triton kernel);
+#   4. the prompt kernels (prompt_embed for DePT/EPT, rational for IAPT): Triton self-checks vs the reference, their
+#      CUDA pytest cases, and prompt_embed vs DePT's .repeat formulation.
 # Optional wheels for the baselines (liger-kernel, cut-cross-entropy) are installed from .whl/ when present.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}
@@ -31,4 +33,10 @@ timeout ${T_BENCH2:-60} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --
 echo "== 3. CUDA pytest (opcheck, torch.compile) =="
 timeout ${T_PYTEST:-45} $PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_token_ce_triton.py \
   tests/kernels/test_token_ce.py -k "cuda" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+echo "== 4. prompt kernels (prompt_embed, rational) =="
+timeout ${T_PROMPT:-60} $PY -m lit_ft.kernels.prompt_embed.selfcheck --device cuda 2>&1 | tee "$OUT/prompt_kernels.txt"
+timeout ${T_PROMPT:-60} $PY -m lit_ft.kernels.rational.selfcheck --device cuda 2>&1 | tee -a "$OUT/prompt_kernels.txt"
+timeout ${T_PROMPT:-60} $PY -m pytest -q -p no:cacheprovider tests/kernels/test_prompt_embed.py \
+  tests/kernels/test_rational.py -k "cuda" 2>&1 | tail -5 | tee -a "$OUT/prompt_kernels.txt"
+timeout ${T_PROMPT:-60} $PY benchmarks/prompt_embed.py --device cuda --b 8,32 2>&1 | tee -a "$OUT/prompt_kernels.txt"
 echo "== done =="
