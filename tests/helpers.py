@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple
+
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lit_ft.modules import CausalLMModule
@@ -142,3 +146,59 @@ def capture_trunk_inputs(model):
         seen.update(kwargs)
 
     return seen, model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class FitAndResume(NamedTuple):
+    """What :func:`fit_and_resume` ran: the uninterrupted (``full``) and the resumed run's module, Trainer and the
+    callbacks ``make_callbacks`` built (without the ModelCheckpoint), plus the checkpoint the resume started from."""
+
+    full: pl.LightningModule
+    resumed: pl.LightningModule
+    trainer_full: pl.Trainer
+    trainer_resumed: pl.Trainer
+    callbacks_full: list
+    callbacks_resumed: list
+    ckpt: Path
+
+
+def fit_and_resume(make_module: Callable[[], pl.LightningModule], make_callbacks: Callable[[], list], save_dir,
+                   max_steps: int = 4, make_datamodule: Callable[[], pl.LightningDataModule] | None = None,
+                   ckpt_name: str = "epoch=0-step=2.ckpt", before_resume: Callable[[Path], object] | None = None,
+                   **trainer_kw) -> FitAndResume:
+    """The checkpoint -> resume check: fit ``make_module()`` with ``make_callbacks()`` uninterrupted for ``max_steps``
+    with a ModelCheckpoint every 2 steps into ``save_dir``, then fit a fresh module and callbacks resumed from
+    ``save_dir / ckpt_name``. ``torch.manual_seed(0)`` runs before each run's module and callbacks are built; the data
+    is ``make_datamodule()`` (default ``ListDataModule(n_batches=2)``: the step-2 checkpoint falls on an epoch
+    boundary, so the data order is the same). ``before_resume(ckpt)`` runs between the two fits; ``trainer_kw``
+    adds to or overrides the Trainer arguments (no logger, progress bar or model summary, ``limit_val_batches=0``)."""
+    make_datamodule = make_datamodule or (lambda: ListDataModule(n_batches=2))
+    save_dir = Path(save_dir)
+    ckpt = save_dir / ckpt_name
+
+    def run(ckpt_path=None, checkpoint_dir=None):
+        torch.manual_seed(0)
+        module = make_module()
+        callbacks = list(make_callbacks())
+        saver = [ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=2, save_top_k=-1)] if checkpoint_dir \
+            else []
+        kw = dict(max_steps=max_steps, logger=False, enable_checkpointing=bool(checkpoint_dir),
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        kw.update(trainer_kw)
+        trainer = pl.Trainer(callbacks=callbacks + saver, **kw)
+        trainer.fit(module, datamodule=make_datamodule(), ckpt_path=ckpt_path)
+        return module, trainer, callbacks
+
+    full, trainer_full, callbacks_full = run(checkpoint_dir=save_dir)
+    assert ckpt.is_file(), f"no {ckpt_name} in {sorted(q.name for q in save_dir.iterdir())}"
+    if before_resume is not None:
+        before_resume(ckpt)
+    resumed, trainer_resumed, callbacks_resumed = run(ckpt_path=str(ckpt))
+    return FitAndResume(full, resumed, trainer_full, trainer_resumed, callbacks_full, callbacks_resumed, ckpt)
+
+
+def assert_state_dicts_equal(a: Mapping, b: Mapping) -> None:
+    """The same keys and, under each, bit-identical values (``assert_close`` with ``rtol=0, atol=0``)."""
+    assert a.keys() == b.keys(), \
+        f"keys differ: only in a {sorted(set(a) - set(b))}, only in b {sorted(set(b) - set(a))}"
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

@@ -18,7 +18,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    AdamWPlain, ListDataModule, LoraModule, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
+    AdamWPlain, ListDataModule, LoraModule, assert_state_dicts_equal, fit_and_resume, quiet_trainer, random_batch,
+    tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -462,25 +463,13 @@ def test_generate_equals_stepwise_argmax(tiny_tokenizer_path):
 
 
 def test_resume_equals_uninterrupted(tiny_tokenizer_path, tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        callbacks = [CPT(examples=EXAMPLES, tokenizer=tiny_tokenizer_path, learning_rate=0.05, weighted_loss="decay",
-                         decay=0.9, **TEMPLATES)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module
-
-    full = run(save_dir=tmp_path)
-    resumed = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert full.lit_ft_prompts.prompt.delta.abs().sum() > 0
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [CPT(examples=EXAMPLES, tokenizer=tiny_tokenizer_path, learning_rate=0.05, weighted_loss="decay",
+                     decay=0.9, **TEMPLATES)],
+        tmp_path)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    assert r.full.lit_ft_prompts.prompt.delta.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

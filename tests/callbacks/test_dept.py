@@ -14,8 +14,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, capture_trunk_inputs, quiet_trainer, random_batch,
-    tiny_config, tiny_hf_model,
+    AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, assert_state_dicts_equal, capture_trunk_inputs,
+    fit_and_resume, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -237,25 +237,13 @@ def test_two_param_groups_with_their_lrs_and_the_scheduler():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        callbacks = [DePT(num_virtual_tokens=N, rank=R, learning_rate=0.05, lowrank_learning_rate=0.01)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, t
-
-    full, t_full = run(save_dir=tmp_path)
-    resumed, t_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    assert any(k.endswith("lora_embedding_B") for k in full.state_dict())
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert [g["lr"] for g in t_full.optimizers[0].param_groups] == [g["lr"] for g in t_res.optimizers[0].param_groups]
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [DePT(num_virtual_tokens=N, rank=R, learning_rate=0.05, lowrank_learning_rate=0.01)], tmp_path)
+    assert any(k.endswith("lora_embedding_B") for k in r.full.state_dict())
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    assert [g["lr"] for g in r.trainer_full.optimizers[0].param_groups] == \
+        [g["lr"] for g in r.trainer_resumed.optimizers[0].param_groups]
 
 
 def test_max_length_from_the_datamodule_and_text_init(tiny_tokenizer_path):

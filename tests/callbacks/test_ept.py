@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ from tests.callbacks.test_dept import (
     make_source,
     trainer,
 )
-from tests.helpers import ListDataModule, random_batch, tiny_config
+from tests.helpers import ListDataModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 
 DEPT_KEYS = ["embedding.weight", "lora_embedding_A", "lora_embedding_B"]
 GEN_KEYS = ["gate.weight", "gate.bias", "proj_down", "proj_up"]
@@ -194,24 +193,12 @@ def test_three_learning_rates_and_the_scheduler():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        callbacks = [EPT(num_virtual_tokens=N, rank=R, fusion_dim=4, learning_rate=0.05, lowrank_learning_rate=0.01)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module
-
-    full = run(save_dir=tmp_path)
-    resumed = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    assert any(k.endswith("fusion_out.weight") for k in full.state_dict())
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [EPT(num_virtual_tokens=N, rank=R, fusion_dim=4, learning_rate=0.05, lowrank_learning_rate=0.01)],
+        tmp_path)
+    assert any(k.endswith("fusion_out.weight") for k in r.full.state_dict())
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------

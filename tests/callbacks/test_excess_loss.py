@@ -6,7 +6,7 @@ from lit_ft.callbacks import ExcessLossSelection
 from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 
 
 def _trainer(callbacks, max_steps=3, **kw):
@@ -181,33 +181,14 @@ def test_non_hf_module_gets_clear_error():
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
-        cb = ExcessLossSelection(keep_ratio=0.5)
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(
-            max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
-        )
-        # 2 batches per epoch: the step-2 checkpoint falls on an epoch boundary, so data order is the same
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, cb
-
-    full, cb_full = run(save_dir=tmp_path)
-    ckpt = tmp_path / "epoch=0-step=2.ckpt"
-    saved = torch.load(ckpt, weights_only=False)
+    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2),
+                       lambda: [ExcessLossSelection(keep_ratio=0.5)], tmp_path)
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
+    saved = torch.load(r.ckpt, weights_only=False)
     assert "reference_state" in saved["callbacks"][cb_full.state_key]
-    resumed, cb_res = run(ckpt_path=str(ckpt))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
     # the reference stayed the *initial* weights, not the weights at the checkpoint
     torch.manual_seed(0)
     init = CausalLMModule(model_config=tiny_config())
-    for (n, a), (_, b) in zip(init.model.state_dict().items(), cb_res._ref_model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert not torch.equal(init.model.lm_head.weight, resumed.model.lm_head.weight)
+    assert_state_dicts_equal(init.model.state_dict(), cb_res._ref_model.state_dict())
+    assert not torch.equal(init.model.lm_head.weight, r.resumed.model.lm_head.weight)

@@ -13,7 +13,7 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 
 
 class _Plan(ParamPlanCallback):
@@ -151,28 +151,19 @@ def test_composes_by_intersection_and_conflicts_name_both():
 
 @pytest.mark.parametrize("llrd", [False, True], ids=["alone", "with_llrd"])
 def test_resume_after_the_unfreeze_equals_uninterrupted(tmp_path, llrd):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lit_ft.callbacks import LayerwiseLRDecay
 
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        cb = FreezeLayers(num_layers=1, unfreeze_at_epoch=1)
-        cbs = [cb] + ([LayerwiseLRDecay(decay=0.5)] if llrd else []) + ([ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else [])
-        trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=cbs, limit_val_batches=0)
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, cb, trainer
-
-    full, cb_full, _ = run(save_dir=tmp_path)
-    ckpt = tmp_path / "epoch=1-step=4.ckpt"  # saved after the unfreeze at the start of epoch 1
-    assert torch.load(ckpt, weights_only=False)["callbacks"][cb_full.state_key] == {"unfrozen": True}
-    resumed, cb_res, trainer = run(ckpt_path=str(ckpt))
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [FreezeLayers(num_layers=1, unfreeze_at_epoch=1)] + ([LayerwiseLRDecay(decay=0.5)] if llrd else []),
+        tmp_path, max_steps=6,
+        ckpt_name="epoch=1-step=4.ckpt",  # saved after the unfreeze at the start of epoch 1
+    )
+    cb_full, cb_res, trainer = r.callbacks_full[0], r.callbacks_resumed[0], r.trainer_resumed
+    assert torch.load(r.ckpt, weights_only=False)["callbacks"][cb_full.state_key] == {"unfrozen": True}
     assert cb_res.unfrozen
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
-    verify_optimizer(trainer.optimizers[0], resumed)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    verify_optimizer(trainer.optimizers[0], r.resumed)
     if llrd:  # the unfrozen layer trains at its decayed lr in the resumed run too
         g = next(g for g in trainer.optimizers[0].param_groups if "model.model.layers.0.mlp.up_proj.weight" in g["param_names"])
         assert g["initial_lr"] == pytest.approx(1e-2 * 0.5)

@@ -16,8 +16,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, quiet_trainer, random_batch, tiny_config,
-    tiny_hf_model,
+    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, assert_state_dicts_equal, fit_and_resume, quiet_trainer,
+    random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -372,23 +372,11 @@ def test_instruction_mask_from_batch_or_labels():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        callbacks = [IAPT(num_virtual_tokens=N, bottleneck=R, learning_rate=0.05)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module
-
-    full = run(save_dir=tmp_path)
-    resumed = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [IAPT(num_virtual_tokens=N, bottleneck=R, learning_rate=0.05)], tmp_path)
+    full = r.full
+    assert_state_dicts_equal(full.state_dict(), r.resumed.state_dict())
     assert not torch.equal(full.lit_ft_prompts.prompt.up_weight, torch.zeros_like(full.lit_ft_prompts.prompt.up_weight))
 
 

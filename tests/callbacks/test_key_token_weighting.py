@@ -10,7 +10,10 @@ from lit_ft.core import BatchKeyError
 from lit_ft.core.tokens import TokenScores, shift_targets
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, SGDModule, assert_state_dicts_equal, fit_and_resume, fit_global_batches,
+    random_batch, tiny_config,
+)
 
 
 def keyed_batch(batch_size=4, seq_len=16, seed=0, p=0.15):
@@ -313,30 +316,14 @@ def test_missing_or_malformed_key_token_mask():
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
-        cb = KeyTokenWeighting()
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(
-            max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
-        )
-        # 2 batches per epoch: the step-2 checkpoint falls on an epoch boundary, so data order is the same
-        trainer.fit(module, datamodule=KeyedListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module
-
-    full = run(save_dir=tmp_path)
-    resumed = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    # 2 batches per epoch: the step-2 checkpoint falls on an epoch boundary, so data order is the same
+    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2),
+                       lambda: [KeyTokenWeighting()], tmp_path,
+                       make_datamodule=lambda: KeyedListDataModule(n_batches=2))
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
     torch.manual_seed(0)
     init = CausalLMModule(model_config=tiny_config())
-    assert not torch.equal(init.model.lm_head.weight, resumed.model.lm_head.weight)
+    assert not torch.equal(init.model.lm_head.weight, r.resumed.model.lm_head.weight)
 
 
 @pytest.mark.slow

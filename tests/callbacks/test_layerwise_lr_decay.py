@@ -12,7 +12,7 @@ from lit_ft.callbacks import FreezeLayers, LayerwiseLRDecay
 from lit_ft.core.params import verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, tiny_config
 
 L = 3  # layers of the test model
 LR = 1e-2
@@ -145,28 +145,16 @@ def test_tensors_unfrozen_later_join_their_layer_group_and_state_is_kept():
 
 
 def test_resume_rebuilds_the_same_groups_and_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(num_hidden_layers=L), learning_rate=LR, weight_decay=0.1,
-                                warmup_steps=3)
-        cbs = [LayerwiseLRDecay(decay=0.7)]
-        if save_dir:
-            cbs.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=cbs, limit_val_batches=0)
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, trainer
-
-    full, t_full = run(save_dir=tmp_path)
-    resumed, t_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
-    g_full, g_res = t_full.optimizers[0].param_groups, t_res.optimizers[0].param_groups
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(num_hidden_layers=L), learning_rate=LR, weight_decay=0.1,
+                               warmup_steps=3),
+        lambda: [LayerwiseLRDecay(decay=0.7)], tmp_path)
+    full, resumed = r.full, r.resumed
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+    g_full, g_res = r.trainer_full.optimizers[0].param_groups, r.trainer_resumed.optimizers[0].param_groups
     assert [(g["param_names"], g["lr"], g["initial_lr"]) for g in g_full] == \
         [(g["param_names"], g["lr"], g["initial_lr"]) for g in g_res]
-    s_full, s_res = t_full.optimizers[0].state, t_res.optimizers[0].state
+    s_full, s_res = r.trainer_full.optimizers[0].state, r.trainer_resumed.optimizers[0].state
     for p_full, p_res in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(s_full[p_full]["exp_avg_sq"], s_res[p_res]["exp_avg_sq"])
 

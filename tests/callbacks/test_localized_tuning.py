@@ -16,7 +16,7 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.params import ParamPatternError, ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 
 DOWN1 = "model.model.layers.1.mlp.down_proj.weight"
 
@@ -286,51 +286,30 @@ def test_peft_trains_the_lora_params_of_the_chosen_module_or_raises():
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = ScaledLossModule()
-        cb = LocalizedTuning()
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        # 2 batches per epoch (the second is always skipped); the step-2 checkpoint falls on an epoch boundary
-        trainer.fit(module, datamodule=_ScaledData([1.0, 1e-3]), ckpt_path=ckpt_path)
-        return module, cb, trainer
-
-    full, cb_full, tr_full = run(save_dir=tmp_path)
-    ckpt = tmp_path / "epoch=0-step=2.ckpt"
-    saved = torch.load(ckpt, weights_only=False)["callbacks"][cb_full.state_key]
+    # 2 batches per epoch (the second is always skipped); the step-2 checkpoint falls on an epoch boundary
+    r = fit_and_resume(ScaledLossModule, lambda: [LocalizedTuning()], tmp_path,
+                       make_datamodule=lambda: _ScaledData([1.0, 1e-3]))
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
+    saved = torch.load(r.ckpt, weights_only=False)["callbacks"][cb_full.state_key]
     assert saved["skipped_steps"] == 1 and saved["optimizer_steps"] == 2
-    resumed, cb_res, tr_res = run(ckpt_path=str(ckpt))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
     assert cb_res.skipped_steps == cb_full.skipped_steps == 2 and cb_res.optimizer_steps == 4
     assert cb_res.last_loss == cb_full.last_loss
-    s_full, s_res = tr_full.optimizers[0].state, tr_res.optimizers[0].state
+    s_full, s_res = r.trainer_full.optimizers[0].state, r.trainer_resumed.optimizers[0].state
     assert [int(s["step"]) for s in s_res.values()] == [int(s["step"]) for s in s_full.values()] == [2]
 
 
 def test_resume_from_the_stopping_epoch_stops_like_the_uninterrupted_run(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        cb = LocalizedTuning(skip_below=100.0, stop_below=4.0)  # epoch-0 average ~3.0: stop after epoch 0
-        callbacks = [cb] + ([ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else [])
-        trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=callbacks)
-        trainer.fit(ScaledLossModule(), datamodule=_ScaledData([1.0, 0.02]), ckpt_path=ckpt_path)
-        return cb, trainer
-
-    cb_full, tr_full = run(save_dir=tmp_path)
     # the step-2 checkpoint is written after epoch 0's last step, before its epoch-end hooks
-    cb_res, tr_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    r = fit_and_resume(
+        ScaledLossModule,
+        lambda: [LocalizedTuning(skip_below=100.0, stop_below=4.0)],  # epoch-0 average ~3.0: stop after epoch 0
+        tmp_path, make_datamodule=lambda: _ScaledData([1.0, 0.02]),
+        max_steps=-1, max_epochs=3, limit_val_batches=None,  # bounded by the epochs alone; validation at the default
+    )
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
     assert cb_full.stopped_early and cb_res.stopped_early
-    assert tr_full.global_step == tr_res.global_step == 2 and cb_res.optimizer_steps == 2
+    assert r.trainer_full.global_step == r.trainer_resumed.global_step == 2 and cb_res.optimizer_steps == 2
 
 
 def test_state_dict_round_trip():

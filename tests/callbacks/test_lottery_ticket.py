@@ -19,7 +19,7 @@ from lit_ft.core.sparse_diff import SparseDiffError, load_sparse_diff, save_spar
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, pack_mask, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 
 
 def _trainer(callbacks, max_steps=4, tmp_path=None, logger=False, **kw):
@@ -232,27 +232,20 @@ def test_export_function_dense_compact_and_float32(tmp_path):
 
 @pytest.mark.parametrize("phase1_steps,phase_at_ckpt", [(3, 1), (1, 2)], ids=["resume_in_phase1", "resume_in_phase2"])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, phase1_steps, phase_at_ckpt):
-    def run(ckpt_path=None, save_dir=None):
-        module = _module()
-        cb = LotteryTicketSparseFT(proportion=0.05, phase1_steps=phase1_steps, export=False)
-        callbacks = [cb] + ([ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else [])
-        # 2 batches per epoch: the step-2 checkpoint falls on an epoch boundary, so data order is the same
-        _trainer(callbacks, max_steps=5).fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, cb
-
-    full, cb_full = run(save_dir=tmp_path)
-    ckpt = tmp_path / "epoch=0-step=2.ckpt"
-    saved = torch.load(ckpt, weights_only=True)["callbacks"][cb_full.state_key]
+    # 2 batches per epoch: the step-2 checkpoint falls on an epoch boundary, so data order is the same
+    r = fit_and_resume(
+        _module, lambda: [LotteryTicketSparseFT(proportion=0.05, phase1_steps=phase1_steps, export=False)], tmp_path,
+        max_steps=5)
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
+    saved = torch.load(r.ckpt, weights_only=True)["callbacks"][cb_full.state_key]
     assert saved["phase"] == phase_at_ckpt
     if phase_at_ckpt == 2:
         assert saved["plan"]["entries"]  # packed masks
         assert sum(t.numel() for t in saved["theta0"].values()) < cb_full.num_maskable  # compact θ₀ in phase 2
-    resumed, cb_res = run(ckpt_path=str(ckpt))
     assert cb_res.phase == 2 and cb_res.kept == cb_full.kept
     for n, m in cb_full.masks.items():
         assert torch.equal(cb_res.masks[n], m), n
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
     theta0_full, _ = cb_full.sparse_diff_inputs()
     theta0_res, _ = cb_res.sparse_diff_inputs()
     for n in theta0_full:

@@ -20,7 +20,9 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, load_prompt, model_geometry, save_prompt
 from lit_ft.core.tokens import shift_targets, token_pipeline_for
 from lit_ft.modules import CausalLMModule
-from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config, tiny_hf_model
+from tests.helpers import (
+    ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config, tiny_hf_model,
+)
 
 def hf_model(seed: int = 0, **overrides):
     return tiny_hf_model(seed, train=True, **overrides)
@@ -288,29 +290,19 @@ def test_auto_beta_is_the_zero_shot_loss_reduction(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("beta", [0.5, "auto"])
 def test_resume_equals_uninterrupted(tmp_path, beta, monkeypatch):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     src = write_source(tmp_path / "src")
 
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        cb = PANDA(source_prompt=src, beta=beta, learning_rate=0.05, auto_beta_batches=1)
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, cb
+    def no_reestimate(ckpt_path):
+        if beta == "auto":  # the resumed run takes beta from the checkpoint, it does not re-estimate it
+            monkeypatch.setattr(PANDA, "estimate_beta", lambda *a, **k: pytest.fail("beta re-estimated on resume"))
 
-    full, cb_full = run(save_dir=tmp_path / "ck")
-    if beta == "auto":  # the resumed run takes beta from the checkpoint, it does not re-estimate it
-        monkeypatch.setattr(PANDA, "estimate_beta", lambda *a, **k: pytest.fail("beta re-estimated on resume"))
-    resumed, cb_res = run(ckpt_path=str(tmp_path / "ck" / "epoch=0-step=2.ckpt"))
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [PANDA(source_prompt=src, beta=beta, learning_rate=0.05, auto_beta_batches=1)],
+        tmp_path / "ck", before_resume=no_reestimate)
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
     assert cb_res.beta_value == cb_full.beta_value and cb_full.beta_value > 0
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------

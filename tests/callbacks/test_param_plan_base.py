@@ -9,7 +9,7 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, tiny_config
+from helpers import ListDataModule, assert_state_dicts_equal, fit_and_resume, tiny_config
 
 
 class _Plan(ParamPlanCallback):
@@ -98,8 +98,6 @@ def test_trainable_fraction_is_read_from_the_composed_plan_when_logged():
 
 
 def test_optimizer_layout_is_checkpointed_and_reapplied_on_resume(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lit_ft.core.params import optimizer_layout
 
     class Switch(_Plan):  # mid-run: the head thaws and joins the end of its group (history-dependent order)
@@ -112,25 +110,17 @@ def test_optimizer_layout_is_checkpointed_and_reapplied_on_resume(tmp_path):
                 self.update_plan(trainer, pl_module, None)
             super().on_fit_start(trainer, pl_module)
 
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1)
-        cb = Switch(lambda m: ParamPlan.freeze(m, ["model.model.layers.0.mlp.up_proj.weight"], owner="S"), "S")
-        cbs = [cb] + ([ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else [])
-        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=cbs, limit_val_batches=0)
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, trainer
-
-    full, t_full = run(save_dir=tmp_path)
-    ckpt = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=True)
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),
+        lambda: [Switch(lambda m: ParamPlan.freeze(m, ["model.model.layers.0.mlp.up_proj.weight"], owner="S"), "S")],
+        tmp_path)
+    ckpt = torch.load(r.ckpt, weights_only=True)
     saved = ckpt["lit_ft_param_plans"]["optimizer_layout"][0]
     up = "model.model.layers.0.mlp.up_proj.weight"
     assert next(g for g in saved if up in g)[-1] == up  # appended by the mid-run rebuild, not in model order
-    resumed, t_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    assert optimizer_layout(t_res.optimizers[0], resumed) == optimizer_layout(t_full.optimizers[0], full)
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert optimizer_layout(r.trainer_resumed.optimizers[0], r.resumed) == \
+        optimizer_layout(r.trainer_full.optimizers[0], r.full)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
 
 
 def test_tensors_thawed_mid_run_follow_the_modules_no_decay_patterns():

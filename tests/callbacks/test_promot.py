@@ -12,7 +12,9 @@ from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.params import verify_optimizer
 from lit_ft.modules import CausalLMModule
-from tests.helpers import AdamWPlain, ListDataModule, LoraModule, PlainHFModule, tiny_config
+from tests.helpers import (
+    AdamWPlain, ListDataModule, LoraModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, tiny_config,
+)
 
 N = 4
 PROMPT = "lit_ft_prompts.prompt.embedding.weight"
@@ -153,29 +155,17 @@ def test_eval_without_prompt_runs_the_bare_model(eval_prompt):
 
 @pytest.mark.parametrize("prompt_steps", [3, 2], ids=["resume_in_stage1", "resume_in_stage2"])
 def test_resume_equals_uninterrupted(tmp_path, prompt_steps):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        cb = ProMoT(num_virtual_tokens=N, learning_rate=0.05, prompt_steps=prompt_steps, model_learning_rate=3e-3)
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, t, cb
-
-    full, t_full, cb_full = run(save_dir=tmp_path)
-    ckpt = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [ProMoT(num_virtual_tokens=N, learning_rate=0.05, prompt_steps=prompt_steps, model_learning_rate=3e-3)],
+        tmp_path)
+    ckpt = torch.load(r.ckpt, weights_only=False)
     saved_stage = next(v for k, v in ckpt["callbacks"].items() if "ProMoT" in k)["stage"]
     assert saved_stage == (1 if prompt_steps == 3 else 2)
-    resumed, t_res, cb_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
     assert cb_full.stage == cb_res.stage == 2 and cb_full.switch_step == cb_res.switch_step == prompt_steps
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    o_full, o_res = t_full.optimizers[0], t_res.optimizers[0]
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    o_full, o_res = r.trainer_full.optimizers[0], r.trainer_resumed.optimizers[0]
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in o_full.param_groups] == \
         [(g["lr"], g["weight_decay"], len(g["params"])) for g in o_res.param_groups]
     full_state = o_full.state_dict()["state"]

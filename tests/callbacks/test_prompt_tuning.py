@@ -23,8 +23,8 @@ from lit_ft.core.prompts import (
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, capture_trunk_inputs, quiet_trainer, random_batch,
-    tiny_config, tiny_hf_model,
+    AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, assert_state_dicts_equal, capture_trunk_inputs,
+    fit_and_resume, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -267,24 +267,12 @@ def test_prompt_moves_and_loss_falls(Callback):
 
 @pytest.mark.parametrize("Callback", [PromptTuning, PrefixTuning])
 def test_resume_equals_uninterrupted(tmp_path, Callback):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
-        callbacks = [Callback(num_virtual_tokens=N, learning_rate=0.05)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, t
-
-    full, t_full = run(save_dir=tmp_path)
-    resumed, t_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert [g["lr"] for g in t_full.optimizers[0].param_groups] == [g["lr"] for g in t_res.optimizers[0].param_groups]
+    r = fit_and_resume(
+        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
+        lambda: [Callback(num_virtual_tokens=N, learning_rate=0.05)], tmp_path)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    assert [g["lr"] for g in r.trainer_full.optimizers[0].param_groups] == \
+        [g["lr"] for g in r.trainer_resumed.optimizers[0].param_groups]
 
 
 def test_text_init_and_errors(tiny_tokenizer_path):

@@ -15,7 +15,7 @@ from lit_ft.callbacks.prompt.ptec import load_ptec
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry
 from lit_ft.data import ClassificationDataModule
 from lit_ft.modules import CausalLMModule, ClassificationModule
-from tests.helpers import quiet_trainer, tiny_config
+from tests.helpers import assert_state_dicts_equal, fit_and_resume, quiet_trainer, tiny_config
 
 trainer = quiet_trainer
 
@@ -226,23 +226,13 @@ def test_pooling_picks_the_last_real_token_with_the_prompt(left):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        m = module(multi_label=True, pos_weight=[1.0, 2.0, 0.5])
-        callbacks = [PTEC(num_virtual_tokens=N, learning_rate=0.05, head_learning_rate=1e-3)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        t = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        t.fit(m, datamodule=ClsDM(n_batches=2, multi_label=True), ckpt_path=ckpt_path)
-        return m, t
-
-    full, t_full = run(save_dir=tmp_path)
-    resumed, t_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert [g["lr"] for g in t_full.optimizers[0].param_groups] == [g["lr"] for g in t_res.optimizers[0].param_groups]
+    r = fit_and_resume(
+        lambda: module(multi_label=True, pos_weight=[1.0, 2.0, 0.5]),
+        lambda: [PTEC(num_virtual_tokens=N, learning_rate=0.05, head_learning_rate=1e-3)], tmp_path,
+        make_datamodule=lambda: ClsDM(n_batches=2, multi_label=True))
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    assert [g["lr"] for g in r.trainer_full.optimizers[0].param_groups] == \
+        [g["lr"] for g in r.trainer_resumed.optimizers[0].param_groups]
 
 
 class UserModule(pl.LightningModule):

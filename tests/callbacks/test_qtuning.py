@@ -10,7 +10,10 @@ from lit_ft.callbacks.token_selection.qtuning import _corners, smoothed_log_scor
 from lit_ft.core import BatchKeyError, ModelLayoutError, global_topk_mask, shift_targets
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
-from helpers import ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, SGDModule, assert_state_dicts_equal, fit_and_resume, fit_global_batches,
+    random_batch, tiny_config,
+)
 
 
 def _trainer(callbacks, max_steps=3, **kw):
@@ -407,29 +410,13 @@ def test_warns_when_listed_after_another_token_callback():
 
 @pytest.mark.parametrize("scoring", ["separate", "inline"])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, scoring):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
-        cb = QTuning(sample_ratio=0.5, scoring=scoring, plot_every_n_steps=0)
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(
-            max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2, batch_size=8), ckpt_path=ckpt_path)
-        return module
-
-    full = run(save_dir=tmp_path)
-    resumed = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2),
+                       lambda: [QTuning(sample_ratio=0.5, scoring=scoring, plot_every_n_steps=0)], tmp_path,
+                       make_datamodule=lambda: ListDataModule(n_batches=2, batch_size=8))
     torch.manual_seed(0)
     init = CausalLMModule(model_config=tiny_config())
-    assert not torch.equal(init.model.lm_head.weight, full.model.lm_head.weight)
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert not torch.equal(init.model.lm_head.weight, r.full.model.lm_head.weight)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
 
 
 # -- DDP ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from lit_ft.core.introspect import find_decoder_layers
 from lit_ft.core.params import ParamPlan
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, tiny_config
 
 
 def _trainer(callbacks, steps=2, **kw):
@@ -118,30 +118,17 @@ def test_trainer_reinit_once_then_training_and_second_fit_does_not_reinit():
 
 
 def test_resume_equals_uninterrupted_and_the_reinit_happened_once(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     starts = []
 
     class AtStart(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             starts.append(_snap(pl_module))
 
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = _module()
-        cb = ReinitTopLayers(seed=5)
-        cbs = [cb, AtStart()] + ([ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else [])
-        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=cbs, limit_val_batches=0)
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, cb
-
-    full, cb_full = run(save_dir=tmp_path)
-    ckpt = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)
+    r = fit_and_resume(_module, lambda: [ReinitTopLayers(seed=5), AtStart()], tmp_path)
+    cb_full, cb_res = r.callbacks_full[0], r.callbacks_resumed[0]
+    ckpt = torch.load(r.ckpt, weights_only=False)
     assert ckpt["callbacks"][cb_full.state_key]["done"] is True
-    resumed, cb_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
     # the resumed run trains from the checkpoint's weights (re-initialised once, then trained 2 steps), not a new re-init
     for n, p in starts[1].items():
         assert torch.equal(p, ckpt["state_dict"][n]), n

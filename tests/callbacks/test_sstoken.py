@@ -14,7 +14,10 @@ from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
 from lit_ft.core.tokens import per_response_min_max, per_response_topk_mask, token_pipeline_for
 from lit_ft.modules import CausalLMModule, causal_lm_token_nll
 
-from helpers import VOCAB, ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, SGDModule, VOCAB, assert_state_dicts_equal, fit_and_resume, fit_global_batches,
+    random_batch, tiny_config,
+)
 
 
 def _trainer(callbacks, max_steps=3, **kw):
@@ -414,30 +417,13 @@ def test_composes_with_excess_loss_and_history_copy_has_no_hooks():
 
 
 def test_checkpoint_resume_equals_uninterrupted_with_ema_state(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
-        cb = SSToken(keep_ratio=0.5, ema_decay=0.5)
-        callbacks = [cb]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(
-            max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module, cb
-
-    full, cb_full = run(save_dir=tmp_path)
-    saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"][cb_full.state_key]
+    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2),
+                       lambda: [SSToken(keep_ratio=0.5, ema_decay=0.5)], tmp_path)
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
+    saved = torch.load(r.ckpt, weights_only=False)["callbacks"][cb_full.state_key]
     assert saved["ema_step"] == 2 and "history_state" in saved
-    resumed, cb_res = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    for (n, a), (_, b) in zip(cb_full.history_model.state_dict().items(), cb_res.history_model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    assert_state_dicts_equal(cb_full.history_model.state_dict(), cb_res.history_model.state_dict())
     # the saved EMA is the step-2 EMA: neither the initial nor the final weights
     torch.manual_seed(0)
     init = CausalLMModule(model_config=tiny_config()).model.lm_head.weight

@@ -13,7 +13,7 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.params import ParamPatternError, ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 
 EMB, HEAD, NORM = "model.model.embed_tokens.weight", "model.lm_head.weight", "model.model.norm.weight"
 
@@ -181,26 +181,11 @@ def test_peft_model_patterns_on_peft_names_and_presets():
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def run(ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = _adamw_module()
-        callbacks = [TrainOnly(preset="last_layers", last_k=1)]
-        if save_dir:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1))
-        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=bool(save_dir), enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=callbacks, limit_val_batches=0)
-        trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
-        return module
-
     torch.manual_seed(0)
     init = _snap(_adamw_module())
-    full = run(save_dir=tmp_path)
-    resumed = run(ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
-    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
-    assert _moved(resumed, init) == {n for n in init if n.startswith("model.model.layers.1.")} | {NORM, HEAD}
+    r = fit_and_resume(_adamw_module, lambda: [TrainOnly(preset="last_layers", last_k=1)], tmp_path)
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    assert _moved(r.resumed, init) == {n for n in init if n.startswith("model.model.layers.1.")} | {NORM, HEAD}
 
 
 class _RankDump(pl.Callback):
