@@ -146,7 +146,7 @@ def test_hidden_mode_equals_prepending_soft_tokens_to_each_layer_input():
     model(input_ids=ids, attention_mask=attn)
     for h in handles:
         h.remove()
-    B, T, S = 3, 7, N + 7
+    B, S = 3, N + 7
     pos = torch.arange(S)[None].expand(B, S)
     causal = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)[None, None].expand(B, 1, S, S)
     for layer, block in enumerate(model.model.layers):
