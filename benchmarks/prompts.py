@@ -174,6 +174,8 @@ ACCURACY: dict[str, tuple[str, Callable[[argparse.Namespace], pl.Callback] | Non
         num_virtual_tokens=100, learning_rate=3e-2, head_learning_rate=1e-3), 1e-3),
     "ProMoT(n=100; steps/2 prompt-only, then steps/2 LM at 3e-5)": ("verbalizer-lm", lambda a: cbs.ProMoT(
         num_virtual_tokens=100, learning_rate=3e-2, prompt_steps=max(1, a.steps // 2), model_learning_rate=3e-5), 3e-5),
+    "ProMoT(n=100; 5 prompt-only steps, then LM at 3e-5)": ("verbalizer-lm", lambda a: cbs.ProMoT(
+        num_virtual_tokens=100, learning_rate=3e-2, prompt_steps=5, model_learning_rate=3e-5), 3e-5),
     "full fine-tuning (PET: verbalizer, whole LM at 3e-5)": ("verbalizer-lm", None, 3e-5),
 }
 ACC_MAX_LENGTH = 64
