@@ -367,3 +367,24 @@ def test_student_artifact_round_trip(tmp_path):
     torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
     teacher_out = bare_copy_with(module, src)(input_ids=ids).logits
     assert not torch.allclose(teacher_out, ref)  # the student moved away from the source
+
+
+def test_peft_wrapped_model(tmp_path):
+    """On a PEFT-LoRA model (KD through the wrapped HF loss_function): the backbone and the LoRA tensors stay
+    bit-identical (freeze_backbone), the student prompt moves, the teacher stays the artifact, the KD term is logged."""
+    from tests.helpers import LoraModule
+
+    src = write_source(tmp_path / "src")
+    torch.manual_seed(0)
+    module = LoraModule()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    cb = PANDA(source_prompt=src, beta=1.0, learning_rate=0.05)
+    t = trainer([cb], max_steps=3)
+    t.fit(module, datamodule=ListDataModule(n_batches=3))
+    after = module.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    art = load_prompt(src)
+    assert torch.equal(cb.teacher.embedding.weight, art.embedding.weight)
+    assert not torch.equal(cb.source.embedding.weight, art.embedding.weight)  # init="source": moved away from it
+    assert cb.injector.calls == 2 * 3 and t.callback_metrics["lit_ft/panda/kd_loss"] > 0
