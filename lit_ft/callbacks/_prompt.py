@@ -11,7 +11,6 @@ gives the technique's tensors their own learning rates at ``on_fit_start``, logs
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -36,23 +35,17 @@ from lit_ft.core.prompts import (
     save_prompt,
     unregister_source,
 )
+from lit_ft.core.validate import check_bool, check_number
 
 
 def check_optional_lr(value: float | None, argname: str, owner: str) -> float | None:
     """``None`` or a finite number > 0 (a learning rate); raises naming the argument otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}: `{argname}` must be a number > 0 or null (= the optimizer's), got {value!r}")
-    return float(value)
+    return check_number(owner, argname, value, low=0, low_open=True, allow_none=True, null_means="the optimizer's")
 
 
 def check_optional_wd(value: float | None, argname: str, owner: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: `{argname}` must be a number >= 0 or null (= the optimizer's), got {value!r}")
-    return float(value)
+    """``None`` or a finite number >= 0 (a weight decay); raises naming the argument otherwise."""
+    return check_number(owner, argname, value, low=0, allow_none=True, null_means="the optimizer's")
 
 
 class PromptCallback(ParamPlanCallback):
@@ -80,9 +73,7 @@ class PromptCallback(ParamPlanCallback):
     def __init__(self, freeze_backbone: bool = True, learning_rate: float | None = None,
                  weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
         owner = type(self).__name__
-        if not isinstance(freeze_backbone, bool):
-            raise ValueError(f"{owner}: `freeze_backbone` must be true or false, got {freeze_backbone!r}")
-        self.freeze_backbone = freeze_backbone
+        self.freeze_backbone = check_bool(owner, "freeze_backbone", freeze_backbone)
         self.learning_rate = check_optional_lr(learning_rate, "learning_rate", owner)
         self.weight_decay = check_optional_wd(weight_decay, "weight_decay", owner)
         if save_dir is not None and not isinstance(save_dir, str):

@@ -13,6 +13,7 @@ from torch import nn
 from lit_ft.callbacks._prompt import PromptCallback
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 
 #: token type of separators / end-of-example tokens (neither updated nor supervised)
 SEPARATOR_TYPE = 0
@@ -292,9 +293,7 @@ class CPT(PromptCallback):
                     raise ValueError(f"{owner}: `examples[{i}]` must be {{'input': str, 'output': str}} with "
                                      f"non-empty strings, got {ex!r}")
             examples = [{"input": ex["input"], "output": ex["output"]} for ex in examples]
-        if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
-                                         or num_examples < 1):
-            raise ValueError(f"{owner}: `num_examples` must be an int >= 1 or null, got {num_examples!r}")
+        check_int(owner, "num_examples", num_examples, minimum=1, allow_none=True)
         if examples is not None and num_examples is not None and num_examples != len(examples):
             raise ValueError(f"{owner}: `num_examples`={num_examples} but {len(examples)} `examples` are given; "
                              "leave num_examples null when you pass examples")
@@ -303,28 +302,17 @@ class CPT(PromptCallback):
                 raise ValueError(f"{owner}: `{name}` must be a string with exactly one '{{}}' slot, got {tpl!r}")
         if not isinstance(separator, str):
             raise ValueError(f"{owner}: `separator` must be a string, got {separator!r}")
-        if not isinstance(end_with_eos, bool):
-            raise ValueError(f"{owner}: `end_with_eos` must be true or false, got {end_with_eos!r}")
-        for name, v in (("projection_epsilon", projection_epsilon), ("format_epsilon", format_epsilon)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{owner}: `{name}` must be a finite number > 0, got {v!r}")
-        if weighted_loss not in WEIGHTED_LOSSES:
-            raise ValueError(f"{owner}: `weighted_loss` must be one of {WEIGHTED_LOSSES}, got {weighted_loss!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-            raise ValueError(f"{owner}: `decay` must be a number in (0, 1], got {decay!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{owner}: `seed` must be an int, got {seed!r}")
+        self.end_with_eos = check_bool(owner, "end_with_eos", end_with_eos)
+        self.projection_epsilon = check_number(owner, "projection_epsilon", projection_epsilon, low=0, low_open=True)
+        self.format_epsilon = check_number(owner, "format_epsilon", format_epsilon, low=0, low_open=True)
+        self.weighted_loss = check_choice(owner, "weighted_loss", weighted_loss, WEIGHTED_LOSSES)
+        self.decay = check_number(owner, "decay", decay, low=0, high=1, low_open=True)
+        self.seed = check_int(owner, "seed", seed)
         self.examples = examples
         self.num_examples = num_examples
         self.input_template = input_template
         self.output_template = output_template
         self.separator = separator
-        self.end_with_eos = end_with_eos
-        self.projection_epsilon = float(projection_epsilon)
-        self.format_epsilon = float(format_epsilon)
-        self.weighted_loss = weighted_loss
-        self.decay = float(decay)
-        self.seed = seed
         self.context_examples: list[dict[str, str]] | None = None  # the examples in use (after the draw)
         self._hooked_model: nn.Module | None = None
         self._pipeline: Any = None

@@ -14,20 +14,12 @@ from torch import nn
 from lit_ft.callbacks._prompt import PromptCallback, check_optional_lr
 from lit_ft.callbacks.prompt.prompt_tuning import INITS, PromptEmbedding, build_prompt_embedding
 from lit_ft.core.prompts import ModelGeometry, PromptError
+from lit_ft.core.validate import check_choice, check_int, check_number
 from lit_ft.kernels.prompt_embed import prompt_embed
 
 RANK_SCALINGS = ("sqrt", "linear")
 #: DePT's padded input length (``max_length`` of the authors' ``PromptTuningLoRAConfig`` and ``train.py``)
 DEFAULT_MAX_LENGTH = 256
-
-
-def _int_at_least(value: Any, lo: int, argname: str, owner: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        more = " or null" if allow_none else ""
-        raise ValueError(f"{owner}: `{argname}` must be an int >= {lo}{more}, got {value!r}")
-    return value
 
 
 def lowrank_scale(lora_alpha: float, rank: int, rank_scaling: str) -> float:
@@ -186,24 +178,19 @@ class DePT(PromptCallback):
                  weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
         owner = type(self).__name__
-        self.num_virtual_tokens = _int_at_least(num_virtual_tokens, 1, "num_virtual_tokens", owner)
-        self.rank = _int_at_least(rank, 1, "rank", owner, allow_none=True)
-        self.match_prompt_tokens = _int_at_least(match_prompt_tokens, 2, "match_prompt_tokens", owner, allow_none=True)
+        self.num_virtual_tokens = check_int(owner, "num_virtual_tokens", num_virtual_tokens, minimum=1)
+        self.rank = check_int(owner, "rank", rank, minimum=1, allow_none=True)
+        self.match_prompt_tokens = check_int(owner, "match_prompt_tokens", match_prompt_tokens, minimum=2,
+                                             allow_none=True)
         if self.rank is None and self.match_prompt_tokens is None:
             raise ValueError(f"{owner}: give `rank` or `match_prompt_tokens` (both are null)")
         if self.rank is None and self.match_prompt_tokens <= self.num_virtual_tokens:
             raise ValueError(f"{owner}: `match_prompt_tokens` ({match_prompt_tokens}) must exceed "
                              f"`num_virtual_tokens` ({num_virtual_tokens}): the low-rank pair takes the difference")
-        self.max_length = _int_at_least(max_length, 1, "max_length", owner, allow_none=True)
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) \
-                or lora_alpha <= 0:
-            raise ValueError(f"{owner}: `lora_alpha` must be a number > 0, got {lora_alpha!r}")
-        self.lora_alpha = float(lora_alpha)
-        if rank_scaling not in RANK_SCALINGS:
-            raise ValueError(f"{owner}: `rank_scaling` must be one of {RANK_SCALINGS}, got {rank_scaling!r}")
-        self.rank_scaling = rank_scaling
-        if init not in INITS:
-            raise ValueError(f"{owner}: `init` must be one of {INITS}, got {init!r}")
+        self.max_length = check_int(owner, "max_length", max_length, minimum=1, allow_none=True)
+        self.lora_alpha = check_number(owner, "lora_alpha", lora_alpha, low=0, low_open=True)
+        self.rank_scaling = check_choice(owner, "rank_scaling", rank_scaling, RANK_SCALINGS)
+        check_choice(owner, "init", init, INITS)
         if init == "text" and not init_text:
             raise ValueError(f"{owner}: init='text' needs `init_text` (the words whose embeddings start the prompt)")
         self.init, self.init_text, self.seed = init, init_text, int(seed)

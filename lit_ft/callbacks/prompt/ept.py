@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._prompt import check_optional_lr
-from lit_ft.callbacks.prompt.dept import DEFAULT_MAX_LENGTH, DePT, DePTEmbedding, _int_at_least
+from lit_ft.callbacks.prompt.dept import DEFAULT_MAX_LENGTH, DePT, DePTEmbedding
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs
+from lit_ft.core.validate import check_choice, check_int
 
 FUSIONS = ("lowrank", "joint", "none")
 
@@ -148,12 +149,10 @@ class EPT(DePT):
                          init_text, seed, freeze_backbone, learning_rate, lowrank_learning_rate, weight_decay, save_dir,
                          tokenizer)
         owner = type(self).__name__
-        self.num_subspaces = _int_at_least(num_subspaces, 1, "num_subspaces", owner)
-        self.projection_rank = _int_at_least(projection_rank, 1, "projection_rank", owner)
-        self.fusion_dim = _int_at_least(fusion_dim, 1, "fusion_dim", owner)
-        if fusion not in FUSIONS:
-            raise ValueError(f"{owner}: `fusion` must be one of {FUSIONS}, got {fusion!r}")
-        self.fusion = fusion
+        self.num_subspaces = check_int(owner, "num_subspaces", num_subspaces, minimum=1)
+        self.projection_rank = check_int(owner, "projection_rank", projection_rank, minimum=1)
+        self.fusion_dim = check_int(owner, "fusion_dim", fusion_dim, minimum=1)
+        self.fusion = check_choice(owner, "fusion", fusion, FUSIONS)
         self.generator_learning_rate = check_optional_lr(generator_learning_rate, "generator_learning_rate", owner)
 
     def source_kwargs(self, geometry: ModelGeometry, max_length: int, rank: int) -> dict[str, Any]:

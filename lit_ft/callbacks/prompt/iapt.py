@@ -15,6 +15,7 @@ from torch import nn
 from lit_ft.callbacks._prompt import PromptCallback
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInjector, PromptInputs, PromptSource
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.kernels.rational import gelu_coefficients, rational
 
 PREFIX_MODES = ("kv", "hidden")
@@ -45,12 +46,6 @@ def gelu_init() -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------------------
 # The prompt source
 # ------------------------------------------------------------------------------------------------------------------
-def _check_int(value: Any, name: str, owner: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PromptError(f"{owner}: `{name}` must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -88,17 +83,12 @@ class InstructionPromptGenerator(PromptSource):
                  input_norm: bool = True, rational_impl: str = "auto") -> None:
         super().__init__(geometry, num_virtual_tokens)
         owner = type(self).__name__
-        self.bottleneck = _check_int(bottleneck, "bottleneck", owner, 1)
-        if not isinstance(share_generator, bool):
-            raise PromptError(f"{owner}: `share_generator` must be true or false, got {share_generator!r}")
-        if prefix_mode not in PREFIX_MODES:
-            raise PromptError(f"{owner}: `prefix_mode` must be one of {PREFIX_MODES}, got {prefix_mode!r}")
-        if pooling not in POOLINGS:
-            raise PromptError(f"{owner}: `pooling` must be one of {POOLINGS}, got {pooling!r}")
-        if not isinstance(input_norm, bool):
-            raise PromptError(f"{owner}: `input_norm` must be true or false, got {input_norm!r}")
-        if rational_impl not in RATIONAL_IMPLS:
-            raise PromptError(f"{owner}: `rational_impl` must be one of {RATIONAL_IMPLS}, got {rational_impl!r}")
+        self.bottleneck = check_int(owner, "bottleneck", bottleneck, minimum=1, error=PromptError)
+        check_bool(owner, "share_generator", share_generator, error=PromptError)
+        check_choice(owner, "prefix_mode", prefix_mode, PREFIX_MODES, error=PromptError)
+        check_choice(owner, "pooling", pooling, POOLINGS, error=PromptError)
+        check_bool(owner, "input_norm", input_norm, error=PromptError)
+        check_choice(owner, "rational_impl", rational_impl, RATIONAL_IMPLS, error=PromptError)
         self.share_generator = share_generator
         self.prefix_mode = prefix_mode
         self.pooling = pooling
@@ -345,36 +335,16 @@ class IAPT(PromptCallback):
                  freeze_backbone: bool = True, learning_rate: float | None = None,
                  weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
-        for name, value in (("num_virtual_tokens", num_virtual_tokens), ("bottleneck", bottleneck)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"IAPT: `{name}` must be an int >= 1, got {value!r}")
-        for name, value in (("share_generator", share_generator), ("input_norm", input_norm)):
-            if not isinstance(value, bool):
-                raise ValueError(f"IAPT: `{name}` must be true or false, got {value!r}")
-        if prefix_mode not in PREFIX_MODES:
-            raise ValueError(f"IAPT: `prefix_mode` must be one of {PREFIX_MODES}, got {prefix_mode!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"IAPT: `pooling` must be one of {POOLINGS}, got {pooling!r}")
-        if rational_impl not in RATIONAL_IMPLS:
-            raise ValueError(f"IAPT: `rational_impl` must be one of {RATIONAL_IMPLS}, got {rational_impl!r}")
-        if isinstance(query_init_std, bool) or not isinstance(query_init_std, (int, float)) or not query_init_std > 0 \
-                or not math.isfinite(query_init_std):
-            raise ValueError(f"IAPT: `query_init_std` must be a number > 0, got {query_init_std!r}")
-        if isinstance(up_init_std, bool) or not isinstance(up_init_std, (int, float)) or not up_init_std >= 0 \
-                or not math.isfinite(up_init_std):
-            raise ValueError(f"IAPT: `up_init_std` must be a number >= 0, got {up_init_std!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"IAPT: `seed` must be an int, got {seed!r}")
-        self.num_virtual_tokens = num_virtual_tokens
-        self.bottleneck = bottleneck
-        self.share_generator = share_generator
-        self.prefix_mode = prefix_mode
-        self.pooling = pooling
-        self.input_norm = input_norm
-        self.query_init_std = float(query_init_std)
-        self.up_init_std = float(up_init_std)
-        self.rational_impl = rational_impl
-        self.seed = seed
+        self.num_virtual_tokens = check_int("IAPT", "num_virtual_tokens", num_virtual_tokens, minimum=1)
+        self.bottleneck = check_int("IAPT", "bottleneck", bottleneck, minimum=1)
+        self.share_generator = check_bool("IAPT", "share_generator", share_generator)
+        self.input_norm = check_bool("IAPT", "input_norm", input_norm)
+        self.prefix_mode = check_choice("IAPT", "prefix_mode", prefix_mode, PREFIX_MODES)
+        self.pooling = check_choice("IAPT", "pooling", pooling, POOLINGS)
+        self.rational_impl = check_choice("IAPT", "rational_impl", rational_impl, RATIONAL_IMPLS)
+        self.query_init_std = check_number("IAPT", "query_init_std", query_init_std, low=0, low_open=True)
+        self.up_init_std = check_number("IAPT", "up_init_std", up_init_std, low=0)
+        self.seed = check_int("IAPT", "seed", seed)
         self._batch_instruction: torch.Tensor | None = None
         self._warned_empty = False
 

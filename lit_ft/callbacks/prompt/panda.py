@@ -20,6 +20,7 @@ from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.introspect import causal_lm_parts, find_hf_model
 from lit_ft.core.prompts import PROMPT_WEIGHTS, ModelGeometry, PromptError, PromptSource, load_prompt
 from lit_ft.core.tokens import AuxiliaryLoss, AuxLossInputs, shift_targets, token_pipeline_for
+from lit_ft.core.validate import check_choice, check_int, check_number
 
 KD_FORMS = ("mse", "kl")
 INITS = ("source", "vocab", "text", "random")
@@ -143,32 +144,20 @@ class PANDA(PromptCallback, AuxiliaryLoss):
         if beta != "auto" and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta)
                                or beta < 0):
             raise ValueError(f"PANDA: `beta` must be a number >= 0 or 'auto', got {beta!r}")
-        if kd not in KD_FORMS:
-            raise ValueError(f"PANDA: `kd` must be one of {KD_FORMS}, got {kd!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"PANDA: `temperature` must be a number > 0, got {temperature!r}")
-        if init not in INITS:
-            raise ValueError(f"PANDA: `init` must be one of {INITS}, got {init!r}")
+        self.kd_form = check_choice("PANDA", "kd", kd, KD_FORMS)
+        self.temperature = check_number("PANDA", "temperature", temperature, low=0, low_open=True)
+        self.init = check_choice("PANDA", "init", init, INITS)
         if init == "text" and not init_text:
             raise ValueError("PANDA: init='text' needs `init_text` (the words whose embeddings start the prompt)")
-        if num_virtual_tokens is not None and (isinstance(num_virtual_tokens, bool)
-                                               or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1):
-            raise ValueError(f"PANDA: `num_virtual_tokens` must be an int >= 1 or null, got {num_virtual_tokens!r}")
-        if isinstance(auto_beta_batches, bool) or not isinstance(auto_beta_batches, int) or auto_beta_batches < 1:
-            raise ValueError(f"PANDA: `auto_beta_batches` must be an int >= 1, got {auto_beta_batches!r}")
-        if integration not in INTEGRATIONS:
-            raise ValueError(f"PANDA: `integration` must be one of {INTEGRATIONS}, got {integration!r}")
+        self.num_virtual_tokens = check_int("PANDA", "num_virtual_tokens", num_virtual_tokens, minimum=1,
+                                            allow_none=True)
+        self.auto_beta_batches = check_int("PANDA", "auto_beta_batches", auto_beta_batches, minimum=1)
+        self.integration = check_choice("PANDA", "integration", integration, INTEGRATIONS)
         self.source_prompt = source_prompt
         self.beta = beta
-        self.kd_form = kd
-        self.temperature = float(temperature)
-        self.init = init
-        self.num_virtual_tokens = num_virtual_tokens
         self.init_text = init_text
         self.peft_weights = None  # build_prompt_embedding reads it
         self.seed = int(seed)
-        self.auto_beta_batches = auto_beta_batches
-        self.integration = integration
         #: the weight in use (``beta``, or the estimate once ``beta="auto"`` has run)
         self.beta_value: float | None = None if beta == "auto" else float(beta)
         #: the teacher prompt (frozen; not a submodule of the LightningModule)

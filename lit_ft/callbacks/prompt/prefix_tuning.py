@@ -8,6 +8,7 @@ from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource
+from lit_ft.core.validate import check_int, check_number
 
 
 class PrefixEncoder(PromptSource):
@@ -77,15 +78,10 @@ class PrefixTuning(PromptCallback):
                  seed: int = 0, freeze_backbone: bool = True, learning_rate: float | None = None,
                  weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"PrefixTuning: `num_virtual_tokens` must be an int >= 1, got {num_virtual_tokens!r}")
-        if isinstance(projection_hidden_size, bool) or not isinstance(projection_hidden_size, int) or projection_hidden_size < 0:
-            raise ValueError(f"PrefixTuning: `projection_hidden_size` must be an int >= 0, got {projection_hidden_size!r}")
-        if not isinstance(init_std, (int, float)) or isinstance(init_std, bool) or not init_std > 0:
-            raise ValueError(f"PrefixTuning: `init_std` must be a number > 0, got {init_std!r}")
-        self.num_virtual_tokens = num_virtual_tokens
-        self.projection_hidden_size = projection_hidden_size
-        self.init_std = float(init_std)
+        self.num_virtual_tokens = check_int("PrefixTuning", "num_virtual_tokens", num_virtual_tokens, minimum=1)
+        self.projection_hidden_size = check_int("PrefixTuning", "projection_hidden_size", projection_hidden_size,
+                                                minimum=0)
+        self.init_std = check_number("PrefixTuning", "init_std", init_std, low=0, low_open=True)
         self.seed = int(seed)
 
     def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: nn.Module,

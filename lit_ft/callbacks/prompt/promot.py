@@ -11,18 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_ft.callbacks._prompt import check_optional_lr, check_optional_wd
 from lit_ft.callbacks.prompt.prompt_tuning import PromptTuning
 from lit_ft.core.params import FROZEN, ParamPlan, name_matcher
+from lit_ft.core.validate import check_bool, check_choice, check_int
 
 EVAL_PROMPT = ("with", "without")
 #: optimizer steps of stage 1 when neither ``prompt_steps`` nor ``prompt_epochs`` is given
 DEFAULT_PROMPT_STEPS = 100
-
-
-def _check_count(value: int | None, argname: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ProMoT: `{argname}` must be an int >= 1 or null, got {value!r}")
-    return value
 
 
 class ProMoT(PromptTuning):
@@ -73,20 +66,16 @@ class ProMoT(PromptTuning):
         super().__init__(num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
                          peft_weights=peft_weights, seed=seed, freeze_backbone=True, learning_rate=learning_rate,
                          weight_decay=weight_decay, save_dir=save_dir, tokenizer=tokenizer)
-        self.prompt_steps = _check_count(prompt_steps, "prompt_steps")
-        self.prompt_epochs = _check_count(prompt_epochs, "prompt_epochs")
+        self.prompt_steps = check_int("ProMoT", "prompt_steps", prompt_steps, minimum=1, allow_none=True)
+        self.prompt_epochs = check_int("ProMoT", "prompt_epochs", prompt_epochs, minimum=1, allow_none=True)
         if self.prompt_steps is not None and self.prompt_epochs is not None:
             raise ValueError("ProMoT: give either `prompt_steps` or `prompt_epochs` (the length of stage 1), not both")
         if self.prompt_steps is None and self.prompt_epochs is None:
             self.prompt_steps = DEFAULT_PROMPT_STEPS
-        if not isinstance(train_prompt_in_stage2, bool):
-            raise ValueError(f"ProMoT: `train_prompt_in_stage2` must be true or false, got {train_prompt_in_stage2!r}")
-        self.train_prompt_in_stage2 = train_prompt_in_stage2
+        self.train_prompt_in_stage2 = check_bool("ProMoT", "train_prompt_in_stage2", train_prompt_in_stage2)
         self.model_learning_rate = check_optional_lr(model_learning_rate, "model_learning_rate", "ProMoT")
         self.model_weight_decay = check_optional_wd(model_weight_decay, "model_weight_decay", "ProMoT")
-        if eval_prompt not in EVAL_PROMPT:
-            raise ValueError(f"ProMoT: `eval_prompt` must be one of {EVAL_PROMPT}, got {eval_prompt!r}")
-        self.eval_prompt = eval_prompt
+        self.eval_prompt = check_choice("ProMoT", "eval_prompt", eval_prompt, EVAL_PROMPT)
         #: 1 = prompt tuning, 2 = model tuning
         self.stage = 1
         #: global step at which stage 2 began (None before)

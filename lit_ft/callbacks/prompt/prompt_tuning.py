@@ -12,6 +12,7 @@ from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource, init_token_ids
+from lit_ft.core.validate import check_choice, check_int
 
 INITS = ("vocab", "text", "random")
 
@@ -103,10 +104,8 @@ class PromptTuning(PromptCallback):
                  learning_rate: float | None = None, weight_decay: float | None = None, save_dir: str | None = None,
                  tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"PromptTuning: `num_virtual_tokens` must be an int >= 1, got {num_virtual_tokens!r}")
-        if init not in INITS:
-            raise ValueError(f"PromptTuning: `init` must be one of {INITS}, got {init!r}")
+        check_int("PromptTuning", "num_virtual_tokens", num_virtual_tokens, minimum=1)
+        check_choice("PromptTuning", "init", init, INITS)
         if init == "text" and not init_text and peft_weights is None:
             raise ValueError("PromptTuning: init='text' needs `init_text` (the words whose embeddings start the prompt)")
         self.num_virtual_tokens = num_virtual_tokens

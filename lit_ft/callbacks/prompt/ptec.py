@@ -16,6 +16,7 @@ from lit_ft.callbacks._prompt import PromptCallback, check_optional_lr, check_op
 from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding, build_prompt_embedding
 from lit_ft.core.introspect import find_hf_model, find_input_embeddings, module_param_names
 from lit_ft.core.prompts import ModelGeometry, PromptError, attach_prompt
+from lit_ft.core.validate import check_choice, check_int
 
 INITS = ("labels", "vocab", "text", "random")
 #: attribute names of the classification head on Hugging Face ``*ForSequenceClassification`` models
@@ -87,10 +88,8 @@ class PTEC(PromptCallback):
                  freeze_backbone: bool = True, learning_rate: float | None = 3e-3, weight_decay: float | None = None,
                  save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"PTEC: `num_virtual_tokens` must be an int >= 1, got {num_virtual_tokens!r}")
-        if init not in INITS:
-            raise ValueError(f"PTEC: `init` must be one of {INITS}, got {init!r}")
+        check_int("PTEC", "num_virtual_tokens", num_virtual_tokens, minimum=1)
+        check_choice("PTEC", "init", init, INITS)
         if init == "text" and not init_text and peft_weights is None:
             raise ValueError("PTEC: init='text' needs `init_text` (the words whose embeddings start the prompt)")
         if head is not None and (not isinstance(head, str) or not head):
