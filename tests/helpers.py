@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.modules import CausalLMModule
 from lit_ft.testing import tiny_llama_config
 
@@ -202,3 +203,30 @@ def assert_state_dicts_equal(a: Mapping, b: Mapping) -> None:
         f"keys differ: only in a {sorted(set(a) - set(b))}, only in b {sorted(set(b) - set(a))}"
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+class PlanCallback(ParamPlanCallback):
+    """A minimal parameter-plan callback: ``make(pl_module) -> ParamPlan`` at setup, under state key ``key``
+    (composition / conflict tests)."""
+
+    technique_name = "test_plan"
+
+    def __init__(self, make, key: str = "test_plan"):
+        self.make, self.key = make, key
+
+    @property
+    def state_key(self):
+        return self.key
+
+    def build_plan(self, trainer, pl_module):
+        return self.make(pl_module)
+
+
+def snapshot_params(module) -> dict:
+    """Detached copies of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def moved_params(module, before: dict) -> set:
+    """Names of the parameters that differ (bitwise) from ``before``."""
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}

@@ -9,25 +9,17 @@ import pytest
 import torch
 
 from lit_ft.callbacks import FreezeLayers
-from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, PlanCallback, assert_state_dicts_equal, fit_and_resume, random_batch,
+    snapshot_params, tiny_config,
+)
 
-
-class _Plan(ParamPlanCallback):
-    technique_name = "other"
-
-    def __init__(self, make, key="other"):
-        self.make, self.key = make, key
-
-    @property
-    def state_key(self):
-        return self.key
-
-    def build_plan(self, trainer, pl_module):
-        return self.make(pl_module)
+_Plan = PlanCallback
+_snap = snapshot_params
 
 
 class LoraModule(pl.LightningModule):
@@ -55,10 +47,6 @@ class LoraModule(pl.LightningModule):
 def _trainer(callbacks, steps=3, **kw):
     return pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, **kw)
-
-
-def _snap(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
 def _lower(n):

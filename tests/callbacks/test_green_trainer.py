@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lit_ft.callbacks import GreenTrainer
-from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.callbacks.tensor_selection.green_trainer import (
     backward_budget,
     flop_counter,
@@ -26,7 +26,9 @@ from lit_ft.callbacks.tensor_selection.green_trainer import (
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, random_batch, tiny_config
+from helpers import ListDataModule, PlainHFModule, PlanCallback, random_batch, tiny_config
+
+_Plan = PlanCallback
 
 LM = "model.lm_head.weight"
 NORM = "model.model.norm.weight"
@@ -280,20 +282,6 @@ def test_real_probe_selection_meets_budget_and_logs():
     assert all(step <= full for _, step, full in cb.measurements)
     assert cb.measured_flops_fraction == pytest.approx(cb.est_flops_fraction, rel=0.06)
     assert max(cb.last_importance.values()) == pytest.approx(1.0) or min(cb.last_importance.values()) == -1.0
-
-
-class _Plan(ParamPlanCallback):
-    technique_name = "test_plan"
-
-    def __init__(self, make, key):
-        self.make, self.key = make, key
-
-    @property
-    def state_key(self):
-        return self.key
-
-    def build_plan(self, trainer, pl_module):
-        return self.make(pl_module)
 
 
 def test_composes_with_another_plan_and_required_tensors():

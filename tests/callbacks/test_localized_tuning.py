@@ -16,7 +16,13 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.params import ParamPatternError, ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, moved_params, random_batch,
+    snapshot_params, tiny_config,
+)
+
+_snap = snapshot_params
+_moved = moved_params
 
 DOWN1 = "model.model.layers.1.mlp.down_proj.weight"
 
@@ -96,14 +102,6 @@ def _fit(module, callbacks, steps=3, n_batches=3, **kw):
     trainer = _trainer(callbacks, max_steps=steps, **kw)
     trainer.fit(module, datamodule=ListDataModule(n_batches=n_batches))
     return trainer
-
-
-def _snap(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-def _moved(module, before):
-    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
 
 
 def _adamw_module():

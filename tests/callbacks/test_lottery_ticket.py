@@ -13,13 +13,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lit_ft
 from lit_ft.callbacks import LotteryTicketSparseFT
-from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.callbacks.param_reset.lottery_ticket import topk_abs_delta_masks
 from lit_ft.core.sparse_diff import SparseDiffError, load_sparse_diff, save_sparse_diff, sparse_diff_from_params
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, pack_mask, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, PlanCallback, assert_state_dicts_equal, fit_and_resume, random_batch,
+    tiny_config,
+)
+
+_Plan = PlanCallback
 
 
 def _trainer(callbacks, max_steps=4, tmp_path=None, logger=False, **kw):
@@ -253,20 +258,6 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, phase1_steps, phase_at
 
 
 # -- composition with other parameter callbacks ------------------------------------------------------------------
-
-
-class _Plan(ParamPlanCallback):
-    technique_name = "test_plan"
-
-    def __init__(self, make, key):
-        self.make, self.key = make, key
-
-    @property
-    def state_key(self):
-        return self.key
-
-    def build_plan(self, trainer, pl_module):
-        return self.make(pl_module)
 
 
 def test_composes_with_a_freezing_callback_and_conflicts_raise():

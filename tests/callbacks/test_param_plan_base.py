@@ -5,25 +5,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, assert_state_dicts_equal, fit_and_resume, tiny_config
+from helpers import ListDataModule, PlanCallback, assert_state_dicts_equal, fit_and_resume, tiny_config
 
-
-class _Plan(ParamPlanCallback):
-    technique_name = "test_plan"
-
-    def __init__(self, make, key):
-        self.make, self.key = make, key
-
-    @property
-    def state_key(self):
-        return self.key
-
-    def build_plan(self, trainer, pl_module):
-        return self.make(pl_module)
+_Plan = PlanCallback
 
 
 def _fit(module, callbacks, steps=3):

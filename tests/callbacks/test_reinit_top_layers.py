@@ -17,16 +17,16 @@ from lit_ft.core.introspect import find_decoder_layers
 from lit_ft.core.params import ParamPlan
 from lit_ft.modules import CausalLMModule
 
-from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, tiny_config
+from helpers import (
+    ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, snapshot_params, tiny_config,
+)
+
+_snap = snapshot_params
 
 
 def _trainer(callbacks, steps=2, **kw):
     return pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, **kw)
-
-
-def _snap(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
 def _perturb(module):
