@@ -230,3 +230,32 @@ def snapshot_params(module) -> dict:
 def moved_params(module, before: dict) -> set:
     """Names of the parameters that differ (bitwise) from ``before``."""
     return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def greedy_generate(model, ids: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """``model.generate`` greedily for ``steps`` new tokens (no eos stop), all-ones attention mask."""
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, **GREEDY)
+
+
+def check_generation(model, ids: torch.Tensor, steps: int = 5, left_pad: int = 0, before_step=None) -> torch.Tensor:
+    """Assert that greedy ``generate()`` equals the step-by-step argmax of ``forward`` on the growing sequence
+    (``before_step(seq)`` runs before each forward, e.g. to set a prompt's per-request context), and, with
+    ``left_pad > 0``, that the row left-padded by ``left_pad`` pad tokens generates the same. Returns the output."""
+    gen = greedy_generate(model, ids, steps)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            if before_step is not None:
+                before_step(seq)
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert gen.tolist() == seq.tolist()
+    if left_pad:
+        pads = torch.zeros(ids.shape[0], left_pad, dtype=torch.long)
+        padded = torch.cat([pads, ids], dim=1)
+        mask = torch.cat([pads, torch.ones_like(ids)], dim=1)
+        out = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=steps, **GREEDY)
+        assert out[:, left_pad:].tolist() == gen.tolist()
+    return gen

@@ -18,8 +18,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    AdamWPlain, ListDataModule, LoraModule, assert_state_dicts_equal, fit_and_resume, quiet_trainer, random_batch,
-    tiny_config, tiny_hf_model,
+    AdamWPlain, ListDataModule, LoraModule, assert_state_dicts_equal, check_generation, fit_and_resume,
+    greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -449,16 +449,9 @@ def test_generate_equals_stepwise_argmax(tiny_tokenizer_path):
     hf = module.model.eval()
     randomise_delta(cb.source, scale=0.5)
     ids = torch.randint(3, 300, (1, 6))
-    gen = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(5):
-            seq = torch.cat([seq, hf(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert gen.tolist() == seq.tolist()
+    gen = check_generation(hf, ids)
     with injector_for(hf).disabled():
-        bare = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
+        bare = greedy_generate(hf, ids)
     assert bare.tolist() != gen.tolist()  # the context is really there
 
 

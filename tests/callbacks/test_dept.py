@@ -15,7 +15,7 @@ from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_p
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
     AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, assert_state_dicts_equal, capture_trunk_inputs,
-    fit_and_resume, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
+    check_generation, fit_and_resume, greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -142,18 +142,9 @@ def test_generate_equals_stepwise_argmax_and_left_padding():
     model = hf_model()
     attach_prompt(model, make_source(model, max_length=8))  # generation runs past max_length: no update there
     ids = torch.randint(3, 300, (1, 6))
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(5):
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert gen.tolist() == seq.tolist()
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    assert model.generate(input_ids=padded, attention_mask=mask, **kw)[0, 3:].tolist() == gen[0].tolist()
+    gen = check_generation(model, ids, left_pad=3)
     with injector_for(model).disabled():
-        bare = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        bare = greedy_generate(model, ids)
     assert bare.tolist() != gen.tolist()
 
 

@@ -22,7 +22,10 @@ from tests.callbacks.test_dept import (
     make_source,
     trainer,
 )
-from tests.helpers import ListDataModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
+from tests.helpers import (
+    ListDataModule, assert_state_dicts_equal, check_generation, fit_and_resume, greedy_generate, random_batch,
+    tiny_config,
+)
 
 DEPT_KEYS = ["embedding.weight", "lora_embedding_A", "lora_embedding_B"]
 GEN_KEYS = ["gate.weight", "gate.bias", "proj_down", "proj_up"]
@@ -131,15 +134,9 @@ def test_generate_equals_stepwise_argmax():
     model = hf_model()
     attach_prompt(model, ept_source(model, fusion="joint"))
     ids = torch.randint(3, 300, (1, 6))
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(5):
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert gen.tolist() == seq.tolist()
+    gen = check_generation(model, ids)
     with injector_for(model).disabled():
-        assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).tolist() != gen.tolist()
+        assert greedy_generate(model, ids).tolist() != gen.tolist()
 
 
 def test_save_load_same_outputs(tmp_path):

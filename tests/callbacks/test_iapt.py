@@ -16,8 +16,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, assert_state_dicts_equal, fit_and_resume, quiet_trainer,
-    random_batch, tiny_config, tiny_hf_model,
+    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, assert_state_dicts_equal, check_generation,
+    fit_and_resume, greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -251,22 +251,15 @@ def test_generate_equals_stepwise_argmax(mode):
     model = hf_model()
     inj = attach_prompt(model, make_source(model, mode))
     ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(5))
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(5):
-            instr = torch.zeros_like(seq, dtype=torch.bool)
-            instr[:, :6] = True  # the prompt is computed once from the request, not from the generated tokens
-            inj.set_context(instruction_mask=instr)
-            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert gen.tolist() == seq.tolist()
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    assert model.generate(input_ids=padded, attention_mask=mask, **kw)[0, 3:].tolist() == gen[0].tolist()
+
+    def request_is_the_instruction(seq):
+        instr = torch.zeros_like(seq, dtype=torch.bool)
+        instr[:, :6] = True  # the prompt is computed once from the request, not from the generated tokens
+        inj.set_context(instruction_mask=instr)
+
+    gen = check_generation(model, ids, left_pad=3, before_step=request_is_the_instruction)
     with inj.disabled():
-        assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).tolist() != gen.tolist()
+        assert greedy_generate(model, ids).tolist() != gen.tolist()
 
 
 def test_save_load_same_outputs(tmp_path):

@@ -13,7 +13,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.params import verify_optimizer
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    AdamWPlain, ListDataModule, LoraModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, tiny_config,
+    AdamWPlain, ListDataModule, LoraModule, PlainHFModule, assert_state_dicts_equal, check_generation,
+    fit_and_resume, tiny_config,
 )
 
 N = 4
@@ -213,10 +214,4 @@ def test_artifact_and_generate_with_the_trained_model(tmp_path):
     assert not torch.allclose(fresh(input_ids=ids).logits, ref)
     attach_prompt(fresh, str(tmp_path / "art"))  # the stage-1 prompt saved at fit end
     torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
-    gen = hf.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    seq = ids[:1]
-    with torch.no_grad():
-        for _ in range(4):
-            seq = torch.cat([seq, hf(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert gen.tolist() == seq.tolist()
+    check_generation(hf, ids[:1], steps=4)

@@ -24,7 +24,7 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
     AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, assert_state_dicts_equal, capture_trunk_inputs,
-    fit_and_resume, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
+    check_generation, fit_and_resume, greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -145,24 +145,10 @@ def test_generate_equals_stepwise_argmax_and_left_padding(kind):
     model = hf_model()
     attach_prompt(model, make_source(kind, model))
     ids = torch.randint(3, 300, (1, 6))
-    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(5):
-            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert gen.tolist() == seq.tolist()
-    # a left-padded row generates what it generates alone
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    gen_p = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    assert gen_p[0, 3:].tolist() == gen[0].tolist()
+    gen = check_generation(model, ids, left_pad=3)  # = stepwise argmax; a left-padded row generates the same
     # and the prompt changes what is generated (it is really there)
     with injector_for(model).disabled():
-        bare = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+        bare = greedy_generate(model, ids)
     assert bare.tolist() != gen.tolist()
 
 
