@@ -92,11 +92,13 @@ def fit_global_batches(strategy: str, devices: int, batch_size: int, init_state:
     return module.state_dict(), trainer
 
 
-def tiny_hf_model(seed: int = 0, train: bool = False, **overrides):
-    """A tiny random Llama causal LM (``tiny_config(**overrides)``), in eval mode unless ``train``."""
+def tiny_hf_model(seed: int | None = 0, train: bool = False, **overrides):
+    """A tiny random Llama causal LM (``tiny_config(**overrides)``), in eval mode unless ``train``; ``seed=None``
+    draws from the current random state."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     cfg = dict(tiny_config(**overrides))
     cfg.pop("model_type")
     return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).train(train)
@@ -110,19 +112,23 @@ class AdamWPlain(PlainHFModule):
 
 
 class LoraModule(pl.LightningModule):
-    """A user module around a PEFT-LoRA tiny Llama (q/v adapters trainable, base frozen by PEFT)."""
+    """A user module around a PEFT-LoRA tiny Llama (q/v adapters trainable, base frozen by PEFT), trained with AdamW
+    over its trainable tensors. ``seed``: as in :func:`tiny_hf_model` (``None`` = the current random state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lr: float = 1e-2, weight_decay: float = 0.1, seed: int | None = 0, **overrides) -> None:
         super().__init__()
         import peft
 
-        self.model = peft.get_peft_model(tiny_hf_model(train=True), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        base = tiny_hf_model(seed, train=True, **overrides)
+        self.model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        self.lr, self.weight_decay = lr, weight_decay
 
     def training_step(self, batch, batch_idx):
         return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr,
+                                 weight_decay=self.weight_decay)
 
 
 class SnapshotPrompt(pl.Callback):

@@ -17,31 +17,14 @@ from helpers import (
     ListDataModule, PlainHFModule, PlanCallback, assert_state_dicts_equal, fit_and_resume, random_batch,
     snapshot_params, tiny_config,
 )
+from helpers import LoraModule
 
 _Plan = PlanCallback
 _snap = snapshot_params
 
 
-class LoraModule(pl.LightningModule):
-    """A user module around a PEFT LoRA model (the base weights are frozen by PEFT)."""
-
-    def __init__(self, lr=1e-2, layers=2):
-        super().__init__()
-        import peft
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = dict(tiny_config(num_hidden_layers=layers))
-        cfg.pop("model_type")
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
-        self.model = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-        self.lr = lr
-
-    def training_step(self, batch, batch_idx):
-        batch = {k: v for k, v in batch.items() if k != "sample_idx"}
-        return self.model(**batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.1)
+def PeftLora():
+    return LoraModule(seed=None)
 
 
 def _trainer(callbacks, steps=3, **kw):
@@ -166,7 +149,7 @@ def test_plain_module_and_peft_lora():
         assert torch.equal(after[n], before[n]) == _lower(n), n
 
     torch.manual_seed(0)
-    lora = LoraModule()
+    lora = PeftLora()
     before = _snap(lora)
     cb = FreezeLayers(num_layers=1, freeze_embeddings=True)
     _trainer([cb], steps=3).fit(lora, datamodule=ListDataModule(3))

@@ -27,6 +27,7 @@ from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlainHFModule, PlanCallback, random_batch, tiny_config
+from helpers import LoraModule
 
 _Plan = PlanCallback
 
@@ -345,25 +346,11 @@ def test_plain_module_sgd_drop_in():
 
 
 def test_peft_model_selects_among_lora_tensors_only():
-    peft = pytest.importorskip("peft")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    pytest.importorskip("peft")
 
-    class LoraModule(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            cfg = dict(tiny_config())
-            cfg.pop("model_type")
-            base = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
-            self.model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**{k: v for k, v in batch.items() if k != "sample_idx"}).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
 
     torch.manual_seed(0)
-    module = LoraModule()
+    module = LoraModule(seed=None)
     for n, p in module.named_parameters():  # LoRA B starts at 0: make every adapter matter
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)

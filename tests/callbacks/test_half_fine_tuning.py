@@ -16,6 +16,7 @@ from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlainHFModule, tiny_config
+from helpers import LoraModule
 
 
 def _trainer(callbacks, steps, **kw):
@@ -314,23 +315,8 @@ def test_plain_user_module_with_sgd():
     assert probe.grad[0] != probe.grad[2]
 
 
-class PeftModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = dict(tiny_config())
-        cfg.pop("model_type")
-        base = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
-        self.model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        batch = {k: v for k, v in batch.items() if k != "sample_idx"}
-        return self.model(**batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+def PeftModule():
+    return LoraModule(seed=None)
 
 
 def test_peft_model_selects_among_the_adapters_only():

@@ -20,6 +20,7 @@ from helpers import (
     ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, moved_params, random_batch,
     snapshot_params, tiny_config,
 )
+from helpers import LoraModule
 
 _snap = snapshot_params
 _moved = moved_params
@@ -68,18 +69,8 @@ class _ScaledData(pl.LightningDataModule):
         return torch.utils.data.DataLoader(self.batches, batch_size=None, shuffle=False)
 
 
-class PeftModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-
-        self.model = peft.get_peft_model(_hf_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+def PeftModule():
+    return LoraModule(seed=None, weight_decay=0.5)
 
 
 class _Freezer(ParamPlanCallback):

@@ -23,6 +23,7 @@ from helpers import (
     ListDataModule, PlainHFModule, PlanCallback, assert_state_dicts_equal, fit_and_resume, random_batch,
     tiny_config,
 )
+from helpers import LoraModule
 
 _Plan = PlanCallback
 
@@ -299,23 +300,10 @@ def test_plain_module_epoch_boundary_and_bf16_theta0():
 
 
 def test_peft_wrapped_model_only_lora_entries_are_masked(tmp_path):
-    peft = pytest.importorskip("peft")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    pytest.importorskip("peft")
 
-    class PeftModule(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            cfg = dict(tiny_config())
-            cfg.pop("model_type")
-            hf = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
-            self.model = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-        def training_step(self, batch, batch_idx):
-            batch = {k: v for k, v in batch.items() if k != "sample_idx"}
-            return self.model(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.3)
+    def PeftModule():
+        return LoraModule(seed=None, weight_decay=0.3)
 
     torch.manual_seed(0)
     module = PeftModule()

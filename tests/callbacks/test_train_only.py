@@ -17,6 +17,7 @@ from helpers import (
     ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, moved_params, random_batch,
     snapshot_params, tiny_config,
 )
+from helpers import LoraModule
 
 _snap = snapshot_params
 _moved = moved_params
@@ -48,22 +49,8 @@ class _Freezer(ParamPlanCallback):
         return ParamPlan.freeze(pl_module, self.patterns, owner="Freezer")
 
 
-class PeftModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        import peft
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = dict(tiny_config())
-        cfg.pop("model_type")
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
-        self.model = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+def PeftModule():
+    return LoraModule(seed=None, weight_decay=0.5)
 
 
 @pytest.mark.parametrize(
