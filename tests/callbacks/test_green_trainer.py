@@ -347,8 +347,6 @@ def test_plain_module_sgd_drop_in():
 
 def test_peft_model_selects_among_lora_tensors_only():
     pytest.importorskip("peft")
-
-
     torch.manual_seed(0)
     module = LoraModule(seed=None)
     for n, p in module.named_parameters():  # LoRA B starts at 0: make every adapter matter
