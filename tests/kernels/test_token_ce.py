@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_ft.kernels import TokenCEOutput, fused_linear_token_ce
-from lit_ft.kernels.token_ce import _token_ce, _token_ce_backward, resolve_impl
+from lit_ft.kernels.token_ce import _token_ce, _token_ce_backward, resolve_impl, torch_impl
 from lit_ft.kernels.token_ce.reference import token_ce_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,6 +67,30 @@ def test_torch_path_matches_reference_fp64(reduction, opts, chunk_size):
     up = torch.randn_like(out.loss)
     for a, c in zip(grads(out.loss, up, (h, w, b)), grads(ref.loss, up, (h, w, b))):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_torch_path_multi_row_blocks(monkeypatch, dtype, opts):
+    """At real vocabularies a chunk's softmax runs in several cache-sized row blocks (the tiny test vocabularies
+    fit one block): force 3-row blocks, with a chunk size (16) they do not divide, and compare with the reference."""
+    monkeypatch.setattr(torch_impl, "SOFTMAX_BLOCK_ELEMENTS", 3 * 123)
+    h, w, y, b, tw, k = make_case(bias=opts.get("bias", False), weights=opts.get("weights", False),
+                                  keep=opts.get("keep", False), seed=11, dtype=dtype)
+    kw = dict(bias=b, token_weights=tw, keep=k, logit_softcap=opts.get("softcap"), logit_scale=opts.get("scale"))
+    out = fused_linear_token_ce(h, w, y, chunk_size=16, impl="torch", return_nll=True, return_entropy=True,
+                                return_lse=True, **kw)
+    h64, w64, b64 = (None if t is None else t.detach().double().requires_grad_() for t in (h, w, b))
+    ref = token_ce_reference(h64, w64, y, **{**kw, "bias": b64})
+    def close(got, want):  # bf16: error relative to the largest reference magnitude (bf16 has ~3 digits)
+        rel = 1e-9 if dtype == torch.float64 else 1e-2
+        torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel * want.abs().max().item())
+
+    close(out.loss, ref.loss)
+    for name in ("nll", "entropy", "lse"):
+        close(getattr(out, name), getattr(ref, name))
+    for a, c in zip(grads(out.loss, 1.0, (h, w, b)), grads(ref.loss, 1.0, (h64, w64, b64))):
+        close(a, c)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

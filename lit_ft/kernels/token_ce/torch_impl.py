@@ -1,8 +1,9 @@
 """Chunked PyTorch implementation of the fused linear token cross-entropy (the CPU path).
 
 Never materialises the full ``[N, V]`` logits: kept tokens are packed first (so the lm_head matmuls only see
-them), then processed in token chunks whose logits are about the size of ``hidden`` (Liger's rule) unless
-``chunk_size`` says otherwise. In the same pass it computes loss, NLL, entropy, LSE and, when asked, the gradients
+them), then processed in token chunks whose logits are about the size of ``hidden`` (Liger's rule, with a floor
+that keeps the CPU GEMMs efficient) unless ``chunk_size`` says otherwise. One logits buffer and one set of scratch
+buffers serve every chunk (a fresh ``[chunk, V]`` tensor per chunk is a page-faulting allocation each time). In the same pass it computes loss, NLL, entropy, LSE and, when asked, the gradients
 (Liger-style "gradient in forward"): the per-row coefficient (upstream gradient × token weight) is folded into
 ``dlogits`` before the projections, so per-token weights are exact.
 """
@@ -17,6 +18,10 @@ from torch import Tensor
 from .reference import kept_mask
 
 GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4
+
+# Elements of one softmax row block: ~1 MB of fp32 logits (plus as much of exponentials) stays in a core's L2.
+# Measured on the 2-core Sapphire Rapids CI machine at V=49152: 4-5 rows per block beat 10 rows by ~25%.
+SOFTMAX_BLOCK_ELEMENTS = 256 * 1024
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,33 +73,74 @@ def reduce_loss(per_token: Tensor, kept: Tensor, normalizer: Optional[Tensor], r
     return total / kept.sum().clamp(min=1).to(total.dtype)
 
 
-def _softmax_block(z, y, coef, acc, softcap, scale, need_grad, nll_out, ent_out, lse_out):
-    """LSE/NLL/entropy of one cache-sized row block of logits ``z``; if ``need_grad``, overwrite ``z`` with
-    ``dlogits = (softmax - onehot) * coef`` chained through softcap and scale."""
-    zf = z if z.dtype == acc else z.to(acc)  # zf is z itself for fp32/fp64 inputs
+class _ChunkScratch:
+    """Buffers reused by every chunk of one call, so the loop allocates nothing per chunk or per block."""
+
+    def __init__(self, chunk: int, sub: int, vocab: int, dtype: torch.dtype, acc: torch.dtype, device) -> None:
+        self.exp = torch.empty((sub, vocab), dtype=acc, device=device)
+        self.upcast = torch.empty((sub, vocab), dtype=acc, device=device) if dtype != acc else None
+        self.row_max = torch.empty((chunk,), dtype=acc, device=device)
+        self.row_sum = torch.empty((chunk,), dtype=acc, device=device)
+        self.row_dot = torch.empty((chunk,), dtype=acc, device=device)
+        self.row_coef = torch.empty((chunk,), dtype=acc, device=device)
+        self.rows = torch.arange(chunk, device=device)
+
+
+def _scale_and_cap(z: Tensor, softcap: float, scale: float) -> Tuple[Tensor, Optional[Tensor]]:
+    """Applies ``logit_scale`` then the softcap to ``z`` (in place); returns ``(logits, tanh(z / c) or None)``."""
     if scale != 1.0:
-        zf.mul_(scale)
-    t = None
-    if softcap != 0.0:
-        t = zf.div_(softcap).tanh_()  # zf now holds tanh(z / c)
-        zf = t * softcap
-    rows = torch.arange(zf.shape[0], device=zf.device)
-    m = zf.amax(dim=1, keepdim=True)
-    zf.sub_(m)  # shifted logits (shift-invariant quantities below)
-    e = torch.exp(zf)
-    s = e.sum(dim=1)
-    log_s = torch.log(s)
-    nll_out.copy_(log_s - zf[rows, y])
-    ent_out.copy_(log_s - torch.linalg.vecdot(e, zf) / s)
-    lse_out.copy_(m.view(-1) + log_s)
-    if not need_grad:
-        return
-    g = coef * scale if scale != 1.0 else coef
-    e.mul_((g / s)[:, None])
-    e[rows, y] -= g
-    if t is not None:
-        e.mul_(t.mul_(t).neg_().add_(1.0))
-    z.copy_(e)
+        z.mul_(scale)
+    if softcap == 0.0:
+        return z, None
+    t = z.div_(softcap).tanh_()  # in place; kept for the chain rule
+    return t * softcap, t  # softcap heads are rare: one allocation per block is fine
+
+
+def _softmax_chunk(z, y, coef, acc, softcap, scale, need_grad, nll_out, ent_out, lse_out, sub, scratch):
+    """LSE/NLL/entropy of a chunk of logits ``z`` ``[rows, V]``; if ``need_grad``, overwrite ``z`` with
+    ``dlogits = (softmax - onehot) * coef`` chained through softcap and scale.
+
+    The vocabulary-wide passes (max, exp, sum, Σ e·z, scaling) run on blocks of ``sub`` rows that stay in the core's
+    cache, with few torch calls per block (per-call overhead dominates at a few rows); the per-row finishing (logs,
+    NLL, entropy and, on the fast path, the one-hot term) runs once per chunk.
+    """
+    rows_n = z.shape[0]
+    fast = z.dtype == acc and softcap == 0.0  # fp32/fp64 without softcap: dlogits written straight into z
+    m, ssum, dot = scratch.row_max[:rows_n], scratch.row_sum[:rows_n], scratch.row_dot[:rows_n]
+    rows = scratch.rows[:rows_n]
+    z_y, _ = _scale_and_cap(z[rows, y].to(acc), softcap, scale)  # target logits, gathered before z is overwritten
+    g = None
+    if need_grad:
+        g = coef * scale if scale != 1.0 else coef
+    for s0 in range(0, rows_n, sub):
+        s1 = min(s0 + sub, rows_n)
+        zb = z[s0:s1]
+        zf = zb if z.dtype == acc else scratch.upcast[: s1 - s0].copy_(zb)
+        zf, t = _scale_and_cap(zf, softcap, scale)
+        mb = m[s0:s1]
+        torch.amax(zf, dim=1, out=mb)
+        zf.sub_(mb[:, None])  # shifted logits (the quantities below are shift-invariant)
+        e = torch.exp(zf, out=scratch.exp[: s1 - s0])
+        torch.sum(e, dim=1, out=ssum[s0:s1])
+        torch.linalg.vecdot(e, zf, out=dot[s0:s1])
+        if not need_grad:
+            continue
+        g_over_s = torch.div(g[s0:s1], ssum[s0:s1], out=scratch.row_coef[s0:s1])
+        if fast:
+            torch.mul(e, g_over_s[:, None], out=zb)
+            continue
+        # low precision or softcap: finish dlogits in acc precision, then write back
+        e.mul_(g_over_s[:, None])
+        e[rows[: s1 - s0], y[s0:s1]] -= g[s0:s1]
+        if t is not None:
+            e.mul_(t.mul_(t).neg_().add_(1.0))
+        zb.copy_(e)
+    log_s = torch.log(ssum)
+    nll_out.copy_(log_s - (z_y - m))
+    ent_out.copy_(log_s - dot / ssum)
+    lse_out.copy_(m + log_s)
+    if need_grad and fast:
+        z[rows, y] -= g  # the one-hot term of softmax - onehot
 
 
 def forward_backward(
@@ -132,9 +178,10 @@ def forward_backward(
 
     idx = kept.nonzero().squeeze(1)  # packing: only kept tokens reach the matmuls
     n = idx.numel()
-    x_all = hidden.index_select(0, idx)
-    y_all = labels.index_select(0, idx).long()
-    coef_all = coef.index_select(0, idx) if coef is not None else None
+    all_kept = n == n_tok  # then idx is arange(n_tok): no gather/scatter copies
+    x_all = hidden.contiguous() if all_kept else hidden.index_select(0, idx)
+    y_all = labels.long() if all_kept else labels.index_select(0, idx).long()
+    coef_all = None if coef is None else (coef if all_kept else coef.index_select(0, idx))
 
     nll_p = torch.zeros(n, dtype=acc, device=dev)
     ent_p = torch.zeros(n, dtype=acc, device=dev)
@@ -153,18 +200,21 @@ def forward_backward(
         # Liger's rule, but at least enough rows for an efficient CPU GEMM (logits chunk capped at ~128 MB)
         rows_cap = max(256, min(1024, (128 << 20) // (vocab * 4)))
         chunk = max(default_chunk_size(n, vocab, dim), rows_cap)
-    # the softmax math runs on sub-blocks of rows that stay in cache (~2 MB of fp32 logits)
-    sub = max(1, min(chunk, (512 * 1024) // vocab))
+    chunk = max(1, min(chunk, n))
+    sub = max(1, min(chunk, SOFTMAX_BLOCK_ELEMENTS // vocab))
+    z_buf = torch.empty((chunk, vocab), dtype=hidden.dtype, device=dev) if n else None
+    scratch = _ChunkScratch(chunk, sub, vocab, hidden.dtype, acc, dev)
     w_t = weight.t()
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x = x_all[start:end]
-        z = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
-        for s0 in range(0, end - start, sub):
-            s1 = min(s0 + sub, end - start)
-            r0, r1 = start + s0, start + s1
-            _softmax_block(z[s0:s1], y_all[r0:r1], None if coef_all is None else coef_all[r0:r1], acc, softcap,
-                           scale, need_grad, nll_p[r0:r1], ent_p[r0:r1], lse_p[r0:r1])
+        z = z_buf[: end - start]
+        if bias is not None:
+            torch.addmm(bias, x, w_t, out=z)
+        else:
+            torch.mm(x, w_t, out=z)
+        _softmax_chunk(z, y_all[start:end], None if coef_all is None else coef_all[start:end], acc, softcap, scale,
+                       need_grad, nll_p[start:end], ent_p[start:end], lse_p[start:end], sub, scratch)
         if not need_grad:
             continue
         # z now holds dlogits (input dtype)
@@ -177,16 +227,24 @@ def forward_backward(
                 dw.addmm_(z.t(), x)
             else:  # low precision inputs: fp32 accumulation across chunks
                 dw += (z.t() @ x).to(acc)
-        del z
+    del z_buf, scratch
 
-    nll = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, nll_p)
-    ent = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, ent_p)
-    lse = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, lse_p)
+    if all_kept:
+        nll, ent, lse = nll_p, ent_p, lse_p
+    else:
+        nll = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, nll_p)
+        ent = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, ent_p)
+        lse = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, lse_p)
     per_token = nll.clone() if token_weights is None else nll * token_weights.to(acc)  # outputs may not alias
     loss = reduce_loss(per_token, kept, normalizer, reduction)
 
     empty = hidden.new_empty((0,))
-    gh = hidden.new_zeros((n_tok, dim)).index_copy_(0, idx, dx_p) if want_dx else empty
+    if not want_dx:
+        gh = empty
+    elif all_kept:
+        gh = dx_p
+    else:
+        gh = hidden.new_zeros((n_tok, dim)).index_copy_(0, idx, dx_p)
     gw = dw.to(weight.dtype) if want_dw else weight.new_empty((0,))
     gb = db.to(bias.dtype) if want_db else weight.new_empty((0,))
     return loss, nll, ent, lse, gh, gw, gb
