@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the fused token CE (run on a CUDA machine from the repo root; logs go to $OUT or ./gpu_logs):
 #   1. Triton path vs the fp64 reference (accuracy rule) at small and real lm_head shapes, PASS/FAIL per case;
-#   2. benchmarks/token_ce.py --device cuda --dtype bf16 with --compare liger,liger32,cce;
+#   2. benchmarks/token_ce.py --device cuda --dtype bf16 with --compare ours-input,liger,liger32,cce (ours-input =
+#      weight_grad_accumulation="input", the memory-lean mode to set against Liger's default bf16 accumulation);
 #   3. the CUDA-only pytest cases (opcheck + torch.compile(fullgraph=True) with the Triton kernel);
 #   4. the prompt kernels (prompt_embed for DePT/EPT, rational for IAPT): Triton self-checks vs the reference, their
 #      CUDA pytest cases, and prompt_embed vs DePT's .repeat formulation.
@@ -25,9 +26,9 @@ echo "== 1. correctness (Triton path vs fp64 reference) =="
 timeout ${T_CHECK:-75} $PY -m lit_ft.kernels.token_ce.selfcheck --device cuda --real 2>&1 | tee "$OUT/selfcheck.txt"
 
 echo "== 2. benchmark =="
-timeout ${T_BENCH:-110} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --compare ${COMPARE:-liger,liger32,cce} \
+timeout ${T_BENCH:-110} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --compare ${COMPARE:-ours-input,liger,liger32,cce} \
   --shapes 4096x128256 --n 16384 --keep 1.0,0.6,0.3 --warmup 2 --repeats 5 2>&1 | tee "$OUT/bench.txt"
-timeout ${T_BENCH2:-60} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --compare ${COMPARE:-liger,liger32,cce} \
+timeout ${T_BENCH2:-60} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --compare ${COMPARE:-ours-input,liger,liger32,cce} \
   --shapes 576x49152,2048x128256 --n 8192 --keep 1.0,0.6 --warmup 2 --repeats 5 2>&1 | tee -a "$OUT/bench.txt"
 
 echo "== 3. CUDA pytest (opcheck, torch.compile) =="

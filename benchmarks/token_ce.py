@@ -57,6 +57,14 @@ def step_ours(h, w, y, keep):
     return fused_linear_token_ce(h, w, y, keep=keep, chunk_size=cs)
 
 
+def step_ours_input(h, w, y, keep):
+    """Ours with the lm_head gradient summed over chunks in the weight's dtype (no fp32 [V, D] accumulator)."""
+    from lit_ft.kernels import fused_linear_token_ce
+
+    cs = int(os.environ.get("TOKEN_CE_BENCH_CHUNK", "0")) or None
+    return fused_linear_token_ce(h, w, y, keep=keep, chunk_size=cs, weight_grad_accumulation="input")
+
+
 def step_liger(h, w, y, keep):
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -80,7 +88,8 @@ def step_cce(h, w, y, keep):
     return linear_cross_entropy(h, w, _masked_labels(y, keep))
 
 
-METHODS = {"naive": step_naive, "ours": step_ours, "liger": step_liger, "liger32": step_liger32, "cce": step_cce}
+METHODS = {"naive": step_naive, "ours": step_ours, "ours-input": step_ours_input, "liger": step_liger,
+           "liger32": step_liger32, "cce": step_cce}
 
 
 def importable(method):
@@ -180,7 +189,8 @@ def main(argv=None):
     p.add_argument("--shapes", default="576x49152,2048x128256", help="comma-separated DxV")
     p.add_argument("--n", default="2048,8192", help="comma-separated token counts")
     p.add_argument("--keep", default="1.0,0.6,0.3", help="comma-separated kept fractions")
-    p.add_argument("--compare", default="", help="comma-separated extra methods (CUDA): liger (default bf16 grad accumulation), "
+    p.add_argument("--compare", default="", help="comma-separated extra methods: ours-input (ours with "
+                   "weight_grad_accumulation='input'); CUDA only: liger (default bf16 grad accumulation), "
                    "liger32 (Liger with accum_dtype=float32), cce")
     p.add_argument("--chunk-size", type=int, default=0, help="chunk_size for ours (default: the op's rule)")
     p.add_argument("--warmup", type=int, default=None, help="default: 0 on CPU, 3 on CUDA")
@@ -203,9 +213,9 @@ def main(argv=None):
 
     methods = ["naive", "ours"]
     for m in [s for s in args.compare.split(",") if s]:
-        if m not in ("liger", "liger32", "cce"):
-            raise SystemExit(f"--compare accepts liger,liger32,cce; got {m!r}")
-        ok, why = importable(m) if cuda else (False, "CUDA only")
+        if m not in ("ours-input", "liger", "liger32", "cce"):
+            raise SystemExit(f"--compare accepts ours-input,liger,liger32,cce; got {m!r}")
+        ok, why = importable(m) if (cuda or m == "ours-input") else (False, "CUDA only")
         if ok:
             methods.append(m)
         else:

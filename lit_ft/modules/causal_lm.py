@@ -70,6 +70,9 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         gradient_checkpointing: recompute decoder activations in backward (less memory, ~30% more time).
         torch_dtype: parameter dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         loss_impl: fused-op implementation: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``.
+        loss_weight_grad_accumulation: ``"fp32"`` (default) or ``"input"``: sum the lm_head gradient over the fused
+            op's token chunks in fp32 or straight in the model's dtype (bf16/fp16 models: saves an fp32 ``[V, D]``
+            accumulator and its copy, i.e. 4 + 2 of 6 bytes per lm_head element, at the cost of rounding per chunk).
         eval_exact_match: at each validation, greedily generate answers for this many validation prompts that carry
             an ``answer`` and log ``val/exact_match`` (last number in the output = the answer). 0 = off.
         max_new_tokens: generation length for ``eval_exact_match``.
@@ -91,6 +94,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         gradient_checkpointing: bool = False,
         torch_dtype: str = "float32",
         loss_impl: str = "auto",
+        loss_weight_grad_accumulation: str = "fp32",
         eval_exact_match: int = 0,
         max_new_tokens: int = 24,
         eval_before_training: bool = False,
@@ -106,6 +110,9 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
             raise ValueError(f"CausalLMModule: torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
         if loss_impl not in ("auto", "torch", "triton"):
             raise ValueError(f"CausalLMModule: loss_impl must be 'auto', 'torch' or 'triton', got {loss_impl!r}")
+        if loss_weight_grad_accumulation not in ("fp32", "input"):
+            raise ValueError("CausalLMModule: loss_weight_grad_accumulation must be 'fp32' or 'input', "
+                             f"got {loss_weight_grad_accumulation!r}")
         if num_hidden_layers is not None and num_hidden_layers < 1:
             raise ValueError(f"CausalLMModule: num_hidden_layers must be >= 1, got {num_hidden_layers}")
         if eval_exact_match < 0 or max_new_tokens < 1:
@@ -120,6 +127,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.token_loss_impl = loss_impl
+        self.token_loss_weight_grad_accumulation = loss_weight_grad_accumulation
         self.eval_history: dict[str, dict[str, float]] = {}
 
     # -- steps ------------------------------------------------------------------------------------------------------

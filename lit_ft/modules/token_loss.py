@@ -139,10 +139,13 @@ class TokenLossMixin:
     callbacks such as :class:`lit_ft.callbacks.ExcessLossSelection`) attach to this module automatically.
 
     Class attributes you may override: ``token_loss_impl`` (``"auto" | "torch" | "triton"``, the fused op's
-    dispatch) and :meth:`token_loss_model` (which HF model to use; default: the one :func:`find_hf_model` finds).
+    dispatch), ``token_loss_weight_grad_accumulation`` (``"fp32" | "input"``: how the op sums the lm_head gradient
+    over token chunks for bf16/fp16 models, see :func:`lit_ft.kernels.fused_linear_token_ce`) and
+    :meth:`token_loss_model` (which HF model to use; default: the one :func:`find_hf_model` finds).
     """
 
     token_loss_impl: str = "auto"
+    token_loss_weight_grad_accumulation: str = "fp32"
 
     @property
     def token_pipeline(self) -> TokenPipeline:
@@ -191,6 +194,7 @@ class TokenLossMixin:
             logit_softcap=parts.logit_softcap,
             logit_scale=parts.logit_scale,
             impl=self.token_loss_impl,
+            weight_grad_accumulation=self.token_loss_weight_grad_accumulation,
         )
         n_tokens = keep.sum()
         mean = loss_sum.detach() / n_tokens.clamp_min(1)

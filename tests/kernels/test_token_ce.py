@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 from lit_ft.kernels import TokenCEOutput, fused_linear_token_ce
 from lit_ft.kernels.token_ce import _token_ce, _token_ce_backward, resolve_impl, torch_impl
@@ -193,16 +194,18 @@ def native_loss(h, w, y, tw, reduction):
     return per.sum() if reduction == "sum" else per.sum() / kept
 
 
+@pytest.mark.parametrize("accumulation", ["fp32", "input"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_accuracy_rule_vs_native_dtype(dtype, reduction):
+def test_accuracy_rule_vs_native_dtype(dtype, reduction, accumulation):
     h64, w64, y, _, tw, _ = make_case(n=64, v=500, d=64, weights=True, seed=5)
     h64, w64 = (h64.detach() * 2).requires_grad_(), (w64.detach() * 2).requires_grad_()
     ref = token_ce_reference(h64, w64, y, token_weights=tw, reduction=reduction).loss
     up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype)
     ref_g = grads(ref, up, (h64, w64))
     h, w = h64.detach().to(dtype).requires_grad_(), w64.detach().to(dtype).requires_grad_()
-    op = fused_linear_token_ce(h, w, y, token_weights=tw, reduction=reduction, chunk_size=16, impl="torch")
+    op = fused_linear_token_ce(h, w, y, token_weights=tw, reduction=reduction, chunk_size=16, impl="torch",
+                               weight_grad_accumulation=accumulation)
     op_g = grads(op, up.to(op.dtype), (h, w))
     hn, wn = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     nat = native_loss(hn, wn, y, tw, reduction)
@@ -213,6 +216,81 @@ def test_accuracy_rule_vs_native_dtype(dtype, reduction):
     for a, n_, r in zip(op_g, nat_g, ref_g):
         assert a.dtype == dtype
         assert (a.double() - r).abs().max() <= (n_.double() - r).abs().max() + tol * r.abs().max().clamp(min=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_accumulation_modes(dtype):
+    """'input' sums dW over chunks in the weight's dtype: bit-identical to 'fp32' for fp32 inputs; for bf16 the
+    loss and d_hidden are identical (only dW's summation differs) and dW stays close to the fp32-accumulated one."""
+    h64, w64, y, b64, tw, k = make_case(n=64, v=300, d=48, bias=True, weights=True, keep=True, seed=8)
+
+    def run(accumulation):
+        h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h64, w64, b64))
+        loss = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, chunk_size=8, impl="torch",
+                                     weight_grad_accumulation=accumulation)
+        loss.backward()
+        return loss, h.grad, w.grad, b.grad
+
+    base, lean = run("fp32"), run("input")
+    assert all(t.dtype == dtype for t in lean[1:])
+    torch.testing.assert_close(lean[0], base[0], rtol=0, atol=0)
+    torch.testing.assert_close(lean[1], base[1], rtol=0, atol=0)
+    torch.testing.assert_close(lean[3], base[3], rtol=0, atol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(lean[2], base[2], rtol=0, atol=0)
+    else:  # 8 chunks of bf16 partial sums: a few bf16 ulps apart, not equal
+        assert not torch.equal(lean[2], base[2])
+        torch.testing.assert_close(lean[2].float(), base[2].float(), rtol=0,
+                                   atol=2e-2 * base[2].abs().max().item())
+
+
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that return a new tensor with at least ``numel`` elements (in-place ops and views excluded)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not name.endswith("_") and not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                    self.seen.append(name)
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_allocates_no_weight_sized_tensor(reduction):
+    """The lm_head gradient computed in forward is handed to backward and scaled in place: no [V, D] product and no
+    zero gradients materialised for the op's unused outputs (each was a whole extra lm_head-sized tensor)."""
+    h, w, y, b, tw, k = make_case(n=40, v=300, d=16, dtype=torch.float32, bias=True, weights=True, keep=True)
+    loss = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction, impl="torch")
+    mode = _LargeAllocations(w.numel())
+    with mode:
+        (loss * 0.5).backward()
+    assert mode.seen == []
+    ref = token_ce_reference(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction).loss
+    want = torch.autograd.grad(ref * 0.5, (h, w, b))
+    for got, exp in zip((h.grad, w.grad, b.grad), want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_second_backward_through_retained_graph_recomputes(reduction):
+    """The first backward hands over the forward-computed gradients; a second one (retain_graph=True, another
+    upstream gradient) recomputes them from the saved inputs, normalizer and keep mask included."""
+    h, w, y, b, tw, k = make_case(bias=True, weights=True, keep=True, seed=4)
+    norm = torch.tensor(13.0, dtype=torch.float64) if reduction == "mean" else None
+    kw = dict(bias=b, token_weights=tw, keep=k, reduction=reduction, normalizer=norm, logit_softcap=3.0)
+    loss = fused_linear_token_ce(h, w, y, chunk_size=8, impl="torch", **kw)
+    first = torch.autograd.grad(loss * 2.0, (h, w, b), retain_graph=True)
+    second = torch.autograd.grad(loss * -0.5, (h, w, b))
+    ref = token_ce_reference(h, w, y, **kw).loss
+    for a, c, r in zip(first, second, torch.autograd.grad(ref, (h, w, b))):
+        torch.testing.assert_close(a, 2.0 * r, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c, -0.5 * r, rtol=1e-9, atol=1e-12)
 
 
 # --- custom op plumbing -------------------------------------------------------------------------------------------
@@ -243,10 +321,12 @@ def test_torch_compile_fullgraph_aot_eager(reduction):
 def test_opcheck_custom_ops():
     h, w, y, b, tw, k = make_case(n=10, v=19, d=6, dtype=torch.float32, bias=True, weights=True, keep=True)
     for reduction, mask, norm in (("mean", 7, torch.tensor(5.0)), ("sum", 1, None), ("none", 0, None)):
-        torch.library.opcheck(_token_ce, (h, w, y, b, tw, k, norm, -100, reduction, 2.0, 1.5, 4, "torch", mask))
+        for accumulation in ("fp32", "input"):
+            torch.library.opcheck(_token_ce, (h, w, y, b, tw, k, norm, -100, reduction, 2.0, 1.5, 4, "torch", mask,
+                                              accumulation))
     torch.library.opcheck(
         _token_ce_backward,
-        (torch.randn(10), h.detach(), w.detach(), y, b.detach(), tw, k, -100, 0.0, 1.0, 3, "torch", 7),
+        (torch.randn(10), h.detach(), w.detach(), y, b.detach(), tw, k, -100, 0.0, 1.0, 3, "torch", 7, "fp32"),
     )
 
 
@@ -297,6 +377,8 @@ def test_impl_triton_on_cpu_raises():
         (dict(reduction="avg"), ValueError, "reduction must be one of .*'avg'"),
         (dict(impl="cuda"), ValueError, "impl must be one of .*'cuda'"),
         (dict(chunk_size=0), ValueError, "chunk_size must be None or an int > 0, got 0"),
+        (dict(weight_grad_accumulation="bf16"), ValueError,
+         r"weight_grad_accumulation must be one of \('fp32', 'input'\), got 'bf16'"),
         (dict(logit_softcap=-1.0), ValueError, "logit_softcap"),
         (dict(logit_scale=0.0), ValueError, "logit_scale"),
         (dict(normalizer=3.0), TypeError, "normalizer must be a 0-dim tensor"),

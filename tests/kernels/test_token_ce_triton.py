@@ -54,7 +54,8 @@ def test_triton_op_compiles_and_opchecks_on_cuda():
     h = torch.randn(64, 32, device="cuda", requires_grad=True)
     w = torch.randn(100, 32, device="cuda", requires_grad=True)
     y = torch.randint(0, 100, (64,), device="cuda")
-    torch.library.opcheck(_token_ce, (h, w, y, None, None, None, None, -100, "mean", 0.0, 1.0, 0, "triton", 3))
+    torch.library.opcheck(_token_ce, (h, w, y, None, None, None, None, -100, "mean", 0.0, 1.0, 0, "triton", 3,
+                                      "fp32"))
 
     def fn(h, w):
         return fused_linear_token_ce(h, w, y, impl="triton")

@@ -31,6 +31,33 @@ def test_training_gradients_equal_hf_loss_gradients():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_weight_grad_accumulation_reaches_the_fused_op(monkeypatch):
+    """bf16 model, 'input' accumulation: the training loss goes through the op with that setting and the lm_head
+    gradient stays bf16 and close to the fp32-accumulated one."""
+    import lit_ft.kernels
+
+    real_op, seen = lit_ft.kernels.fused_linear_token_ce, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weight_grad_accumulation"))
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(lit_ft.kernels, "fused_linear_token_ce", spy)
+    torch.manual_seed(0)
+    grads = {}
+    batch = random_batch(4, 16)
+    for mode in ("fp32", "input"):
+        torch.manual_seed(0)
+        m = CausalLMModule(model_config=tiny_config(), torch_dtype="bfloat16", loss_weight_grad_accumulation=mode)
+        m.train()
+        m.compute_token_loss(batch, m.model).loss.backward()
+        grads[mode] = m.model.lm_head.weight.grad
+    assert seen == ["fp32", "input"]
+    assert grads["input"].dtype == torch.bfloat16
+    torch.testing.assert_close(grads["input"].float(), grads["fp32"].float(), rtol=0,
+                               atol=2e-2 * grads["fp32"].abs().max().item())
+
+
 def test_no_logits_tensor_in_a_training_step():
     """The lm_head module is never called: the loss comes from hidden states + lm_head.weight via the fused op."""
     module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
@@ -85,6 +112,7 @@ def test_weight_decay_groups_exclude_norms_and_embeddings():
         ({"weight_decay": -1}, "weight_decay"),
         ({"torch_dtype": "float8"}, "torch_dtype"),
         ({"loss_impl": "cuda"}, "loss_impl"),
+        ({"loss_weight_grad_accumulation": "bf16"}, "loss_weight_grad_accumulation"),
         ({"num_hidden_layers": 0}, "num_hidden_layers"),
         ({"model_config": {"hidden_size": 8}}, "model_type"),
     ],

@@ -26,6 +26,7 @@ __all__ = ["fused_linear_token_ce", "TokenCEOutput", "token_ce_reference", "reso
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
+ACCUMULATIONS = ("fp32", "input")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -92,34 +93,35 @@ _OUT = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _token_ce_impl(impl_name, hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction,
-                   softcap, scale, chunk_size, impl, grad_mask):
+                   softcap, scale, chunk_size, impl, grad_mask, accumulation):
     return _run(impl_name, hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index=ignore_index,
-                reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask)
+                reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask,
+                accumulation=accumulation)
 
 
 @torch.library.custom_op("lit_ft::token_ce", mutates_args=())
 def _token_ce(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], token_weights: Optional[Tensor],
     keep: Optional[Tensor], normalizer: Optional[Tensor], ignore_index: int, reduction: str, softcap: float,
-    scale: float, chunk_size: int, impl: str, grad_mask: int,
+    scale: float, chunk_size: int, impl: str, grad_mask: int, accumulation: str,
 ) -> _OUT:
     # generic fallback (any device): the chunked torch path
     return _token_ce_impl("torch", hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index,
-                          reduction, softcap, scale, chunk_size, impl, grad_mask)
+                          reduction, softcap, scale, chunk_size, impl, grad_mask, accumulation)
 
 
 @_token_ce.register_kernel("cpu")
 def _token_ce_cpu(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap,
-                  scale, chunk_size, impl, grad_mask):
+                  scale, chunk_size, impl, grad_mask, accumulation):
     return _token_ce_impl("torch", hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index,
-                          reduction, softcap, scale, chunk_size, impl, grad_mask)
+                          reduction, softcap, scale, chunk_size, impl, grad_mask, accumulation)
 
 
 @_token_ce.register_kernel("cuda")
 def _token_ce_cuda(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap,
-                   scale, chunk_size, impl, grad_mask):
+                   scale, chunk_size, impl, grad_mask, accumulation):
     return _token_ce_impl(impl, hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index,
-                          reduction, softcap, scale, chunk_size, impl, grad_mask)
+                          reduction, softcap, scale, chunk_size, impl, grad_mask, accumulation)
 
 
 def _acc(dtype):
@@ -128,7 +130,7 @@ def _acc(dtype):
 
 @_token_ce.register_fake
 def _token_ce_fake(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap,
-                   scale, chunk_size, impl, grad_mask):
+                   scale, chunk_size, impl, grad_mask, accumulation):
     n = hidden.shape[0]
     acc = _acc(hidden.dtype)
     loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
@@ -143,58 +145,102 @@ def _token_ce_fake(hidden, weight, labels, bias, token_weights, keep, normalizer
 def _token_ce_backward(
     grad_tokens: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
     token_weights: Optional[Tensor], keep: Optional[Tensor], ignore_index: int, softcap: float, scale: float,
-    chunk_size: int, impl: str, grad_mask: int,
+    chunk_size: int, impl: str, grad_mask: int, accumulation: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     out = _run(impl if hidden.device.type == "cuda" else "torch", hidden, weight, labels, bias, token_weights, keep,
                None, ignore_index=ignore_index, reduction="none", softcap=softcap, scale=scale,
-               chunk_size=chunk_size, grad_mask=grad_mask, grad_tokens=grad_tokens)
+               chunk_size=chunk_size, grad_mask=grad_mask, grad_tokens=grad_tokens, accumulation=accumulation)
     return out[4], out[5], out[6]
 
 
 @_token_ce_backward.register_fake
 def _token_ce_backward_fake(grad_tokens, hidden, weight, labels, bias, token_weights, keep, ignore_index, softcap,
-                            scale, chunk_size, impl, grad_mask):
+                            scale, chunk_size, impl, grad_mask, accumulation):
     gh = hidden.new_empty(hidden.shape) if grad_mask & GRAD_HIDDEN else hidden.new_empty((0,))
     gw = weight.new_empty(weight.shape) if grad_mask & GRAD_WEIGHT else weight.new_empty((0,))
     gb = bias.new_empty(bias.shape) if (grad_mask & GRAD_BIAS and bias is not None) else weight.new_empty((0,))
     return gh, gw, gb
 
 
+def _tracing(t: Tensor) -> bool:
+    """Whether autograd is being traced (torch.compile, AOTAutograd, make_fx) rather than run eagerly: traced
+    backwards must not mutate tensors stashed on ``ctx`` (they are not graph inputs)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:  # fake / functional tensors while tracing
+        return True
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # older torch: the checks above cover torch.compile
+        return False
+    return get_proxy_mode() is not None
+
+
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, softcap, scale,
-     chunk_size, impl, grad_mask) = inputs
+     chunk_size, impl, grad_mask, accumulation) = inputs
+    # Only the loss output ever receives a gradient. With materialised grads autograd would pass zero tensors for
+    # the six others, one of them [V, D]: a whole extra lm_head-sized allocation and fill per backward.
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.grad_mask = grad_mask
     ctx.has_bias = bias is not None
-    if reduction == "none":
+    ctx.args = (ignore_index, softcap, scale, chunk_size, impl)
+    ctx.accumulation = accumulation
+    ctx.handover = None
+    if reduction == "none":  # backward recomputes with the per-token upstream gradient
         ctx.save_for_backward(hidden, weight, labels, bias, token_weights, keep)
-        ctx.args = (ignore_index, softcap, scale, chunk_size, impl)
-    else:
+    elif _tracing(output[5]):  # traced: the gradients computed in forward as plain saved tensors
         ctx.save_for_backward(output[4], output[5], output[6])
+    else:
+        # Eager: hand the gradients computed in forward over to the first backward, scaled in place. Saved tensors
+        # stay referenced by the graph, so `grad * upstream` would be a second [V, D] tensor (and autograd copies a
+        # returned saved tensor once more before making it `.grad`). The inputs are saved (no copies: the graph
+        # holds them anyway) so that a later backward through a retained graph recomputes instead.
+        ctx.save_for_backward(hidden, weight, labels, bias, token_weights, keep, normalizer)
+        ctx.handover = [output[4].detach(), output[5].detach(), output[6].detach()]
+
+
+def _recompute_gradients(ctx, grad_loss, mask):
+    """Gradients by chunked recompute (reduction='none', or a repeated backward through a retained graph)."""
+    saved = ctx.saved_tensors
+    hidden, weight, labels, bias, token_weights, keep = saved[:6]
+    grad_tokens = grad_loss
+    if ctx.reduction != "none":  # d(loss)/d(nll_i) of the reduced loss, times the upstream scalar
+        grad_tokens = grad_loss.reshape(1).expand(hidden.shape[0])
+        if ctx.reduction == "mean":
+            normalizer = saved[6]
+            denom = normalizer if normalizer is not None else (
+                kept_mask(labels, keep, ctx.args[0]).sum().clamp(min=1).to(grad_loss.dtype))
+            grad_tokens = grad_tokens / denom
+    return _token_ce_backward(grad_tokens.contiguous(), hidden, weight, labels, bias, token_weights, keep, *ctx.args,
+                              mask, ctx.accumulation)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    mask = ctx.grad_mask
-    if ctx.reduction == "none":
-        hidden, weight, labels, bias, token_weights, keep = ctx.saved_tensors
-        if mask == 0:
-            gh = gw = gb = None
-        else:
-            gh, gw, gb = _token_ce_backward(grad_loss.contiguous(), hidden, weight, labels, bias, token_weights, keep,
-                                            *ctx.args, mask)
-    else:
+    mask = ctx.grad_mask if grad_loss is not None else 0  # None: no gradient reached the loss output
+    if mask == 0:
+        gh = gw = gb = None
+    elif ctx.reduction != "none" and ctx.handover is None:  # traced (torch.compile, AOTAutograd)
         gh, gw, gb = ctx.saved_tensors
         g = grad_loss
         gh = gh * g.to(gh.dtype) if mask & GRAD_HIDDEN else None
         gw = gw * g.to(gw.dtype) if mask & GRAD_WEIGHT else None
         gb = gb * g.to(gb.dtype) if (mask & GRAD_BIAS and ctx.has_bias) else None
+    elif ctx.handover:  # first eager backward of 'mean'/'sum': scale in place (0-dim upstream: no host sync)
+        gh, gw, gb = ctx.handover
+        ctx.handover = []
+        g = grad_loss
+        gh = gh.mul_(g.to(gh.dtype)) if mask & GRAD_HIDDEN else None
+        gw = gw.mul_(g.to(gw.dtype)) if mask & GRAD_WEIGHT else None
+        gb = gb.mul_(g.to(gb.dtype)) if (mask & GRAD_BIAS and ctx.has_bias) else None
+    else:
+        gh, gw, gb = _recompute_gradients(ctx, grad_loss, mask)
     if not mask & GRAD_HIDDEN:
         gh = None
     if not mask & GRAD_WEIGHT:
         gw = None
     if not (mask & GRAD_BIAS and ctx.has_bias):
         gb = None
-    return gh, gw, None, gb, None, None, None, None, None, None, None, None, None, None
+    return gh, gw, None, gb, None, None, None, None, None, None, None, None, None, None, None
 
 
 _token_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -240,6 +286,7 @@ def fused_linear_token_ce(
     logit_scale: Optional[float] = None,
     chunk_size: Optional[int] = None,
     impl: str = "auto",
+    weight_grad_accumulation: str = "fp32",
 ):
     """Per-token weighted cross-entropy of ``hidden @ weight.T (+ bias)`` without materialising ``[N, V]`` logits.
 
@@ -260,6 +307,11 @@ def fused_linear_token_ce(
         chunk_size: tokens per chunk (default: chunks whose logits are about the size of ``hidden``).
         impl: ``"auto"`` (Triton on CUDA with compute capability >= 8.0, else torch; env ``LIT_FT_IMPL``
             overrides), ``"torch"`` or ``"triton"`` (raises when it cannot run).
+        weight_grad_accumulation: how the ``weight`` gradient is summed over token chunks for bf16/fp16 inputs
+            (the small bias gradient always uses fp32). ``"fp32"`` (default): an fp32 ``[V, D]`` accumulator, cast once at the end (exact up
+            to the final rounding; costs 4 + 2 bytes per lm_head element). ``"input"``: accumulate straight into a
+            gradient of the weight's dtype (2 bytes per element, no final copy; each chunk's contribution is
+            rounded, as in Liger-Kernel's default). Identical results for fp32/fp64 inputs.
 
     Returns:
         The loss tensor (0-dim, or ``[N]`` for ``reduction="none"``; fp32, fp64 for fp64 inputs), or a
@@ -313,6 +365,8 @@ def fused_linear_token_ce(
         raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+    if weight_grad_accumulation not in ACCUMULATIONS:
+        raise ValueError(f"weight_grad_accumulation must be one of {ACCUMULATIONS}, got {weight_grad_accumulation!r}")
     if torch.compiler.is_compiling():
         from ._compile_support import resolve_impl_constant
 
@@ -332,7 +386,7 @@ def fused_linear_token_ce(
     loss, nll, ent, lse, _, _, _ = _token_ce(
         hidden, weight, labels, bias, token_weights, keep, normalizer, int(ignore_index), reduction,
         float(logit_softcap or 0.0), float(logit_scale if logit_scale is not None else 1.0), int(chunk_size or 0),
-        impl_name, grad_mask,
+        impl_name, grad_mask, weight_grad_accumulation,
     )
     if not (return_nll or return_entropy or return_lse):
         return loss

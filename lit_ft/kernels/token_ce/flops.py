@@ -16,7 +16,7 @@ def token_ce_flops(hidden, weight, labels, bias, token_weights, keep, *rest, out
                    grad_tokens: Any = None) -> int:
     """The logits matmul, plus ``dX = dZ·W`` and ``dW = dZᵀX`` when ``grad_mask`` asks for them (computed inside the
     op), over the kept tokens only. Reads the kept count on the host (profiling only, never in training)."""
-    ignore_index, grad_mask = rest[1 if grad_tokens is None else 0], rest[-1]
+    ignore_index, grad_mask = rest[1 if grad_tokens is None else 0], rest[-2]  # rest ends (grad_mask, accumulation)
     kept = labels != ignore_index
     if keep is not None:
         kept = kept & keep

@@ -32,8 +32,8 @@ def _native(h, w, y, b, tw, k, reduction, softcap, scale):
 
 
 def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weights=False, keep=False,
-             softcap=None, scale=None, ignore_frac=0.3, all_ignored=False, chunk_size=None, use_op=False,
-             op_impl="triton", log=print):
+             softcap=None, scale=None, ignore_frac=0.3, all_ignored=False, chunk_size=None, accumulation="fp32",
+             stale_nan=False, use_op=False, op_impl="triton", log=print):
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     h64 = torch.randn(n, d, generator=g, dtype=torch.float64)
     w64 = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 2
@@ -61,22 +61,28 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
     nat_g = torch.autograd.grad((nat * up.to(nat.dtype)).sum(), [t for t in (hn, wn, bn) if t is not None])
 
     h, w, b = lowp()
+    problems_pre = []
+    from . import triton_impl
+
+    fresh_buffer = triton_impl.new_logits_buffer
+    if stale_nan:  # the reused logits buffer starts as NaN: rows past the kept count must never reach a result
+        triton_impl.new_logits_buffer = lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev)
     t0 = time.perf_counter()
     if use_op:
         from . import fused_linear_token_ce
 
         out = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction,
                                     logit_softcap=softcap, logit_scale=scale, chunk_size=chunk_size, impl=op_impl,
-                                    return_nll=True, return_entropy=True, return_lse=True)
+                                    weight_grad_accumulation=accumulation, return_nll=True, return_entropy=True,
+                                    return_lse=True)
         loss, nll, ent, lse = out
         op_g = torch.autograd.grad((loss * up.to(loss.dtype)).sum(), [t for t in (h, w, b) if t is not None])
     else:
-        from . import triton_impl
         from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 
         mask = GRAD_HIDDEN | GRAD_WEIGHT | (GRAD_BIAS if b is not None else 0)
         kw = dict(ignore_index=-100, softcap=float(softcap or 0.0), scale=float(scale or 1.0),
-                  chunk_size=int(chunk_size or 0))
+                  chunk_size=int(chunk_size or 0), accumulation=accumulation)
         with torch.no_grad():
             loss, nll, ent, lse, gh, gw, gb = triton_impl.forward_backward(
                 h, w, y, b, tw, k, None, reduction=reduction, grad_mask=0 if reduction == "none" else mask, **kw)
@@ -84,12 +90,20 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
                 _, _, _, _, gh, gw, gb = triton_impl.forward_backward(
                     h, w, y, b, tw, k, None, reduction="none", grad_mask=mask, grad_tokens=up.float(), **kw)
         op_g = [gh, gw] + ([gb] if b is not None else [])
+        if accumulation == "input" and reduction != "none" and dtype != torch.float32:
+            # proof that the mode took effect: fp32 accumulation over the same chunks gives a different dW
+            with torch.no_grad():
+                gw32 = triton_impl.forward_backward(h, w, y, b, tw, k, None, reduction=reduction, grad_mask=mask,
+                                                    **{**kw, "accumulation": "fp32"})[5]
+            if torch.equal(gw32, gw):
+                problems_pre = ["d_weight: 'input' accumulation gave exactly the fp32-accumulated result"]
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    triton_impl.new_logits_buffer = fresh_buffer
 
     tol = TOL[dtype]
-    problems = []
+    problems = list(problems_pre)
 
     def check(what, got, nat_v, ref_v):
         got, ref_v = got.detach().double(), ref_v.detach().double()
@@ -128,8 +142,15 @@ def cases(device, real):
                                              chunk_size=20)),
         ]
     out += [
+        # dW summed over 3 chunks straight in bf16 (weight_grad_accumulation="input")
+        ("input-accumulation-bf16", dict(small, dtype=torch.bfloat16, bias=True, weights=True, keep=True,
+                                         chunk_size=16, accumulation="input")),
         ("softcap-sum-fp32", dict(small, dtype=torch.float32, reduction="sum", softcap=2.0, chunk_size=7)),
         ("all-ignored-fp32", dict(small, dtype=torch.float32, all_ignored=True, bias=True)),
+        ("stale-nan-buffer-bias-keep-bf16", dict(small, dtype=torch.bfloat16, bias=True, keep=True, chunk_size=16,
+                                                 stale_nan=True)),
+        ("stale-nan-buffer-all-ignored-fp32", dict(small, dtype=torch.float32, all_ignored=True, bias=True,
+                                                   stale_nan=True)),
     ]
     if real:
         out += [
@@ -138,6 +159,8 @@ def cases(device, real):
                                             softcap=30.0, weights=True)),
             ("real-fp32-mean", dict(n=1024, v=49152, d=576, dtype=torch.float32, keep=True)),
             ("real-bf16-mean-576", dict(n=8192, v=49152, d=576, dtype=torch.bfloat16, keep=True, bias=True)),
+            ("real-bf16-input-accumulation", dict(n=4096, v=128256, d=4096, dtype=torch.bfloat16, keep=True,
+                                                  chunk_size=1024, accumulation="input")),
         ]
     return out
 

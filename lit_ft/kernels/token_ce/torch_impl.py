@@ -159,13 +159,16 @@ def forward_backward(
     chunk_size: int,
     grad_mask: int,
     grad_tokens: Optional[Tensor] = None,
+    accumulation: str = "fp32",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(loss, nll, entropy, lse, grad_hidden, grad_weight, grad_bias)``.
 
     ``grad_mask`` bits (GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS) select the gradients computed here; an unselected
     gradient is returned as an empty tensor. Gradients are those of the returned (reduced) loss, or, when
     ``grad_tokens`` [N] is given, of ``Σ_i grad_tokens_i · w_i · nll_i`` (the backward of ``reduction='none'``).
-    ``softcap``/``scale`` of 0.0/1.0 mean off. ``chunk_size`` 0 means the default rule.
+    ``softcap``/``scale`` of 0.0/1.0 mean off. ``chunk_size`` 0 means the default rule. ``accumulation``
+    ``"fp32"`` sums the weight gradient over chunks in fp32 (fp64 for fp64 inputs); ``"input"`` in the weight's
+    own dtype (no accumulator copy; identical for fp32/fp64 inputs). The small bias gradient always uses fp32.
     """
     n_tok, dim = hidden.shape
     vocab = weight.shape[0]
@@ -190,8 +193,9 @@ def forward_backward(
     want_dw = bool(grad_mask & GRAD_WEIGHT)
     want_db = bool(grad_mask & GRAD_BIAS) and bias is not None
     dx_p = torch.empty((n, dim), dtype=hidden.dtype, device=dev) if want_dx else None
-    dw = torch.zeros((vocab, dim), dtype=acc, device=dev) if want_dw else None
-    db = torch.zeros((vocab,), dtype=acc, device=dev) if want_db else None
+    grad_acc = acc if accumulation == "fp32" else hidden.dtype
+    dw = torch.zeros((vocab, dim), dtype=grad_acc, device=dev) if want_dw else None
+    db = torch.zeros((vocab,), dtype=acc, device=dev) if want_db else None  # [V]: always accumulated in acc
     need_grad = want_dx or want_dw or want_db
 
     if chunk_size > 0:
@@ -223,10 +227,10 @@ def forward_backward(
         if want_dx:
             torch.mm(z, weight, out=dx_p[start:end])
         if want_dw:
-            if acc == hidden.dtype:
-                dw.addmm_(z.t(), x)
+            if grad_acc == hidden.dtype:
+                dw.addmm_(z.t(), x)  # the GEMM accumulates in fp32 internally, the sum across chunks in dw's dtype
             else:  # low precision inputs: fp32 accumulation across chunks
-                dw += (z.t() @ x).to(acc)
+                dw += (z.t() @ x).to(grad_acc)
     del z_buf, scratch
 
     if all_kept:

@@ -9,7 +9,8 @@ Design (hybrid, Liger-style token chunks, but with no host synchronisation):
 3. A row kernel computes LSE (online over vocab blocks), NLL, entropy and, when gradients are wanted, overwrites the
    logits in place with ``dlogits = (softmax - onehot) * coef_i`` (chained through softcap and scale), where
    ``coef_i`` = upstream gradient × token weight (/ normaliser): per-token weights are folded in before projecting.
-4. Two more count-aware Triton GEMMs give ``dX_c = dlogits @ W`` and ``dW += dlogits.T @ x_c`` (fp32 accumulator).
+4. Two more count-aware Triton GEMMs give ``dX_c = dlogits @ W`` and ``dW += dlogits.T @ x_c`` (an fp32
+   accumulator, or the weight's dtype with ``accumulation="input"``).
 
 fp64 inputs are delegated to the torch path. Under ``TRITON_INTERPRET=1`` (CPU tests) low-precision operands are
 upcast to fp32 before ``tl.dot`` (the interpreter gets bf16 dot wrong). Only long-standing Triton APIs are used
@@ -108,16 +109,24 @@ def _row_kernel(
     z_ptr, stride_z, y_ptr, coef_ptr, count_ptr, row_off,
     nll_ptr, ent_ptr, lse_ptr,
     V, softcap, scale,
-    HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, ZERO_DROPPED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """One program per (packed) token row: LSE/NLL/entropy, then dlogits in place of the logits."""
+    """One program per (packed) token row: LSE/NLL/entropy, then dlogits in place of the logits. Rows past the
+    kept count are skipped, or zeroed with ZERO_DROPPED (the bias gradient sums whole buffer rows, and the reused
+    buffer holds stale values there: 0 * NaN would poison it)."""
     r = tl.program_id(0)
     row = row_off + r
-    if row >= tl.load(count_ptr):
-        return
     z_row = z_ptr + r.to(tl.int64) * stride_z
-    y = tl.load(y_ptr + row).to(tl.int32)
     cols0 = tl.arange(0, BLOCK_V)
+    count = tl.load(count_ptr)
+    if ZERO_DROPPED and row >= count:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            tl.store(z_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(z_ptr.dtype.element_ty), mask=cols < V)
+    if row >= count:
+        return
+    y = tl.load(y_ptr + row).to(tl.int32)
 
     m = float("-inf")
     s = 0.0
@@ -196,6 +205,12 @@ def _mm(a: Tensor, b: Tensor, c: Tensor, *, count: Tensor, bound_off: int, bound
     )
 
 
+def new_logits_buffer(shape, dtype: torch.dtype, device) -> Tensor:
+    """The reused ``[chunk, V]`` logits buffer (uninitialised; the self-check swaps in a NaN-filled one to prove
+    that stale rows past the kept count never leak into results)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def default_chunk_size(n: int, vocab: int, dim: int, itemsize: int = 2) -> int:
     """Liger's rule (logits chunk ~ hidden size), raised to a power of two between 1024 and 4096 rows whose logits
     buffer stays <= 512 MiB: bigger GEMMs and fewer read-modify-write passes over the fp32 dW accumulator
@@ -221,13 +236,14 @@ def forward_backward(
     chunk_size: int,
     grad_mask: int,
     grad_tokens: Optional[Tensor] = None,
+    accumulation: str = "fp32",
 ):
     """Same contract as :func:`torch_impl.forward_backward` (returns loss, nll, entropy, lse, gh, gw, gb)."""
     if hidden.dtype == torch.float64:
         return torch_impl.forward_backward(
             hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index=ignore_index,
             reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask,
-            grad_tokens=grad_tokens)
+            grad_tokens=grad_tokens, accumulation=accumulation)
     n_tok, dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -254,17 +270,19 @@ def forward_backward(
     ent_s = torch.zeros(n_tok, dtype=f32, device=dev)
     lse_s = torch.zeros(n_tok, dtype=f32, device=dev)
     dx_s = torch.zeros((n_tok, dim), dtype=hidden.dtype, device=dev) if want_dx else None
-    dw = torch.zeros((vocab, dim), dtype=f32, device=dev) if want_dw else None
+    # "input": accumulate straight into a gradient of the weight's dtype (the GEMM kernel loads, adds in fp32 and
+    # stores in that dtype): no fp32 [V, D] accumulator and no final copy
+    dw_dtype = f32 if accumulation == "fp32" else weight.dtype
+    dw = torch.zeros((vocab, dim), dtype=dw_dtype, device=dev) if want_dw else None
     db = torch.zeros((vocab,), dtype=f32, device=dev) if want_db else None
 
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(n_tok, vocab, dim, hidden.element_size())
     chunk = min(chunk, max(n_tok, 1))
-    buf = torch.empty((chunk, vocab), dtype=hidden.dtype, device=dev)
+    buf = new_logits_buffer((chunk, vocab), hidden.dtype, dev)
     w_t = weight.t()
     interp = _interpreting()
     block_v = min(triton.next_power_of_2(vocab), 1024 if interp else 4096)
     row_warps = 1 if interp else (16 if block_v >= 4096 else 8)
-    rows_idx = torch.arange(chunk, device=dev) if want_db else None
     for c0 in range(0, n_tok, chunk):
         m = min(chunk, n_tok - c0)
         z = buf[:m]
@@ -272,7 +290,8 @@ def forward_backward(
         _mm(x, w_t, z, count=count, bound_off=c0, bound="m", bias=bias)
         _row_kernel[(m,)](
             z, z.stride(0), ys, cs, count, c0, nll_s, ent_s, lse_s, vocab, float(softcap), float(scale),
-            HAS_SOFTCAP=softcap != 0.0, HAS_SCALE=scale != 1.0, WRITE_GRAD=need_grad, BLOCK_V=block_v,
+            HAS_SOFTCAP=softcap != 0.0, HAS_SCALE=scale != 1.0, WRITE_GRAD=need_grad, ZERO_DROPPED=want_db,
+            BLOCK_V=block_v,
             num_warps=row_warps,
         )
         if not need_grad:
@@ -281,10 +300,10 @@ def forward_backward(
             _mm(z, weight, dx_s[c0:c0 + m], count=count, bound_off=c0, bound="m")
         if want_dw:
             _mm(z.t(), x, dw, count=count, bound_off=c0, bound="k", accumulate=True)
-        if want_db:
-            valid = (rows_idx[:m] < (count - c0)).to(z.dtype)
-            db += (valid[None, :] @ z).view(-1).to(f32)
+        if want_db:  # rows past the count were zeroed by the row kernel
+            db += z.sum(0, dtype=f32)
 
+    del buf, xs  # freed before the gradient casts below: they set this call's peak memory
     nll = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, nll_s)
     ent = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, ent_s)
     lse = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, lse_s)
