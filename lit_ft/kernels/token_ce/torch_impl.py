@@ -216,6 +216,7 @@ def forward_backward(
     z_buf = torch.empty((chunk, vocab), dtype=hidden.dtype, device=dev) if n else None
     scratch = _ChunkScratch(chunk, sub, vocab, hidden.dtype, acc, dev)
     w_t = weight.t()
+    dw_part = None
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         x = x_all[start:end]
@@ -236,9 +237,12 @@ def forward_backward(
         if want_dw:
             if grad_acc == hidden.dtype:
                 dw.addmm_(z.t(), x)  # the GEMM accumulates in fp32 internally, the sum across chunks in dw's dtype
-            else:  # low precision inputs: fp32 accumulation across chunks
-                dw += (z.t() @ x).to(grad_acc)
-    del z_buf, scratch
+            else:  # low precision inputs: fp32 accumulation across chunks (the chunk's product in a reused buffer;
+                # add_ upcasts on the fly, no fp32 temporary)
+                if dw_part is None:
+                    dw_part = torch.empty((vocab, dim), dtype=hidden.dtype, device=dev)
+                dw.add_(torch.mm(z.t(), x, out=dw_part))
+    del z_buf, scratch, dw_part
 
     if all_kept:
         nll, ent, lse = nll_p, ent_p, lse_p
