@@ -31,6 +31,10 @@ timeout ${T_BENCH:-110} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --
 timeout ${T_BENCH2:-60} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --compare ${COMPARE:-ours-input,liger,liger32,cce} \
   --shapes 576x49152,2048x128256 --n 8192 --keep 1.0,0.6 --warmup 2 --repeats 5 2>&1 | tee -a "$OUT/bench.txt"
 
+# memory-lean point: 'input' accumulation with 1024-row chunks (logits buffer 256 MiB instead of 1 GiB)
+timeout ${T_BENCH3:-40} $PY benchmarks/token_ce.py --device cuda --dtype bf16 --compare ours-input --chunk-size 1024 \
+  --shapes 4096x128256 --n 16384 --keep 1.0,0.6 --warmup 1 --repeats 3 2>&1 | tee -a "$OUT/bench.txt"
+
 echo "== 3. CUDA pytest (opcheck, torch.compile) =="
 timeout ${T_PYTEST:-45} $PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_token_ce_triton.py \
   tests/kernels/test_token_ce.py -k "cuda" 2>&1 | tail -15 | tee "$OUT/pytest.txt"
