@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
@@ -13,6 +16,8 @@ from torch.utils.data import DataLoader
 from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.modules import CausalLMModule
 from lit_ft.testing import tiny_llama_config
+
+REPO = str(Path(__file__).resolve().parent.parent)
 
 VOCAB = 384
 
@@ -102,6 +107,23 @@ def tiny_hf_model(seed: int | None = 0, train: bool = False, **overrides):
     cfg = dict(tiny_config(**overrides))
     cfg.pop("model_type")
     return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).train(train)
+
+
+class NoInputEmbeddingsModule(pl.LightningModule):
+    """A module whose HF model reports no input-embedding layer (prompt callbacks must refuse it clearly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_hf_model(train=True)
+        self.model.get_input_embeddings = lambda: None
+
+
+def run_interpreted(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python <args>`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter; the variable must be
+    set before triton is imported, so never in the pytest process itself), from the repo root."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 class AdamWPlain(PlainHFModule):

@@ -18,6 +18,7 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
+    NoInputEmbeddingsModule,
     AdamWPlain, ListDataModule, LoraModule, assert_state_dicts_equal, check_generation, fit_and_resume,
     greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
@@ -558,13 +559,6 @@ def test_setup_errors(tiny_tokenizer_path, tmp_path):
     with pytest.raises(PromptError, match="example 0 has text unknown to the tokenizer"):
         cb.setup(trainer([cb]), CausalLMModule(model_config=tiny_config()), "fit")
 
-    # a model without input embeddings
-    class NoEmb(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = hf_model()
-            self.model.get_input_embeddings = lambda: None
-
     cb = CPT(examples=EXAMPLES, tokenizer=tiny_tokenizer_path)
     with pytest.raises(PromptError, match="no input-embedding layer"):
-        cb.setup(trainer([cb]), NoEmb(), "fit")
+        cb.setup(trainer([cb]), NoInputEmbeddingsModule(), "fit")

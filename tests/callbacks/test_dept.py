@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, load_prompt, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
+    NoInputEmbeddingsModule,
     AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, assert_state_dicts_equal, capture_trunk_inputs,
     check_generation, fit_and_resume, greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
@@ -275,15 +275,9 @@ def test_setup_errors():
     with pytest.raises(PromptError, match="match_prompt_tokens=5 leaves no room"):
         cb.setup(trainer([cb]), CausalLMModule(model_config=tiny_config()), "fit")
 
-    class NoEmb(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = hf_model()
-            self.model.get_input_embeddings = lambda: None
-
     cb = DePT()
     with pytest.raises(PromptError, match="no input-embedding layer"):
-        cb.setup(trainer([cb]), NoEmb(), "fit")
+        cb.setup(trainer([cb]), NoInputEmbeddingsModule(), "fit")
 
 
 @pytest.mark.parametrize("kwargs, match", [

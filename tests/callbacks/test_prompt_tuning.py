@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -23,6 +22,7 @@ from lit_ft.core.prompts import (
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
+    NoInputEmbeddingsModule,
     AdamWPlain, ListDataModule, LoraModule, SnapshotPrompt, assert_state_dicts_equal, capture_trunk_inputs,
     check_generation, fit_and_resume, greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
@@ -305,15 +305,9 @@ def test_prompt_longer_than_context():
 
 
 def test_model_without_input_embeddings():
-    class NoEmb(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = hf_model()
-            self.model.get_input_embeddings = lambda: None
-
     cb = PromptTuning()
     with pytest.raises(PromptError, match="no input-embedding layer"):
-        cb.setup(trainer([cb]), NoEmb(), "fit")
+        cb.setup(trainer([cb]), NoInputEmbeddingsModule(), "fit")
 
 
 @pytest.mark.parametrize("kwargs, match", [

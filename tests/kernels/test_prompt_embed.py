@@ -13,6 +13,7 @@ import torch
 from lit_ft.kernels import prompt_embed
 from lit_ft.kernels.prompt_embed import _prompt_embed, _prompt_embed_backward
 from lit_ft.kernels.prompt_embed.reference import prompt_embed_reference, prompt_embed_repeat_reference
+from tests.helpers import run_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 triton_missing = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0
@@ -154,9 +155,7 @@ def test_backward_saves_only_positions_and_lora_factors():
 def test_triton_path_under_interpreter_matches_reference():
     """fp32 and bf16 tables, fp32/bf16 LoRA factors, arange and odd (negative, >= S, repeated) positions, D not a
     multiple of the block: accuracy rule vs the fp64 reference for the output and dA, dB."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "lit_ft.kernels.prompt_embed.selfcheck", "--device", "cpu"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_interpreted(["-m", "lit_ft.kernels.prompt_embed.selfcheck", "--device", "cpu"])
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL PASS" in proc.stdout and proc.stdout.count("PASS ") == 4
@@ -172,9 +171,7 @@ def test_triton_out_of_range_ids_give_nan_rows_under_interpreter():
         "out = triton_impl.forward(ids, w, pos, torch.randn(3, 2), torch.randn(2, 4), 1.0)\n"
         "assert out[0, 1].isnan().all() and torch.isfinite(out[0, [0, 2]]).all(), out\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_interpreted(["-c", code])
     assert proc.returncode == 0, proc.stderr
 
 

@@ -3,7 +3,6 @@ initialisation, Triton under the interpreter, custom-op plumbing, dispatch and i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -14,8 +13,8 @@ import torch.nn.functional as F
 from lit_ft.kernels import gelu_coefficients, rational
 from lit_ft.kernels.rational import _rational, _rational_backward
 from lit_ft.kernels.rational.reference import rational_reference
+from tests.helpers import run_interpreted
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 triton_missing = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0
 
 
@@ -143,9 +142,7 @@ def test_empty_input():
 def test_triton_path_under_interpreter_matches_reference():
     """fp32 (5, 4) and (2, 5) with a size not a multiple of the block, bf16 x with fp32 / bf16 coefficients,
     degree (0, 1): accuracy rule vs the fp64 reference for R and the gradients of x, numerator, denominator."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "lit_ft.kernels.rational.selfcheck", "--device", "cpu"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_interpreted(["-m", "lit_ft.kernels.rational.selfcheck", "--device", "cpu"])
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL PASS" in proc.stdout and proc.stdout.count("PASS ") == 4

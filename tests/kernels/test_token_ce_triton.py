@@ -13,14 +13,13 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import run_interpreted
+
 triton_missing = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0
 
 
 def _interp(args, timeout=120):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "lit_ft.kernels.token_ce.selfcheck", "--device", "cpu", *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return run_interpreted(["-m", "lit_ft.kernels.token_ce.selfcheck", "--device", "cpu", *args], timeout=timeout)
 
 
 @pytest.mark.slow

@@ -10,12 +10,12 @@ dispatch key does not exist there); on CUDA it goes through :func:`prompt_embed`
 
 from __future__ import annotations
 
-import argparse
 import sys
 import zlib
 
 import torch
 
+from .._selfcheck import run_selfcheck
 from .reference import prompt_embed_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -76,12 +76,7 @@ CASES = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    results = [run_case(name, device=args.device, **kw) for name, kw in CASES]
-    print("ALL PASS" if all(results) else "SOME FAILED")
-    return 0 if all(results) else 1
+    return run_selfcheck(CASES, run_case, argv)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ through :func:`rational`. Exit status 1 when a case fails.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import zlib
 
 import torch
 
+from .._selfcheck import run_selfcheck
 from .reference import rational_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -66,12 +66,7 @@ CASES = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    results = [run_case(name, device=args.device, **kw) for name, kw in CASES]
-    print("ALL PASS" if all(results) else "SOME FAILED")
-    return 0 if all(results) else 1
+    return run_selfcheck(CASES, run_case, argv)
 
 
 if __name__ == "__main__":
