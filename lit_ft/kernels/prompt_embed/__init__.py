@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..token_ce import resolve_impl, triton_runnable
+from .._common import resolve_impl, resolve_impl_traced, triton_runnable
 from . import torch_impl
 from .reference import prompt_embed_reference, prompt_embed_repeat_reference
 
@@ -174,15 +174,11 @@ def prompt_embed(input_ids: Tensor, weight: Tensor, position_ids: Tensor, lora_a
                          "weight), but weight.requires_grad is True: pass weight.detach() or freeze the table")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if torch.compiler.is_compiling():
-        from ..token_ce._compile_support import resolve_impl_constant
-
-        impl_name = resolve_impl_constant(impl, str(weight.device))
-    else:
-        impl_name = resolve_impl(impl, weight.device)
-        # on CPU the check is free; on an accelerator it would be a host sync per call (DESIGN.md: no syncs in
-        # ops), so there an out-of-range id gives an indexing error (torch) or NaN rows (Triton) instead
-        if weight.device.type == "cpu" and input_ids.numel() and bool(((input_ids < 0) | (input_ids >= v)).any()):
+    impl_name = resolve_impl_traced(impl, weight.device)
+    # on CPU the check is free; on an accelerator it would be a host sync per call (DESIGN.md: no syncs in ops), so
+    # there an out-of-range id gives an indexing error (torch) or NaN rows (Triton) instead; not while tracing
+    if not torch.compiler.is_compiling() and weight.device.type == "cpu" and input_ids.numel():
+        if bool(((input_ids < 0) | (input_ids >= v)).any()):
             bad = input_ids[(input_ids < 0) | (input_ids >= v)][0].item()
             raise ValueError(f"input_ids must be in [0, V) = [0, {v}) (the embedding table's rows), got {bad}")
     if position_ids.shape[0] != b:

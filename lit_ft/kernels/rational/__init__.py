@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..token_ce import resolve_impl, triton_runnable
+from .._common import resolve_impl, resolve_impl_traced, triton_runnable
 from . import torch_impl
 from .reference import rational_reference
 
@@ -156,10 +156,5 @@ def rational(x: Tensor, numerator: Tensor, denominator: Tensor, impl: str = "aut
     if numerator.dtype != denominator.dtype:
         raise TypeError(f"numerator and denominator must have the same dtype, got {numerator.dtype} and "
                         f"{denominator.dtype}")
-    if torch.compiler.is_compiling():
-        from ..token_ce._compile_support import resolve_impl_constant
-
-        impl_name = resolve_impl_constant(impl, str(x.device))
-    else:
-        impl_name = resolve_impl(impl, x.device)
+    impl_name = resolve_impl_traced(impl, x.device)
     return _rational(x.contiguous(), numerator.contiguous(), denominator.contiguous(), impl_name)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import sys
 
-import importlib.util
 import math
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .._common import resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
 from . import torch_impl
 from .reference import kept_mask, token_ce_reference
 from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
@@ -25,7 +24,6 @@ from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 __all__ = ["fused_linear_token_ce", "TokenCEOutput", "token_ce_reference", "resolve_impl", "triton_runnable"]
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "torch", "triton")
 ACCUMULATIONS = ("fp32", "input")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,38 +42,6 @@ class TokenCEOutput(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------------------
 # dispatch
-
-
-def triton_runnable(device: torch.device) -> Tuple[bool, str]:
-    """Whether the Triton path can run on ``device`` (never imports triton), and why not."""
-    if device.type != "cuda":
-        return False, f"the Triton path needs CUDA tensors, got device {device}"
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return False, f"the Triton path needs compute capability >= 8.0, this GPU has {major}.{minor}"
-    return True, ""
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` (or env ``LIT_FT_IMPL``) -> ``triton`` on capable CUDA GPUs, else ``torch``; explicit choices raise."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        env = os.environ.get("LIT_FT_IMPL", "").strip().lower()
-        if env and env != "auto":
-            if env not in IMPLS:
-                raise ValueError(f"environment variable LIT_FT_IMPL must be one of {IMPLS}, got {env!r}")
-            impl = env
-    if impl == "torch":
-        return "torch"
-    ok, why = triton_runnable(device)
-    if impl == "triton":
-        if not ok:
-            raise RuntimeError(f"impl='triton' was requested but cannot run: {why}. Use impl='torch' or 'auto'.")
-        return "triton"
-    return "triton" if ok else "torch"
 
 
 def _run(impl: str, *args, **kwargs):
@@ -367,12 +333,7 @@ def fused_linear_token_ce(
         raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
     if weight_grad_accumulation not in ACCUMULATIONS:
         raise ValueError(f"weight_grad_accumulation must be one of {ACCUMULATIONS}, got {weight_grad_accumulation!r}")
-    if torch.compiler.is_compiling():
-        from ._compile_support import resolve_impl_constant
-
-        impl_name = resolve_impl_constant(impl, str(hidden.device))
-    else:
-        impl_name = resolve_impl(impl, hidden.device)
+    impl_name = resolve_impl_traced(impl, hidden.device)
 
     grad_mask = 0
     if torch.is_grad_enabled():

@@ -1,8 +1,9 @@
-"""Helpers used only while torch.compile traces the op (importing this module imports torch._dynamo)."""
+"""Helpers used only while torch.compile traces an op (importing this module imports torch._dynamo, so
+:mod:`lit_ft.kernels._common` imports it lazily)."""
 
 import torch
 
-from . import resolve_impl
+from ._common import resolve_impl
 
 
 @torch.compiler.assume_constant_result
