@@ -268,6 +268,8 @@ def test_selection_in_trainer_frozen_bit_identical_optimizer_state_kept_dropped_
     assert cb.measured_flops_fraction == pytest.approx(cb.est_flops_fraction, rel=1e-6)
     assert 0 < cb.measured_flops_fraction < 0.7 + 1e-6 and cb.measured_flops_saved > 0.3
     assert len(cb.measurements) == 4
+    # the lit_ft.core.flops convention key carries the same measured fraction
+    assert float(m["lit_ft/green_trainer/flops_fraction"]) == pytest.approx(cb.measured_flops_fraction, rel=1e-6)
 
 
 def test_real_probe_selection_meets_budget_and_logs():

@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.core.flops import (  # noqa: F401  (flop_counter, FlopsProfile, profile_tensor_flops: re-exported)
+    FlopsProfile, TrainingStepFlops, flop_counter, log_flops_fraction, measured_step, profile_tensor_flops,
+)
 from lit_ft.core.params import FROZEN, TRAINABLE, ParamPlan, ParamPlanConflict, compose, rebuild_param_groups
 from lit_ft.core.tokens import token_pipeline_for
 
@@ -173,289 +170,6 @@ def quantize_costs(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs profile
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FlopsProfile:
-    """Measured FLOPs model of one batch.
-
-    Attributes:
-        names: parameter names ordered output -> input (the order gradients become ready in a full backward;
-            tensors that get no gradient come first, with zero costs).
-        t_dw: weight-gradient FLOPs per tensor.
-        reach: FLOPs of activation-gradient propagation needed to reach each tensor from the loss, i.e. to have
-            the gradient of its op's output (cumulative, non-decreasing along ``names``).
-        t_fp: forward FLOPs with nothing trainable.
-        t_step_all: measured forward+backward FLOPs with every floating-point parameter trainable.
-        outside_used: tensors used outside their own modules (e.g. a tied embedding in a fused linear-CE loss), whose
-            ``t_dw`` was measured by difference of two full steps.
-        batch_shape: ``input_ids`` shape of the profiled batch.
-    """
-
-    names: list[str]
-    t_dw: list[float]
-    reach: list[float]
-    t_fp: float
-    t_step_all: float
-    outside_used: list[str] = field(default_factory=list)
-    batch_shape: list[int] = field(default_factory=list)
-
-    def restricted(self, candidates: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Names (output -> input), ``t_dy`` and ``t_dw`` of the candidates only: ``t_dy[k]`` is the reach
-        increment from the previous candidate, so ``cumsum(t_dy)[k]`` is still the reach of ``k``."""
-        cset = set(candidates)
-        idx = [i for i, n in enumerate(self.names) if n in cset]
-        names = [self.names[i] for i in idx]
-        reach = np.asarray(self.reach, dtype=np.float64)[idx] if idx else np.zeros(0)
-        t_dy = np.diff(reach, prepend=0.0)
-        t_dw = np.asarray(self.t_dw, dtype=np.float64)[idx] if idx else np.zeros(0)
-        return names, np.maximum(t_dy, 0.0), t_dw
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_state_dict(cls, sd: Mapping[str, Any]) -> "FlopsProfile":
-        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sd.items()})
-
-
-def flop_counter() -> FlopCounterMode:
-    """A silent :class:`FlopCounterMode`. lit_ft's fused linear-CE ops register their FLOP formulas when
-    ``lit_ft.kernels`` is imported (lit_ft/kernels/token_ce/flops.py), so the lm_head matmuls done inside
-    ``lit_ft::token_ce`` are counted."""
-    from lit_ft.kernels.token_ce.flops import register
-
-    register()
-
-    return FlopCounterMode(display=False)
-
-
-class _UseTracker(TorchDispatchMode):
-    """Marks parameters that an op reads while none of the hooked modules owning them is running."""
-
-    def __init__(self, storages: dict[int, list[str]], active: list[set[str]]) -> None:
-        super().__init__()
-        self.storages = storages
-        self.active = active
-        self.outside: set[str] = set()
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        if not self.paused:
-            allowed = self.active[-1] if self.active else set()
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    try:
-                        key = t.untyped_storage().data_ptr()
-                    except (RuntimeError, NotImplementedError):
-                        continue
-                    for name in self.storages.get(key, ()):
-                        if name not in allowed:
-                            self.outside.add(name)
-        return func(*args, **kwargs)
-
-
-def _float_leaves(obj: Any) -> list[torch.Tensor]:
-    if hasattr(obj, "to_tuple") and callable(obj.to_tuple):  # transformers ModelOutput
-        obj = obj.to_tuple()
-    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _detach_floats(obj: Any) -> Any:
-    from torch.utils._pytree import tree_map
-
-    def f(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            return t.detach().requires_grad_(True)
-        return t
-
-    return tree_map(f, obj)
-
-
-def profile_tensor_flops(
-    model: nn.Module, loss_fn: Callable[[], torch.Tensor], names_by_id: Optional[Mapping[int, str]] = None
-) -> FlopsProfile:
-    """Measure the FLOPs model of ``model`` on one batch with :class:`~torch.utils.flop_counter.FlopCounterMode`.
-
-    ``loss_fn()`` must run the forward pass on the batch and return the scalar loss. Every floating-point parameter
-    is made trainable during the measurement (``requires_grad`` and ``.grad`` are restored afterwards).
-
-    How (all numbers are FlopCounterMode counts: matmul-class ops; elementwise ops such as norms, activations and
-    the embedding gather/scatter count 0, the same convention as the measured step FLOPs):
-
-    * ``t_dw`` of a tensor owned by a module: each call of a module that owns parameters is replayed on detached
-      copies of its inputs and ``torch.autograd.grad(outputs, [p])`` is counted (autograd computes only ``dW``;
-      a ``Linear`` gives ``dW = dYᵀX``, the forward matmul's FLOPs). Tensors also read outside their own modules
-      (found with a dispatch mode; e.g. a tied embedding used as the lm_head of a fused linear-CE loss, which
-      computes its gradient during the forward) get ``t_dw`` = step FLOPs with every tensor trainable minus step
-      FLOPs with all but that tensor trainable.
-    * ``reach`` (the ``t_dy`` chain): one forward+backward with every tensor trainable except the outside-used ones;
-      a hook on each tensor reads the running FLOPs total when its gradient is ready, which
-      orders the tensors output -> input; ``reach[k]`` = running total − ``t_fp`` − ``Σ t_dw`` of the tensors
-      ready so far − the ``dX`` of ``k``'s own module call (replayed as ``autograd.grad(outputs, inputs)``; it runs
-      in the same autograd node as ``dW`` but is only needed to go deeper), made non-decreasing. It therefore
-      contains every op back-propagation executes before ``k``'s gradient can be formed: ``dX = dY·W`` of the
-      layers above, attention, the loss. (The reference code also charges ``k``'s own ``dX``; its OPT table lumps
-      the attention backward into ``v``'s ``t_dy``, which this measurement reproduces by position.) Outside-used
-      tensors take their position from a full backward and the reach of the tensor ready just before them.
-    * Parallel branches (``q``, ``k``, ``v``) are linearised in the order autograd runs them, so selecting the
-      deepest of them also charges the others' ``dX`` (an overestimate of at most a few projections).
-    * ``t_fp``: a forward with nothing trainable.
-    """
-    params: dict[str, nn.Parameter] = {}
-    if names_by_id is None:
-        names_by_id = {id(p): n for n, p in model.named_parameters()}
-    for p_name, p in model.named_parameters():
-        params[names_by_id.get(id(p), p_name)] = p
-    floats = {n: p for n, p in params.items() if p.is_floating_point()}
-    saved_rg = {n: p.requires_grad for n, p in params.items()}
-    saved_grad = {n: p.grad for n, p in params.items()}
-
-    def set_trainable(names: set[str]) -> None:
-        for n, p in floats.items():
-            p.requires_grad_(n in names)
-
-    def clear_grads() -> None:
-        for p in params.values():
-            p.grad = None
-
-    try:
-        clear_grads()
-        set_trainable(set(floats))
-
-        # -- pass A: replay every param-owning module call to count dW per tensor; find outside uses --------------
-        owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-        storages: dict[int, list[str]] = defaultdict(list)
-        for n, p in floats.items():
-            storages[p.untyped_storage().data_ptr()].append(n)
-        active: list[set[str]] = []
-        tracker = _UseTracker(storages, active)
-        replay_dw: dict[str, float] = defaultdict(float)
-        first_dx: dict[str, float] = {}  # dX FLOPs of the first (deepest) call of each tensor's module
-
-        def pre_hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
-            own = {names_by_id[id(p)] for p in mod.parameters(recurse=False) if id(p) in names_by_id}
-            active.append(own | (active[-1] if active else set()))
-
-        def post_hook(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-            active.pop()
-            direct = [(names_by_id[id(p)], p) for p in mod.parameters(recurse=False)
-                      if id(p) in names_by_id and p.is_floating_point()]
-            if not direct:
-                return
-            tracker.paused = True
-            try:
-                with torch.enable_grad():
-                    r_args, r_kwargs = _detach_floats((args, kwargs))
-                    outs = [o for o in _float_leaves(mod.forward(*r_args, **r_kwargs)) if o.requires_grad]
-                    if not outs:
-                        return
-                    grads = [torch.ones_like(o) for o in outs]
-                    inputs = [t for t in _float_leaves((r_args, r_kwargs)) if t.requires_grad]
-                    dx = 0.0
-                    if inputs:
-                        with flop_counter() as fc:
-                            torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
-                        dx = float(fc.get_total_flops())
-                    for n, _ in direct:
-                        first_dx.setdefault(n, dx)
-                    for n, p in direct:
-                        with flop_counter() as fc:
-                            torch.autograd.grad(outs, [p], grads, retain_graph=True, allow_unused=True)
-                        replay_dw[n] += fc.get_total_flops()
-            finally:
-                tracker.paused = False
-
-        handles = []
-        for m in owners:
-            handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
-        try:
-            with torch.no_grad(), tracker:
-                loss_fn()
-        finally:
-            for h in handles:
-                h.remove()
-        outside = sorted(n for n in tracker.outside if n in floats)
-
-        # -- pass B: forward FLOPs with nothing trainable ---------------------------------------------------------
-        set_trainable(set())
-        with torch.no_grad(), flop_counter() as fc:
-            loss_fn()
-        t_fp = float(fc.get_total_flops())
-
-        def step_flops(trainable: set[str], timeline: Optional[list[tuple[str, float]]] = None) -> float:
-            set_trainable(trainable)
-            clear_grads()
-            hooks = []
-            with flop_counter() as fcs:
-                if timeline is not None:
-                    for n in trainable:
-                        def on_ready(g: torch.Tensor, n: str = n) -> None:
-                            timeline.append((n, float(fcs.get_total_flops())))
-                        hooks.append(floats[n].register_hook(on_ready))
-                try:
-                    with torch.enable_grad():
-                        loss = loss_fn()
-                        if loss.requires_grad:  # autograd.grad: no .grad, no DDP reducer hooks
-                            torch.autograd.grad(loss, [floats[n] for n in trainable], allow_unused=True)
-                finally:
-                    for h in hooks:
-                        h.remove()
-            clear_grads()
-            return float(fcs.get_total_flops())
-
-        # -- pass C: full step (order of gradient readiness, total) ------------------------------------------------
-        all_names = set(floats)
-        full_timeline: list[tuple[str, float]] = []
-        t_step_all = step_flops(all_names, full_timeline)
-        inside_names = all_names - set(outside)
-        if outside:
-            inside_timeline: list[tuple[str, float]] = []
-            step_inside = step_flops(inside_names, inside_timeline)
-        else:
-            inside_timeline, step_inside = full_timeline, t_step_all
-
-        t_dw: dict[str, float] = {n: float(replay_dw.get(n, 0.0)) for n in floats if n not in outside}
-        for n in outside:  # measured by difference of two full steps
-            without = step_inside if len(outside) == 1 else step_flops(all_names - {n})
-            t_dw[n] = max(0.0, t_step_all - without)
-
-        # reach along the inside timeline
-        reach_inside: dict[str, float] = {}
-        done_dw = 0.0
-        running_max = 0.0
-        for n, total in inside_timeline:
-            done_dw += t_dw.get(n, 0.0)
-            # the tensor's own dX runs in the same autograd node as its dW: needed only to go deeper
-            own = total - t_fp - done_dw - first_dx.get(n, 0.0)
-            running_max = max(running_max, own)
-            reach_inside[n] = running_max
-        order = [n for n, _ in full_timeline]
-        seen = set(order)
-        no_grad_names = [n for n in params if n not in seen]  # unused or non-float tensors: first, free
-        names: list[str] = list(no_grad_names)
-        reach: list[float] = [0.0] * len(no_grad_names)
-        last = 0.0
-        for n in order:
-            if n in reach_inside:
-                last = max(last, reach_inside[n])
-            names.append(n)
-            reach.append(last)
-        dw_list = [t_dw.get(n, 0.0) for n in names]
-        del step_inside
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(saved_rg[n])
-            p.grad = saved_grad[n]
-    return FlopsProfile(names=names, t_dw=dw_list, reach=reach, t_fp=t_fp, t_step_all=t_step_all,
-                        outside_used=outside)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The callback
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -578,7 +292,7 @@ class GreenTrainer(ParamPlanCallback):
         self._trainer: Optional[pl.Trainer] = None
         self._module: Optional[pl.LightningModule] = None
         self._pending_apply = False
-        self._counter: Optional[FlopCounterMode] = None
+        self._step_flops = TrainingStepFlops()
         self._measure_full: Optional[float] = None
         self._last_measured_step = -1
         self._log_measured = False
@@ -841,36 +555,22 @@ class GreenTrainer(ParamPlanCallback):
             with torch.random.fork_rng(devices=_rng_devices(pl_module)):
                 for n in candidates:
                     named[n].requires_grad_(True)
-                with flop_counter() as fc, torch.enable_grad():
+                with measured_step() as full, torch.enable_grad():
                     loss = self._loss(trainer, pl_module, batch)
                     params = [named[n] for n in candidates]
                     if loss.requires_grad:
                         torch.autograd.grad(loss, params, allow_unused=True)
-                self._measure_full = float(fc.get_total_flops())
+                self._measure_full = full.total
         finally:
             for n, p in named.items():
                 p.requires_grad_(saved_rg[n])
             _reset_pipeline(pl_module)
 
-        counter = flop_counter()
-        cls_step = type(pl_module).training_step
-
-        def measured_step(*args: Any, **kwargs: Any) -> Any:
-            pl_module.__dict__.pop("training_step", None)  # one-shot
-            counter.__enter__()
-            self._counter = counter
-            return cls_step(pl_module, *args, **kwargs)
-
-        pl_module.__dict__["training_step"] = measured_step
+        self._step_flops.arm(pl_module)  # the real step: counted from training_step through on_after_backward
 
     def _stop_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: bool) -> None:
-        pl_module.__dict__.pop("training_step", None)
-        counter, self._counter = self._counter, None
-        if counter is None:
-            return
-        counter.__exit__(None, None, None)
-        if record and self._measure_full:
-            step = float(counter.get_total_flops())
+        step = self._step_flops.stop(record=record)
+        if step is not None and self._measure_full:
             self.measured_step_flops = step
             self.measured_full_flops = self._measure_full
             self.measured_flops_fraction = step / self._measure_full
@@ -879,12 +579,12 @@ class GreenTrainer(ParamPlanCallback):
             self._log_measured = True
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._counter is not None:
+        if self._step_flops.counting:
             self._stop_measurement(trainer, pl_module, record=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._counter is not None or "training_step" in pl_module.__dict__:
+        if self._step_flops.armed:
             self._stop_measurement(trainer, pl_module, record=False)  # the step skipped its backward
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         log = lambda k, v: pl_module.log(f"lit_ft/{self.technique_name}/{k}", float(v), on_step=True,  # noqa: E731
@@ -900,9 +600,10 @@ class GreenTrainer(ParamPlanCallback):
             self._log_measured = False
             log("measured_flops_fraction", self.measured_flops_fraction)
             log("measured_flops_saved", self.measured_flops_saved)
+            log_flops_fraction(pl_module, self.technique_name, self.measured_step_flops, self.measured_full_flops)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._counter is not None or "training_step" in pl_module.__dict__:
+        if self._step_flops.armed:
             self._stop_measurement(trainer, pl_module, record=False)
 
     # -- state ------------------------------------------------------------------------------------------------------
