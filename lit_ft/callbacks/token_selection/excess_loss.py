@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
-from lit_ft.core.frozen import DTYPES, frozen_copy, load_frozen_causal_lm
-from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.frozen import DTYPES, FrozenModel
 from lit_ft.core.tokens import TokenDecision, TokenScores, global_topk_mask
 
 class ExcessLossSelection(TokenScorerCallback):
@@ -61,8 +60,9 @@ class ExcessLossSelection(TokenScorerCallback):
         self.keep_ratio = float(keep_ratio)
         self.reference = reference
         self.reference_dtype = reference_dtype
-        self._ref_model: torch.nn.Module | None = None
-        self._pending_ref_state: dict[str, torch.Tensor] | None = None
+        # reference=None: a copy of the weights when training starts, stored in checkpoints (a resumed run could not
+        # re-create it); a path is reloaded instead
+        self._reference = FrozenModel(reference, owner="ExcessLossSelection", dtype=reference_dtype)
         self._ref_nll: torch.Tensor | None = None
         self._ref_batch_id: int | None = None
 
@@ -71,31 +71,29 @@ class ExcessLossSelection(TokenScorerCallback):
         return self._generate_state_key(keep_ratio=self.keep_ratio, reference=self.reference)
 
     # -- reference model ------------------------------------------------------------------------------------------
+    @property
+    def reference_model(self) -> torch.nn.Module | None:
+        """The frozen reference model (``None`` before setup)."""
+        return self._reference.model
+
+    @reference_model.setter
+    def reference_model(self, model: torch.nn.Module | None) -> None:
+        self._reference.model = model
+
+    #: the name tests (and code written before FrozenModel) read and inject the reference under
+    _ref_model = reference_model
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self._ref_model is None:
-            self._ref_model = self._build_reference(pl_module)
-
-    def _build_reference(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        hf_model = find_hf_model(pl_module, require_lm_head=True)
-        if self.reference is None:
-            ref = frozen_copy(hf_model, self.reference_dtype)
-        else:
-            ref = load_frozen_causal_lm(self.reference, hf_model, "ExcessLossSelection", self.reference_dtype)
-        if self._pending_ref_state is not None:
-            ref.load_state_dict(self._pending_ref_state)
-            self._pending_ref_state = None
-        return ref
+        if stage == "fit":
+            self._reference.ensure(pl_module)
 
     def _reference_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, Any]) -> torch.Tensor:
         from lit_ft.modules.token_loss import causal_lm_token_nll
 
-        if self._ref_model is None:
-            self._ref_model = self._build_reference(pl_module)
-        device = batch["input_ids"].device
-        if next(self._ref_model.parameters()).device != device:
-            self._ref_model.to(device)
-        return causal_lm_token_nll(self._ref_model, batch)
+        self._reference.ensure(pl_module)
+        with self._reference.on(batch["input_ids"].device) as reference:
+            return causal_lm_token_nll(reference, batch)
 
     def prepare_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], training: bool) -> None:
         self._ref_nll = self._reference_nll(pl_module, batch) if training else None
@@ -127,17 +125,10 @@ class ExcessLossSelection(TokenScorerCallback):
     # -- checkpoint -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"keep_ratio": self.keep_ratio, "reference": self.reference}
-        if self.reference is None and self._ref_model is not None:
-            # the reference is "the weights when training started": a resumed run must not re-copy the
-            # already-trained weights
-            state["reference_state"] = {k: v.detach().cpu() for k, v in self._ref_model.state_dict().items()}
+        weights = self._reference.state_dict()  # only for reference=None: "the weights when training started"
+        if weights is not None:
+            state["reference_state"] = weights
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ref_state = state_dict.get("reference_state")
-        if ref_state is None:
-            return
-        if self._ref_model is not None:
-            self._ref_model.load_state_dict(ref_state)
-        else:
-            self._pending_ref_state = ref_state
+        self._reference.load_state_dict(state_dict.get("reference_state"))

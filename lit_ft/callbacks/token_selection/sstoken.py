@@ -12,7 +12,7 @@ import torch
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
-from lit_ft.core.frozen import frozen_copy, load_frozen_causal_lm
+from lit_ft.core.frozen import FrozenModel
 from lit_ft.core.tokens import TokenDecision, TokenScores, per_response_min_max, per_response_topk_mask
 
 _HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -230,10 +230,12 @@ class SSToken(TokenScorerCallback):
         self.history_device = history_device
         self.history_dtype = history_dtype
 
-        self._history_model: torch.nn.Module | None = None
-        self._pending_history_state: dict[str, torch.Tensor] | None = None
+        # "ema" / "initial": a copy of the weights when training starts (stored in checkpoints); else a loaded model
+        self._history = FrozenModel(
+            None if history in ("ema", "initial") else history, owner="SSToken", dtype=history_dtype,
+            offload=history_device == "cpu",
+        )
         self._ema_step: int | None = None  # the global step the EMA weights correspond to
-        self._ema_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._trained_model_ref: Any = None
         self._trainer_ref: Any = None
         self._history_nll: torch.Tensor | None = None
@@ -260,15 +262,22 @@ class SSToken(TokenScorerCallback):
     @property
     def history_model(self) -> torch.nn.Module | None:
         """The history model (``None`` before setup or when ``gamma == 0``)."""
-        return self._history_model
+        return self._history.model
+
+    @history_model.setter
+    def history_model(self, model: torch.nn.Module | None) -> None:
+        self._history.model = model
+
+    #: the name tests (and code written before FrozenModel) inject a history model under
+    _history_model = history_model
 
     # -- setup / teardown ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         hf_model = find_hf_model(pl_module, require_lm_head=True)
         self._trained_model_ref = weakref.ref(hf_model)
         self._trainer_ref = weakref.ref(trainer)
-        if stage == "fit" and self.uses_history and self._history_model is None:
-            self._history_model = self._build_history(hf_model)
+        if stage == "fit" and self.uses_history and self._history.model is None:
+            self._history.build(hf_model)
         super().setup(trainer, pl_module, stage)
         if self.uses_attention and self._hook_handle is None:
             layers = find_decoder_layers(hf_model)
@@ -291,7 +300,7 @@ class SSToken(TokenScorerCallback):
         self._armed = False
         self._captured = None
         self._history_nll = None
-        self._ema_pairs = None
+        self._history.release()
         super().teardown(trainer, pl_module, stage)
 
     def _capture_layer_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -305,41 +314,17 @@ class SSToken(TokenScorerCallback):
         return None
 
     # -- history model ------------------------------------------------------------------------------------------------
-    def _build_history(self, hf_model: torch.nn.Module) -> torch.nn.Module:
-        device = "cpu" if self.history_device == "cpu" else None
-        if self.history in ("ema", "initial"):
-            model = frozen_copy(hf_model, self.history_dtype, device)
-        else:
-            model = load_frozen_causal_lm(self.history, hf_model, "SSToken", self.history_dtype)
-            if device is not None:
-                model = model.to(device)
-        if self._pending_history_state is not None:
-            model.load_state_dict(self._pending_history_state)
-            self._pending_history_state = None
-        return model
-
     def _history_forward(self, pl_module: pl.LightningModule, batch: Mapping[str, Any]) -> torch.Tensor:
         from lit_ft.modules.token_loss import causal_lm_token_nll
 
-        if self._history_model is None:
-            self._history_model = self._build_history(find_hf_model(pl_module, require_lm_head=True))
-        model = self._history_model
-        device = batch["input_ids"].device
-        if next(model.parameters()).device != device:
-            if self.history_device == "cpu":
-                model.to(device)
-                try:
-                    return causal_lm_token_nll(model, batch)
-                finally:
-                    model.to("cpu")
-            model.to(device)
-            self._ema_pairs = None
-        return causal_lm_token_nll(model, batch)
+        self._history.ensure(pl_module)
+        with self._history.on(batch["input_ids"].device) as model:  # history_device="cpu": visits, then back
+            return causal_lm_token_nll(model, batch)
 
     def _sync_history(self) -> None:
         """Bring the EMA up to the trainer's global step: one update per optimizer step since the last sync
         (``n`` missed steps = one update with ``decay**n``). Idempotent within a step."""
-        if self.history != "ema" or self._history_model is None:
+        if self.history != "ema" or self._history.model is None:
             return
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
         if trainer is None:
@@ -350,34 +335,10 @@ class SSToken(TokenScorerCallback):
             return
         if step <= self._ema_step:
             return
-        self._ema_update(self.ema_decay ** (step - self._ema_step))
+        trained = self._trained_model_ref() if self._trained_model_ref is not None else None
+        if trained is not None:
+            self._history.update(trained, self.ema_decay ** (step - self._ema_step))
         self._ema_step = step
-
-    @torch.no_grad()
-    def _ema_update(self, decay: float) -> None:
-        if self._ema_pairs is None:
-            trained = self._trained_model_ref() if self._trained_model_ref is not None else None
-            if trained is None:
-                return
-            cur = dict(trained.named_parameters())
-            cur_buffers = dict(trained.named_buffers())
-            pairs = []
-            for name, p in self._history_model.named_parameters():  # type: ignore[union-attr]
-                if name not in cur:
-                    raise RuntimeError(f"SSToken: history parameter {name!r} has no counterpart in the trained model")
-                pairs.append((p, cur[name]))
-            for name, b in self._history_model.named_buffers():  # type: ignore[union-attr]
-                if name in cur_buffers and b.is_floating_point():
-                    pairs.append((b, cur_buffers[name]))
-            self._ema_pairs = pairs
-        weight = 1.0 - decay
-        by_key: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for his, cur in self._ema_pairs:
-            lists = by_key.setdefault((his.device, his.dtype), ([], []))
-            lists[0].append(his)
-            lists[1].append(cur.detach().to(his.device, his.dtype))
-        for his_list, cur_list in by_key.values():
-            torch._foreach_lerp_(his_list, cur_list, weight)
 
     # -- per batch ----------------------------------------------------------------------------------------------------
     def prepare_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], training: bool) -> None:
@@ -467,20 +428,15 @@ class SSToken(TokenScorerCallback):
         state: dict[str, Any] = {
             "keep_ratio": self.keep_ratio, "gamma": self.gamma, "history": self.history, "ema_step": self._ema_step,
         }
-        if self.history in ("ema", "initial") and self._history_model is not None:
-            state["history_state"] = {k: v.detach().cpu().clone() for k, v in self._history_model.state_dict().items()}
+        weights = self._history.state_dict()  # only for "ema" / "initial" (a loaded history is reloaded)
+        if weights is not None:
+            state["history_state"] = weights
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("ema_step") is not None:
             self._ema_step = int(state_dict["ema_step"])
-        his_state = state_dict.get("history_state")
-        if his_state is None:
-            return
-        if self._history_model is not None:
-            self._history_model.load_state_dict(his_state)
-        else:
-            self._pending_history_state = his_state
+        self._history.load_state_dict(state_dict.get("history_state"))
 
 
 __all__ = ["SSToken", "check_attention_layout", "prompt_attention_mass"]
