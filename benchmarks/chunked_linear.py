@@ -111,7 +111,8 @@ def main(argv=None):
             base = res["naive"]
             cells = [f"{d}x{v}", str(n), fmt_bytes(base["peak_bytes"]), f"{base['time_s']:.2f} s"]
             for m in METHODS[1:]:
-                cells += [f"{res[m]['peak_bytes'] / base['peak_bytes']:.3f}x", f"{res[m]['time_s'] / base['time_s']:.2f}x"]
+                mem, secs = res[m]["peak_bytes"] / base["peak_bytes"], res[m]["time_s"] / base["time_s"]
+                cells += [f"{mem:.3f}x", f"{secs:.2f}x"]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from typing_extensions import override
 
 from ..token_ce.torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, acc_dtype, default_chunk_size
 
@@ -187,6 +188,7 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], spec: ChunkSpec) -> Tensor:
         in_forward = spec.grad_mask if spec.mode == "forward_grad" else 0
         loss, gh, gw, gb = run_chunks(hidden, weight, bias, spec, in_forward)
@@ -197,8 +199,9 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @override
     @once_differentiable
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
         if ctx.handover is not None:
             gh, gw, gb = ctx.handover
             ctx.handover = None  # handed over (and scaled in place) once; a retained graph's next backward recomputes
