@@ -1,4 +1,8 @@
-"""lit_ft callbacks, addressable from LightningCLI YAML as ``class_path: lit_ft.callbacks.<Name>``."""
+"""lit_ft callbacks, addressable from LightningCLI YAML as ``class_path: lit_ft.callbacks.<Name>``.
+
+The imports stay explicit (IDEs and jsonargparse resolve the short names from them); ``__all__`` is every class
+registered with ``@technique`` (``lit_ft.core.registry``), so a technique is listed once, where it is defined.
+"""
 
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
@@ -23,4 +27,7 @@ from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
 
-__all__ = ["CPT", "DePT", "EPT", "ExcessLossSelection", "FreezeLayers", "GreenTrainer", "HalfFineTuning", "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LocalizedTuning", "LotteryTicketSparseFT", "MaskedThought", "PANDA", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning", "ReinitTopLayers", "SSToken", "TrainOnly"]
+from lit_ft.core.registry import REGISTRY as _REGISTRY
+
+# class names in case-insensitive order (the order `lit-ft fit --help` lists them)
+__all__ = sorted((record.cls.__name__ for record in _REGISTRY.records()), key=str.lower)

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_ft.callbacks._param_plan import param_plans_for
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import find_decoder_layers, find_hf_model, param_names_by_id
 
 
@@ -39,6 +40,9 @@ def norm_unit_value(hf_model: nn.Module, norm: nn.Module) -> float:
     return 1.0
 
 
+@technique(name="reinit_top_layers", family="param_reset",
+           paper="Fine-Tuning Large Neural Language Models for Biomedical Natural Language Processing",
+           arxiv="2112.07869")
 class ReinitTopLayers(Callback):
     """Re-initialise the top ``num_layers`` transformer layers once, before training starts.
 

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback, check_optional_lr
+from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.prompt_tuning import INITS, PromptEmbedding, build_prompt_embedding
 from lit_ft.core.prompts import ModelGeometry, PromptError
 from lit_ft.core.validate import check_choice, check_int, check_number
@@ -124,6 +125,8 @@ def rank_for_budget(match_prompt_tokens: int, num_virtual_tokens: int, max_lengt
     return r
 
 
+@technique(name="dept", family="prompt",
+           paper="DePT: Decomposed Prompt Tuning for Parameter-Efficient Fine-tuning", arxiv="2309.05173")
 class DePT(PromptCallback):
     """Decomposed prompt tuning: a short soft prompt plus a low-rank, position-indexed update of the input embeddings.
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._prompt import check_optional_lr
+from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.dept import DEFAULT_MAX_LENGTH, DePT, DePTEmbedding
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs
 from lit_ft.core.validate import check_choice, check_int
@@ -107,6 +108,8 @@ class EPTEmbedding(DePTEmbedding):
                 "projection_rank": self.projection_rank, "fusion": self.fusion, "fusion_dim": self.fusion_dim}
 
 
+@technique(name="ept", family="prompt",
+           paper="Efficient Prompt Tuning by Multi-Space Projection and Prompt Fusion", arxiv="2405.11464")
 class EPT(DePT):
     """EPT: DePT's short prompt + position-indexed low-rank embedding update, with the prompt passed through prompt
     fusion and a gated multi-space projection before it is prepended.

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInjector, PromptInputs, PromptSource
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
@@ -283,6 +284,8 @@ def check_layers(hf_model: nn.Module, geometry: ModelGeometry, prefix_mode: str,
 # ------------------------------------------------------------------------------------------------------------------
 # The callback
 # ------------------------------------------------------------------------------------------------------------------
+@technique(name="iapt", family="prompt",
+           paper="IAPT: Instruction-Aware Prompt Tuning for Large Language Models", arxiv="2405.18203")
 class IAPT(PromptCallback):
     """Instruction-Aware Prompt Tuning: every decoder layer gets ``n`` (= 4) prefix tokens generated from the
     instruction's hidden states at that layer; only the small generators train.

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource
 from lit_ft.core.validate import check_int, check_number
 
@@ -51,6 +52,9 @@ class PrefixEncoder(PromptSource):
         return {"num_virtual_tokens": self.num_virtual_tokens, "projection_hidden_size": self.projection_hidden_size}
 
 
+@technique(name="prefix_tuning", family="prompt",
+           paper="Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+           arxiv="2101.00190", doc="docs/techniques/prompt_tuning.md")
 class PrefixTuning(PromptCallback):
     """Prefix tuning: every attention layer attends to ``n`` trainable key/value vectors before the input.
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource, init_token_ids
 from lit_ft.core.validate import check_choice, check_int
 
@@ -68,6 +69,8 @@ def load_peft_prompt_embeddings(path: str) -> tuple[torch.Tensor, dict[str, Any]
     return state["prompt_embeddings"], cfg
 
 
+@technique(name="prompt_tuning", family="prompt",
+           paper="The Power of Scale for Parameter-Efficient Prompt Tuning", arxiv="2104.08691")
 class PromptTuning(PromptCallback):
     """Soft-prompt tuning: ``n`` trainable vectors prepended to every input; the backbone stays frozen.
 

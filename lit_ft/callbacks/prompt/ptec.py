@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback, check_optional_lr, check_optional_wd
+from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding, build_prompt_embedding
 from lit_ft.core.introspect import find_hf_model, find_input_embeddings, module_param_names
 from lit_ft.core.prompts import ModelGeometry, PromptError, attach_prompt
@@ -39,6 +40,8 @@ def find_classification_head(hf_model: nn.Module, name: str | None = None, owner
     )
 
 
+@technique(name="ptec", family="prompt",
+           paper="Prompt Tuned Embedding Classification for Industry Sector Allocation", arxiv="2309.12075")
 class PTEC(PromptCallback):
     """Prompt-tuned embedding classification: a soft prompt and the classification head train, the LM is frozen.
 

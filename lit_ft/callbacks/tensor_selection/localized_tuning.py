@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._param_plan import SelectionPlanCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.params import ParamPatternError, ParamPlan, name_matcher
 
@@ -21,6 +22,8 @@ def _check_threshold(value: Any, argname: str) -> float:
     return float(value)
 
 
+@technique(name="localized_tuning", family="tensor_selection",
+           paper="Fine-tuning Done Right in Model Editing", arxiv="2509.22072")
 class LocalizedTuning(SelectionPlanCallback):
     """LocFT-BF: localized, breadth-first fine-tuning of one module.
 

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._param_plan import SelectionPlanCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -24,6 +25,8 @@ from lit_ft.core.params import ParamPlan, select_param_names
 PRESETS = ("embeddings_and_head", "last_layers", "patterns")
 
 
+@technique(name="train_only", family="tensor_selection",
+           paper="Exploring and Evaluating Personalized Models for Code Generation", arxiv="2208.13928")
 class TrainOnly(SelectionPlanCallback):
     """Lightweight fine-tuning: train only a fixed subset of tensors, freeze the rest.
 

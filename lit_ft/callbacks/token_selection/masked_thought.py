@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
+from lit_ft.core.registry import technique
 
 MODES = ("mask", "random")
 RATE_SAMPLINGS = ("fixed", "uniform")
@@ -57,6 +58,10 @@ def _scalar_hash(*words: int) -> int:
     return int(h)
 
 
+@technique(name="masked_thought", family="token_selection",
+           paper="Masked Thought: Simply Masking Partial Reasoning Steps Can Improve Mathematical Reasoning "
+                 "Learning of Language Models",
+           arxiv="2403.02178")
 class MaskedThought(Callback):
     """Masked Thought fine-tuning, MFT (Chen et al. 2024, "Masked Thought: Simply Masking Partial Reasoning Steps
     Can Improve Mathematical Reasoning Learning of Language Models"; code: ChangyuChen347/MaskedThought).
