@@ -1,5 +1,7 @@
 """``lit-ft``: LightningCLI with lit_ft's callbacks, modules and DataModules importable by short name, CSV logs by
-default, the resolved config saved to every logger (W&B included), and a before/after summary after ``fit``."""
+default, the resolved config saved to every logger (W&B included), and a before/after summary after ``fit``.
+
+``lit-ft techniques`` lists the registered techniques (name, class, family, paper, arXiv id, config, doc page)."""
 
 from __future__ import annotations
 
@@ -100,8 +102,32 @@ def run(args: list[str] | None = None) -> LitFtCLI:
     )
 
 
+def techniques_table() -> str:
+    """``lit-ft techniques``: one block per registered technique, by family then name (plain text, so it greps)."""
+    from lit_ft.core.registry import techniques
+
+    records = techniques()
+    head = ("name", "class", "family", "arXiv", "config", "doc")
+    rows = [(r.name, r.cls.__name__, r.family, r.arxiv or "-", r.config, r.doc) for r in records]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
+    for record, row in zip(records, rows):
+        lines.append(fmt.format(*row).rstrip())
+        lines.append(f"    paper: {record.paper}")
+    lines.append(f"{len(records)} techniques; add one with --trainer.callbacks+=CLASS or configs/<name>.yaml")
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``lit-ft`` console script (returns None so that ``sys.exit(main())`` exits 0)."""
+    """The ``lit-ft`` console script (returns None so that ``sys.exit(main())`` exits 0). ``lit-ft techniques``
+    prints :func:`techniques_table`; everything else goes to LightningCLI."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["techniques"]:
+        if len(argv) > 1:
+            raise SystemExit(f"lit-ft techniques takes no arguments, got {argv[1:]}")
+        print(techniques_table())
+        return
     run(args)
 
 

@@ -1,10 +1,11 @@
-"""The `lit-ft` CLI: every config in configs/ parses, round-trips through --print_config and runs 2 steps on a
-tiny model; W&B offline receives the metrics; --help documents the lit_ft callbacks."""
+"""The `lit-ft` CLI: every config in configs/ parses and round-trips through --print_config; the configs that belong
+to no technique run 2 steps on a tiny model (each technique's own config runs in the contract suite,
+tests/contract/); W&B offline receives the metrics; --help documents the lit_ft callbacks; `lit-ft techniques`
+lists the registry."""
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -13,59 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lit_ft
+from lit_ft.cli import main as console_main
 from lit_ft.cli import run as main
-from lit_ft.testing import tiny_llama_config, write_tiny_classification_jsonl, write_tiny_sft_jsonl
+from tests.config_runs import run_config_two_steps, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
-
-
-def _tiny_overrides(tmp_path: Path, tokenizer: str, config: str | None = None) -> list[str]:
-    # classification configs (ClassificationDataModule) get {text, label} rows and no generation arguments
-    classify = config is not None and "ClassificationDataModule" in Path(config).read_text()
-    write = write_tiny_classification_jsonl if classify else write_tiny_sft_jsonl
-    train = write(tmp_path / "train.jsonl", n=24)
-    val = write(tmp_path / "val.jsonl", n=8, seed=1)
-    cfg = tiny_llama_config(vocab_size=384)
-    generation = [] if classify else ["--model.init_args.eval_exact_match=4", "--model.init_args.max_new_tokens=3"]
-    return [
-        "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.enable_checkpointing=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        f"--model.init_args.model_config={json.dumps(cfg)}",
-        *generation,
-        f"--data.init_args.data={train}",
-        f"--data.init_args.val_data={val}",
-        f"--data.init_args.tokenizer={tokenizer}",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.max_val_samples=null",
-    ]
-
-
-def _config_extras(config: str, tmp_path: Path) -> list[str]:
-    """Per-technique overrides for the 2-step run: a prompt artifact PANDA reads (a tiny source prompt for the tiny
-    model), ProMoT switches to stage 2 within the 2 steps, their artifacts go to tmp_path."""
-    text = Path(config).read_text()
-    if "lit_ft.callbacks.PANDA" in text:
-        from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding
-        from lit_ft.core.prompts import ModelGeometry, save_prompt
-
-        c = tiny_llama_config(vocab_size=384)
-        geometry = ModelGeometry(c["hidden_size"], c["num_hidden_layers"], c["num_key_value_heads"],
-                                 c["hidden_size"] // c["num_attention_heads"], c["vocab_size"])
-        source = save_prompt(PromptEmbedding(geometry, 20), tmp_path / "source_prompt")
-        return [f"--trainer.callbacks.init_args.source_prompt={source}",
-                f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]
-    if "lit_ft.callbacks.ProMoT" in text:
-        return ["--trainer.callbacks.init_args.prompt_steps=1",
-                f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]
-    return []
+# configs that no registered technique owns (a technique's config runs in tests/contract/test_contract.py)
+TECHNIQUE_CONFIGS = {str(ROOT / record.config) for record in lit_ft.techniques()}
+OTHER_CONFIGS = [c for c in CONFIGS if c not in TECHNIQUE_CONFIGS]
 
 
 def test_configs_exist():
@@ -73,25 +31,14 @@ def test_configs_exist():
     assert "quickstart.yaml" in names and "excess_loss.yaml" in names
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).stem for c in CONFIGS])
-def test_every_config_runs_two_steps_on_a_tiny_model(config, tmp_path, tiny_tokenizer_path, capsys):
-    main(["fit", f"--config={config}", *_tiny_overrides(tmp_path, tiny_tokenizer_path, config),
-          *_config_extras(config, tmp_path)])
-    out = capsys.readouterr().out
-    assert "lit-ft fit finished" in out and "logs (CSVLogger)" in out
-    metrics = list((tmp_path / "logs").rglob("metrics.csv"))
-    assert metrics, "CSV metrics were not written"
-    header = metrics[0].read_text().splitlines()[0]
-    assert "train/loss" in header and "val/loss" in header
-    assert "data/train_samples" in header and "data/truncated_samples" in header  # truncation is logged
-    if "ExcessLossSelection" in Path(config).read_text():
-        assert "lit_ft/excess_loss/kept_fraction" in header
-    if "lit_ft.callbacks.PANDA" in Path(config).read_text():
-        assert "lit_ft/panda/kd_loss" in header and "lit_ft/panda/beta" in header
-    if "lit_ft.callbacks.ProMoT" in Path(config).read_text():
-        assert "lit_ft/promot/stage" in header
-    saved = list((tmp_path / "logs").rglob("config.yaml"))
-    assert saved, "resolved config was not saved to the log dir"
+def test_technique_configs_are_owned_by_registered_techniques():
+    assert TECHNIQUE_CONFIGS <= set(CONFIGS), sorted(TECHNIQUE_CONFIGS - set(CONFIGS))
+    assert {Path(c).name for c in OTHER_CONFIGS} == {"quickstart.yaml", "verbalizer.yaml"}
+
+
+@pytest.mark.parametrize("config", OTHER_CONFIGS, ids=[Path(c).stem for c in OTHER_CONFIGS])
+def test_every_other_config_runs_two_steps_on_a_tiny_model(config, tmp_path, tiny_tokenizer_path):
+    run_config_two_steps(config, tmp_path, tiny_tokenizer_path)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).stem for c in CONFIGS])
@@ -113,7 +60,7 @@ def test_wandb_offline_receives_metrics_and_config(tmp_path, tiny_tokenizer_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = _tiny_overrides(tmp_path, tiny_tokenizer_path)
+    args = tiny_overrides(tmp_path, tiny_tokenizer_path)
     args = [a for a in args if not a.startswith("--trainer.logger")]
     cli = main([
         "fit", f"--config={ROOT / 'configs' / 'excess_loss.yaml'}", *args,
@@ -150,3 +97,31 @@ def test_import_lit_ft_does_not_import_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_techniques_subcommand_lists_every_registered_technique(capsys):
+    console_main(["techniques"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "class", "family", "arXiv", "config", "doc"]
+    records = lit_ft.techniques()
+    assert f"{len(records)} techniques" in lines[-1]
+    for record in records:
+        row = next(line for line in lines if line.split()[:1] == [record.name])
+        assert row.split() == [record.name, record.cls.__name__, record.family, record.arxiv or "-", record.config,
+                               record.doc]
+        assert f"    paper: {record.paper}" in lines
+    # listed by family then name
+    assert [line.split()[0] for line in lines[2:-1:2]] == [r.name for r in records]
+    assert lines.index(next(line for line in lines if line.startswith("excess_loss"))) < \
+        lines.index(next(line for line in lines if line.startswith("freeze_layers")))
+
+
+def test_techniques_subcommand_as_a_console_script():
+    out = subprocess.run([sys.executable, "-m", "lit_ft.cli", "techniques"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ExcessLossSelection" in out.stdout and "2404.07965" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "lit_ft.cli", "techniques", "--json"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "takes no arguments" in bad.stderr
