@@ -1,0 +1,244 @@
+"""The contract suite's cases table: per registered technique, the arguments and factories its checks need.
+
+Every technique registered with ``@technique`` must have an entry in :data:`CASES` (the suite fails, naming the
+technique, when one is missing). A :class:`Case` says
+
+- ``kwargs``: small, fast settings for the training checks (resume, drop-in); ``alt_kwargs``: a second instance's
+  settings (its ``state_key`` must differ). Either may be a callable ``(Ctx) -> dict`` when it needs files
+  (a tokenizer, a saved source prompt);
+- ``invalid``: ``(argument, bad value)`` pairs: each must raise an error whose message names the argument;
+- ``module`` / ``datamodule``: what the resume check trains (default: ``CausalLMModule`` on random batches);
+  ``plain_module``: the drop-in check's user module, whose ``training_step`` is ``return self.model(**batch).loss``;
+- ``single_instance``: why a second instance on the same model is refused instead (prompt techniques: one prompt
+  per model), in which case the coexistence check expects that refusal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lit_ft.modules import CausalLMModule, ClassificationModule
+from tests.helpers import ListDataModule, PlainHFModule, random_batch, tiny_config, tiny_hf_model
+
+
+@dataclass
+class Ctx:
+    """Files a case may need, made on demand in the test's ``tmp_path``."""
+
+    tmp_path: Path
+    tokenizer: str
+    _panda_source: str | None = None
+
+    @property
+    def panda_source(self) -> str:
+        """A saved 4-token source prompt for the tiny model (PANDA's teacher)."""
+        if self._panda_source is None:
+            from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding
+            from lit_ft.core.prompts import model_geometry, save_prompt
+
+            source = PromptEmbedding(model_geometry(tiny_hf_model()), 4)
+            torch.manual_seed(1)
+            with torch.no_grad():
+                source.embedding.weight.normal_(0, 0.5)
+            self._panda_source = str(save_prompt(source, self.tmp_path / "panda_source"))
+        return self._panda_source
+
+
+Kwargs = Union[dict, Callable[[Ctx], dict]]
+
+
+def causal_module() -> pl.LightningModule:
+    return CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
+
+
+def two_batches() -> pl.LightningDataModule:
+    # 2 batches per epoch: the resume check's step-2 checkpoint falls on an epoch boundary (same data order)
+    return ListDataModule(n_batches=2)
+
+
+@dataclass
+class Case:
+    invalid: tuple[tuple[str, Any], ...]
+    kwargs: Kwargs = field(default_factory=dict)
+    alt_kwargs: Kwargs = field(default_factory=dict)
+    module: Callable[[], pl.LightningModule] = causal_module
+    plain_module: Callable[[], pl.LightningModule] = PlainHFModule
+    datamodule: Callable[[], pl.LightningDataModule] = two_batches
+    single_instance: str | None = None
+
+    def build(self, which: Kwargs, ctx: Ctx) -> dict:
+        return dict(which(ctx) if callable(which) else which)
+
+
+# -- token selection: key tokens need a batch key --------------------------------------------------------------
+def keyed_batch(seed: int) -> dict:
+    """random_batch + a bool ``key_token_mask`` on some labelled tokens (what SFTDataModule(key_spans=...) adds)."""
+    b = random_batch(seed=seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    b["key_token_mask"] = (torch.rand(b["labels"].shape, generator=g) < 0.3) & (b["labels"] != -100)
+    return b
+
+
+class KeyedData(ListDataModule):
+    def __init__(self, n_batches: int = 2) -> None:
+        super().__init__(n_batches)
+        self.batches = [keyed_batch(i) for i in range(n_batches)]
+
+
+# -- PTEC: a sequence classifier ----------------------------------------------------------------------------------
+NUM_LABELS, PAD = 3, 2  # LlamaConfig's eos, which ClassificationModule makes the pad token
+
+
+def cls_batch(seed: int, batch_size: int = 4, seq_len: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 384, (batch_size, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(batch_size):
+        n = seq_len - (b % 3)
+        ids[b, n:], mask[b, n:] = PAD, 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, NUM_LABELS, (batch_size,), generator=g),
+            "sample_idx": torch.arange(batch_size) + seed * batch_size}
+
+
+class ClassificationData(pl.LightningDataModule):
+    label_names = ["apples", "books", "pens"]
+    num_labels = NUM_LABELS
+
+    def __init__(self, n_batches: int = 2) -> None:
+        super().__init__()
+        self.batches = [cls_batch(i) for i in range(n_batches)]
+        self.tokenizer = None
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)
+
+
+def classification_module() -> pl.LightningModule:
+    return ClassificationModule(model_config=tiny_config(), num_labels=NUM_LABELS, learning_rate=1e-2,
+                                weight_decay=0.1)
+
+
+class PlainClassifier(pl.LightningModule):
+    """The plain user module of a classifier: a Llama sequence classifier computing its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        cfg = dict(tiny_config())
+        cfg.pop("model_type")
+        self.model = AutoModelForSequenceClassification.from_config(
+            AutoConfig.for_model("llama", num_labels=NUM_LABELS, pad_token_id=PAD, **cfg))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+ONE_PROMPT = "one prompt per model: a second prompt technique on the same model is refused at setup"
+CPT_EXAMPLES = [{"input": "3 plus 4", "output": "7"}, {"input": "2 plus 2", "output": "4"}]
+
+
+def cpt_kwargs(ctx: Ctx) -> dict:
+    return {"examples": CPT_EXAMPLES, "tokenizer": ctx.tokenizer, "input_template": "Q: {} ?",
+            "output_template": "A: {}.", "learning_rate": 0.05}
+
+
+PROMPT_INVALID = (("num_virtual_tokens", 0), ("learning_rate", -1.0), ("weight_decay", -0.1),
+                  ("freeze_backbone", "yes"))
+
+CASES: dict[str, Case] = {
+    # token selection
+    "excess_loss": Case(
+        kwargs={"keep_ratio": 0.5}, alt_kwargs={"keep_ratio": 0.7},
+        invalid=(("keep_ratio", 0.0), ("keep_ratio", 1.5), ("reference_dtype", "int8"), ("integration", "fused"))),
+    "key_token_weighting": Case(
+        kwargs={"w_max": 9.0}, alt_kwargs={"w_max": 3.0}, datamodule=KeyedData,
+        invalid=(("w_max", 0.5), ("w_max", float("inf")), ("integration", "fused"))),
+    "masked_thought": Case(
+        kwargs={"max_rate": 0.4, "warmup_fraction": 0.0, "seed": 1},
+        alt_kwargs={"max_rate": 0.2, "warmup_fraction": 0.0, "seed": 1},
+        invalid=(("max_rate", 1.0), ("warmup_fraction", 2.0), ("mode", "bert"), ("rate_sampling", "beta"),
+                 ("mask_token_id", -1), ("seed", -1))),
+    "qtuning": Case(
+        kwargs={"sample_ratio": 0.5, "plot_every_n_steps": 0}, alt_kwargs={"sample_ratio": 0.75, "plot_every_n_steps": 0},
+        datamodule=lambda: ListDataModule(n_batches=2, batch_size=8),
+        invalid=(("sample_ratio", 0.0), ("token_ratio", 1.5), ("smoothing", -0.5), ("quadrants", "all"),
+                 ("top_up", "yes"), ("scoring", "fused"), ("plot_every_n_steps", -1), ("integration", "fused"))),
+    "sstoken": Case(
+        kwargs={"keep_ratio": 0.5, "ema_decay": 0.5}, alt_kwargs={"keep_ratio": 0.7, "ema_decay": 0.5},
+        invalid=(("keep_ratio", 0.0), ("gamma", 2.0), ("attention_layer", 1.5), ("history", ""), ("ema_decay", 1.5),
+                 ("history_device", "gpu"), ("history_dtype", "int8"), ("integration", "fused"))),
+    # tensor selection
+    "freeze_layers": Case(
+        kwargs={"num_layers": 1}, alt_kwargs={"num_layers": 2},
+        invalid=(("num_layers", -1), ("freeze_embeddings", "yes"), ("unfreeze_at_epoch", 0))),
+    "green_trainer": Case(
+        kwargs={"rho": 0.5, "interval": 1, "measure_every_n_steps": 1}, alt_kwargs={"rho": 0.7, "interval": 1},
+        invalid=(("rho", 0.0), ("rho", 1.5), ("interval", 0), ("quantization", 5), ("measure_every_n_steps", -1))),
+    "layerwise_lr_decay": Case(
+        kwargs={"decay": 0.7}, alt_kwargs={"decay": 0.5},
+        invalid=(("decay", 0.0), ("decay", 1.5), ("tied_head", "both"))),
+    "localized_tuning": Case(
+        kwargs={}, alt_kwargs={"layer": 0},
+        invalid=(("layer", 1.5), ("module_pattern", ""), ("skip_below", -1.0), ("stop_below", -1.0),
+                 ("required", "yes"))),
+    "train_only": Case(
+        kwargs={"preset": "last_layers", "last_k": 1}, alt_kwargs={"preset": "embeddings_and_head"},
+        invalid=(("preset", "everything"), ("last_k", 0), ("patterns", [""]), ("include_head", "yes"),
+                 ("required", "yes"))),
+    # parameter resets
+    "half_fine_tuning": Case(
+        kwargs={}, alt_kwargs={"ratio": 0.25},
+        invalid=(("ratio", 0.0), ("ratio", "half"), ("granularity", "row"), ("reselect", "sometimes"),
+                 ("stage_steps", 0), ("theta0_device", "gpu"), ("reset_frozen", "yes"), ("seed", -1))),
+    "lottery_ticket": Case(
+        kwargs={"proportion": 0.05, "phase1_steps": 1, "export": False},
+        alt_kwargs={"proportion": 0.1, "phase1_steps": 1, "export": False},
+        invalid=(("proportion", 0.0), ("num_params", 0), ("phase1_steps", 0), ("phase1_epochs", 0),
+                 ("phase1_fraction", 1.0), ("always_train", [""]), ("theta0_device", "gpu"),
+                 ("theta0_dtype", "int8"), ("diff_dtype", "int8"), ("export_path", ""))),
+    "reinit_top_layers": Case(
+        kwargs={"seed": 5}, alt_kwargs={"num_layers": 2},
+        invalid=(("num_layers", 0), ("std", -1.0), ("seed", -1), ("include_frozen", "yes"))),
+    # prompts
+    "prompt_tuning": Case(kwargs={"num_virtual_tokens": 4, "learning_rate": 0.05}, single_instance=ONE_PROMPT,
+                          invalid=(*PROMPT_INVALID, ("init", "zeros"))),
+    "prefix_tuning": Case(kwargs={"num_virtual_tokens": 4, "learning_rate": 0.05}, single_instance=ONE_PROMPT,
+                          invalid=(*PROMPT_INVALID, ("projection_hidden_size", -1), ("init_std", 0.0))),
+    "dept": Case(kwargs={"num_virtual_tokens": 4, "rank": 2, "learning_rate": 0.05, "lowrank_learning_rate": 0.01},
+                 single_instance=ONE_PROMPT,
+                 invalid=(*PROMPT_INVALID, ("rank", 0), ("rank_scaling", "cube"), ("lowrank_learning_rate", -1.0))),
+    "ept": Case(kwargs={"num_virtual_tokens": 4, "rank": 2, "fusion_dim": 4, "learning_rate": 0.05,
+                        "lowrank_learning_rate": 0.01},
+                single_instance=ONE_PROMPT,
+                invalid=(*PROMPT_INVALID, ("num_subspaces", 0), ("fusion", "concat"), ("fusion_dim", 0))),
+    "iapt": Case(kwargs={"num_virtual_tokens": 2, "bottleneck": 4, "learning_rate": 0.05}, single_instance=ONE_PROMPT,
+                 invalid=(*PROMPT_INVALID, ("bottleneck", 0), ("prefix_mode", "q"), ("pooling", "max"))),
+    "cpt": Case(kwargs=cpt_kwargs, single_instance=ONE_PROMPT,
+                invalid=(("learning_rate", -1.0), ("weighted_loss", "linear"), ("decay", 0.0),
+                         ("projection_epsilon", -0.1), ("num_examples", 0))),
+    "panda": Case(kwargs=lambda ctx: {"source_prompt": ctx.panda_source, "beta": 1.0, "learning_rate": 0.05},
+                  single_instance=ONE_PROMPT,
+                  invalid=(("beta", -1.0), ("kd", "kl2"), ("temperature", 0.0), ("auto_beta_batches", 0),
+                           ("learning_rate", -1.0), ("integration", "fused"))),
+    "promot": Case(kwargs=lambda ctx: {"num_virtual_tokens": 4, "learning_rate": 0.05, "prompt_steps": 2,
+                                       "model_learning_rate": 3e-3, "save_dir": str(ctx.tmp_path / "promot")},
+                   single_instance=ONE_PROMPT,
+                   invalid=(("num_virtual_tokens", 0), ("prompt_steps", 0), ("eval_prompt", "maybe"),
+                            ("model_learning_rate", -1.0), ("train_prompt_in_stage2", "yes"))),
+    "ptec": Case(kwargs={"num_virtual_tokens": 4, "learning_rate": 0.05, "head_learning_rate": 1e-3},
+                 single_instance=ONE_PROMPT, module=classification_module, plain_module=PlainClassifier,
+                 datamodule=ClassificationData,
+                 invalid=(("num_virtual_tokens", 0), ("init", "zeros"), ("head_learning_rate", -1.0),
+                          ("learning_rate", -1.0))),
+}
