@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_str", "check_str_list"]
 
 
 def _num(x: float) -> str:
@@ -110,3 +110,28 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[str], *,
     if not isinstance(value, str) or value not in choices:
         raise error(f"{owner}: `{name}` must be one of {choices}, got {value!r}")
     return value
+
+
+def check_str(owner: str, name: str, value: Any, allow_none: bool = False, *, null_means: str | None = None,
+              error: type[ValueError] = ValueError) -> str | None:
+    """``value`` if it is a string with a non-blank character (a path, a pattern, a name); ``None`` when allowed."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(owner, name, "a non-empty string", value, allow_none, null_means, error)
+    return value
+
+
+def check_str_list(owner: str, name: str, value: Any, allow_none: bool = False, *, allow_empty: bool = False,
+                   null_means: str | None = None, error: type[ValueError] = ValueError) -> list[str] | None:
+    """``list(value)`` if it is a list (or tuple) of non-empty strings; a single string is read as a one-item list
+    (what a YAML author means by ``patterns: '*lm_head*'``). ``allow_empty``: accept ``[]``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or (not value and not allow_empty) \
+            or not all(isinstance(v, str) and v.strip() for v in value):
+        expected = "a list of non-empty strings" if allow_empty else "a non-empty list of non-empty strings"
+        raise _fail(owner, name, expected, value, allow_none, null_means, error)
+    return list(value)

@@ -1,11 +1,12 @@
 """lit_ft.core.validate: the shared constructor-argument checks."""
 
 import math
+import re
 
 import pytest
 
 from lit_ft.core.prompts import PromptError
-from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number, check_str, check_str_list
 
 
 def test_check_int_accepts():
@@ -83,3 +84,26 @@ def test_error_class():
         check_bool("X", "b", 1, error=PromptError)
     with pytest.raises(PromptError):
         check_choice("X", "c", "z", ("a",), error=PromptError)
+
+
+def test_check_str():
+    assert check_str("X", "path", "a/b") == "a/b"
+    assert check_str("X", "path", None, allow_none=True) is None
+    for bad in ("", "  ", None, 3, ["a"]):
+        with pytest.raises(ValueError, match=rf"^X: `path` must be a non-empty string, got {re.escape(repr(bad))}$"):
+            check_str("X", "path", bad)
+    with pytest.raises(ValueError, match=r"^X: `path` must be a non-empty string or null \(= no export\), got ''$"):
+        check_str("X", "path", "", allow_none=True, null_means="no export")
+
+
+def test_check_str_list():
+    assert check_str_list("X", "p", ["a", "b"]) == ["a", "b"]
+    assert check_str_list("X", "p", ("a",)) == ["a"]
+    assert check_str_list("X", "p", "a") == ["a"]  # one pattern given as a string
+    assert check_str_list("X", "p", None, allow_none=True) is None
+    assert check_str_list("X", "p", [], allow_empty=True) == []
+    for bad in ([], [""], ["a", 1], 3, None):
+        with pytest.raises(ValueError, match=r"^X: `p` must be a non-empty list of non-empty strings, got "):
+            check_str_list("X", "p", bad)
+    with pytest.raises(ValueError, match=r"^X: `p` must be a list of non-empty strings or null, got \[''\]$"):
+        check_str_list("X", "p", [""], allow_none=True, allow_empty=True)
