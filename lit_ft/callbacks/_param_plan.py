@@ -18,23 +18,27 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_ft.core.params import (
+from lit_ft.core.optim import (
     DEFAULT_NO_DECAY_PATTERNS,
+    RebuildReport,
+    apply_optimizer_layout,
+    optimizer_defaults,
+    optimizer_layout,
+    rebuild_param_groups,
+    sync_schedulers,
+    unwrap_optimizer,
+)
+from lit_ft.core.params import (
     FROZEN,
     TRAINABLE,
     ParamPlan,
     PlanSummary,
-    RebuildReport,
-    apply_optimizer_layout,
     apply_plan,
     compose,
     mask_gradients,
-    optimizer_layout,
     plan_summary,
-    rebuild_param_groups,
     reproject_masked,
     snapshot_masked,
-    unwrap_optimizer,
 )
 
 _REGISTRY_ATTR = "_lit_ft_param_plans"
@@ -54,7 +58,7 @@ class ParamPlanRegistry:
 
     ``no_decay_patterns``: tensors that get no weight decay when they join the optimizer mid-run — the module's own
     ``no_decay_patterns`` attribute if it defines one (lit_ft's modules do: biases, norms and embeddings), else
-    :data:`~lit_ft.core.params.DEFAULT_NO_DECAY_PATTERNS`, so a rebuild follows the policy the module's
+    :data:`~lit_ft.core.optim.DEFAULT_NO_DECAY_PATTERNS`, so a rebuild follows the policy the module's
     ``configure_optimizers`` used.
     """
 
@@ -129,14 +133,6 @@ def selection_plan(
     return ParamPlan(entries, owner, required=keep if required else ()), keep
 
 
-def _optimizer_defaults(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-    """Base lr and weight decay for tensors that become trainable mid-run: those of the first decayed group."""
-    groups = optimizer.param_groups
-    decayed = [g for g in groups if g.get("weight_decay", 0.0) > 0] or groups
-    g = decayed[0]
-    return float(g.get("initial_lr", g["lr"])), float(g.get("weight_decay", 0.0))
-
-
 class ParamPlanCallback(Callback):
     """Base class for parameter techniques.
 
@@ -151,7 +147,7 @@ class ParamPlanCallback(Callback):
 
     Resume: mid-run plan changes rebuild the param groups by name, so a run's group layout depends on its history,
     while Lightning restores the optimizer state *by position* after ``on_fit_start``. Every checkpoint therefore
-    records each optimizer's layout (:func:`~lit_ft.core.params.optimizer_layout`, under ``checkpoint[
+    records each optimizer's layout (:func:`~lit_ft.core.optim.optimizer_layout`, under ``checkpoint[
     "lit_ft_param_plans"]``), and :meth:`on_fit_start` of the last parameter callback re-applies it
     (:meth:`restore_optimizer_layout`). A subclass that overrides ``on_fit_start`` restores its own plan there
     (``update_plan``) and then calls ``super().on_fit_start(trainer, pl_module)``.
@@ -194,7 +190,7 @@ class ParamPlanCallback(Callback):
         reg.set(self.plan_key, plan, pl_module)
         report = None
         for opt in trainer.optimizers:
-            lr, wd = _optimizer_defaults(opt)
+            lr, wd = optimizer_defaults(opt)
             r = rebuild_param_groups(opt, pl_module, reg.composed, lr, wd, no_decay_patterns=reg.no_decay_patterns,
                                      apply=False)
             report = report or r
@@ -213,7 +209,7 @@ class ParamPlanCallback(Callback):
     # -- resume: the optimizer's group layout ------------------------------------------------------------------
     @staticmethod
     def optimizer_layouts(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[list[list[str]] | None]:
-        """:func:`~lit_ft.core.params.optimizer_layout` of every optimizer (``None`` for one holding tensors that
+        """:func:`~lit_ft.core.optim.optimizer_layout` of every optimizer (``None`` for one holding tensors that
         are not parameters of ``pl_module``)."""
         out: list[list[list[str]] | None] = []
         for opt in trainer.optimizers:
@@ -267,8 +263,6 @@ class ParamPlanCallback(Callback):
                     f"{type(self).__name__}: cannot give optimizer {i} the param-group layout of the checkpoint: {e}"
                 ) from None
             if origin is not None and len(origin) != n_before and trainer.lr_scheduler_configs:
-                from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
-
                 sync_schedulers(trainer, opt, origin=origin, owner=type(self).__name__)
 
     # -- enforcement, shared by every parameter technique (idempotent when several are active) -------------------

@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
-from lit_ft.core.group_hparams import assign_group_hparams
 from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.optim import assign_group_hparams, sync_schedulers
 from lit_ft.core.params import ParamPlan
 from lit_ft.core.prompts import (
     HOST_ATTR,
@@ -174,8 +174,6 @@ class PromptCallback(ParamPlanCallback):
                             assignments: dict[str, dict[str, float]] | None = None) -> None:
         """Give the technique's tensors their learning rates (and add any the optimizer does not hold: a
         ``configure_optimizers`` over ``self.model.parameters()`` would otherwise never train the prompt)."""
-        from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
-
         if assignments is None:
             assignments = self.group_hparams(pl_module)
             for n in self.source_param_names(pl_module) + self.extra_trainable(pl_module):

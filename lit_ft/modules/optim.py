@@ -1,4 +1,4 @@
-"""Optimizer parameter groups shared by lit_ft's modules (a thin policy over ``lit_ft.core.params``)."""
+"""Optimizer parameter groups shared by lit_ft's modules (a thin policy over ``lit_ft.core.optim``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from lit_ft.core.params import DEFAULT_NO_DECAY_PATTERNS, build_param_groups
+from lit_ft.core.optim import DEFAULT_NO_DECAY_PATTERNS, build_param_groups
 
 #: biases and norms (core default) plus embeddings get no weight decay in lit_ft's modules
 MODULE_NO_DECAY_PATTERNS = (*DEFAULT_NO_DECAY_PATTERNS, "*embed*", "*LayerNorm*")

@@ -10,7 +10,8 @@ import torch
 
 from lit_ft.callbacks import FreezeLayers
 from lit_ft.callbacks._param_plan import param_plans_for
-from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
+from lit_ft.core.optim import verify_optimizer
+from lit_ft.core.params import ParamPlan, ParamPlanConflict
 from lit_ft.modules import CausalLMModule
 
 from helpers import (

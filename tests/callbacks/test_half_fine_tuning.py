@@ -12,7 +12,8 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lit_ft.callbacks import HalfFineTuning
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
-from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
+from lit_ft.core.optim import verify_optimizer
+from lit_ft.core.params import ParamPlan, ParamPlanConflict
 from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlainHFModule, tiny_config

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_ft.callbacks import FreezeLayers, LayerwiseLRDecay
-from lit_ft.core.params import verify_optimizer
+from lit_ft.core.optim import verify_optimizer
 from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, tiny_config

@@ -13,7 +13,8 @@ import torch
 
 from lit_ft.callbacks import LocalizedTuning
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
-from lit_ft.core.params import ParamPatternError, ParamPlan, ParamPlanConflict, verify_optimizer
+from lit_ft.core.optim import verify_optimizer
+from lit_ft.core.params import ParamPatternError, ParamPlan, ParamPlanConflict
 from lit_ft.modules import CausalLMModule
 
 from helpers import (

@@ -15,8 +15,9 @@ import lit_ft
 from lit_ft.callbacks import LotteryTicketSparseFT
 from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.callbacks.param_reset.lottery_ticket import topk_abs_delta_masks
+from lit_ft.core.optim import verify_optimizer
+from lit_ft.core.params import ParamPlan, ParamPlanConflict, pack_mask
 from lit_ft.core.sparse_diff import SparseDiffError, load_sparse_diff, save_sparse_diff, sparse_diff_from_params
-from lit_ft.core.params import ParamPlan, ParamPlanConflict, pack_mask, verify_optimizer
 from lit_ft.modules import CausalLMModule
 
 from helpers import (

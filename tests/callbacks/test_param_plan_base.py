@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lit_ft.callbacks._param_plan import param_plans_for
-from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
+from lit_ft.core.optim import verify_optimizer
+from lit_ft.core.params import ParamPlan, ParamPlanConflict
 from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlanCallback, assert_state_dicts_equal, fit_and_resume, tiny_config
@@ -86,7 +87,7 @@ def test_trainable_fraction_is_read_from_the_composed_plan_when_logged():
 
 
 def test_optimizer_layout_is_checkpointed_and_reapplied_on_resume(tmp_path):
-    from lit_ft.core.params import optimizer_layout
+    from lit_ft.core.optim import optimizer_layout
 
     class Switch(_Plan):  # mid-run: the head thaws and joins the end of its group (history-dependent order)
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

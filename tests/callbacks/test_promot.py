@@ -10,7 +10,7 @@ import torch
 from lit_ft.callbacks import ProMoT
 from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.frozen import frozen_copy
-from lit_ft.core.params import verify_optimizer
+from lit_ft.core.optim import verify_optimizer
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
     AdamWPlain, ListDataModule, LoraModule, PlainHFModule, assert_state_dicts_equal, check_generation,

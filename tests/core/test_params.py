@@ -1,4 +1,5 @@
-"""Tests for lit_ft.core.params: name-keyed parameter plans, composition, masks, param groups, optimizer state."""
+"""Tests for lit_ft.core.params (name-keyed parameter plans, composition, masks) and the optimizer helpers of
+lit_ft.core.optim that act on plans (param groups by name, optimizer state, layouts)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from lit_ft.core.params import (
+from lit_ft.core.optim import (
     DEFAULT_NO_DECAY_PATTERNS,
+    apply_optimizer_layout,
+    build_param_groups,
+    masked_state_reset,
+    optimizer_layout,
+    rebuild_param_groups,
+    reset_optimizer_state,
+    verify_optimizer,
+)
+from lit_ft.core.params import (
     FROZEN,
     MASK,
     TRAINABLE,
@@ -19,21 +29,14 @@ from lit_ft.core.params import (
     ParamPlan,
     ParamPlanConflict,
     PlanEntry,
-    apply_optimizer_layout,
     apply_plan,
-    build_param_groups,
     compose,
     mask_gradients,
-    masked_state_reset,
-    optimizer_layout,
     pack_mask,
-    rebuild_param_groups,
     reproject_masked,
-    reset_optimizer_state,
     select_param_names,
     snapshot_masked,
     unpack_mask,
-    verify_optimizer,
 )
 
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
-from lit_ft.core.params import FROZEN, ParamPlan, masked_state_reset, pack_mask, unpack_mask
+from lit_ft.core.optim import masked_state_reset
+from lit_ft.core.params import FROZEN, ParamPlan, pack_mask, unpack_mask
 
 GRANULARITIES = ("matrix", "layer", "parameter")
 RESELECTS = ("epoch", "steps", "never")

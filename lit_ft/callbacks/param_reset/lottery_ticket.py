@@ -15,7 +15,8 @@ import torch
 from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.sparse_diff import export_sparse_diff
 from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
-from lit_ft.core.params import ParamPlan, reset_optimizer_state, select_param_names
+from lit_ft.core.optim import reset_optimizer_state
+from lit_ft.core.params import ParamPlan, select_param_names
 
 __all__ = ["LotteryTicketSparseFT", "topk_abs_delta_masks"]
 

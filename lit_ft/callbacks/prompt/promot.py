@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._prompt import check_optional_lr, check_optional_wd
 from lit_ft.callbacks.prompt.prompt_tuning import PromptTuning
+from lit_ft.core.optim import sync_schedulers
 from lit_ft.core.params import FROZEN, ParamPlan, name_matcher
 from lit_ft.core.validate import check_bool, check_choice, check_int
 
@@ -115,8 +116,6 @@ class ProMoT(PromptTuning):
     def enter_stage2(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Switch the plan to stage 2 and rebuild every optimizer's groups by name; the model's tensors get
         ``model_learning_rate`` / ``model_weight_decay`` in groups of their own."""
-        from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
-
         report = self.update_plan(trainer, pl_module, self.stage2_plan(pl_module))
         if report is not None and report.groups_added and trainer.lr_scheduler_configs:
             for opt in trainer.optimizers:

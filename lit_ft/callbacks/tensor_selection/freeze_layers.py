@@ -17,6 +17,7 @@ from lit_ft.core.introspect import (
     find_lm_head,
     module_param_names,
 )
+from lit_ft.core.optim import sync_schedulers
 from lit_ft.core.params import FROZEN, ParamPlan
 
 
@@ -140,8 +141,6 @@ class FreezeLayers(ParamPlanCallback):
         report = self.update_plan(trainer, pl_module, None)
         self.unfrozen = True
         if report is not None and report.groups_added and trainer.lr_scheduler_configs:
-            from lit_ft.callbacks.tensor_selection.layerwise_lr_decay import sync_schedulers
-
             for opt in trainer.optimizers:
                 sync_schedulers(trainer, opt, origin=None, owner="FreezeLayers")
         rank_zero_info(f"FreezeLayers: unfroze {len(report.added) if report else 0} tensor(s) at epoch "

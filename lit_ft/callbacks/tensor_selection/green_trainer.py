@@ -36,7 +36,8 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.flops import (  # noqa: F401  (flop_counter, FlopsProfile, profile_tensor_flops: re-exported)
     FlopsProfile, TrainingStepFlops, flop_counter, log_flops_fraction, measured_step, profile_tensor_flops,
 )
-from lit_ft.core.params import FROZEN, TRAINABLE, ParamPlan, ParamPlanConflict, compose, rebuild_param_groups
+from lit_ft.core.optim import optimizer_defaults, optimizer_snapshot, rebuild_param_groups
+from lit_ft.core.params import FROZEN, TRAINABLE, ParamPlan, ParamPlanConflict, compose
 from lit_ft.core.tokens import token_pipeline_for
 
 __all__ = ["GreenTrainer", "FlopsProfile", "profile_tensor_flops", "select_tensors_dp", "backward_budget"]
@@ -480,13 +481,6 @@ class GreenTrainer(ParamPlanCallback):
         saved_rg = {n: p.requires_grad for n, p in all_params}
         saved_grad = {n: p.grad for n, p in all_params}
         saved_w = [p.detach().clone() for p in cand]
-        saved_groups = [
-            {k: (list(v) if k in ("params", "param_names") else v) for k, v in g.items()} for g in opt.param_groups
-        ]
-        saved_state = {
-            p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-            for p, s in opt.state.items()
-        }
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         masks = {n: base[n].mask for n in candidates if n in base and base[n].mask is not None}
 
@@ -507,39 +501,37 @@ class GreenTrainer(ParamPlanCallback):
                     if p.grad is not None:
                         p.grad.div_(accumulate)
 
-        try:
-            probe_plan = ParamPlan({n: TRAINABLE for n in candidates}, owner="GreenTrainer (probe)")
-            lr, wd = _optimizer_defaults_safe(opt)
-            rebuild_param_groups(opt, pl_module, compose([base, probe_plan]), lr, wd, apply=True)
-            backward()
-            for n, p in zip(candidates, cand):
-                if n in masks and p.grad is not None:
-                    p.grad.mul_(masks[n].to(p.grad.device, p.grad.dtype))
-            opt.step()
-            with torch.no_grad():
-                dw = torch._foreach_sub([p.detach() for p in cand], saved_w)
-                for i, n in enumerate(candidates):
-                    if n in masks:
-                        dw[i].mul_(masks[n].to(dw[i].device, dw[i].dtype))
-            backward()
-            with torch.no_grad():
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in cand]
-                prods = torch._foreach_mul([g.float() for g in grads], [d.float() for d in dw])
-                raw = torch.stack([x.sum(dtype=torch.float64) for x in prods]).cpu().numpy() if prods else np.zeros(0)
-        finally:
-            with torch.no_grad():
-                for p, w in zip(cand, saved_w):
-                    p.copy_(w)
-            for g, sg in zip(opt.param_groups, saved_groups):  # in place: schedulers may hold the dicts
-                g.clear()
-                g.update(sg)
-            del opt.param_groups[len(saved_groups):]
-            opt.state.clear()
-            opt.state.update(saved_state)
-            _reset_pipeline(pl_module)
-            for n, p in all_params:
-                p.requires_grad_(saved_rg[n])
-                p.grad = saved_grad[n]
+        # the optimizer's state (moments, step counters) and param groups come back exactly with the snapshot;
+        # parameters, gradients and requires_grad are restored here
+        with optimizer_snapshot(opt):
+            try:
+                probe_plan = ParamPlan({n: TRAINABLE for n in candidates}, owner="GreenTrainer (probe)")
+                lr, wd = optimizer_defaults(opt)
+                rebuild_param_groups(opt, pl_module, compose([base, probe_plan]), lr, wd, apply=True)
+                backward()
+                for n, p in zip(candidates, cand):
+                    if n in masks and p.grad is not None:
+                        p.grad.mul_(masks[n].to(p.grad.device, p.grad.dtype))
+                opt.step()
+                with torch.no_grad():
+                    dw = torch._foreach_sub([p.detach() for p in cand], saved_w)
+                    for i, n in enumerate(candidates):
+                        if n in masks:
+                            dw[i].mul_(masks[n].to(dw[i].device, dw[i].dtype))
+                backward()
+                with torch.no_grad():
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in cand]
+                    prods = torch._foreach_mul([g.float() for g in grads], [d.float() for d in dw])
+                    sums = [x.sum(dtype=torch.float64) for x in prods]
+                    raw = torch.stack(sums).cpu().numpy() if prods else np.zeros(0)
+            finally:
+                with torch.no_grad():
+                    for p, w in zip(cand, saved_w):
+                        p.copy_(w)
+                _reset_pipeline(pl_module)
+                for n, p in all_params:
+                    p.requires_grad_(saved_rg[n])
+                    p.grad = saved_grad[n]
         return np.nan_to_num(raw.astype(np.float64))
 
     # -- measured FLOPs ---------------------------------------------------------------------------------------------
@@ -647,9 +639,3 @@ class GreenTrainer(ParamPlanCallback):
         for k, v in (state_dict.get("fractions") or {}).items():
             setattr(self, k, v)
         self._pending_apply = self.last_selection is not None
-
-
-def _optimizer_defaults_safe(opt: torch.optim.Optimizer) -> tuple[float, float]:
-    from lit_ft.callbacks._param_plan import _optimizer_defaults
-
-    return _optimizer_defaults(opt)

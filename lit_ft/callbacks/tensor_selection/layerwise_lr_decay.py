@@ -8,10 +8,8 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.optim import lr_scheduler as _lrs
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.introspect import (
@@ -24,7 +22,7 @@ from lit_ft.core.introspect import (
     module_param_names,
     param_names_by_id,
 )
-from lit_ft.core.params import param_group_id, unwrap_optimizer
+from lit_ft.core.optim import param_group_id, sync_schedulers, unwrap_optimizer
 
 TIED_HEAD = ("embeddings", "head")
 #: group keys holding a learning rate, scaled with the multiplier (OneCycleLR keeps max_lr / min_lr in the groups)
@@ -32,77 +30,6 @@ _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _MULT = "llrd_multiplier"  # this group's layer multiplier (absent = 1: a group LayerwiseLRDecay did not make)
 _BASE = "llrd_base_lr"  # the un-decayed initial lr of this group's class
 _NOT_CLASS = {"params", "param_names", "group_id", _MULT, _BASE, *_LR_KEYS}
-
-#: schedulers whose per-group state is ``base_lrs`` (from the groups' ``initial_lr``) and the lists handled below
-SUPPORTED_SCHEDULERS = (
-    _lrs.LambdaLR, _lrs.MultiplicativeLR, _lrs.StepLR, _lrs.MultiStepLR, _lrs.ConstantLR, _lrs.LinearLR,
-    _lrs.ExponentialLR, _lrs.PolynomialLR, _lrs.CosineAnnealingLR, _lrs.CosineAnnealingWarmRestarts, _lrs.CyclicLR,
-    _lrs.OneCycleLR, _lrs.ReduceLROnPlateau, _lrs.SequentialLR, _lrs.ChainedScheduler,
-)
-
-
-def _remap(values: list, origin: Optional[list[int]], n: int, what: str, owner: str, scale: Optional[list[float]] = None) -> list:
-    """Per-group list of a scheduler mapped to the new groups: new group k takes entry ``origin[k]`` (times
-    ``scale[k]``); groups the scheduler never knew (``origin`` None or out of range) take the common entry."""
-    out = []
-    for k in range(n):
-        j = origin[k] if origin is not None else k
-        if j is None or j >= len(values):
-            if len({id(v) if callable(v) else v for v in values}) > 1:
-                raise ValueError(
-                    f"{owner}: the LR scheduler's per-group `{what}` differ between groups and a new param group has "
-                    f"no counterpart; use one {what[:-1]} for all groups, or build the groups in configure_optimizers."
-                )
-            j = 0
-        v = values[j]
-        out.append(v * scale[k] if scale is not None and not callable(v) else v)
-    return out
-
-
-def _sync_one(s: Any, opt: torch.optim.Optimizer, origin: Optional[list[int]], scale: Optional[list[float]], owner: str) -> None:
-    if not isinstance(s, SUPPORTED_SCHEDULERS):
-        raise TypeError(
-            f"{owner}: cannot re-map the LR scheduler {type(s).__name__} to new param groups (it keeps per-group state "
-            f"{owner} does not know). Supported: {sorted({c.__name__ for c in SUPPORTED_SCHEDULERS})}. Build the "
-            f"param groups in configure_optimizers instead, or use a supported scheduler (transformers' schedulers "
-            f"are LambdaLR)."
-        )
-    groups = opt.param_groups
-    n = len(groups)
-    if isinstance(s, (_lrs.SequentialLR, _lrs.ChainedScheduler)):
-        for child in s._schedulers:
-            _sync_one(child, opt, origin, scale, owner)
-    if hasattr(s, "lr_lambdas"):
-        s.lr_lambdas = _remap(list(s.lr_lambdas), origin, n, "lr_lambdas", owner)
-    if hasattr(s, "max_lrs"):
-        s.max_lrs = _remap(list(s.max_lrs), origin, n, "max_lrs", owner, scale)
-    if hasattr(s, "min_lrs"):
-        s.min_lrs = _remap(list(s.min_lrs), origin, n, "min_lrs", owner)
-    if hasattr(s, "base_lrs"):
-        s.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
-    s._last_lr = [g["lr"] for g in groups]
-
-
-def sync_schedulers(
-    trainer: pl.Trainer, optimizer: Any, origin: Optional[list[int]] = None, scale: Optional[list[float]] = None,
-    owner: str = "LayerwiseLRDecay",
-) -> int:
-    """Bring every LR scheduler of ``optimizer`` in line with its (changed) param groups: ``base_lrs`` from the
-    groups' ``initial_lr``, per-group lists (``lr_lambdas``, ``max_lrs``, ``min_lrs``) re-mapped with ``origin``
-    (new group -> old group index, ``None`` = same index) and ``scale``. Returns how many schedulers were synced.
-
-    Raises:
-        TypeError: a scheduler type whose per-group state is unknown (custom ``LRScheduler`` subclasses).
-    """
-    opt = unwrap_optimizer(optimizer)
-    count = 0
-    for cfg in trainer.lr_scheduler_configs:
-        s = cfg.scheduler
-        s_opt = getattr(s, "optimizer", None)
-        if s_opt is None or unwrap_optimizer(s_opt) is opt:
-            _sync_one(s, opt, origin, scale, owner)
-            count += 1
-    return count
 
 
 class LayerwiseLRDecay(Callback):

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_ft.core.params import param_group_id, unwrap_optimizer
+from lit_ft.core.optim.groups import param_group_id
+from lit_ft.core.optim.unwrap import unwrap_optimizer
+
+__all__ = ["Regrouping", "assign_group_hparams", "in_optimizer"]
 
 _HP = ("lr", "weight_decay")
 
