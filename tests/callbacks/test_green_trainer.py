@@ -23,7 +23,8 @@ from lit_ft.callbacks.tensor_selection.green_trainer import (
     select_tensors_dp,
     selection_cost,
 )
-from lit_ft.core.params import ParamPlan, ParamPlanConflict, verify_optimizer
+from lit_ft.core.optim import verify_optimizer
+from lit_ft.core.params import ParamPlan, ParamPlanConflict
 from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlainHFModule, PlanCallback, random_batch, tiny_config
