@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +14,7 @@ from torch import nn
 from lit_ft.callbacks._prompt import PromptCallback
 from lit_ft.core.registry import technique
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers
+from lit_ft.core.layer_hooks import ORDER_PREFIX, register_layer_pre_hook
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInjector, PromptInputs, PromptSource
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.kernels.rational import gelu_coefficients, rational
@@ -207,10 +207,8 @@ class InstructionPromptGenerator(PromptSource):
         layers = check_layers(injector.hf_model, self.geometry, self.prefix_mode, type(self).__name__)
         self._injector = injector
         self._layers = list(layers)
-        self._handles = [
-            layer.register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True)
-            for i, layer in enumerate(layers)
-        ]
+        # a per-layer prefix maker: before readers of the layer input and token eliminators (lit_ft.core.layer_hooks)
+        self._handles = [register_layer_pre_hook(injector.hf_model, self._layer_hook, order=ORDER_PREFIX)]
 
     def on_remove(self, injector: PromptInjector) -> None:
         for h in self._handles:

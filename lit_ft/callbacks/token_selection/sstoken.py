@@ -13,6 +13,7 @@ from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
 from lit_ft.core.frozen import FrozenModel
+from lit_ft.core.layer_hooks import ORDER_READ, register_layer_pre_hook
 from lit_ft.core.tokens import TokenDecision, TokenScores, per_response_min_max, per_response_topk_mask
 
 _HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -290,7 +291,10 @@ class SSToken(TokenScorerCallback):
             layer = layers[self.attention_layer]
             check_attention_layout(layer)
             self._layer = layer
-            self._hook_handle = layer.register_forward_pre_hook(self._capture_layer_input, with_kwargs=True)
+            # a reader: after per-layer prompt makers, before token eliminators (lit_ft.core.layer_hooks)
+            self._hook_handle = register_layer_pre_hook(
+                hf_model, self._capture_layer_input, order=ORDER_READ, layers=[self.attention_layer]
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._hook_handle is not None:
@@ -303,7 +307,7 @@ class SSToken(TokenScorerCallback):
         self._history.release()
         super().teardown(trainer, pl_module, stage)
 
-    def _capture_layer_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _capture_layer_input(self, index: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._armed:
             return None
         hs = kwargs.get("hidden_states", args[0] if args else None)
