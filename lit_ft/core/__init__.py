@@ -23,7 +23,7 @@ from lit_ft.core.optim import (
     sync_schedulers,
 )
 from lit_ft.core.params import ParamPlan, ParamPlanConflict, apply_plan, compose
-from lit_ft.core.tokens import (
+from lit_ft.core.loss import (
     TokenDecision,
     TokenPipeline,
     TokenScorer,

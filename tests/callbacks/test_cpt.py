@@ -363,7 +363,7 @@ def test_training_moves_only_delta(tiny_tokenizer_path, tmp_path, make_module, w
     group = next(g for g in opt.param_groups if any(p is cb.source.delta for p in g["params"]))
     assert group["lr"] == 0.05 and opt.state[cb.source.delta]["step"] == 3
     hf = cb.injector.hf_model.eval()
-    from lit_ft.modules.hf_loss_hook import installed_hook
+    from lit_ft.core.loss import installed_hook
 
     assert installed_hook(hf) is None  # the decay hook (plain modules) is removed at teardown
     # the artifact reproduces the trained model's outputs on a fresh backbone; outside training: user's length

@@ -4,7 +4,8 @@ import torch
 
 from lit_ft.callbacks import ExcessLossSelection
 from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
-from lit_ft.modules import CausalLMModule, causal_lm_token_nll
+from lit_ft.core.loss import causal_lm_token_nll
+from lit_ft.modules import CausalLMModule
 
 from helpers import ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config
 

@@ -7,7 +7,8 @@ import torch
 
 from lit_ft.callbacks import ExcessLossSelection, MaskedThought
 from lit_ft.core import BatchKeyError
-from lit_ft.modules import CausalLMModule, causal_lm_token_nll
+from lit_ft.core.loss import causal_lm_token_nll
+from lit_ft.modules import CausalLMModule
 
 from helpers import VOCAB, ListDataModule, PlainHFModule, SGDModule, random_batch, tiny_config
 

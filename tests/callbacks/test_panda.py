@@ -18,7 +18,7 @@ from lit_ft.callbacks.prompt.prefix_tuning import PrefixEncoder
 from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding
 from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, load_prompt, model_geometry, save_prompt
-from lit_ft.core.tokens import shift_targets, token_pipeline_for
+from lit_ft.core.loss import shift_targets, token_pipeline_for
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
     ListDataModule, PlainHFModule, assert_state_dicts_equal, fit_and_resume, random_batch, tiny_config, tiny_hf_model,
@@ -160,7 +160,7 @@ def test_kd_mixin_level_causal_module_matches_hand(tmp_path):
     module.token_loss_impl = "torch"
     cb = PANDA(source_prompt=src, beta=50.0, init="vocab", seed=5)
     t = ready(cb, module)
-    assert cb.level == "mixin" and cb in token_pipeline_for(module).aux_losses
+    assert cb.level == "mixin" and cb in token_pipeline_for(module).objectives
     batch = random_batch(batch_size=3, seq_len=10, prompt_len=3)
     cb.on_train_batch_start(t, module, batch, 0)
     out = module.compute_token_loss(batch, module.model)
@@ -168,9 +168,8 @@ def test_kd_mixin_level_causal_module_matches_hand(tmp_path):
     assert abs(float(ref - ce)) > 1e-4
     torch.testing.assert_close(out.loss.detach(), ref, rtol=1e-5, atol=1e-6)  # value: CE mean + beta * KD
     torch.testing.assert_close(out.mean, ce, rtol=1e-5, atol=1e-6)  # the logged token loss is the task's
-    torch.testing.assert_close(out.aux, ref - ce, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.objectives["panda"], ref - ce, rtol=1e-4, atol=1e-6)
     out.loss.backward()
-    token_pipeline_for(module).finalize_gradients(module.parameters())  # the deferred global normalisation
     torch.testing.assert_close(cb.source.embedding.weight.grad, grad, rtol=1e-4, atol=1e-7)
 
 
@@ -326,13 +325,25 @@ def test_source_prompt_errors(tmp_path):
         ready(PANDA(source_prompt=src, integration="mixin"), PlainHFModule())
 
 
-def test_refuses_a_token_scorer_loss_hook_on_a_plain_module(tmp_path):
+def test_composes_with_a_token_scorer_on_a_plain_module(tmp_path):
+    """Both run on the token-loss engine's HF hook (PANDA as an objective, Rho-1 as a scorer): the KD term is
+    applied (logged, the student moves differently than with beta=0) and the scorer selects tokens."""
     from lit_ft.callbacks import ExcessLossSelection
 
     src = write_source(tmp_path / "src")
-    cb = PANDA(source_prompt=src, beta=0.5)
-    with pytest.raises(RuntimeError, match="loss_function was replaced"):
-        trainer([cb, ExcessLossSelection(keep_ratio=0.5)]).fit(PlainHFModule(), datamodule=ListDataModule(n_batches=1))
+
+    def run(beta):
+        torch.manual_seed(0)
+        cb = PANDA(source_prompt=src, beta=beta, init="vocab", seed=3)  # a fresh student: KD > 0 at step 0
+        t = trainer([cb, ExcessLossSelection(keep_ratio=0.5)], max_steps=1)
+        t.fit(PlainHFModule(), datamodule=ListDataModule(n_batches=1))
+        return cb.source.embedding.weight.detach().clone(), t.callback_metrics
+
+    with_kd, metrics = run(0.5)
+    without, _ = run(0.0)
+    assert "lit_ft/panda/kd_loss" in metrics and float(metrics["lit_ft/panda/kd_loss"]) > 0
+    assert float(metrics["lit_ft/tokens/kept_fraction"]) < 1.0
+    assert not torch.allclose(with_kd, without)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -8,7 +8,8 @@ import torch
 from lit_ft.callbacks import ExcessLossSelection, QTuning
 from lit_ft.callbacks.token_selection.qtuning import _corners, smoothed_log_score, triage, write_eu_plane_png
 from lit_ft.core import BatchKeyError, ModelLayoutError, global_topk_mask, shift_targets
-from lit_ft.modules import CausalLMModule, causal_lm_token_nll
+from lit_ft.core.loss import causal_lm_token_nll
+from lit_ft.modules import CausalLMModule
 
 from helpers import (
     ListDataModule, PlainHFModule, SGDModule, assert_state_dicts_equal, fit_and_resume, fit_global_batches,

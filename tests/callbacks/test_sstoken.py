@@ -11,8 +11,9 @@ from lit_ft.callbacks.token_selection.sstoken import (
     prompt_attention_mass,
 )
 from lit_ft.core import BatchKeyError, ModelLayoutError, shift_targets
-from lit_ft.core.tokens import per_response_min_max, per_response_topk_mask, token_pipeline_for
-from lit_ft.modules import CausalLMModule, causal_lm_token_nll
+from lit_ft.core.loss import per_response_min_max, per_response_topk_mask, token_pipeline_for
+from lit_ft.core.loss import causal_lm_token_nll
+from lit_ft.modules import CausalLMModule
 
 from helpers import (
     ListDataModule, PlainHFModule, SGDModule, VOCAB, assert_state_dicts_equal, fit_and_resume, fit_global_batches,

@@ -3,7 +3,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_ft.core.tokens import (
+from lit_ft.core.loss import (
     TokenDecision,
     TokenPipeline,
     TokenScorer,
@@ -51,19 +51,22 @@ def test_global_topk_is_over_the_whole_batch_not_per_row():
         global_topk_mask(scores, valid, 0.0)
 
 
-def test_training_loss_value_is_mean_and_gradient_is_scaled_sum():
+def test_training_loss_value_is_mean_and_gradient_is_normalised_by_the_window_count():
+    """value = this micro-batch's mean over kept tokens; gradient = accumulate x world x d(sum) / C, with C the
+    window's supervised-token count counted ahead (here given directly), so nothing is rescaled after backward."""
     pipe = TokenPipeline()
+    pipe.window.totals = {"token": torch.tensor(12.0)}  # the window holds 12 supervised tokens
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    loss = pipe.training_loss((x * x).sum(), torch.tensor(3), accumulate_grad_batches=4)
+    loss = pipe.combine((x * x).sum(), torch.tensor(3), [], {"labels": torch.zeros(1, 4, dtype=torch.long)},
+                        training=True, accumulate=4, world_size=2)
     assert torch.isclose(loss, torch.tensor(14.0 / 3))
     loss.backward()
-    assert torch.allclose(x.grad, 4 * 2 * x.detach())  # accum x d(sum)
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.full((3,), 6.0)
-    assert pipe.pending
-    count = pipe.finalize_gradients([p])
-    assert count == 3 and torch.allclose(p.grad, torch.full((3,), 2.0))
-    assert pipe.finalize_gradients([p]) is None and torch.allclose(p.grad, torch.full((3,), 2.0))  # idempotent
+    torch.testing.assert_close(x.grad, 4 * 2 * 2 * x.detach() / 12)
+    pipe.end_window()  # the optimizer step closes the window: a forward outside one counts its own batch
+    y = torch.tensor([1.0, 2.0], requires_grad=True)
+    pipe.combine((y * y).sum(), torch.tensor(2), [], {"labels": torch.zeros(1, 3, dtype=torch.long)},
+                 training=True).backward()
+    torch.testing.assert_close(y.grad, 2 * y.detach() / 2)  # labels [1, 3] -> 2 supervised targets
 
 
 class _PositionWeights(pl.Callback, TokenScorer):

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
+from lit_ft.core.loss import Attachment, attach, detach
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 
@@ -211,6 +213,9 @@ def draw_examples(datamodule: Any, k: int, seed: int, owner: str = "CPT") -> lis
     return out
 
 
+@technique(name="cpt", family="prompt",
+           paper="Context-Aware Prompt Tuning: Advancing In-Context Learning with Adversarial Methods",
+           arxiv="2410.17222")
 class CPT(PromptCallback):
     """Context-aware Prompt Tuning: a few-shot context (in-context-learning demonstrations) is prepended to every
     input as embeddings and refined by projected gradient descent; the backbone stays frozen.
@@ -314,8 +319,8 @@ class CPT(PromptCallback):
         self.output_template = output_template
         self.separator = separator
         self.context_examples: list[dict[str, str]] | None = None  # the examples in use (after the draw)
-        self._hooked_model: nn.Module | None = None
-        self._pipeline: Any = None
+        self._attachment: Attachment | None = None
+        self._forwards_seen = 0
 
     @property
     def weights_active(self) -> bool:
@@ -357,34 +362,33 @@ class CPT(PromptCallback):
     # -- loss path for the decay weights ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit" or not self.weights_active or self._hooked_model is not None:
+        if stage != "fit" or not self.weights_active or self._attachment is not None:
             return
-        from lit_ft.core.introspect import find_hf_model
-        from lit_ft.core.tokens import token_pipeline_for
-        from lit_ft.modules.hf_loss_hook import install_token_loss_hook
-        from lit_ft.modules.token_loss import TokenLossMixin
-
-        if isinstance(pl_module, TokenLossMixin):
-            return  # level 3 reads batch["token_weights"]
-        hf = find_hf_model(pl_module, require_lm_head=True)
-        self._pipeline = token_pipeline_for(pl_module)
+        # level 3 reads batch["token_weights"] itself; level 2 needs the engine's hook to read them. Either way
+        # CPT is a holder on the engine, so the window normalisers count its context labels (batch_for_count).
         try:
-            hook = install_token_loss_hook(hf, self._pipeline)
+            self._attachment = attach(trainer, pl_module, self, "auto", who="CPT", allowed=("auto",))
         except TypeError as e:
             raise PromptError(f"CPT: weighted_loss='decay' needs a loss that reads batch['token_weights'] ({e}); "
                               "use weighted_loss='none' or a lit_ft CausalLMModule") from None
-        hook.accumulate_grad_batches = int(trainer.accumulate_grad_batches or 1)
-        self._hooked_model = hf
+        self._forwards_seen = self._attachment.pipeline.training_forwards if self._attachment.pipeline else 0
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lit_ft.modules.hf_loss_hook import remove_token_loss_hook
-
-        if self._hooked_model is not None and self._pipeline is not None and not self._pipeline.scorers:
-            remove_token_loss_hook(self._hooked_model)
-        self._hooked_model = self._pipeline = None
+        detach(self._attachment, self)
+        self._attachment = None
         if self.source is not None:
             self.source.keep_prompt_outputs = False
         super().teardown(trainer, pl_module, stage)
+
+    def batch_for_count(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The training batch as the loss sees it after :meth:`extend_batch` (the context's labels prepended), so
+        the engine's window count includes them."""
+        src = self.source
+        if not isinstance(src, CPTEmbedding) or not isinstance(batch, Mapping) or batch.get("labels") is None:
+            return batch
+        labels = batch["labels"]
+        ctx = src.context_labels().to(labels.device, labels.dtype)
+        return {**batch, "labels": torch.cat([ctx.expand(labels.shape[0], src.num_virtual_tokens), labels], dim=1)}
 
     # -- batches ---------------------------------------------------------------------------------------------------
     def extend_batch(self, batch: dict[str, Any], training: bool) -> None:
@@ -414,20 +418,24 @@ class CPT(PromptCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         require_keys(batch, ("input_ids", "labels"), who="CPT")
+        if self._attachment is not None:  # count the window on the raw batches (batch_for_count extends them)
+            self._attachment.begin_batch(trainer, pl_module, batch, batch_idx)
         self.extend_batch(batch, training=True)
-        if self._pipeline is not None:
-            self._pipeline.current_batch = batch
+        if self._attachment is not None:
+            self._attachment.bind(batch)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._pipeline is not None and not self._pipeline.scorers:
-            if not self._pipeline.pending:
+        att = self._attachment
+        if att is not None and att.pipeline is not None:
+            if att.level == "hook" and att.pipeline.training_forwards == self._forwards_seen:
                 raise RuntimeError(
                     "CPT: weighted_loss='decay' but the training loss did not go through the model's loss_function "
-                    f"(the lit_ft hook CPT installed on {type(self._hooked_model).__name__}), so the decay weights "
+                    f"(the lit_ft hook CPT installed on {type(att.hooked_model).__name__}), so the decay weights "
                     "were not applied. Return `self.model(**batch).loss`, use a lit_ft CausalLMModule, or set "
                     "weighted_loss='none'."
                 )
-            self._pipeline.finalize_gradients(pl_module.parameters(), trainer.strategy, trainer.world_size)
+            self._forwards_seen = att.pipeline.training_forwards
+            att.end_window()
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,24 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_ft.callbacks._prompt import PromptCallback
+from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.prompt_tuning import build_prompt_embedding
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.introspect import causal_lm_parts, find_hf_model
 from lit_ft.core.prompts import PROMPT_WEIGHTS, ModelGeometry, PromptError, PromptSource, load_prompt
-from lit_ft.core.tokens import AuxiliaryLoss, AuxLossInputs, shift_targets, token_pipeline_for
+from lit_ft.core.loss import (
+    Attachment,
+    Objective,
+    ObjectiveInputs,
+    attach,
+    causal_lm_token_nll,
+    detach,
+    final_hidden_states,
+    logits_at,
+    model_inputs,
+    resolve_level,
+    shift_targets,
+)
 from lit_ft.core.validate import check_choice, check_int, check_number
 
 KD_FORMS = ("mse", "kl")
@@ -49,6 +63,18 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, form: str, batch_size:
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
 
 
+def kd_chunk_sum(student: torch.Tensor, teacher: torch.Tensor, form: str, temperature: float = 1.0) -> torch.Tensor:
+    """The distillation term's **sum** over a block of rows (the chunked base calls it per block of student logits):
+    ``"mse"``: ``0.1 · Σ (z_s − z_t)²``; ``"kl"``: ``T² · Σ_r KL(softmax(z_t / T) ‖ softmax(z_s / T))``. Divided by
+    the objective's normaliser (:meth:`PANDA.objective_normaliser`) it equals :func:`kd_term`."""
+    s, t = student.float(), teacher.detach().float()
+    if form == "mse":
+        return MSE_FACTOR * (s - t).pow(2).sum()
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum() * temperature**2
+
+
 @dataclass
 class TeacherOutput:
     """The teacher's logits for one training batch: ``[N, V]`` at the supervised positions ``mask`` (causal LM,
@@ -60,8 +86,9 @@ class TeacherOutput:
 
 
 class _KDLossFunction:
-    """Level 2: wraps the HF model's ``loss_function`` (causal LM: ``logits``/``labels``; sequence classification:
-    ``pooled_logits``) and adds ``beta * KD`` in a training forward that has a pending teacher output."""
+    """Sequence classifiers only: wraps the HF model's ``loss_function`` (``pooled_logits``) and adds ``beta * KD`` in
+    a training forward that has a pending teacher output. (Causal LMs go through the token-loss engine as an
+    :class:`~lit_ft.core.loss.Objective`; a classifier's loss is not a token loss.)"""
 
     def __init__(self, callback: PANDA, previous: Any, owned: bool) -> None:
         self.callback = callback
@@ -74,20 +101,14 @@ class _KDLossFunction:
         if cb._pending is None or not torch.is_grad_enabled():
             return task
         teacher = cb.take_teacher()
-        if "pooled_logits" in kwargs:
-            student = kwargs["pooled_logits"]
-        else:
-            logits = kwargs["logits"] if "logits" in kwargs else args[0]
-            labels = kwargs["labels"] if "labels" in kwargs else args[1]
-            ignore = kwargs.get("ignore_index", IGNORE_INDEX)
-            shift = kwargs.get("shift_labels")
-            targets = shift if shift is not None else shift_targets(labels, ignore)
-            student = logits[cb.check_mask(targets.to(logits.device) != ignore, teacher)]
-        kd = cb.kd(student, teacher)
+        kd = cb.kd(kwargs["pooled_logits"], teacher)
         return task + cb.beta_value * kd
 
 
-class PANDA(PromptCallback, AuxiliaryLoss):
+@technique(name="panda", family="prompt",
+           paper="PANDA: Prompt Transfer Meets Knowledge Distillation for Efficient Model Adaptation",
+           arxiv="2208.10160")
+class PANDA(PromptCallback, Objective):
     """PANDA: prompt transfer (PoT) with knowledge distillation from the source-task prompt.
 
     Paper: Zhong, Ding, Liu, Du & Tao, *PANDA: Prompt Transfer Meets Knowledge Distillation for Efficient Model
@@ -100,11 +121,12 @@ class PANDA(PromptCallback, AuxiliaryLoss):
     model with the teacher prompt swapped in (``injector.using(teacher)``) — no copy of the model — and only the
     logits the loss needs are kept (supervised positions of a causal LM, the class logits of a classifier).
 
-    How the term reaches the loss: for :class:`lit_ft.modules.TokenLossMixin` modules (``CausalLMModule``) as an
-    auxiliary term of the fused token loss (student logits only at the supervised positions; normalised with the
-    token loss by the global token count); for any other module (a plain ``self.model(**batch).loss``, a
-    ``ClassificationModule``) by wrapping the HF model's ``loss_function``. The latter cannot be combined with
-    lit_ft token-scoring callbacks on the same plain module (they replace that loss function; refused).
+    How the term reaches the loss: for causal LMs it is an :class:`~lit_ft.core.loss.Objective` on the token-loss
+    engine, at level 3 (:class:`lit_ft.modules.TokenLossMixin` modules: student logits only at the supervised
+    positions, through the chunked fused-linear base) or level 2 (a plain ``self.model(**batch).loss``: the HF loss
+    hook), composing with lit_ft token scorers either way. Its normaliser is its own, counted over the
+    accumulation window and ranks (``mse``: supervised positions × vocabulary × sequences; ``kl``: supervised
+    positions). For sequence classifiers (``ClassificationModule``) the HF model's ``loss_function`` is wrapped.
 
     Args:
         source_prompt: folder of the source prompt artifact (``prompt.safetensors`` + ``prompt_config.json``,
@@ -131,7 +153,7 @@ class PANDA(PromptCallback, AuxiliaryLoss):
     """
 
     technique_name = "panda"
-    aux_name = "panda"
+    objective_name = "panda"
 
     def __init__(self, source_prompt: str | None = None, beta: float | str = 0.1, kd: str = "mse",
                  temperature: float = 1.0, init: str = "source", num_virtual_tokens: int | None = None,
@@ -166,8 +188,9 @@ class PANDA(PromptCallback, AuxiliaryLoss):
         self.last_kd: torch.Tensor | None = None
         self._pending: TeacherOutput | None = None
         self._hooked: nn.Module | None = None
-        self._pipeline_host: nn.Module | None = None
+        self._attachment: Attachment | None = None
         self._causal = True
+        self._vocab = 0  # the lm_head's rows: the width of the logits the MSE form averages over
         self._source_digest: str | None = None
 
     # -- the source artifact ---------------------------------------------------------------------------------------
@@ -209,35 +232,28 @@ class PANDA(PromptCallback, AuxiliaryLoss):
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or self.level is not None:
             return
-        from lit_ft.modules.token_loss import TokenLossMixin
-
         hf = find_hf_model(pl_module)
         self._causal = hf.get_output_embeddings() is not None
-        level = self.integration
-        if level == "auto":
-            level = "mixin" if isinstance(pl_module, TokenLossMixin) else "hook"
-        if level == "mixin":
-            if not isinstance(pl_module, TokenLossMixin):
-                raise TypeError(f"PANDA(integration='mixin') needs a lit_ft.modules.TokenLossMixin module; "
-                                f"{type(pl_module).__name__} is not one. Use integration='auto'.")
-            pipe = token_pipeline_for(pl_module)
-            assert pipe is not None
-            pipe.register_aux(self)
-            self._pipeline_host = pl_module
-        else:
-            if not hasattr(type(hf), "loss_function"):
-                raise TypeError(f"PANDA: {type(hf).__name__} has no `loss_function` to extend (transformers >= 4.46 "
-                                "models have one); use a lit_ft.modules.TokenLossMixin module")
-            owned = "_loss_function" in hf.__dict__
-            hf.loss_function = _KDLossFunction(self, hf.loss_function, owned)
-            self._hooked = hf
-        self.level = level
+        if self._causal and self.beta == 0:
+            self.level = resolve_level(pl_module, self.integration, "PANDA", INTEGRATIONS)
+            return  # vanilla prompt transfer: no term to add, the module's own loss is left untouched
+        if self._causal:
+            self._vocab = int(hf.get_output_embeddings().weight.shape[0])
+            self._attachment = attach(trainer, pl_module, self, self.integration, who="PANDA", allowed=INTEGRATIONS)
+            self.level = self._attachment.level
+            return
+        self.level = resolve_level(pl_module, self.integration, "PANDA", INTEGRATIONS)
+        if self.level == "mixin":  # pragma: no cover - a classifier is never a TokenLossMixin host
+            raise TypeError("PANDA(integration='mixin') needs a causal LM")
+        if not hasattr(type(hf), "loss_function"):
+            raise TypeError(f"PANDA: {type(hf).__name__} has no `loss_function` to extend (transformers >= 4.46 "
+                            "models have one)")
+        owned = "_loss_function" in hf.__dict__
+        hf.loss_function = _KDLossFunction(self, hf.loss_function, owned)
+        self._hooked = hf
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._pipeline_host is not None:
-            pipe = token_pipeline_for(self._pipeline_host, create=False)
-            if pipe is not None:
-                pipe.unregister_aux(self)
+        detach(self._attachment, self)
         if self._hooked is not None:
             fn = self._hooked.__dict__.get("_loss_function")
             if isinstance(fn, _KDLossFunction) and fn.callback is self:
@@ -245,7 +261,7 @@ class PANDA(PromptCallback, AuxiliaryLoss):
                     self._hooked._loss_function = fn.previous
                 else:
                     del self._hooked.__dict__["_loss_function"]
-        self._hooked = self._pipeline_host = None
+        self._hooked = self._attachment = None
         self.level = None
         self._pending = None
 
@@ -255,16 +271,8 @@ class PANDA(PromptCallback, AuxiliaryLoss):
         fn = self._hooked.__dict__.get("_loss_function")
         if not (isinstance(fn, _KDLossFunction) and fn.callback is self):
             raise RuntimeError(
-                "PANDA: the HF model's loss_function was replaced after PANDA extended it (a lit_ft token-scoring "
-                "callback on a plain module?); the distillation term would be lost. Use a lit_ft.modules."
-                "TokenLossMixin module (CausalLMModule), where both compose."
-            )
-        from lit_ft.modules.hf_loss_hook import TokenWeightedLoss
-
-        if isinstance(fn.previous, TokenWeightedLoss):
-            raise RuntimeError(
-                "PANDA: a lit_ft token-scoring callback owns this plain module's loss (deferred token normalisation); "
-                "PANDA's term cannot be added to it. Use a lit_ft.modules.TokenLossMixin module (CausalLMModule)."
+                "PANDA: the classifier's loss_function was replaced after PANDA extended it; the distillation term "
+                "would be lost."
             )
 
     # -- the teacher pass ------------------------------------------------------------------------------------------
@@ -272,8 +280,6 @@ class PANDA(PromptCallback, AuxiliaryLoss):
     def teacher_logits(self, pl_module: pl.LightningModule, batch: dict[str, Any]) -> TeacherOutput:
         """The source prompt's logits on ``batch`` from the same (frozen) model: causal LM at the supervised
         positions (``shift(labels) != -100``), classifier: the class logits."""
-        from lit_ft.modules.token_loss import final_hidden_states, logits_at, model_inputs
-
         assert self.teacher is not None and self.injector is not None
         hf = find_hf_model(pl_module)
         p = next(hf.parameters())
@@ -313,23 +319,43 @@ class PANDA(PromptCallback, AuxiliaryLoss):
         self.last_kd = value.detach()
         return value
 
-    def aux_loss(self, inputs: AuxLossInputs) -> torch.Tensor | None:
-        """Level 3 (:class:`~lit_ft.core.tokens.AuxiliaryLoss`): ``beta * KD * n_tokens``, i.e. ``beta * KD`` once the
-        token loss sum is normalised by the kept-token count."""
+    # -- the objective (causal LMs) ---------------------------------------------------------------------------------
+    def objective_weight(self) -> float:
+        return float(self.beta_value or 0.0)
+
+    def objective_counts(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Supervised positions (rows) and sequences of one micro-batch; the vocabulary width is a constant."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if labels is None:
+            return {"rows": torch.zeros(()), "sequences": torch.zeros(())}
+        rows = (shift_targets(labels) != IGNORE_INDEX).sum().float()
+        return {"rows": rows, "sequences": torch.tensor(float(labels.shape[0]))}
+
+    def objective_normaliser(self, totals: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``mse``: the code's ``mean over rows × V entries / B`` → rows · V · sequences; ``kl``: rows."""
+        if self.kd_form == "mse":
+            return totals["rows"] * float(self._vocab) * totals["sequences"]
+        return totals["rows"]
+
+    def objective_loss(self, inputs: ObjectiveInputs) -> torch.Tensor | None:
+        """The KD sum between the student's logits at the supervised positions and the teacher's (taken at batch
+        start), through :meth:`ObjectiveInputs.chunked_loss` (level 3: no ``[N, V]`` student logits)."""
         if not inputs.training or self._pending is None:
             return None
         teacher = self.take_teacher()
         mask = self.check_mask(inputs.valid, teacher)
-        kd = self.kd(inputs.logits_at(mask), teacher)
-        return self.beta_value * kd * inputs.n_tokens.to(kd.dtype)  # type: ignore[operator]
+        form, temperature = self.kd_form, self.temperature
+        total = inputs.chunked_loss(lambda logits, teacher: kd_chunk_sum(logits, teacher, form, temperature), mask,
+                                    rows={"teacher": teacher.logits.to(mask.device)})
+        own = self.objective_normaliser({k: v.to(total.device) for k, v in self.objective_counts(inputs.batch).items()})
+        self.last_kd = (total.detach() / own.clamp_min(1e-12))
+        return total
 
     # -- beta="auto" -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def task_loss(self, pl_module: pl.LightningModule, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the task loss over the batch's supervised tokens (causal LM) or sequences (classifier), and their
         count, with whatever prompt the injector runs now."""
-        from lit_ft.modules.token_loss import causal_lm_token_nll, model_inputs
-
         hf = find_hf_model(pl_module)
         if self._causal:
             nll = causal_lm_token_nll(hf, batch)
@@ -397,11 +423,18 @@ class PANDA(PromptCallback, AuxiliaryLoss):
                              batch_idx: int) -> None:
         self._pending = None
         self.last_kd = None
+        if self._attachment is not None:
+            self._attachment.begin_batch(trainer, pl_module, batch, batch_idx)
         if self.level is None or not self.beta_value:  # beta 0: nothing to distil, no teacher pass
             return
         self._check_hook_intact()
         require_keys(batch, ("input_ids", "labels"), who="PANDA")
         self._pending = self.teacher_logits(pl_module, batch)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._attachment is not None:
+            self._attachment.end_window()
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -36,9 +36,10 @@ from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.flops import (  # noqa: F401  (flop_counter, FlopsProfile, profile_tensor_flops: re-exported)
     FlopsProfile, TrainingStepFlops, flop_counter, log_flops_fraction, measured_step, profile_tensor_flops,
 )
+from lit_ft.core.registry import technique
 from lit_ft.core.optim import optimizer_defaults, optimizer_snapshot, rebuild_param_groups
 from lit_ft.core.params import FROZEN, TRAINABLE, ParamPlan, ParamPlanConflict, compose
-from lit_ft.core.tokens import token_pipeline_for
+from lit_ft.core.loss import token_pipeline_for
 
 __all__ = ["GreenTrainer", "FlopsProfile", "profile_tensor_flops", "select_tensors_dp", "backward_budget"]
 
@@ -192,14 +193,6 @@ class _Quiet:
         self.m.__dict__.pop("log_dict", None)
 
 
-def _reset_pipeline(pl_module: pl.LightningModule) -> None:
-    """Forget the token count a side computation through ``TokenLossMixin`` left in the module's token pipeline (the
-    real step's gradient normalisation must not see it)."""
-    pipe = token_pipeline_for(pl_module, create=False)
-    if pipe is not None:
-        pipe.reset()
-
-
 def _rng_devices(pl_module: pl.LightningModule) -> list[int]:
     dev = getattr(pl_module, "device", torch.device("cpu"))
     if isinstance(dev, torch.device) and dev.type == "cuda":
@@ -207,6 +200,9 @@ def _rng_devices(pl_module: pl.LightningModule) -> list[int]:
     return []
 
 
+@technique(name="green_trainer", family="tensor_selection",
+           paper="Towards Green AI in Fine-tuning Large Language Models via Adaptive Backpropagation",
+           arxiv="2309.13192")
 class GreenTrainer(ParamPlanCallback):
     """GreenTrainer (Huang et al., ICLR 2024): train, each epoch, the parameter tensors that give the most loss
     reduction per FLOP, chosen by dynamic programming under a training-FLOPs budget (adaptive backpropagation).
@@ -400,7 +396,6 @@ class GreenTrainer(ParamPlanCallback):
                 if trainer.is_global_zero:
                     def loss_fn() -> torch.Tensor:
                         loss = self._loss(trainer, pl_module, batch)
-                        _reset_pipeline(pl_module)
                         return loss
 
                     prof = profile_tensor_flops(pl_module, loss_fn)
@@ -489,17 +484,20 @@ class GreenTrainer(ParamPlanCallback):
             # probe's tensors as used in the next real step
             for p in named.values():
                 p.grad = None
+            pipe = token_pipeline_for(pl_module, create=False)
+            forwards = pipe.training_forwards if pipe is not None else 0
             with torch.enable_grad():
                 loss = self._loss(trainer, pl_module, batch)
                 grads = torch.autograd.grad(loss, cand, allow_unused=True)
             for p, g in zip(cand, grads):
                 p.grad = g
-            pipe = token_pipeline_for(pl_module, create=False)
-            if pipe is not None and pipe.pending:  # TokenLossMixin: normalise as a real step would
-                pipe.finalize_gradients(cand, strategy=None, world_size=1)
+            if pipe is not None and pipe.training_forwards > forwards:
+                # the loss went through lit_ft's token-loss engine, whose gradient is scaled for a real step (x the
+                # accumulation factor and the world size, which Lightning and DDP divide out): undo that here
+                world = int(getattr(trainer, "world_size", 1) or 1)
                 for p in cand:
                     if p.grad is not None:
-                        p.grad.div_(accumulate)
+                        p.grad.div_(accumulate * world)
 
         # the optimizer's state (moments, step counters) and param groups come back exactly with the snapshot;
         # parameters, gradients and requires_grad are restored here
@@ -528,7 +526,6 @@ class GreenTrainer(ParamPlanCallback):
                 with torch.no_grad():
                     for p, w in zip(cand, saved_w):
                         p.copy_(w)
-                _reset_pipeline(pl_module)
                 for n, p in all_params:
                     p.requires_grad_(saved_rg[n])
                     p.grad = saved_grad[n]
@@ -537,7 +534,7 @@ class GreenTrainer(ParamPlanCallback):
     # -- measured FLOPs ---------------------------------------------------------------------------------------------
     def _start_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         pipe = token_pipeline_for(pl_module, create=False)
-        if pipe is not None and pipe.pending:  # inside an accumulation window: measure at a window start
+        if pipe is not None and pipe.mid_window:  # inside an accumulation window: measure at a window start
             return
         self._last_measured_step = trainer.global_step
         named = dict(pl_module.named_parameters())
@@ -556,7 +553,6 @@ class GreenTrainer(ParamPlanCallback):
         finally:
             for n, p in named.items():
                 p.requires_grad_(saved_rg[n])
-            _reset_pipeline(pl_module)
 
         self._step_flops.arm(pl_module)  # the real step: counted from training_step through on_after_backward
 

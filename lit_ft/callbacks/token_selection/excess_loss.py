@@ -9,9 +9,12 @@ import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.frozen import DTYPES, FrozenModel
-from lit_ft.core.tokens import TokenDecision, TokenScores, global_topk_mask
+from lit_ft.core.loss import TokenDecision, TokenScores, causal_lm_token_nll, global_topk_mask
 
+@technique(name="excess_loss", family="token_selection",
+           paper="Rho-1: Not All Tokens Are What You Need", arxiv="2404.07965")
 class ExcessLossSelection(TokenScorerCallback):
     """Train only on the tokens whose loss most exceeds a reference model's (Rho-1, Lin et al. 2024,
     "Not All Tokens Are What You Need").
@@ -89,7 +92,6 @@ class ExcessLossSelection(TokenScorerCallback):
             self._reference.ensure(pl_module)
 
     def _reference_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, Any]) -> torch.Tensor:
-        from lit_ft.modules.token_loss import causal_lm_token_nll
 
         self._reference.ensure(pl_module)
         with self._reference.on(batch["input_ids"].device) as reference:
@@ -100,6 +102,10 @@ class ExcessLossSelection(TokenScorerCallback):
         self._ref_batch_id = id(batch)
 
     # -- selection ------------------------------------------------------------------------------------------------
+    def nominal_keep_ratio(self) -> float:
+        # Rho-1 normalises by N · k% (its eq. for L_SLM): the window's supervised tokens times keep_ratio
+        return self.keep_ratio
+
     def score_tokens(self, scores: TokenScores) -> TokenDecision:
         if not scores.training:
             return TokenDecision()

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.batch import check_token_tensor, require_keys
-from lit_ft.core.tokens import TokenDecision, TokenScores
+from lit_ft.core.loss import TokenDecision, TokenScores
 
 KEY = "key_token_mask"
 _PROVIDER = (
@@ -45,6 +46,9 @@ def key_token_weights(
     return weights, w
 
 
+@technique(name="key_token_weighting", family="token_selection",
+           paper="TL-Training: A Task-Feature-Based Framework for Training Large Language Models in Tool Use",
+           arxiv="2412.15495")
 class KeyTokenWeighting(TokenScorerCallback):
     """Up-weight the loss of *key tokens* that the DataModule marks — tool names and argument keys of tool calls,
     or any spans your regexes find — as in TL-Training's prioritized key-token loss (PKT; Ye et al., "TL-Training:
@@ -87,11 +91,16 @@ class KeyTokenWeighting(TokenScorerCallback):
             raise ValueError(f"KeyTokenWeighting: w_max must be a finite number >= 1, got {w_max!r}")
         self.w_max = float(w_max)
 
-    def _bind(self, batch: Any) -> None:
+    @property
+    def state_key(self) -> str:
+        # stateless, but several instances (different w_max) must still be told apart (contract suite)
+        return self._generate_state_key(w_max=self.w_max)
+
+    def _check(self, batch: Any) -> None:
         if not self._checked_batch:
             require_keys(batch, self.required_batch_keys, who=type(self).__name__, providers={KEY: _PROVIDER})
             check_token_tensor(batch, KEY, "labels", type(self).__name__, "bool")
-        super()._bind(batch)
+        super()._check(batch)
 
     def score_tokens(self, scores: TokenScores) -> TokenDecision:
         if not scores.training:

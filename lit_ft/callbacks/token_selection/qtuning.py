@@ -13,9 +13,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import find_hf_model
-from lit_ft.core.tokens import (
+from lit_ft.core.introspect import causal_lm_parts
+from lit_ft.core.loss import (
+    final_hidden_states,
+    token_stats,
     TokenDecision,
     TokenScores,
     dist_ready,
@@ -159,6 +163,10 @@ def smoothed_log_score(nll: torch.Tensor, valid: torch.Tensor, smoothing: float)
     return torch.where(valid, s, neg)
 
 
+@technique(name="qtuning", family="token_selection",
+           paper="Winning the Pruning Gamble: A Unified Approach to Joint Sample and Token Pruning for Efficient "
+                 "Supervised Fine-Tuning",
+           arxiv="2509.23873")
 class QTuning(TokenScorerCallback):
     """Q-Tuning (Wang et al. 2025, "Winning the Pruning Gamble: A Unified Approach to Joint Sample and Token
     Pruning for Efficient Supervised Fine-Tuning", arXiv 2509.23873): per batch, drop whole samples by their place
@@ -252,6 +260,12 @@ class QTuning(TokenScorerCallback):
         self._step_at_start = 0
         self._last_plot_step: int | None = None
 
+    @property
+    def state_key(self) -> str:
+        # stateless, but several instances must still be told apart (contract suite)
+        return self._generate_state_key(sample_ratio=self.sample_ratio, token_ratio=self.token_ratio,
+                                        quadrants=self.quadrants, scoring=self.scoring)
+
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -330,6 +344,12 @@ class QTuning(TokenScorerCallback):
         return sample_keep, token_keep
 
     # -- inline: levels mixin / hook ------------------------------------------------------------------------------
+    def nominal_keep_ratio(self) -> float:
+        # the sample budget: sample triage keeps `sample_ratio` of the samples. Token pruning inside the kept
+        # misconception samples is not counted ahead (which samples fall in that quadrant depends on the model),
+        # so the loss is Σ kept / (sample_ratio · N_supervised), not the mean over the tokens finally kept
+        return self.sample_ratio
+
     def score_tokens(self, scores: TokenScores) -> TokenDecision:
         if not scores.training or self.scoring != "inline":
             return TokenDecision()
@@ -344,13 +364,14 @@ class QTuning(TokenScorerCallback):
         if self.scoring == "inline":
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             return
-        self._bind(batch)
+        self._check(batch)
+        if self._attachment is not None:
+            self._attachment.begin_batch(trainer, pl_module, batch, batch_idx)
         self.edit_batch(trainer, pl_module, batch)
 
     def edit_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any]) -> None:
         """Separate scoring: no-grad forward of the current model, triage, then remove dropped samples from every
         per-sample entry of ``batch`` and set pruned tokens' labels to -100 (in place)."""
-        from lit_ft.modules.token_loss import causal_lm_parts, final_hidden_states, token_stats
 
         hf_model = find_hf_model(pl_module, require_lm_head=True)
         parts = causal_lm_parts(hf_model)

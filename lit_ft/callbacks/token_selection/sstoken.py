@@ -10,11 +10,18 @@ import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
 from lit_ft.core.frozen import FrozenModel
 from lit_ft.core.layer_hooks import ORDER_READ, register_layer_pre_hook
-from lit_ft.core.tokens import TokenDecision, TokenScores, per_response_min_max, per_response_topk_mask
+from lit_ft.core.loss import (
+    TokenDecision,
+    TokenScores,
+    causal_lm_token_nll,
+    per_response_min_max,
+    per_response_topk_mask,
+)
 
 _HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HISTORY_DEVICES = ("same", "cpu")
@@ -151,6 +158,8 @@ def prompt_attention_mass(
 # ---------------------------------------------------------------------------------------------------------------------
 # the callback
 # ---------------------------------------------------------------------------------------------------------------------
+@technique(name="sstoken", family="token_selection",
+           paper="ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning", arxiv="2510.18250")
 class SSToken(TokenScorerCallback):
     """ssToken — self-modulated and semantic-aware token selection (ICLR 2026; code: jianke0604/ssToken).
 
@@ -319,7 +328,6 @@ class SSToken(TokenScorerCallback):
 
     # -- history model ------------------------------------------------------------------------------------------------
     def _history_forward(self, pl_module: pl.LightningModule, batch: Mapping[str, Any]) -> torch.Tensor:
-        from lit_ft.modules.token_loss import causal_lm_token_nll
 
         self._history.ensure(pl_module)
         with self._history.on(batch["input_ids"].device) as model:  # history_device="cpu": visits, then back
@@ -390,6 +398,10 @@ class SSToken(TokenScorerCallback):
             self._layer, hidden, pos, self._prompt_keys.to(hidden.device),
             None if am is None else am.to(hidden.device),
         ).to(scores.valid.device)
+
+    def nominal_keep_ratio(self) -> float:
+        # the loss is averaged over the selected tokens: ρ of each response's supervised tokens
+        return self.keep_ratio
 
     def score_tokens(self, scores: TokenScores) -> TokenDecision:
         if not scores.training:

@@ -1,9 +1,9 @@
-"""Integration level 2 (DESIGN.md §4): a token-weighted loss installed as a HF model's ``loss_function``.
+"""Integration level 2: the token-loss engine installed as a HF model's ``loss_function``.
 
-For user modules that only ``return self.model(**batch).loss``: the model still materialises its logits (we do
-not own its forward), but the per-token scores of the *current* forward reach the registered scorers, whose
-weights / selections then shape the loss. Normalisation is deferred to the optimizer step like level 3
-(see :class:`~lit_ft.core.tokens.TokenPipeline`), so gradient accumulation stays exact.
+For user modules that only ``return self.model(**batch).loss``: the model still materialises its logits (we do not
+own its forward), but the per-token scores of the *current* forward reach the registered scorers, whose weights /
+selections shape the loss, and the registered objectives add their terms (from the model's logits). Every term is
+normalised by its window count (:mod:`lit_ft.core.loss.pipeline`), so gradient accumulation stays exact.
 """
 
 from __future__ import annotations
@@ -11,22 +11,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX
-from lit_ft.core.tokens import TokenPipeline, TokenScores, shift_targets
+from lit_ft.core.loss.objectives import ObjectiveInputs
+from lit_ft.core.loss.pipeline import TokenPipeline
+from lit_ft.core.loss.primitives import batch_token_weights, shift_targets, stats_from_logits
+from lit_ft.core.loss.scoring import TokenScores
 
 _HOOK_ATTR = "_lit_ft_loss_hook"
 
 
 class TokenWeightedLoss:
-    """Callable with HF's ``ForCausalLMLoss`` signature that applies a :class:`TokenPipeline`."""
+    """Callable with HF's ``ForCausalLMLoss`` signature that runs a :class:`TokenPipeline`."""
 
     def __init__(self, pipeline: TokenPipeline, previous: Any) -> None:
         self.pipeline = pipeline
         self.previous = previous
         self.accumulate_grad_batches = 1
+        self.world_size = 1
         self._warned_num_items = False
 
     def __call__(
@@ -41,43 +45,35 @@ class TokenWeightedLoss:
     ) -> torch.Tensor:
         if num_items_in_batch is not None and not self._warned_num_items:
             rank_zero_warn(
-                "lit_ft: `num_items_in_batch` is ignored while a lit_ft token callback owns the loss; it normalises "
-                "by the global kept-token count of the accumulation window instead."
+                "lit_ft: `num_items_in_batch` is ignored while a lit_ft token callback owns the loss; it counts the "
+                "accumulation window's normalisers itself."
             )
             self._warned_num_items = True
         targets = shift_labels if shift_labels is not None else shift_targets(labels, ignore_index)
-        logits = logits.float()
         targets = targets.to(logits.device)
         valid = targets != ignore_index
-        safe = torch.where(valid, targets, torch.zeros_like(targets))
-        lse = torch.logsumexp(logits, dim=-1)
-        nll = lse - logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        nll = torch.where(valid, nll, torch.zeros_like(nll))
-        batch = self.pipeline.current_batch or {}
-        # the module's own `training` flag decides, as in the mixin
         training = torch.is_grad_enabled() and logits.requires_grad
         needs = self.pipeline.needs if training else frozenset()
-        entropy = None
-        if "entropy" in needs:
-            with torch.no_grad():
-                p = torch.softmax(logits, dim=-1)
-                entropy = torch.where(valid, lse - (p * logits).sum(-1), torch.zeros_like(lse))
-        scores = TokenScores(
-            targets=targets, valid=valid, batch=batch, nll=nll.detach(), entropy=entropy,
-            lse=lse.detach() if "lse" in needs else None, training=training,
-        )
+        nll, stats = stats_from_logits(logits, targets, needs, ignore_index)
+        batch = self.pipeline.current_batch or {}
+        scores = TokenScores(targets=targets, valid=valid, batch=batch, nll=stats.nll, entropy=stats.entropy,
+                             lse=stats.lse, training=training)
         weights, keep = self.pipeline.decide(scores)
         if training and batch.get("token_weights") is not None:
-            from lit_ft.modules.token_loss import batch_token_weights
-
             bw = batch_token_weights(batch).to(logits.device)
             weights = bw if weights is None else weights * bw
         per_token = nll if weights is None else nll * weights
         loss_sum = torch.where(keep, per_token, torch.zeros_like(per_token)).sum()
-        n_tokens = keep.sum()
-        if training:
-            return self.pipeline.training_loss(loss_sum, n_tokens, self.accumulate_grad_batches)
-        return loss_sum / n_tokens.clamp_min(1)
+        terms = []
+        if self.pipeline.objectives:
+            terms = self.pipeline.objective_terms(ObjectiveInputs(
+                targets=targets, valid=valid, keep=keep, weights=weights, batch=batch, training=training,
+                level="hook", logits=logits,
+            ))
+        if not batch:  # called outside a bound step (e.g. a user's own forward): count this batch's labels
+            batch = {"labels": labels}
+        return self.pipeline.combine(loss_sum, keep.sum(), terms, batch, training, self.accumulate_grad_batches,
+                                     self.world_size)
 
 
 def install_token_loss_hook(hf_model: nn.Module, pipeline: TokenPipeline) -> TokenWeightedLoss:

@@ -1,0 +1,203 @@
+"""The per-module token-loss registry and the normalisation of its terms.
+
+One :class:`TokenPipeline` lives on each LightningModule that has token scorers or objectives (see
+:func:`token_pipeline_for`); the HF loss hook (level 2) and :class:`~lit_ft.core.loss.level3.TokenLossHost`
+(level 3) both run it. It holds the token scorers (:class:`~lit_ft.core.loss.scoring.TokenScorer`), the objectives
+(:class:`~lit_ft.core.loss.objectives.Objective`) and the window normaliser counts
+(:class:`~lit_ft.core.loss.window.WindowCounter`).
+
+Normalisation. The token loss of a training micro-batch contributes ``Σ_kept w·ℓ / C`` to the gradients, where
+``C = N_supervised(window, all ranks) × Π nominal keep ratios`` — known before the window's first forward, so the
+gradient is final when the backward ends and nothing is rescaled afterwards: a term the user adds to the loss trains
+exactly as without lit_ft. Each objective contributes ``weight · sum / normaliser`` likewise, with its own counts.
+The *value* the step returns is this micro-batch's own mean (kept tokens; each objective over its own batch
+counts), so logs read as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lit_ft.core.loss.objectives import Objective, ObjectiveInputs
+from lit_ft.core.loss.primitives import TOKEN_QUANTITIES, supervised_count
+from lit_ft.core.loss.scoring import TokenScorer, TokenScores, compose_decisions
+from lit_ft.core.loss.window import WindowCounter
+
+TOKEN_TERM = "token"
+
+
+class TokenPipeline:
+    """Registry of scorers and objectives for one module, plus the normaliser bookkeeping."""
+
+    def __init__(self) -> None:
+        self.scorers: list[TokenScorer] = []
+        self.objectives: list[Objective] = []
+        #: everything attached through :func:`lit_ft.core.loss.attach` (scorers, objectives, batch-weight
+        #: producers such as CPT); the HF loss hook stays installed while this is not empty
+        self.holders: list[Any] = []
+        self.window = WindowCounter()
+        self.last_metrics: dict[str, float | torch.Tensor] = {}
+        #: the batch of the forward in progress, bound at batch start (the HF loss hook sees only logits and
+        #: labels, so scorers and objectives that need other keys read them from here)
+        self.current_batch: Mapping[str, Any] | None = None
+        #: per-objective detached values of the last forward (``objective_name -> sum / normaliser``), for logs
+        self.last_objective_values: dict[str, torch.Tensor] = {}
+        #: training forwards that went through the engine (a participant can check its terms were applied)
+        self.training_forwards = 0
+        self._forwards_in_window = 0
+
+    # -- registry ---------------------------------------------------------------------------------------------
+    def register(self, scorer: TokenScorer) -> None:
+        bad = set(scorer.token_needs) - TOKEN_QUANTITIES
+        if bad:
+            raise ValueError(f"{type(scorer).__name__}.token_needs has unknown quantities {sorted(bad)}; "
+                             f"allowed: {sorted(TOKEN_QUANTITIES)}")
+        if scorer not in self.scorers:
+            self.scorers.append(scorer)
+
+    def unregister(self, scorer: TokenScorer) -> None:
+        if scorer in self.scorers:
+            self.scorers.remove(scorer)
+
+    def register_objective(self, objective: Objective) -> None:
+        if not callable(getattr(objective, "objective_loss", None)):
+            raise TypeError(f"{type(objective).__name__} has no objective_loss(inputs) method")
+        names = {o.objective_name for o in self.objectives if o is not objective}
+        if objective.objective_name in names or objective.objective_name == TOKEN_TERM:
+            raise ValueError(f"an objective named {objective.objective_name!r} is already registered on this module")
+        if objective not in self.objectives:
+            self.objectives.append(objective)
+
+    def unregister_objective(self, objective: Objective) -> None:
+        if objective in self.objectives:
+            self.objectives.remove(objective)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        out: set[str] = set()
+        for s in self.scorers:
+            out |= set(s.token_needs)
+        return frozenset(out)
+
+    def decide(self, scores: TokenScores) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Ask every scorer and compose (weights by product, keep by AND). Metrics go to ``last_metrics``."""
+        decisions = []
+        metrics: dict[str, float | torch.Tensor] = {}
+        for s in self.scorers:
+            d = s.score_tokens(scores)
+            decisions.append(d)
+            for k, v in d.metrics.items():
+                metrics[f"lit_ft/{s.scorer_name}/{k}"] = v
+        weights, keep = compose_decisions(decisions, scores.valid)
+        n_valid = scores.valid.sum().clamp_min(1)
+        metrics["lit_ft/tokens/kept_fraction"] = (keep.sum() / n_valid).float()
+        self.last_metrics = metrics
+        return weights, keep
+
+    # -- counting -----------------------------------------------------------------------------------------------
+    def nominal_keep_ratio(self) -> float:
+        return math.prod(float(s.nominal_keep_ratio()) for s in self.scorers)
+
+    def batch_counts(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Every term's normaliser counts for one raw micro-batch (this rank)."""
+        counted = batch
+        for holder in self.holders:  # deterministic batch-start edits (CPT's context labels) before counting
+            edit = getattr(holder, "batch_for_count", None)
+            if callable(edit):
+                counted = edit(counted)
+        out = {TOKEN_TERM: supervised_count(counted)}
+        for o in self.objectives:
+            for k, v in o.objective_counts(counted).items():
+                out[f"{o.objective_name}/{k}"] = torch.as_tensor(v, dtype=torch.float32)
+        return out
+
+    def begin_micro_batch(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Bind the batch and, at a window's first micro-batch, count the window's normalisers (idempotent)."""
+        self.current_batch = batch
+        self.window.begin(trainer, pl_module, batch, batch_idx, self.batch_counts)
+
+    def end_window(self) -> None:
+        self.window.end()
+        self._forwards_in_window = 0
+
+    @property
+    def mid_window(self) -> bool:
+        """True between a training forward through the engine and the optimizer step that closes its window."""
+        return self._forwards_in_window > 0
+
+    def _totals(self, batch: Mapping[str, Any], training: bool) -> dict[str, torch.Tensor]:
+        if training and self.window.totals is not None:
+            return self.window.totals
+        return self.batch_counts(batch)  # evaluation, or a forward outside a Lightning training loop
+
+    @staticmethod
+    def _objective_totals(totals: Mapping[str, torch.Tensor], objective: Objective) -> dict[str, torch.Tensor]:
+        prefix = f"{objective.objective_name}/"
+        return {k[len(prefix):]: v for k, v in totals.items() if k.startswith(prefix)}
+
+    # -- the loss ------------------------------------------------------------------------------------------------
+    def objective_terms(self, inputs: ObjectiveInputs) -> list[tuple[Objective, torch.Tensor]]:
+        terms = []
+        for o in self.objectives:
+            value = o.objective_loss(inputs)
+            if value is None:
+                continue
+            if value.dim() != 0:
+                raise ValueError(f"{type(o).__name__}.objective_loss must return a scalar sum, got shape "
+                                 f"{tuple(value.shape)}")
+            terms.append((o, value))
+        return terms
+
+    def combine(self, token_sum: torch.Tensor, n_kept: torch.Tensor, terms: list[tuple[Objective, torch.Tensor]],
+                batch: Mapping[str, Any], training: bool, accumulate: int = 1, world_size: int = 1) -> torch.Tensor:
+        """The tensor a step returns. Evaluation: token mean + Σ weight·sum/normaliser over this batch.
+
+        Training: its *value* is the same (this micro-batch's own means); its *gradient* is ``accumulate ·
+        world_size · (token_sum / C + Σ weight · sum / normaliser)`` with the window totals, which cancels
+        Lightning's division by the accumulation factor and DDP's average over ranks.
+        """
+        local = self.batch_counts(batch) if (training and terms) else None
+        value = token_sum.detach() / n_kept.detach().to(token_sum.dtype).clamp_min(1)
+        values: dict[str, torch.Tensor] = {}
+        if not training:
+            total = token_sum / n_kept.to(token_sum.dtype).clamp_min(1)
+            totals = self.batch_counts(batch)
+            for o, s in terms:
+                t = float(o.objective_weight()) * s / o.objective_normaliser(self._objective_totals(totals, o)).to(s.device).clamp_min(1e-12)
+                values[o.objective_name] = t.detach()
+                total = total + t
+            self.last_objective_values = values
+            return total
+        self.training_forwards += 1
+        self._forwards_in_window += 1
+        totals = self._totals(batch, training)
+        scale = float(accumulate) * float(world_size)
+        c_tok = (totals[TOKEN_TERM] * self.nominal_keep_ratio()).to(token_sum.device).clamp_min(1.0)
+        grad_part = token_sum / c_tok
+        for o, s in terms:
+            w = float(o.objective_weight())
+            norm = o.objective_normaliser(self._objective_totals(totals, o)).to(s.device).clamp_min(1e-12)
+            grad_part = grad_part + w * s / norm
+            own = o.objective_normaliser(self._objective_totals(local or totals, o)).to(s.device).clamp_min(1e-12)
+            values[o.objective_name] = (w * s.detach() / own)
+            value = value + values[o.objective_name]
+        self.last_objective_values = values
+        grad_part = grad_part * scale
+        return grad_part + (value.to(grad_part.dtype) - grad_part.detach())
+
+
+_PIPELINE_ATTR = "_lit_ft_token_pipeline"
+
+
+def token_pipeline_for(module: torch.nn.Module, create: bool = True) -> TokenPipeline | None:
+    """The :class:`TokenPipeline` attached to ``module`` (created on first use when ``create``)."""
+    pipe = module.__dict__.get(_PIPELINE_ATTR)
+    if pipe is None and create:
+        pipe = TokenPipeline()
+        # stored in __dict__ directly: a plain attribute, not a submodule/parameter/buffer
+        module.__dict__[_PIPELINE_ATTR] = pipe
+    return pipe
