@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.optim import masked_state_reset
 from lit_ft.core.params import FROZEN, ParamPlan, pack_mask, unpack_mask
@@ -50,6 +51,8 @@ def _round_count(x: float, gen: torch.Generator) -> int:
     return k
 
 
+@technique(name="half_fine_tuning", family="param_reset",
+           paper="HFT: Half Fine-Tuning for Large Language Models", arxiv="2404.18466")
 class HalfFineTuning(ParamPlanCallback):
     """Half Fine-Tuning (HFT): in every stage, train a random half of each transformer layer's matrices and keep
     the other half frozen; a new random half is drawn at every stage.

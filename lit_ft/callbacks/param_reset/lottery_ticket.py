@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.sparse_diff import export_sparse_diff
 from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
 from lit_ft.core.optim import reset_optimizer_state
@@ -146,6 +147,8 @@ def _module_prefix(pl_module: torch.nn.Module) -> str:
     return ""
 
 
+@technique(name="lottery_ticket", family="param_reset",
+           paper="Composable Sparse Fine-Tuning for Cross-Lingual Transfer", arxiv="2110.07560")
 class LotteryTicketSparseFT(ParamPlanCallback):
     """LT-SFT, lottery-ticket sparse fine-tuning (Ansell et al., ACL 2022).
 

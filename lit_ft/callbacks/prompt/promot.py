@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._prompt import check_optional_lr, check_optional_wd
+from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.prompt_tuning import PromptTuning
 from lit_ft.core.optim import sync_schedulers
 from lit_ft.core.params import FROZEN, ParamPlan, name_matcher
@@ -19,6 +20,8 @@ EVAL_PROMPT = ("with", "without")
 DEFAULT_PROMPT_STEPS = 100
 
 
+@technique(name="promot", family="prompt",
+           paper="Two-stage LLM Fine-tuning with Less Specialization and More Generalization", arxiv=None)
 class ProMoT(PromptTuning):
     """ProMoT (Prompt Tuning with MOdel Tuning): a two-stage fine-tune that keeps the task's *format* in a removable
     soft prompt, so the model itself specialises less and keeps more of its in-context ability.

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -27,6 +28,9 @@ def _check_int(value: Any, name: str, low: int, what: str) -> int:
     return value
 
 
+@technique(name="freeze_layers", family="tensor_selection",
+           paper="Fine-Tuning Large Neural Language Models for Biomedical Natural Language Processing",
+           arxiv="2112.07869")
 class FreezeLayers(ParamPlanCallback):
     """Freeze the input embeddings and the lower ``num_layers`` transformer layers; train the rest.
 

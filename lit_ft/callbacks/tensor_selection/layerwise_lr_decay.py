@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.core.registry import technique
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_base_model,
@@ -32,6 +33,9 @@ _BASE = "llrd_base_lr"  # the un-decayed initial lr of this group's class
 _NOT_CLASS = {"params", "param_names", "group_id", _MULT, _BASE, *_LR_KEYS}
 
 
+@technique(name="layerwise_lr_decay", family="tensor_selection",
+           paper="Fine-Tuning Large Neural Language Models for Biomedical Natural Language Processing",
+           arxiv="2112.07869")
 class LayerwiseLRDecay(Callback):
     """Layer-wise learning-rate decay: ``lr_l = lr * decay ** (L - l)`` for layer ``l`` of ``L``.
 
