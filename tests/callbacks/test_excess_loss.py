@@ -19,7 +19,7 @@ def _trainer(callbacks, max_steps=3, **kw):
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, "x"])
 def test_bad_keep_ratio_is_rejected(bad):
-    with pytest.raises(ValueError, match="keep_ratio must be in \\(0, 1\\]"):
+    with pytest.raises(ValueError, match="`keep_ratio` must be a number in \\(0, 1\\]"):
         ExcessLossSelection(keep_ratio=bad)
 
 

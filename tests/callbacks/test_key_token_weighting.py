@@ -78,7 +78,7 @@ def hand_loss(hf_model, batch, w):
 
 @pytest.mark.parametrize("bad", [0.5, 0, -1.0, float("nan"), float("inf"), "9", True])
 def test_bad_w_max_is_rejected(bad):
-    with pytest.raises(ValueError, match="w_max must be a finite number >= 1"):
+    with pytest.raises(ValueError, match="`w_max` must be a finite number >= 1"):
         KeyTokenWeighting(w_max=bad)
 
 

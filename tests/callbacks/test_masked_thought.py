@@ -59,18 +59,18 @@ def test_defaults():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "x", True])
 def test_bad_max_rate(bad):
-    with pytest.raises(ValueError, match=r"max_rate must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"`max_rate` must be a number in \[0, 1\)"):
         MaskedThought(max_rate=bad)
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.01, "half"])
 def test_bad_warmup_fraction(bad):
-    with pytest.raises(ValueError, match=r"warmup_fraction must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"`warmup_fraction` must be a number in \[0, 1\]"):
         MaskedThought(warmup_fraction=bad)
 
 
 def test_bad_mode_and_other_options():
-    with pytest.raises(ValueError, match="mode must be one of .*'bert'"):
+    with pytest.raises(ValueError, match="`mode` must be one of .*'bert'"):
         MaskedThought(mode="bert")
     with pytest.raises(ValueError, match="rate_sampling"):
         MaskedThought(rate_sampling="normal")

@@ -15,6 +15,7 @@ from torch import nn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.optim import masked_state_reset
 from lit_ft.core.params import FROZEN, ParamPlan, pack_mask, unpack_mask
@@ -129,17 +130,12 @@ class HalfFineTuning(ParamPlanCallback):
         seed: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-            raise TypeError(f"HalfFineTuning: `ratio` must be a number in (0, 1], got {ratio!r}.")
-        if not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"HalfFineTuning: `ratio` must be in (0, 1] (0.5 = the paper), got {ratio!r}.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"HalfFineTuning: `granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
-        if reselect not in RESELECTS:
-            raise ValueError(f"HalfFineTuning: `reselect` must be one of {RESELECTS}, got {reselect!r}.")
+        owner = type(self).__name__
+        check_number(owner, "ratio", ratio, low=0, high=1, low_open=True)  # 0.5 = the paper
+        check_choice(owner, "granularity", granularity, GRANULARITIES)
+        check_choice(owner, "reselect", reselect, RESELECTS)
         if stage_steps is not None:
-            if isinstance(stage_steps, bool) or not isinstance(stage_steps, int) or stage_steps < 1:
-                raise ValueError(f"HalfFineTuning: `stage_steps` must be an int >= 1 or None, got {stage_steps!r}.")
+            check_int(owner, "stage_steps", stage_steps, minimum=1)
             if reselect != "steps":
                 raise ValueError(
                     f"HalfFineTuning: `stage_steps`={stage_steps} is only used with reselect='steps', got "
@@ -147,14 +143,11 @@ class HalfFineTuning(ParamPlanCallback):
                 )
         elif reselect == "steps":
             raise ValueError("HalfFineTuning: reselect='steps' needs `stage_steps` (an int >= 1), got None.")
-        if theta0_device not in THETA0_DEVICES:
-            raise ValueError(f"HalfFineTuning: `theta0_device` must be one of {THETA0_DEVICES}, got {theta0_device!r}.")
+        check_choice(owner, "theta0_device", theta0_device, THETA0_DEVICES)
         for name, value in (("reset_frozen", reset_frozen), ("reset_moments_on_thaw", reset_moments_on_thaw),
                             ("train_non_layer", train_non_layer)):
-            if not isinstance(value, bool):
-                raise TypeError(f"HalfFineTuning: `{name}` must be a bool, got {value!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"HalfFineTuning: `seed` must be a non-negative int or None, got {seed!r}.")
+            check_bool(owner, name, value)
+        check_int(owner, "seed", seed, minimum=0, allow_none=True, null_means="the run's seed")
         self.ratio = float(ratio)
         self.granularity = granularity
         self.reselect = reselect

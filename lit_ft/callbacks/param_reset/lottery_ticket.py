@@ -14,6 +14,7 @@ import torch
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_choice, check_int, check_number, check_str, check_str_list
 from lit_ft.core.sparse_diff import export_sparse_diff
 from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
 from lit_ft.core.optim import reset_optimizer_state
@@ -217,33 +218,21 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         diff_dtype: str = "float64",
     ) -> None:
         super().__init__()
-        if isinstance(proportion, bool) or not isinstance(proportion, (int, float)) or not 0 < proportion <= 1:
-            raise ValueError(f"`proportion` must be a number in (0, 1], got {proportion!r}.")
-        if num_params is not None and (isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1):
-            raise ValueError(f"`num_params` must be None or an int >= 1, got {num_params!r}.")
-        for arg, v in (("phase1_steps", phase1_steps), ("phase1_epochs", phase1_epochs)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"`{arg}` must be None or an int >= 1, got {v!r}.")
+        owner = type(self).__name__
+        check_number(owner, "proportion", proportion, low=0, high=1, low_open=True)
+        check_int(owner, "num_params", num_params, minimum=1, allow_none=True, null_means="from `proportion`")
+        check_int(owner, "phase1_steps", phase1_steps, minimum=1, allow_none=True)
+        check_int(owner, "phase1_epochs", phase1_epochs, minimum=1, allow_none=True)
         if phase1_steps is not None and phase1_epochs is not None:
             raise ValueError(
                 f"`phase1_steps` ({phase1_steps}) and `phase1_epochs` ({phase1_epochs}) are exclusive: set one of them."
             )
-        if isinstance(phase1_fraction, bool) or not isinstance(phase1_fraction, (int, float)) or not 0 < phase1_fraction < 1:
-            raise ValueError(f"`phase1_fraction` must be a number in (0, 1), got {phase1_fraction!r}.")
-        if always_train is not None:
-            if isinstance(always_train, str):
-                always_train = [always_train]
-            if not isinstance(always_train, (list, tuple)) or not all(isinstance(p, str) and p for p in always_train):
-                raise ValueError(f"`always_train` must be None or a list of non-empty name patterns, got {always_train!r}.")
-            always_train = list(always_train)
-        if theta0_device not in _THETA0_DEVICES:
-            raise ValueError(f"`theta0_device` must be one of {_THETA0_DEVICES}, got {theta0_device!r}.")
-        if theta0_dtype not in _THETA0_DTYPES:
-            raise ValueError(f"`theta0_dtype` must be one of {_THETA0_DTYPES}, got {theta0_dtype!r}.")
-        if diff_dtype not in _DIFF_DTYPES:
-            raise ValueError(f"`diff_dtype` must be one of {_DIFF_DTYPES}, got {diff_dtype!r}.")
-        if export_path is not None and (not isinstance(export_path, str) or not export_path):
-            raise ValueError(f"`export_path` must be None or a non-empty path string, got {export_path!r}.")
+        check_number(owner, "phase1_fraction", phase1_fraction, low=0, high=1, low_open=True, high_open=True)
+        always_train = check_str_list(owner, "always_train", always_train, allow_none=True, allow_empty=True)
+        check_choice(owner, "theta0_device", theta0_device, _THETA0_DEVICES)
+        check_choice(owner, "theta0_dtype", theta0_dtype, _THETA0_DTYPES)
+        check_choice(owner, "diff_dtype", diff_dtype, _DIFF_DTYPES)
+        check_str(owner, "export_path", export_path, allow_none=True, null_means="next to the checkpoints")
         self.proportion = float(proportion)
         self.num_params = num_params
         self.phase1_steps = phase1_steps

@@ -13,6 +13,7 @@ from torch import nn
 
 from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_bool, check_int, check_number
 from lit_ft.core.introspect import find_decoder_layers, find_hf_model, param_names_by_id
 
 
@@ -73,18 +74,12 @@ class ReinitTopLayers(Callback):
     technique_name = "reinit_top_layers"
 
     def __init__(self, num_layers: int = 1, std: Optional[float] = None, seed: int = 0, include_frozen: bool = False) -> None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"ReinitTopLayers: `num_layers` must be an integer >= 1 (top layers to re-initialise), got {num_layers!r}.")
-        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not (0 < float(std) < float("inf"))):
-            raise ValueError(f"ReinitTopLayers: `std` must be a finite number > 0, or None for the config's initializer_range, got {std!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"ReinitTopLayers: `seed` must be an integer >= 0, got {seed!r}.")
-        if not isinstance(include_frozen, bool):
-            raise ValueError(f"ReinitTopLayers: `include_frozen` must be a bool, got {include_frozen!r}.")
-        self.num_layers = num_layers
-        self.std = None if std is None else float(std)
-        self.seed = seed
-        self.include_frozen = include_frozen
+        owner = type(self).__name__
+        self.num_layers = check_int(owner, "num_layers", num_layers, minimum=1)  # top layers to re-initialise
+        self.std = check_number(owner, "std", std, low=0, low_open=True, allow_none=True,
+                                null_means="the config's initializer_range")
+        self.seed = check_int(owner, "seed", seed, minimum=0)
+        self.include_frozen = check_bool(owner, "include_frozen", include_frozen)
         #: True once the re-init has been applied (in this run or, per the checkpoint, in the run resumed from)
         self.done = False
         #: number of re-inits this callback object applied whose result the run kept (0 or 1)

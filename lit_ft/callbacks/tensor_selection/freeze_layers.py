@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_bool, check_int
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -20,12 +21,6 @@ from lit_ft.core.introspect import (
 )
 from lit_ft.core.optim import sync_schedulers
 from lit_ft.core.params import FROZEN, ParamPlan
-
-
-def _check_int(value: Any, name: str, low: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"FreezeLayers: `{name}` must be an integer >= {low} ({what}), got {value!r}.")
-    return value
 
 
 @technique(name="freeze_layers", family="tensor_selection",
@@ -58,14 +53,14 @@ class FreezeLayers(ParamPlanCallback):
     technique_name = "freeze_layers"
 
     def __init__(self, num_layers: int = 2, freeze_embeddings: bool = True, unfreeze_at_epoch: Optional[int] = None) -> None:
-        self.num_layers = _check_int(num_layers, "num_layers", 0, "number of lowest layers to freeze")
-        if not isinstance(freeze_embeddings, bool):
-            raise ValueError(f"FreezeLayers: `freeze_embeddings` must be a bool, got {freeze_embeddings!r}.")
+        owner = type(self).__name__
+        self.num_layers = check_int(owner, "num_layers", num_layers, minimum=0)  # lowest layers to freeze
+        check_bool(owner, "freeze_embeddings", freeze_embeddings)
         if num_layers == 0 and not freeze_embeddings:
             raise ValueError("FreezeLayers: num_layers=0 with freeze_embeddings=False freezes nothing; set "
                              "num_layers >= 1 or freeze_embeddings=True (or drop the callback).")
-        if unfreeze_at_epoch is not None:
-            _check_int(unfreeze_at_epoch, "unfreeze_at_epoch", 1, "epoch at whose start the layers unfreeze, or None")
+        # the epoch at whose start the layers unfreeze
+        check_int(owner, "unfreeze_at_epoch", unfreeze_at_epoch, minimum=1, allow_none=True, null_means="never")
         self.freeze_embeddings = freeze_embeddings
         self.unfreeze_at_epoch = unfreeze_at_epoch
         #: whether the unfreeze has happened (saved in the checkpoint)

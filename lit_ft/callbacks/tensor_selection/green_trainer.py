@@ -37,6 +37,7 @@ from lit_ft.core.flops import (  # noqa: F401  (flop_counter, FlopsProfile, prof
     FlopsProfile, TrainingStepFlops, flop_counter, log_flops_fraction, measured_step, profile_tensor_flops,
 )
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_int, check_number
 from lit_ft.core.optim import optimizer_defaults, optimizer_snapshot, rebuild_param_groups
 from lit_ft.core.params import FROZEN, TRAINABLE, ParamPlan, ParamPlanConflict, compose
 from lit_ft.core.loss import token_pipeline_for
@@ -251,13 +252,11 @@ class GreenTrainer(ParamPlanCallback):
         measure_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < float(rho) <= 1.0):
-            raise ValueError(
-                f"GreenTrainer: `rho` must be a float in (0, 1] (fraction of full training FLOPs), got {rho!r}.")
-        for arg, value, lo in (("interval", interval, 1), ("quantization", quantization, 10),
-                               ("measure_every_n_steps", measure_every_n_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"GreenTrainer: `{arg}` must be an int >= {lo}, got {value!r}.")
+        owner = type(self).__name__
+        check_number(owner, "rho", rho, low=0, high=1, low_open=True)  # fraction of full training FLOPs
+        check_int(owner, "interval", interval, minimum=1)
+        check_int(owner, "quantization", quantization, minimum=10)
+        check_int(owner, "measure_every_n_steps", measure_every_n_steps, minimum=0)
         self.rho = float(rho)
         self.interval = interval
         self.quantization = quantization

@@ -3,7 +3,6 @@ layer below at ``decay`` times the one above it, the embeddings lowest."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -13,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_choice, check_number
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_base_model,
@@ -67,10 +67,9 @@ class LayerwiseLRDecay(Callback):
     technique_name = "layerwise_lr_decay"
 
     def __init__(self, decay: float = 0.9, tied_head: str = "embeddings") -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0 < float(decay) <= 1) or not math.isfinite(decay):
-            raise ValueError(f"LayerwiseLRDecay: `decay` must be a number in (0, 1] (per-layer lr factor), got {decay!r}.")
-        if tied_head not in TIED_HEAD:
-            raise ValueError(f"LayerwiseLRDecay: `tied_head` must be one of {TIED_HEAD}, got {tied_head!r}.")
+        owner = type(self).__name__
+        check_number(owner, "decay", decay, low=0, high=1, low_open=True)  # per-layer lr factor
+        check_choice(owner, "tied_head", tied_head, TIED_HEAD)
         self.decay = float(decay)
         self.tied_head = tied_head
         #: filled at on_fit_start: canonical name -> lr multiplier (names not listed: 1), and the layer count L

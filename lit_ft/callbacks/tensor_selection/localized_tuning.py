@@ -3,7 +3,6 @@ fit, stop when the epoch-average loss is low enough."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -12,14 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._param_plan import SelectionPlanCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_bool, check_int, check_number, check_str
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.params import ParamPatternError, ParamPlan, name_matcher
-
-
-def _check_threshold(value: Any, argname: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"LocalizedTuning: `{argname}` must be a finite number >= 0, got {value!r}.")
-    return float(value)
 
 
 @technique(name="localized_tuning", family="tensor_selection",
@@ -72,18 +66,14 @@ class LocalizedTuning(SelectionPlanCallback):
         stop_below: Optional[float] = 0.01,
         required: bool = False,
     ) -> None:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"LocalizedTuning: `layer` must be an integer decoder-layer index (negative = from the top), got {layer!r}.")
-        if not isinstance(module_pattern, str) or not module_pattern.strip():
-            raise ValueError(
-                f"LocalizedTuning: `module_pattern` must be a non-empty string such as 'mlp.down_proj', 'mlp.*' or "
-                f"'*', got {module_pattern!r}."
-            )
+        owner = type(self).__name__
+        check_int(owner, "layer", layer)  # a decoder-layer index, negative = from the top
+        check_str(owner, "module_pattern", module_pattern)  # 'mlp.down_proj', 'mlp.*', '*' or 're:...'
         name_matcher(module_pattern, "module_pattern")  # regex syntax errors now, not at setup
-        self.skip_below = _check_threshold(skip_below, "skip_below")
-        self.stop_below = None if stop_below is None else _check_threshold(stop_below, "stop_below")
-        if not isinstance(required, bool):
-            raise ValueError(f"LocalizedTuning: `required` must be a bool, got {required!r}.")
+        self.skip_below = check_number(owner, "skip_below", skip_below, low=0)
+        self.stop_below = check_number(owner, "stop_below", stop_below, low=0, allow_none=True,
+                                       null_means="no early stop")
+        check_bool(owner, "required", required)
         self.layer = layer
         self.module_pattern = module_pattern
         self.required = required

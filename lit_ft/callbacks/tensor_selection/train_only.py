@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._param_plan import SelectionPlanCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_str_list
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -66,16 +67,10 @@ class TrainOnly(SelectionPlanCallback):
         include_head: bool = True,
         required: bool = False,
     ) -> None:
-        if preset not in PRESETS:
-            raise ValueError(f"TrainOnly: `preset` must be one of {PRESETS}, got {preset!r}.")
-        if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
-            raise ValueError(f"TrainOnly: `last_k` must be an integer >= 1 (number of top decoder layers), got {last_k!r}.")
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        if patterns is not None:
-            patterns = list(patterns)
-            if not patterns or not all(isinstance(p, str) and p for p in patterns):
-                raise ValueError(f"TrainOnly: `patterns` must be a non-empty list of non-empty strings, got {patterns!r}.")
+        owner = type(self).__name__
+        check_choice(owner, "preset", preset, PRESETS)
+        check_int(owner, "last_k", last_k, minimum=1)  # number of top decoder layers
+        patterns = check_str_list(owner, "patterns", patterns, allow_none=True)
         if preset == "patterns" and not patterns:
             raise ValueError("TrainOnly: preset='patterns' needs `patterns` (e.g. ['*lm_head*', 're:.*layers\\.1\\..*']).")
         if preset != "patterns" and patterns is not None:
@@ -83,10 +78,8 @@ class TrainOnly(SelectionPlanCallback):
                 f"TrainOnly: `patterns` is only used with preset='patterns' (got preset={preset!r} and "
                 f"patterns={patterns!r}); set preset='patterns' or drop `patterns`."
             )
-        if not isinstance(include_head, bool):
-            raise ValueError(f"TrainOnly: `include_head` must be a bool, got {include_head!r}.")
-        if not isinstance(required, bool):
-            raise ValueError(f"TrainOnly: `required` must be a bool, got {required!r}.")
+        check_bool(owner, "include_head", include_head)
+        check_bool(owner, "required", required)
         self.preset = preset
         self.last_k = last_k
         self.patterns = patterns

@@ -10,6 +10,7 @@ import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_choice, check_number
 from lit_ft.core.frozen import DTYPES, FrozenModel
 from lit_ft.core.loss import TokenDecision, TokenScores, causal_lm_token_nll, global_topk_mask
 
@@ -54,12 +55,9 @@ class ExcessLossSelection(TokenScorerCallback):
         integration: str = "auto",
     ) -> None:
         super().__init__(integration=integration)
-        if not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
-            raise ValueError(f"ExcessLossSelection: keep_ratio must be in (0, 1], got {keep_ratio!r}")
-        if reference_dtype not in DTYPES:
-            raise ValueError(
-                f"ExcessLossSelection: reference_dtype must be one of {sorted(DTYPES)}, got {reference_dtype!r}"
-            )
+        owner = type(self).__name__
+        check_number(owner, "keep_ratio", keep_ratio, low=0, high=1, low_open=True)
+        check_choice(owner, "reference_dtype", reference_dtype, sorted(DTYPES))
         self.keep_ratio = float(keep_ratio)
         self.reference = reference
         self.reference_dtype = reference_dtype

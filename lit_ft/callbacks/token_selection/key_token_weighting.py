@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_number
 from lit_ft.core.batch import check_token_tensor, require_keys
 from lit_ft.core.loss import TokenDecision, TokenScores
 
@@ -87,9 +87,7 @@ class KeyTokenWeighting(TokenScorerCallback):
 
     def __init__(self, w_max: float = 9.0, integration: str = "auto") -> None:
         super().__init__(integration=integration)
-        if isinstance(w_max, bool) or not isinstance(w_max, (int, float)) or not math.isfinite(w_max) or w_max < 1:
-            raise ValueError(f"KeyTokenWeighting: w_max must be a finite number >= 1, got {w_max!r}")
-        self.w_max = float(w_max)
+        self.w_max = check_number(type(self).__name__, "w_max", w_max, low=1)
 
     @property
     def state_key(self) -> str:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_choice, check_int, check_number
 
 MODES = ("mask", "random")
 RATE_SAMPLINGS = ("fixed", "uniform")
@@ -116,24 +117,13 @@ class MaskedThought(Callback):
         require_sample_idx: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not 0.0 <= float(max_rate) < 1.0:
-            raise ValueError(f"MaskedThought: max_rate must be in [0, 1), got {max_rate!r}")
-        if (
-            isinstance(warmup_fraction, bool)
-            or not isinstance(warmup_fraction, (int, float))
-            or not 0.0 <= float(warmup_fraction) <= 1.0
-        ):
-            raise ValueError(f"MaskedThought: warmup_fraction must be in [0, 1], got {warmup_fraction!r}")
-        if mode not in MODES:
-            raise ValueError(f"MaskedThought: mode must be one of {MODES}, got {mode!r}")
-        if rate_sampling not in RATE_SAMPLINGS:
-            raise ValueError(f"MaskedThought: rate_sampling must be one of {RATE_SAMPLINGS}, got {rate_sampling!r}")
-        if mask_token_id is not None and (
-            isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0
-        ):
-            raise ValueError(f"MaskedThought: mask_token_id must be None or an int >= 0, got {mask_token_id!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"MaskedThought: seed must be None or an int >= 0, got {seed!r}")
+        owner = type(self).__name__
+        check_number(owner, "max_rate", max_rate, low=0, high=1, high_open=True)
+        check_number(owner, "warmup_fraction", warmup_fraction, low=0, high=1)
+        check_choice(owner, "mode", mode, MODES)
+        check_choice(owner, "rate_sampling", rate_sampling, RATE_SAMPLINGS)
+        check_int(owner, "mask_token_id", mask_token_id, minimum=0, allow_none=True, null_means="the tokenizer's")
+        check_int(owner, "seed", seed, minimum=0, allow_none=True, null_means="the run's seed")
         self.max_rate = float(max_rate)
         self.warmup_fraction = float(warmup_fraction)
         self.mode = mode

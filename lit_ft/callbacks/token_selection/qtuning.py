@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import find_hf_model
 from lit_ft.core.introspect import causal_lm_parts
@@ -226,24 +227,19 @@ class QTuning(TokenScorerCallback):
         plot_every_n_steps: int = 100,
     ) -> None:
         super().__init__(integration=integration)
-        for name, value in (("sample_ratio", sample_ratio), ("token_ratio", token_ratio)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-                raise ValueError(f"QTuning: {name} must be in (0, 1], got {value!r}")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= float(smoothing) <= 1.0:
-            raise ValueError(f"QTuning: smoothing must be in [0, 1], got {smoothing!r}")
-        if quadrants not in QUADRANTS:
-            raise ValueError(f"QTuning: quadrants must be one of {QUADRANTS}, got {quadrants!r}")
-        if not isinstance(top_up, bool):
-            raise ValueError(f"QTuning: top_up must be a bool, got {top_up!r}")
-        if scoring not in SCORINGS:
-            raise ValueError(f"QTuning: scoring must be one of {SCORINGS}, got {scoring!r}")
+        owner = type(self).__name__
+        check_number(owner, "sample_ratio", sample_ratio, low=0, high=1, low_open=True)
+        check_number(owner, "token_ratio", token_ratio, low=0, high=1, low_open=True)
+        check_number(owner, "smoothing", smoothing, low=0, high=1)
+        check_choice(owner, "quadrants", quadrants, QUADRANTS)
+        check_bool(owner, "top_up", top_up)
+        check_choice(owner, "scoring", scoring, SCORINGS)
         if scoring == "inline" and integration == "batch":
             raise ValueError(
                 "QTuning: scoring='inline' scores inside the training loss and needs integration 'auto', 'mixin' or "
                 "'hook'; integration='batch' goes with scoring='separate'"
             )
-        if isinstance(plot_every_n_steps, bool) or not isinstance(plot_every_n_steps, int) or plot_every_n_steps < 0:
-            raise ValueError(f"QTuning: plot_every_n_steps must be an int >= 0 (0 = off), got {plot_every_n_steps!r}")
+        check_int(owner, "plot_every_n_steps", plot_every_n_steps, minimum=0)  # 0 = off
         self.sample_ratio = float(sample_ratio)
         self.token_ratio = float(token_ratio)
         self.smoothing = float(smoothing)

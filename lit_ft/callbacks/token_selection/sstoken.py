@@ -11,6 +11,7 @@ import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.validate import check_choice, check_int, check_number, check_str
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
 from lit_ft.core.frozen import FrozenModel
@@ -216,22 +217,14 @@ class SSToken(TokenScorerCallback):
         integration: str = "auto",
     ) -> None:
         super().__init__(integration=integration)
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < float(keep_ratio) <= 1.0:
-            raise ValueError(f"SSToken: keep_ratio must be in (0, 1], got {keep_ratio!r}")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
-            raise ValueError(f"SSToken: gamma must be in [0, 1], got {gamma!r}")
-        if isinstance(attention_layer, bool) or not isinstance(attention_layer, int):
-            raise ValueError(f"SSToken: attention_layer must be an int layer index (-1 = last), got {attention_layer!r}")
-        if not isinstance(history, str) or not history:
-            raise ValueError(
-                f"SSToken: history must be 'ema', 'initial', or a local model folder / lit_ft asset name, got {history!r}"
-            )
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= float(ema_decay) <= 1.0:
-            raise ValueError(f"SSToken: ema_decay must be in [0, 1], got {ema_decay!r}")
-        if history_device not in _HISTORY_DEVICES:
-            raise ValueError(f"SSToken: history_device must be one of {list(_HISTORY_DEVICES)}, got {history_device!r}")
-        if history_dtype not in _HISTORY_DTYPES:
-            raise ValueError(f"SSToken: history_dtype must be one of {sorted(_HISTORY_DTYPES)}, got {history_dtype!r}")
+        owner = type(self).__name__
+        check_number(owner, "keep_ratio", keep_ratio, low=0, high=1, low_open=True)
+        check_number(owner, "gamma", gamma, low=0, high=1)
+        check_int(owner, "attention_layer", attention_layer)  # a layer index, -1 = last
+        check_str(owner, "history", history)  # 'ema', 'initial', or a local model folder / lit_ft asset name
+        check_number(owner, "ema_decay", ema_decay, low=0, high=1)
+        check_choice(owner, "history_device", history_device, list(_HISTORY_DEVICES))
+        check_choice(owner, "history_dtype", history_dtype, sorted(_HISTORY_DTYPES))
         self.keep_ratio = float(keep_ratio)
         self.gamma = float(gamma)
         self.attention_layer = attention_layer
