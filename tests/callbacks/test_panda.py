@@ -399,3 +399,69 @@ def test_peft_wrapped_model(tmp_path):
     assert torch.equal(cb.teacher.embedding.weight, art.embedding.weight)
     assert not torch.equal(cb.source.embedding.weight, art.embedding.weight)  # init="source": moved away from it
     assert cb.injector.calls == 2 * 3 and t.callback_metrics["lit_ft/panda/kd_loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PANDA's KD as an objective: exact under gradient accumulation and DDP, at levels 2 and 3
+# ---------------------------------------------------------------------------------------------------------------
+class _GradCapture(pl.Callback):
+    """Saves the (already normalised) gradients at the optimizer step, from rank 0 (DDP ranks hold the average)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.is_global_zero:
+            torch.save({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None},
+                       self.path)
+
+
+def _window_data():
+    data = random_batch(8, 16, prompt_len=3, seed=2)
+    data["labels"][:2, 3:12] = -100  # very unequal supervised counts across micro-batches / ranks
+    return data
+
+
+def _panda_grads(tmp_path, src, make, batch_size, accumulate=1, strategy="auto", devices=1, form="mse"):
+    from torch.utils.data import DataLoader
+
+    data = _window_data()
+    batches = [{k: v[i: i + batch_size] for k, v in data.items()} for i in range(0, 8, batch_size)]
+    torch.manual_seed(0)  # the same backbone in every run
+    module = causal_module() if make == "causal" else PlainHFModule()
+    path = tmp_path / f"{make}-{form}-{batch_size}-{accumulate}-{devices}.pt"
+    cb = PANDA(source_prompt=src, beta=0.5, kd=form, init="vocab", seed=3)
+    t = pl.Trainer(accelerator="cpu", strategy=strategy, devices=devices, max_steps=1,
+                   accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, _GradCapture(path)],
+                   use_distributed_sampler=True)
+    t.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return torch.load(path)
+
+
+def _assert_same_grads(a, b):
+    assert a.keys() == b.keys() and any(k.startswith("lit_ft_prompts") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-7, msg=k)
+        assert torch.count_nonzero(a[k]) > 0, k
+
+
+@pytest.mark.parametrize("make", ["causal", "plain"])
+@pytest.mark.parametrize("form", ["mse", "kl"])
+def test_kd_objective_exact_under_gradient_accumulation(tmp_path, make, form):
+    """accumulate 4 x batch 2 == batch 8: the KD term's normaliser (rows x V x sequences for mse, rows for kl) and
+    the token loss's are counted over the whole window before its first backward."""
+    src = write_source(tmp_path / "src")
+    big = _panda_grads(tmp_path, src, make, 8, form=form)
+    acc = _panda_grads(tmp_path, src, make, 2, accumulate=4, form=form)
+    _assert_same_grads(acc, big)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", ["causal", "plain"])
+def test_kd_objective_exact_under_two_process_ddp(tmp_path, make):
+    """2 gloo ranks x batch 4 == 1 process x batch 8 (rank 0 holds far fewer supervised tokens than rank 1)."""
+    src = write_source(tmp_path / "src")
+    single = _panda_grads(tmp_path, src, make, 8)
+    ddp = _panda_grads(tmp_path, src, make, 4, strategy="ddp_spawn", devices=2)
+    _assert_same_grads(ddp, single)
