@@ -26,6 +26,7 @@ from lit_ft.core.loss import (
     shift_targets,
     token_stats,
 )
+from lit_ft.core.validate import check_choice
 
 
 class TokenScorerCallback(Callback, TokenScorer):
@@ -37,9 +38,7 @@ class TokenScorerCallback(Callback, TokenScorer):
     required_batch_keys: tuple[str, ...] = ("input_ids", "labels")
 
     def __init__(self, integration: str = "auto") -> None:
-        if integration not in INTEGRATIONS:
-            raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
-        self.integration = integration
+        self.integration = check_choice(type(self).__name__, "integration", integration, INTEGRATIONS)
         self.level: str | None = None  # resolved at setup
         self._attachment: Attachment | None = None
         self._checked_batch = False

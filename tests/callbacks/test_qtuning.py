@@ -49,7 +49,7 @@ def _attach(module, cb):
         ({"quadrants": "Q1Q3"}, "`quadrants` must be one of \\('paper', 'swap_entropy'\\)"),
         ({"top_up": "yes"}, "`top_up` must be true or false"),
         ({"scoring": "both"}, "`scoring` must be one of"),
-        ({"integration": "magic"}, "integration must be one of"),
+        ({"integration": "magic"}, "`integration` must be one of"),
         ({"scoring": "inline", "integration": "batch"}, "integration='batch' goes with scoring='separate'"),
         ({"plot_every_n_steps": -1}, "`plot_every_n_steps` must be an int >= 0"),
         ({"plot_every_n_steps": 1.5}, "plot_every_n_steps"),
