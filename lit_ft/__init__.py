@@ -20,7 +20,7 @@ _LAZY = {
     "ExcessLossSelection": "lit_ft.callbacks",
     "fused_linear_token_ce": "lit_ft.kernels",
     "compose_sparse_diffs": "lit_ft.core.sparse_diff",
-    "techniques": "lit_ft.core.registry",
+    "techniques": "lit_ft.callbacks",
 }
 
 __all__ = ["__version__", *_LAZY]

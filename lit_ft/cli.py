@@ -104,7 +104,7 @@ def run(args: list[str] | None = None) -> LitFtCLI:
 
 def techniques_table() -> str:
     """``lit-ft techniques``: one block per registered technique, by family then name (plain text, so it greps)."""
-    from lit_ft.core.registry import techniques
+    from lit_ft.callbacks import techniques
 
     records = techniques()
     head = ("name", "class", "family", "arXiv", "config", "doc")

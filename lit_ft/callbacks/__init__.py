@@ -31,3 +31,9 @@ from lit_ft.core.registry import REGISTRY as _REGISTRY
 
 # class names in case-insensitive order (the order `lit-ft fit --help` lists them)
 __all__ = sorted((record.cls.__name__ for record in _REGISTRY.records()), key=str.lower)
+
+
+def techniques() -> list:
+    """Every registered technique (:class:`lit_ft.core.registry.TechniqueRecord`), sorted by family then name; also
+    ``lit_ft.techniques()``."""
+    return _REGISTRY.records()

@@ -155,7 +155,8 @@ def make_record(cls: type, *, name: str, family: str, paper: str, arxiv: str | N
     )
 
 
-#: the package's registry (filled as ``lit_ft.callbacks`` imports the technique modules)
+#: the package's registry (filled as ``lit_ft.callbacks`` imports the technique modules; ``lit_ft.techniques()``
+#: imports them and lists it — core never imports a technique)
 REGISTRY = TechniqueRegistry()
 
 
@@ -175,13 +176,6 @@ def technique(*, name: str, family: str, paper: str, arxiv: str | None, config: 
     # `registry or REGISTRY` would pick REGISTRY for an empty registry (len 0 is falsy)
     return (REGISTRY if registry is None else registry).technique(name=name, family=family, paper=paper, arxiv=arxiv, config=config,
                                             doc=doc)
-
-
-def techniques() -> list[TechniqueRecord]:
-    """Every registered technique, sorted by family then name (imports ``lit_ft.callbacks`` to register them)."""
-    import lit_ft.callbacks  # noqa: F401  the technique modules register on import
-
-    return REGISTRY.records()
 
 
 def _qualname(cls: object) -> str:

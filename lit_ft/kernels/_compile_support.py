@@ -3,7 +3,7 @@
 
 import torch
 
-from ._common import resolve_impl
+from ._dispatch import resolve_impl
 
 
 @torch.compiler.assume_constant_result

@@ -16,8 +16,8 @@ from lit_ft.core.registry import (
     TechniqueRegistrationError,
     TechniqueRegistry,
     technique,
-    techniques,
 )
+from lit_ft.callbacks import techniques
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,6 +23,8 @@ Algorithm (every ``interval`` epochs, on the first batch of the epoch):
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -368,7 +370,9 @@ class GreenTrainer(ParamPlanCallback):
         return cands, required, base
 
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
-        with _Quiet(pl_module), trainer.strategy.precision_plugin.train_step_context():
+        pipe = token_pipeline_for(pl_module, create=False)
+        probe = pipe.side_computation() if pipe is not None else contextlib.nullcontext()
+        with _Quiet(pl_module), trainer.strategy.precision_plugin.train_step_context(), probe:
             out = type(pl_module).training_step(pl_module, batch, 0)
         loss = out.get("loss") if isinstance(out, Mapping) else out
         if not isinstance(loss, torch.Tensor):

@@ -8,10 +8,10 @@ normalised by its window count (:mod:`lit_ft.core.loss.pipeline`), so gradient a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX
@@ -44,9 +44,9 @@ class TokenWeightedLoss:
         **kwargs: Any,
     ) -> torch.Tensor:
         if num_items_in_batch is not None and not self._warned_num_items:
-            rank_zero_warn(
+            warnings.warn(  # not lightning's rank_zero_warn: importing lightning pulls in triton
                 "lit_ft: `num_items_in_batch` is ignored while a lit_ft token callback owns the loss; it counts the "
-                "accumulation window's normalisers itself."
+                "accumulation window's normalisers itself.", stacklevel=2
             )
             self._warned_num_items = True
         targets = shift_labels if shift_labels is not None else shift_targets(labels, ignore_index)

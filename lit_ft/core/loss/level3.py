@@ -28,9 +28,19 @@ from lit_ft.core.loss.primitives import (
     token_stats,
 )
 from lit_ft.core.loss.scoring import TokenScores
-from lit_ft.kernels.token_ce.flops import register as _register_flop_formulas
 
-_register_flop_formulas()  # profiling a lit_ft module with FlopCounterMode counts the fused lm_head
+_flop_formulas_registered = False
+
+
+def _ensure_flop_formulas() -> None:
+    """Register the fused op's FLOP formulas (so profiling a lit_ft module with FlopCounterMode counts the fused
+    lm_head) at the first loss, not at import: ``torch.utils.flop_counter`` imports triton."""
+    global _flop_formulas_registered
+    if not _flop_formulas_registered:
+        from lit_ft.kernels.token_ce.flops import register
+
+        register()
+        _flop_formulas_registered = True
 
 
 @dataclass
@@ -75,6 +85,7 @@ class TokenLossHost:
 
     def compute_token_loss(self, batch: Mapping[str, Any], hf_model: nn.Module | None = None) -> TokenLossOutput:
         require_keys(batch, ("input_ids", "labels"), who=type(self).__name__)
+        _ensure_flop_formulas()
         parts = causal_lm_parts(hf_model if hf_model is not None else self.token_loss_model())
         pipeline = self.token_pipeline
         training = bool(getattr(self, "training", True)) and torch.is_grad_enabled()

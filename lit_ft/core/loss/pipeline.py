@@ -17,7 +17,8 @@ counts), so logs read as usual.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -123,6 +124,16 @@ class TokenPipeline:
     def end_window(self) -> None:
         self.window.end()
         self._forwards_in_window = 0
+
+    @contextmanager
+    def side_computation(self) -> Iterator[None]:
+        """For a probe forward outside the real step (GreenTrainer's importance / FLOPs probes): the window's
+        bookkeeping (:attr:`mid_window`) is left as it was."""
+        saved = self._forwards_in_window
+        try:
+            yield
+        finally:
+            self._forwards_in_window = saved
 
     @property
     def mid_window(self) -> bool:
