@@ -135,3 +135,10 @@ def check_str_list(owner: str, name: str, value: Any, allow_none: bool = False, 
         expected = "a list of non-empty strings" if allow_empty else "a non-empty list of non-empty strings"
         raise _fail(owner, name, expected, value, allow_none, null_means, error)
     return list(value)
+
+
+def check_layer_count(owner: str, name: str, value: int, n_layers: int, minimum: int) -> None:
+    """At setup, once the model is known: ``value`` layers must exist in a model of ``n_layers``."""
+    if value > n_layers:
+        raise ValueError(f"{owner}: `{name}`={value} exceeds the model's {n_layers} layers; allowed: "
+                         f"{minimum}..{n_layers}.")

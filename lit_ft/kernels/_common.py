@@ -11,7 +11,56 @@ import torch
 
 from ._dispatch import IMPL_ENV, IMPLS, resolve_impl, triton_runnable
 
-__all__ = ["IMPLS", "IMPL_ENV", "triton_runnable", "resolve_impl", "resolve_impl_traced"]
+__all__ = ["IMPLS", "IMPL_ENV", "triton_runnable", "resolve_impl", "resolve_impl_traced", "FLOAT_DTYPES",
+           "check_tensor", "check_linear_inputs", "reference_logits"]
+
+#: floating dtypes the fused ops accept for hidden states and weights
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t: object, *, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None,
+                 what: str | None = None) -> None:
+    """An op argument's type, rank and dtype, with an error naming the argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}" + (f" ({what})" if what else ""))
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
+    """The checks every fused-linear op makes on ``hidden [N, D]`` and ``weight [V, D]``; returns ``(N, D, V)``."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, what="[N, D]; flatten batch and time first")
+    n, d = hidden.shape
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="[V, D]")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must be [V, D] with D={d} (hidden's last dim), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    v = weight.shape[0]
+    if v == 0 or d == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    return n, d, v
+
+
+def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     logit_scale: float | None, logit_softcap: float | None,
+                     compute_dtype: torch.dtype) -> torch.Tensor:
+    """The full ``[N, V]`` logits as the reference implementations (the specs) define them: the matmul in the input
+    dtype, then the upcast, the logit scale and the soft-cap."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.to(compute_dtype)
+    if logit_scale is not None:
+        z = z * logit_scale
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    return z
 
 
 def resolve_impl_traced(impl: str, device: torch.device) -> str:

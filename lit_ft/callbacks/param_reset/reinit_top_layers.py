@@ -13,7 +13,7 @@ from torch import nn
 
 from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.registry import technique
-from lit_ft.core.validate import check_bool, check_int, check_number
+from lit_ft.core.validate import check_bool, check_int, check_layer_count, check_number
 from lit_ft.core.introspect import find_decoder_layers, find_hf_model, param_names_by_id
 
 
@@ -115,11 +115,7 @@ class ReinitTopLayers(Callback):
         """Re-initialise the top layers of ``pl_module``'s model now; returns the canonical names touched."""
         hf = find_hf_model(pl_module)
         layers = find_decoder_layers(hf)
-        if self.num_layers > len(layers):
-            raise ValueError(
-                f"ReinitTopLayers: `num_layers`={self.num_layers} exceeds the model's {len(layers)} layers; allowed: "
-                f"1..{len(layers)}."
-            )
+        check_layer_count("ReinitTopLayers", "num_layers", self.num_layers, len(layers), minimum=1)
         cfg = getattr(hf, "config", None)
         std = self.std if self.std is not None else float(getattr(cfg, "initializer_range", None) or 0.02)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)

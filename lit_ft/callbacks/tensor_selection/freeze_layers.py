@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.registry import technique
-from lit_ft.core.validate import check_bool, check_int
+from lit_ft.core.validate import check_bool, check_int, check_layer_count
 from lit_ft.core.introspect import (
     ModelLayoutError,
     find_decoder_layers,
@@ -86,11 +86,7 @@ class FreezeLayers(ParamPlanCallback):
         """Canonical parameter names of the embeddings (if frozen here) and the lowest ``num_layers`` layers."""
         hf = find_hf_model(pl_module)
         layers = find_decoder_layers(hf)
-        if self.num_layers > len(layers):
-            raise ValueError(
-                f"FreezeLayers: `num_layers`={self.num_layers} exceeds the model's {len(layers)} layers; allowed: "
-                f"0..{len(layers)}."
-            )
+        check_layer_count("FreezeLayers", "num_layers", self.num_layers, len(layers), minimum=0)
         modules = list(layers[: self.num_layers])
         if self.freeze_embeddings:
             emb = find_input_embeddings(hf)

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..token_ce import FLOAT_DTYPES, _check_tensor  # the same argument checks and messages as the CE op
+from .._common import FLOAT_DTYPES, check_linear_inputs, check_tensor as _check_tensor
 from ..token_ce.torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 from .reference import chunked_linear_loss_reference
 from .torch_impl import MODES, ChunkedLinearLossFunction, ChunkSpec, default_chunk_rows, run_chunks
@@ -94,18 +94,7 @@ def chunked_linear_loss(
         grad mode is on and any of them requires grad. With no kept row: a graph-connected zero whose gradients
         are zeros. Double backward is not supported.
     """
-    _check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, what="[N, D]; flatten batch and time first")
-    n, d = hidden.shape
-    _check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="[V, D]")
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must be [V, D] with D={d} (hidden's last dim), got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    v = weight.shape[0]
-    if v == 0 or d == 0:
-        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    n, d, v = check_linear_inputs(hidden, weight)
     if not callable(chunk_fn):
         raise TypeError(f"chunk_fn must be callable (logits, **rows) -> scalar tensor, got {type(chunk_fn).__name__}")
     row_inputs = _checked_rows(rows, n, hidden.device)

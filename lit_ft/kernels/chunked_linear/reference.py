@@ -10,6 +10,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .._common import reference_logits
+
 from ..token_ce.torch_impl import acc_dtype
 
 
@@ -35,14 +37,7 @@ def chunked_linear_loss_reference(
     """
     if compute_dtype is None:
         compute_dtype = acc_dtype(hidden.dtype)
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    z = z.to(compute_dtype)
-    if logit_scale is not None:
-        z = z * logit_scale
-    if logit_softcap is not None:
-        z = logit_softcap * torch.tanh(z / logit_softcap)
+    z = reference_logits(hidden, weight, bias, logit_scale, logit_softcap, compute_dtype)
     row_inputs = {name: r.detach() for name, r in (rows or {}).items()}
     if keep is not None:
         z = z[keep]

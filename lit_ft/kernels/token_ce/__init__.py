@@ -16,7 +16,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
+from .._common import FLOAT_DTYPES, check_linear_inputs, resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
+from .._common import check_tensor as _check_tensor
 from . import torch_impl
 from .reference import kept_mask, token_ce_reference
 from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
@@ -25,7 +26,6 @@ __all__ = ["fused_linear_token_ce", "TokenCEOutput", "token_ce_reference", "reso
 
 REDUCTIONS = ("mean", "sum", "none")
 ACCUMULATIONS = ("fp32", "input")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class TokenCEOutput(NamedTuple):
@@ -224,16 +224,6 @@ if "torch.utils.flop_counter" in sys.modules:
 # public wrapper
 
 
-def _check_tensor(name, t, *, ndim, dtypes=None, what=None):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}" + (f" ({what})" if what else ""))
-    if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
-
-
 def fused_linear_token_ce(
     hidden: Tensor,
     weight: Tensor,
@@ -283,18 +273,7 @@ def fused_linear_token_ce(
         The loss tensor (0-dim, or ``[N]`` for ``reduction="none"``; fp32, fp64 for fp64 inputs), or a
         :class:`TokenCEOutput` when any ``return_*`` flag is set.
     """
-    _check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, what="[N, D]; flatten batch and time first")
-    n, d = hidden.shape
-    _check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="[V, D]")
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must be [V, D] with D={d} (hidden's last dim), got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    v = weight.shape[0]
-    if v == 0 or d == 0:
-        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    n, d, v = check_linear_inputs(hidden, weight)
     _check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), what="[N]")
     if labels.shape[0] != n:
         raise ValueError(f"labels must have shape [N]=[{n}] to match hidden, got {tuple(labels.shape)}")

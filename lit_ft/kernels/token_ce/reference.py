@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._common import reference_logits
+
 
 class ReferenceOutput(NamedTuple):
     loss: Tensor  # reduced loss (0-dim) or per-token weighted loss [N]
@@ -54,14 +56,7 @@ def token_ce_reference(
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    z = z.to(compute_dtype)
-    if logit_scale is not None:
-        z = z * logit_scale
-    if logit_softcap is not None:
-        z = logit_softcap * torch.tanh(z / logit_softcap)
+    z = reference_logits(hidden, weight, bias, logit_scale, logit_softcap, compute_dtype)
     kept = kept_mask(labels, keep, ignore_index)
     safe = torch.where(kept, labels, torch.zeros_like(labels)).long()
     lse = torch.logsumexp(z, dim=-1)
