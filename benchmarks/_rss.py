@@ -28,3 +28,19 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(cmd: list[str], what: str) -> dict:
+    """Run one measurement in a fresh process (its peak RSS is its own) and parse its ``RESULT {json}`` line."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{what} worker failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"

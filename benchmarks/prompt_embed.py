@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from benchmarks._rss import peak_rss_bytes, reset_peak_rss, run_worker, rss_bytes  # noqa: E402
 from lit_ft.kernels import prompt_embed  # noqa: E402
 from lit_ft.kernels.prompt_embed.reference import prompt_embed_repeat_reference  # noqa: E402
 
@@ -85,11 +84,7 @@ def run_worker(method, cfg, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--cfg", json.dumps(cfg),
            "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats),
            "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{method} worker failed:\n{proc.stdout}\n{proc.stderr}")
+    return run_worker(cmd, method)
 
 
 def fmt(b):

@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,7 +32,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from benchmarks._rss import fmt_bytes, peak_rss_bytes, reset_peak_rss, run_worker, rss_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -171,15 +170,7 @@ def run_config_cpu(method, d, v, n, keep, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--d", str(d), "--v", str(v),
            "--n", str(n), "--keep", str(keep), "--dtype", args.dtype, "--device", "cpu", "--warmup",
            str(args.warmup), "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{method} worker failed:\n{proc.stdout}\n{proc.stderr}")
-
-
-def fmt_bytes(b):
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+    return run_worker(cmd, method)
 
 
 def main(argv=None):
