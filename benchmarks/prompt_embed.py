@@ -80,7 +80,7 @@ def measure(method, b, t, d, r, v, dtype, device, repeats):
     return {"time_s": min(times), "median_s": statistics.median(times), "peak_bytes": peak}
 
 
-def run_worker(method, cfg, args):
+def run_method(method, cfg, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--cfg", json.dumps(cfg),
            "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats),
            "--threads", str(args.threads)]
@@ -120,8 +120,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for b in (int(x) for x in args.b.split(",")):
         cfg = dict(b=b, t=args.t, d=args.d, r=args.r, v=args.v)
-        base = run_worker("repeat", cfg, args)
-        ours = run_worker("ours", cfg, args)
+        base = run_method("repeat", cfg, args)
+        ours = run_method("ours", cfg, args)
         print(f"| {b} | {base['time_s'] * 1e3:.2f} ms | {ours['time_s'] * 1e3:.2f} ms | "
               f"{ours['time_s'] / base['time_s']:.2f} | {fmt(base['peak_bytes'])} | {fmt(ours['peak_bytes'])} | "
               f"{ours['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
