@@ -57,7 +57,17 @@ def test_records_follow_the_conventions():
             assert own == record.name
     assert REGISTRY.get("prefix_tuning").doc == "docs/techniques/prompt_tuning.md"
     assert REGISTRY.get("excess_loss").arxiv_url == "https://arxiv.org/abs/2404.07965"
-    assert REGISTRY.get("promot").arxiv is None and REGISTRY.get("promot").arxiv_url is None
+    assert REGISTRY.get("promot").arxiv_url == "https://arxiv.org/abs/2211.00635"
+
+
+def test_a_technique_without_a_confirmed_arxiv_id_has_no_url():
+    local = TechniqueRegistry()
+
+    @technique(name="unconfirmed", family="prompt", paper="A Paper", arxiv=None, registry=local)
+    class Unconfirmed:
+        pass
+
+    assert local.get("unconfirmed").arxiv is None and local.get("unconfirmed").arxiv_url is None
 
 
 def test_record_is_frozen():

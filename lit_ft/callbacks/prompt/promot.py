@@ -21,7 +21,7 @@ DEFAULT_PROMPT_STEPS = 100
 
 
 @technique(name="promot", family="prompt",
-           paper="Two-stage LLM Fine-tuning with Less Specialization and More Generalization", arxiv=None)
+           paper="Two-stage LLM Fine-tuning with Less Specialization and More Generalization", arxiv="2211.00635")
 class ProMoT(PromptTuning):
     """ProMoT (Prompt Tuning with MOdel Tuning): a two-stage fine-tune that keeps the task's *format* in a removable
     soft prompt, so the model itself specialises less and keeps more of its in-context ability.
