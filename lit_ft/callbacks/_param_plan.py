@@ -28,6 +28,7 @@ from lit_ft.core.optim import (
     sync_schedulers,
     unwrap_optimizer,
 )
+from lit_ft.core.step_probe import StepFlopsFraction
 from lit_ft.core.params import (
     FROZEN,
     TRAINABLE,
@@ -292,6 +293,44 @@ class ParamPlanCallback(Callback):
         self.registry(pl_module).reproject(pl_module)
         pl_module.log(f"lit_ft/{self.technique_name}/trainable_fraction", self.trainable_fraction(),
                       on_step=True, on_epoch=False, batch_size=1)
+        self._measure_flops(trainer, pl_module, batch)
+
+    # -- measured FLOPs: lit_ft/<technique>/flops_fraction -----------------------------------------------------------
+    #: every how many optimizer steps the FLOPs of the real step are measured against the full step (every tensor
+    #: the user's module trains made trainable again) on the same batch, logged as ``lit_ft/<technique>/flops_fraction``
+    #: (0 = never). Costs one extra forward + backward of that batch per measurement; the first measurement is the
+    #: step after the first optimizer step (the plan is in force by then). The counted step runs under
+    #: FlopCounterMode (a dispatch mode), which can change float rounding (~1e-8 on a weight, measured).
+    flops_every_n_steps: int = 50
+
+    @property
+    def flops_monitor(self) -> StepFlopsFraction:
+        mon = self.__dict__.get("_flops_monitor")
+        if mon is None:
+            mon = self.__dict__["_flops_monitor"] = StepFlopsFraction(self.technique_name)
+        return mon
+
+    def _measure_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not self.flops_every_n_steps:
+            return
+        mon = self.flops_monitor
+        if mon.counted:  # this step was counted: the full step on the same batch, then log the fraction
+            named = dict(pl_module.named_parameters())
+            full = [n for n, e in self.registry(pl_module).baseline.items() if e.trainable and n in named]
+            mon.probe(trainer, pl_module, batch, full)
+        mon.batch_end(pl_module)
+        nxt = trainer.global_step  # the optimizer steps done: the next micro-batch is part of step nxt + 1
+        if nxt == 1 or (nxt > 1 and nxt % self.flops_every_n_steps == 0):
+            if mon.due(trainer, pl_module, 1, step=nxt):  # once per step, at an accumulation window's start
+                mon.arm(trainer, pl_module, step=nxt)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "_flops_monitor" in self.__dict__:
+            self.flops_monitor.after_backward(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if "_flops_monitor" in self.__dict__:
+            self.flops_monitor.abort()
 
 
 class SelectionPlanCallback(ParamPlanCallback):

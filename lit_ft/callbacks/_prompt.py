@@ -66,6 +66,10 @@ class PromptCallback(ParamPlanCallback):
             ``tokenizer`` attribute.
     """
 
+    #: a prompt makes the step cost more, not less (extra positions, a full backward through the frozen trunk):
+    #: no flops_fraction claim to measure
+    flops_every_n_steps = 0
+
     technique_name = "prompt"
     #: name of the source under ``pl_module.lit_ft_prompts``
     source_name = "prompt"

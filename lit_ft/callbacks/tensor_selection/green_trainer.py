@@ -23,7 +23,6 @@ Algorithm (every ``interval`` epochs, on the first batch of the epoch):
 
 from __future__ import annotations
 
-import contextlib
 
 import math
 import warnings
@@ -36,8 +35,9 @@ import torch
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
 from lit_ft.core.flops import (  # noqa: F401  (flop_counter, FlopsProfile, profile_tensor_flops: re-exported)
-    FlopsProfile, TrainingStepFlops, flop_counter, log_flops_fraction, measured_step, profile_tensor_flops,
+    FlopsProfile, flop_counter, profile_tensor_flops,
 )
+from lit_ft.core.step_probe import StepFlopsFraction, probe_loss, rng_devices
 from lit_ft.core.registry import technique
 from lit_ft.core.validate import check_int, check_number
 from lit_ft.core.optim import optimizer_defaults, optimizer_snapshot, rebuild_param_groups
@@ -179,30 +179,6 @@ def quantize_costs(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Quiet:
-    """Run ``training_step`` for a side computation: no ``self.log``, no token-count bookkeeping left behind."""
-
-    def __init__(self, pl_module: pl.LightningModule) -> None:
-        self.m = pl_module
-
-    def __enter__(self) -> "_Quiet":
-        noop = lambda *a, **k: None  # noqa: E731
-        self.m.__dict__["log"] = noop
-        self.m.__dict__["log_dict"] = noop
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.m.__dict__.pop("log", None)
-        self.m.__dict__.pop("log_dict", None)
-
-
-def _rng_devices(pl_module: pl.LightningModule) -> list[int]:
-    dev = getattr(pl_module, "device", torch.device("cpu"))
-    if isinstance(dev, torch.device) and dev.type == "cuda":
-        return [dev.index if dev.index is not None else torch.cuda.current_device()]
-    return []
-
-
 @technique(name="green_trainer", family="tensor_selection",
            paper="Towards Green AI in Fine-tuning Large Language Models via Adaptive Backpropagation",
            arxiv="2309.13192")
@@ -244,6 +220,9 @@ class GreenTrainer(ParamPlanCallback):
             steps (0 = never). Costs one extra forward+backward and FlopCounterMode overhead on those steps.
     """
 
+    #: GreenTrainer measures on its own schedule (``measure_every_n_steps``), probing before the step
+    flops_every_n_steps = 0
+
     technique_name = "green_trainer"
 
     def __init__(
@@ -280,20 +259,12 @@ class GreenTrainer(ParamPlanCallback):
         #: model estimate: (forward + selected backward) / (forward + full backward)
         self.est_flops_fraction: Optional[float] = None
         #: measured: FLOPs of the real step / FLOPs of a full-backprop step on the same batch (last measurement)
-        self.measured_flops_fraction: Optional[float] = None
-        self.measured_flops_saved: Optional[float] = None
-        self.measured_step_flops: Optional[float] = None
-        self.measured_full_flops: Optional[float] = None
         #: every measurement as (global_step, step FLOPs, full-backprop FLOPs)
-        self.measurements: list[tuple[int, float, float]] = []
 
         self._trainer: Optional[pl.Trainer] = None
         self._module: Optional[pl.LightningModule] = None
         self._pending_apply = False
-        self._step_flops = TrainingStepFlops()
-        self._measure_full: Optional[float] = None
-        self._last_measured_step = -1
-        self._log_measured = False
+        self._flops = StepFlopsFraction(self.technique_name)
         self._local_importance: Optional[np.ndarray] = None
 
     @property
@@ -350,9 +321,9 @@ class GreenTrainer(ParamPlanCallback):
         epoch = trainer.current_epoch
         if self.last_selection is None or (epoch % self.interval == 0 and self.last_selection_epoch != epoch):
             self.reselect(trainer, pl_module, batch)
-        if self.measure_every_n_steps and trainer.global_step % self.measure_every_n_steps == 0 \
-                and trainer.global_step != self._last_measured_step:
-            self._start_measurement(trainer, pl_module, batch)
+        if self._flops.due(trainer, pl_module, self.measure_every_n_steps):
+            # the full step: every candidate trainable (what plain fine-tuning of them costs)
+            self._flops.start(trainer, pl_module, batch, self._candidates(pl_module)[0])
 
     def _candidates(self, pl_module: pl.LightningModule) -> tuple[list[str], set[str], ParamPlan]:
         """(candidate names, names another plan requires, the composition of every other plan with the baseline)."""
@@ -370,17 +341,7 @@ class GreenTrainer(ParamPlanCallback):
         return cands, required, base
 
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
-        pipe = token_pipeline_for(pl_module, create=False)
-        probe = pipe.side_computation() if pipe is not None else contextlib.nullcontext()
-        with _Quiet(pl_module), trainer.strategy.precision_plugin.train_step_context(), probe:
-            out = type(pl_module).training_step(pl_module, batch, 0)
-        loss = out.get("loss") if isinstance(out, Mapping) else out
-        if not isinstance(loss, torch.Tensor):
-            raise RuntimeError(
-                f"GreenTrainer: training_step returned {type(out).__name__} on the probe batch; it must return the "
-                "loss tensor (or a dict with 'loss')."
-            )
-        return loss
+        return probe_loss(trainer, pl_module, batch, "GreenTrainer")
 
     def reselect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[str]:
         """Profile (first time), probe importance on ``batch``, run the DP and apply the selection. Returns the
@@ -393,7 +354,7 @@ class GreenTrainer(ParamPlanCallback):
             )
         strategy = trainer.strategy
         by_name = dict(pl_module.named_parameters())
-        with torch.random.fork_rng(devices=_rng_devices(pl_module)):
+        with torch.random.fork_rng(devices=rng_devices(pl_module)):
             if self.profile is None:
                 prof = None
                 if trainer.is_global_zero:
@@ -534,49 +495,26 @@ class GreenTrainer(ParamPlanCallback):
                     p.grad = saved_grad[n]
         return np.nan_to_num(raw.astype(np.float64))
 
-    # -- measured FLOPs ---------------------------------------------------------------------------------------------
-    def _start_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        pipe = token_pipeline_for(pl_module, create=False)
-        if pipe is not None and pipe.mid_window:  # inside an accumulation window: measure at a window start
-            return
-        self._last_measured_step = trainer.global_step
-        named = dict(pl_module.named_parameters())
-        candidates = self._candidates(pl_module)[0]
-        saved_rg = {n: p.requires_grad for n, p in named.items()}
-        try:
-            with torch.random.fork_rng(devices=_rng_devices(pl_module)):
-                for n in candidates:
-                    named[n].requires_grad_(True)
-                with measured_step() as full, torch.enable_grad():
-                    loss = self._loss(trainer, pl_module, batch)
-                    params = [named[n] for n in candidates]
-                    if loss.requires_grad:
-                        torch.autograd.grad(loss, params, allow_unused=True)
-                self._measure_full = full.total
-        finally:
-            for n, p in named.items():
-                p.requires_grad_(saved_rg[n])
+    # -- measured FLOPs (lit_ft.core.step_probe.StepFlopsFraction) ------------------------------------------------
+    @property
+    def measured_flops_fraction(self) -> Optional[float]:
+        return self._flops.fraction
 
-        self._step_flops.arm(pl_module)  # the real step: counted from training_step through on_after_backward
+    @property
+    def measured_flops_saved(self) -> Optional[float]:
+        return None if self._flops.fraction is None else 1.0 - self._flops.fraction
 
-    def _stop_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: bool) -> None:
-        step = self._step_flops.stop(record=record)
-        if step is not None and self._measure_full:
-            self.measured_step_flops = step
-            self.measured_full_flops = self._measure_full
-            self.measured_flops_fraction = step / self._measure_full
-            self.measured_flops_saved = 1.0 - self.measured_flops_fraction
-            self.measurements.append((trainer.global_step, step, self._measure_full))
-            self._log_measured = True
+    @property
+    def measurements(self) -> list[tuple[int, float, float]]:
+        """(global step, real-step FLOPs, full-step FLOPs) of every measurement."""
+        return self._flops.measurements
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._step_flops.counting:
-            self._stop_measurement(trainer, pl_module, record=True)
+        self._flops.after_backward(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._step_flops.armed:
-            self._stop_measurement(trainer, pl_module, record=False)  # the step skipped its backward
+        measured = self._flops.batch_end(pl_module)  # logs lit_ft/green_trainer/flops_fraction when new
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         log = lambda k, v: pl_module.log(f"lit_ft/{self.technique_name}/{k}", float(v), on_step=True,  # noqa: E731
                                          on_epoch=False, batch_size=1)
@@ -587,15 +525,12 @@ class GreenTrainer(ParamPlanCallback):
             log("est_flops_fraction", self.est_flops_fraction)
             log("rho_bp", self.rho_bp)
             log("selections", self.n_selections)
-        if self._log_measured:
-            self._log_measured = False
+        if measured:
             log("measured_flops_fraction", self.measured_flops_fraction)
             log("measured_flops_saved", self.measured_flops_saved)
-            log_flops_fraction(pl_module, self.technique_name, self.measured_step_flops, self.measured_full_flops)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._step_flops.armed:
-            self._stop_measurement(trainer, pl_module, record=False)
+        self._flops.abort()
 
     # -- state ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
