@@ -41,10 +41,11 @@ def quiet(pl_module: Any) -> Iterator[None]:
         pl_module.__dict__.pop("log_dict", None)
 
 
-def probe_loss(trainer: Any, pl_module: Any, batch: Any, who: str) -> torch.Tensor:
-    """The loss the module's own ``training_step`` returns on ``batch``, as a side computation."""
+def probe_loss(trainer: Any, pl_module: Any, batch: Any, who: str, plain: bool = False) -> torch.Tensor:
+    """The loss the module's own ``training_step`` returns on ``batch``, as a side computation; ``plain``: without
+    lit_ft's token scorers and objectives (the plain fine-tuning step)."""
     pipe = token_pipeline_for(pl_module, create=False)
-    window = pipe.side_computation() if pipe is not None else contextlib.nullcontext()
+    window = pipe.side_computation(plain) if pipe is not None else contextlib.nullcontext()
     with quiet(pl_module), trainer.strategy.precision_plugin.train_step_context(), window:
         out = type(pl_module).training_step(pl_module, batch, 0)
     loss = out.get("loss") if isinstance(out, Mapping) else out
@@ -74,6 +75,7 @@ class StepFlopsFraction:
         self.last_step: int | None = None
         self._full: float | None = None
         self._real: float | None = None
+        self._extra = 0.0  # FLOPs of the real step spent outside training_step (a scoring pass at batch start)
         self._step = TrainingStepFlops()
         self._fresh = False
 
@@ -85,8 +87,10 @@ class StepFlopsFraction:
         pipe = token_pipeline_for(pl_module, create=False)
         return not (pipe is not None and pipe.mid_window)
 
-    def probe(self, trainer: Any, pl_module: Any, batch: Any, full_trainable: Sequence[str]) -> None:
-        """Count a forward + backward of ``batch`` with ``full_trainable`` made trainable (the full step)."""
+    def probe(self, trainer: Any, pl_module: Any, batch: Any, full_trainable: Sequence[str],
+              plain: bool = False) -> None:
+        """Count a forward + backward of ``batch`` with ``full_trainable`` made trainable (the full step);
+        ``plain``: without lit_ft's token scorers and objectives (see :func:`probe_loss`)."""
         named = dict(pl_module.named_parameters())
         saved = {n: p.requires_grad for n, p in named.items()}
         try:
@@ -94,7 +98,7 @@ class StepFlopsFraction:
                 for n in full_trainable:
                     named[n].requires_grad_(True)
                 with measured_step() as full, torch.enable_grad():
-                    loss = probe_loss(trainer, pl_module, batch, self.technique)
+                    loss = probe_loss(trainer, pl_module, batch, self.technique, plain)
                     params = [named[n] for n in full_trainable]
                     if loss.requires_grad and params:
                         # autograd.grad, not backward(): no .grad written, no DDP reducer hook fired
@@ -109,20 +113,28 @@ class StepFlopsFraction:
         """Count the module's next real ``training_step`` (through ``on_after_backward``)."""
         self.last_step = trainer.global_step if step is None else step
         self._full = self._real = None
+        self._extra = 0.0
         self._step.arm(pl_module)
 
-    def start(self, trainer: Any, pl_module: Any, batch: Any, full_trainable: Sequence[str]) -> None:
+    def start(self, trainer: Any, pl_module: Any, batch: Any, full_trainable: Sequence[str],
+              plain: bool = False) -> None:
         """Probe first: count the full step now, then arm the real step's count."""
         self.last_step = trainer.global_step
         self._full = self._real = None
-        self.probe(trainer, pl_module, batch, full_trainable)  # before arming: the probe's step is not the real one
+        self._extra = 0.0
+        self.probe(trainer, pl_module, batch, full_trainable, plain)  # before arming: the probe's step is not the real one
         self._step.arm(pl_module)
 
     def after_backward(self, trainer: Any) -> None:
         if not self._step.counting:
             return
-        self._real = self._step.stop(record=True)
+        real = self._step.stop(record=True)
+        self._real = None if real is None else real + self._extra
         self._finish(trainer)
+
+    def add_to_real(self, flops: float) -> None:
+        """Count work the real step does outside ``training_step`` (e.g. Q-Tuning's scoring forward at batch start)."""
+        self._extra += float(flops)
 
     def _finish(self, trainer: Any) -> None:
         if self._real is None or not self._full:

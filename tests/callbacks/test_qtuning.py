@@ -274,7 +274,12 @@ def test_effect_in_a_trainer_metrics_and_png(tmp_path):
     trainer = _trainer([cb], max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=ListDataModule(batch_size=8))
     m = trainer.callback_metrics
-    assert module.seen_rows == [2, 2, 2]  # the training forward only sees the kept samples
+    # step 0 is a measured step: the FLOPs probe runs training_step once on the whole batch (a side computation);
+    # every real training forward sees only the kept samples
+    assert module.seen_rows == [8, 2, 2, 2]
+    # measured: scoring forward of 8 rows + the step on 2 rows, against a plain step on 8 rows
+    assert 0.3 < float(m["lit_ft/qtuning/flops_fraction"]) < 0.8
+    assert [s for s, _, _ in cb._flops.measurements] == [0]
     assert float(m["lit_ft/qtuning/sample_fraction"]) == 0.25
     assert 0.0 < float(m["lit_ft/qtuning/kept_token_fraction"]) < 0.25
     assert float(m["lit_ft/qtuning/kept_q2"]) + float(m["lit_ft/qtuning/kept_q4"]) == 2

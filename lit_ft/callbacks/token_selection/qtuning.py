@@ -14,9 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.step_probe import StepFlopsFraction
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.flops import measured_step
 from lit_ft.core.introspect import causal_lm_parts
 from lit_ft.core.loss import (
     final_hidden_states,
@@ -363,7 +365,35 @@ class QTuning(TokenScorerCallback):
         self._check(batch)
         if self._attachment is not None:
             self._attachment.begin_batch(trainer, pl_module, batch, batch_idx)
-        self.edit_batch(trainer, pl_module, batch)
+        if not self._flops.due(trainer, pl_module, self.flops_every_n_steps):
+            self.edit_batch(trainer, pl_module, batch)
+            return
+        # measured step: the full step on the raw batch, then the scoring pass + the step on the pruned batch
+        full = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        self._flops.start(trainer, pl_module, batch, full, plain=True)  # the baseline: plain SFT on this batch
+        with measured_step() as scoring:
+            self.edit_batch(trainer, pl_module, batch)
+        self._flops.add_to_real(scoring.total)
+
+    #: separate scoring claims compute savings (pruned samples skip the backward; the scoring pass is a forward of
+    #: the whole batch): every this many steps (and at step 0) the step's FLOPs, scoring included, are measured
+    #: against a plain step on the unpruned batch and logged as ``lit_ft/qtuning/flops_fraction`` (0 = never)
+    flops_every_n_steps: int = 50
+
+    @property
+    def _flops(self) -> StepFlopsFraction:
+        mon = self.__dict__.get("_flops_monitor")
+        if mon is None:
+            mon = self.__dict__["_flops_monitor"] = StepFlopsFraction(self.scorer_name)
+        return mon
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "_flops_monitor" in self.__dict__:
+            self._flops.after_backward(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if "_flops_monitor" in self.__dict__:
+            self._flops.abort()
 
     def edit_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, Any]) -> None:
         """Separate scoring: no-grad forward of the current model, triage, then remove dropped samples from every
@@ -405,6 +435,8 @@ class QTuning(TokenScorerCallback):
         else:
             for name, value in self._metrics.items():
                 pl_module.log(name, float(value), on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+            if "_flops_monitor" in self.__dict__:
+                self._flops.batch_end(pl_module)  # logs lit_ft/qtuning/flops_fraction after a measured step
         step = self._step_at_start
         n = self.plot_every_n_steps
         if n and self.last_triage is not None and step % n == 0 and step != self._last_plot_step:

@@ -126,14 +126,19 @@ class TokenPipeline:
         self._forwards_in_window = 0
 
     @contextmanager
-    def side_computation(self) -> Iterator[None]:
+    def side_computation(self, plain: bool = False) -> Iterator[None]:
         """For a probe forward outside the real step (GreenTrainer's importance / FLOPs probes): the window's
-        bookkeeping (:attr:`mid_window`) is left as it was."""
+        bookkeeping (:attr:`mid_window`) is left as it was. ``plain``: the scorers and objectives sit out, so the
+        probe is the plain fine-tuning step (the baseline a token technique's compute is measured against)."""
         saved = self._forwards_in_window
+        scorers, objectives = self.scorers, self.objectives
+        if plain:
+            self.scorers, self.objectives = [], []
         try:
             yield
         finally:
             self._forwards_in_window = saved
+            self.scorers, self.objectives = scorers, objectives
 
     @property
     def mid_window(self) -> bool:
