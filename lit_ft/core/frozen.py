@@ -242,3 +242,16 @@ class FrozenModel:
             self._model.load_state_dict(state)
         else:
             self._pending_state = state
+
+
+def frozen_model_property(holder: str, doc: str) -> property:
+    """A read/write property exposing the model of the :class:`FrozenModel` stored at attribute ``holder`` (what a
+    technique shows as ``reference_model`` / ``history_model``; tests inject a model through it)."""
+
+    def get(self: object) -> nn.Module | None:
+        return getattr(self, holder).model
+
+    def set_(self: object, model: nn.Module | None) -> None:
+        getattr(self, holder).model = model
+
+    return property(get, set_, doc=doc)

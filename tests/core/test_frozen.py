@@ -134,3 +134,21 @@ def test_on_device_and_offload():
 def test_bad_arguments_name_the_owner_argument_and_allowed_values(kw, match):
     with pytest.raises(ValueError, match=match):
         FrozenModel(owner="Test", **kw)
+
+
+def test_frozen_model_property_reads_and_injects_the_holders_model():
+    from torch import nn
+
+    from lit_ft.core.frozen import FrozenModel, frozen_model_property
+
+    class Technique:
+        reference_model = frozen_model_property("_ref", "the reference")
+
+        def __init__(self):
+            self._ref = FrozenModel(None, owner="Technique")
+
+    t = Technique()
+    assert t.reference_model is None and Technique.reference_model.__doc__ == "the reference"
+    m = nn.Linear(2, 2)
+    t.reference_model = m
+    assert t._ref.model is m and t.reference_model is m

@@ -11,7 +11,7 @@ import torch
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
 from lit_ft.core.validate import check_choice, check_number
-from lit_ft.core.frozen import DTYPES, FrozenModel
+from lit_ft.core.frozen import DTYPES, FrozenModel, frozen_model_property
 from lit_ft.core.loss import TokenDecision, TokenScores, causal_lm_token_nll, global_topk_mask
 
 @technique(name="excess_loss", family="token_selection",
@@ -72,14 +72,7 @@ class ExcessLossSelection(TokenScorerCallback):
         return self._generate_state_key(keep_ratio=self.keep_ratio, reference=self.reference)
 
     # -- reference model ------------------------------------------------------------------------------------------
-    @property
-    def reference_model(self) -> torch.nn.Module | None:
-        """The frozen reference model (``None`` before setup)."""
-        return self._reference.model
-
-    @reference_model.setter
-    def reference_model(self, model: torch.nn.Module | None) -> None:
-        self._reference.model = model
+    reference_model = frozen_model_property("_reference", "The frozen reference model (``None`` before setup).")
 
     #: the name tests (and code written before FrozenModel) read and inject the reference under
     _ref_model = reference_model

@@ -14,7 +14,7 @@ from lit_ft.core.registry import technique
 from lit_ft.core.validate import check_choice, check_int, check_number, check_str
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
-from lit_ft.core.frozen import FrozenModel
+from lit_ft.core.frozen import FrozenModel, frozen_model_property
 from lit_ft.core.layer_hooks import ORDER_READ, register_layer_pre_hook
 from lit_ft.core.loss import (
     TokenDecision,
@@ -262,14 +262,7 @@ class SSToken(TokenScorerCallback):
     def uses_attention(self) -> bool:
         return self.gamma < 1.0
 
-    @property
-    def history_model(self) -> torch.nn.Module | None:
-        """The history model (``None`` before setup or when ``gamma == 0``)."""
-        return self._history.model
-
-    @history_model.setter
-    def history_model(self, model: torch.nn.Module | None) -> None:
-        self._history.model = model
+    history_model = frozen_model_property("_history", "The history model (``None`` before setup or when ``gamma == 0``).")
 
     #: the name tests (and code written before FrozenModel) inject a history model under
     _history_model = history_model

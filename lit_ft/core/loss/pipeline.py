@@ -181,7 +181,7 @@ class TokenPipeline:
         values: dict[str, torch.Tensor] = {}
         if not training:
             total = token_sum / n_kept.to(token_sum.dtype).clamp_min(1)
-            totals = self.batch_counts(batch)
+            totals = self.batch_counts(batch) if terms else {}
             for o, s in terms:
                 t = float(o.objective_weight()) * s / o.objective_normaliser(self._objective_totals(totals, o)).to(s.device).clamp_min(1e-12)
                 values[o.objective_name] = t.detach()
