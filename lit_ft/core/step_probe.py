@@ -44,7 +44,8 @@ def quiet(pl_module: Any) -> Iterator[None]:
 def probe_loss(trainer: Any, pl_module: Any, batch: Any, who: str, plain: bool = False) -> torch.Tensor:
     """The loss the module's own ``training_step`` returns on ``batch``, as a side computation; ``plain``: without
     lit_ft's token scorers and objectives (the plain fine-tuning step)."""
-    pipe = token_pipeline_for(pl_module, create=False)
+    # created if missing: a TokenLossMixin module makes its pipeline at its first loss, which may be this probe
+    pipe = token_pipeline_for(pl_module)
     window = pipe.side_computation(plain) if pipe is not None else contextlib.nullcontext()
     with quiet(pl_module), trainer.strategy.precision_plugin.train_step_context(), window:
         out = type(pl_module).training_step(pl_module, batch, 0)

@@ -194,3 +194,19 @@ def test_window_counts_what_lightning_runs(limit):
     windows = [counts[:n][i: i + 2] for i in range(0, n, 2)]
     assert len(windows[-1]) == 1  # the epoch's (or limit's) last window is short
     assert probe.totals == [sum(w) for w in windows]
+
+
+def test_a_module_that_skips_the_window_count_is_refused_under_accumulation():
+    """Overriding on_train_batch_start without super() would leave the window uncounted: with accumulation the
+    engine refuses (a per-batch count would train inexactly) and says what to do."""
+
+    class Forgetful(CausalLMModule):
+        def on_train_batch_start(self, batch, batch_idx):
+            return None  # no super()
+
+    torch.manual_seed(0)
+    t = pl.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="call super"):
+        t.fit(Forgetful(model_config=tiny_config()),
+              train_dataloaders=DataLoader([random_batch(2, 8, seed=i) for i in range(2)], batch_size=None))

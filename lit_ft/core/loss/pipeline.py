@@ -50,6 +50,7 @@ class TokenPipeline:
         #: training forwards that went through the engine (a participant can check its terms were applied)
         self.training_forwards = 0
         self._forwards_in_window = 0
+        self._side_depth = 0  # > 0 inside side_computation()
 
     # -- registry ---------------------------------------------------------------------------------------------
     def register(self, scorer: TokenScorer) -> None:
@@ -124,6 +125,7 @@ class TokenPipeline:
     def end_window(self) -> None:
         self.window.end()
         self._forwards_in_window = 0
+        self._side_depth = 0  # > 0 inside side_computation()
 
     @contextmanager
     def side_computation(self, plain: bool = False) -> Iterator[None]:
@@ -134,9 +136,11 @@ class TokenPipeline:
         scorers, objectives = self.scorers, self.objectives
         if plain:
             self.scorers, self.objectives = [], []
+        self._side_depth += 1
         try:
             yield
         finally:
+            self._side_depth -= 1
             self._forwards_in_window = saved
             self.scorers, self.objectives = scorers, objectives
 
@@ -145,10 +149,19 @@ class TokenPipeline:
         """True between a training forward through the engine and the optimizer step that closes its window."""
         return self._forwards_in_window > 0
 
-    def _totals(self, batch: Mapping[str, Any], training: bool) -> dict[str, torch.Tensor]:
+    def _totals(self, batch: Mapping[str, Any], training: bool, accumulate: int = 1,
+                world_size: int = 1) -> dict[str, torch.Tensor]:
         if training and self.window.totals is not None:
             return self.window.totals
-        return self.batch_counts(batch)  # evaluation, or a forward outside a Lightning training loop
+        if training and (accumulate > 1 or world_size > 1) and not self._side_depth:
+            # this batch's own counts would be wrong for the window: refuse rather than train inexactly
+            raise RuntimeError(
+                "lit_ft: a training forward went through the token-loss engine, but no accumulation window was "
+                f"counted (accumulate_grad_batches={accumulate}, world size {world_size}). The engine counts it at "
+                "on_train_batch_start: if your module overrides on_train_batch_start (or on_before_optimizer_step), "
+                "call super() there."
+            )
+        return self.batch_counts(batch)  # evaluation, side computations, or one process without accumulation
 
     @staticmethod
     def _objective_totals(totals: Mapping[str, torch.Tensor], objective: Objective) -> dict[str, torch.Tensor]:
@@ -190,7 +203,7 @@ class TokenPipeline:
             return total
         self.training_forwards += 1
         self._forwards_in_window += 1
-        totals = self._totals(batch, training)
+        totals = self._totals(batch, training, accumulate, world_size)
         scale = float(accumulate) * float(world_size)
         c_tok = (totals[TOKEN_TERM] * self.nominal_keep_ratio()).to(token_sum.device).clamp_min(1.0)
         grad_part = token_sum / c_tok
