@@ -158,8 +158,7 @@ class TokenPipeline:
             raise RuntimeError(
                 "lit_ft: a training forward went through the token-loss engine, but no accumulation window was "
                 f"counted (accumulate_grad_batches={accumulate}, world size {world_size}). The engine counts it at "
-                "on_train_batch_start: if your module overrides on_train_batch_start (or on_before_optimizer_step), "
-                "call super() there."
+                "on_train_batch_start: if your module overrides on_train_batch_start, call super() there."
             )
         return self.batch_counts(batch)  # evaluation, side computations, or one process without accumulation
 
