@@ -167,20 +167,9 @@ def test_plain_module_and_peft_lora():
             assert torch.equal(after[n], before[n]), n  # PEFT's frozen base stays frozen
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"num_layers": -1}, "num_layers"),
-        ({"num_layers": 1.5}, "num_layers"),
-        ({"num_layers": True}, "num_layers"),
-        ({"freeze_embeddings": "yes"}, "freeze_embeddings"),
-        ({"num_layers": 0, "freeze_embeddings": False}, "freezes nothing"),
-        ({"unfreeze_at_epoch": 0}, "unfreeze_at_epoch"),
-    ],
-)
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        FreezeLayers(**kwargs)
+def test_freezing_nothing_is_refused():
+    with pytest.raises(ValueError, match="freezes nothing"):
+        FreezeLayers(num_layers=0, freeze_embeddings=False)
 
 
 def test_bad_layer_count_and_nothing_left_to_train():

@@ -116,16 +116,6 @@ def test_budget_conversion_and_quantisation():
     assert t_dy.tolist() == [50, 100, 150] and t_dw.tolist() == [200, 0, 500]
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"rho": 0.0}, "rho"), ({"rho": 1.5}, "rho"), ({"rho": "x"}, "rho"), ({"interval": 0}, "interval"),
-    ({"quantization": 5}, "quantization"), ({"measure_every_n_steps": -1}, "measure_every_n_steps"),
-    ({"interval": 1.5}, "interval"),
-])
-def test_bad_arguments_name_argument_and_range(kw, match):
-    with pytest.raises(ValueError, match=match):
-        GreenTrainer(**kw)
-
-
 def test_defaults_and_ddp_without_unused_parameters_is_refused():
     from lightning.pytorch.strategies import DDPStrategy
 

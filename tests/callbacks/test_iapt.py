@@ -16,8 +16,8 @@ from lit_ft.core.frozen import frozen_copy
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry, save_prompt
 from lit_ft.modules import CausalLMModule
 from tests.helpers import (
-    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, assert_state_dicts_equal, check_generation,
-    fit_and_resume, greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
+    ListDataModule, LoraModule, PlainHFModule, SnapshotPrompt, check_generation,
+    greedy_generate, quiet_trainer, random_batch, tiny_config, tiny_hf_model,
 )
 
 trainer = quiet_trainer
@@ -364,37 +364,9 @@ def test_instruction_mask_from_batch_or_labels():
     assert cb.injector._context == {}
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    r = fit_and_resume(
-        lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3),
-        lambda: [IAPT(num_virtual_tokens=N, bottleneck=R, learning_rate=0.05)], tmp_path)
-    full = r.full
-    assert_state_dicts_equal(full.state_dict(), r.resumed.state_dict())
-    assert not torch.equal(full.lit_ft_prompts.prompt.up_weight, torch.zeros_like(full.lit_ft_prompts.prompt.up_weight))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
-    ({"bottleneck": 0}, "bottleneck"),
-    ({"bottleneck": 2.5}, "bottleneck"),
-    ({"share_generator": "yes"}, "share_generator"),
-    ({"prefix_mode": "query"}, "prefix_mode"),
-    ({"pooling": "max"}, "pooling"),
-    ({"input_norm": 1}, "input_norm"),
-    ({"query_init_std": 0.0}, "query_init_std"),
-    ({"up_init_std": -0.1}, "up_init_std"),
-    ({"rational_impl": "cuda"}, "rational_impl"),
-    ({"learning_rate": -1.0}, "learning_rate"),
-    ({"seed": "a"}, "seed"),
-])
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        IAPT(**kwargs)
-
-
 def test_model_without_decoder_layers_and_unsupported_layouts():
     class NoLayers(pl.LightningModule):
         def __init__(self):

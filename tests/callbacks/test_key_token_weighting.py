@@ -11,8 +11,7 @@ from lit_ft.core.loss import TokenScores, shift_targets
 from lit_ft.modules import CausalLMModule
 
 from helpers import (
-    ListDataModule, PlainHFModule, SGDModule, assert_state_dicts_equal, fit_and_resume, fit_global_batches,
-    random_batch, tiny_config,
+    ListDataModule, PlainHFModule, SGDModule, fit_global_batches, random_batch, tiny_config,
 )
 
 
@@ -82,11 +81,9 @@ def test_bad_w_max_is_rejected(bad):
         KeyTokenWeighting(w_max=bad)
 
 
-def test_defaults_and_bad_integration():
+def test_defaults():
     cb = KeyTokenWeighting()
     assert cb.w_max == 9.0 and cb.integration == "auto" and cb.token_needs == frozenset()
-    with pytest.raises(ValueError, match="integration"):
-        KeyTokenWeighting(integration="magic")
 
 
 def test_weights_match_hand_computation():
@@ -311,17 +308,6 @@ def test_missing_or_malformed_key_token_mask():
     bad["key_token_mask"] = bad["key_token_mask"][:, :-1]
     with pytest.raises(ValueError, match="must match token for token"):
         cb3.on_train_batch_start(trainer3, module, bad, 0)
-
-
-def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    # 2 batches per epoch: the step-2 checkpoint falls on an epoch boundary, so data order is the same
-    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2),
-                       lambda: [KeyTokenWeighting()], tmp_path,
-                       make_datamodule=lambda: KeyedListDataModule(n_batches=2))
-    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
-    torch.manual_seed(0)
-    init = CausalLMModule(model_config=tiny_config())
-    assert not torch.equal(init.model.lm_head.weight, r.resumed.model.lm_head.weight)
 
 
 @pytest.mark.slow

@@ -334,16 +334,10 @@ def test_peft_wrapped_model_only_lora_entries_are_masked(tmp_path):
     "kw,match",
     [
         ({"proportion": 0}, r"`proportion` must be a number in \(0, 1\], got 0"),
-        ({"proportion": 1.5}, "`proportion`"),
         ({"num_params": 0}, "`num_params` must be an int >= 1 or null \\(= from `proportion`\\), got 0"),
         ({"phase1_steps": 2, "phase1_epochs": 1}, "exclusive"),
-        ({"phase1_steps": 0}, "`phase1_steps`"),
         ({"phase1_fraction": 1.0}, r"`phase1_fraction` must be a number in \(0, 1\)"),
-        ({"always_train": [""]}, "`always_train`"),
         ({"theta0_device": "gpu"}, r"`theta0_device` must be one of \('cpu', 'same'\), got 'gpu'"),
-        ({"theta0_dtype": "fp8"}, "`theta0_dtype`"),
-        ({"diff_dtype": "int8"}, "`diff_dtype`"),
-        ({"export_path": ""}, "`export_path`"),
     ],
 )
 def test_bad_arguments(kw, match):

