@@ -210,3 +210,38 @@ def test_a_module_that_skips_the_window_count_is_refused_under_accumulation():
     with pytest.raises(RuntimeError, match="call super"):
         t.fit(Forgetful(model_config=tiny_config()),
               train_dataloaders=DataLoader([random_batch(2, 8, seed=i) for i in range(2)], batch_size=None))
+
+
+def test_mid_epoch_resume_with_accumulation_and_the_resumable_sampler(tiny_tokenizer_path, tmp_path):
+    """The look-ahead takes micro-batches from the loader early; a mid-epoch checkpoint (after 2 optimizer steps =
+    4 of 5 micro-batches, accumulate 2) must still resume into the same batches and the same weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_ft.data import SFTDataModule
+    from lit_ft.testing import write_tiny_sft_jsonl
+
+    data = write_tiny_sft_jsonl(tmp_path / "t.jsonl", n=20)
+
+    class Recorder(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            self.seen = getattr(self, "seen", []) + [batch["sample_idx"].tolist()]
+            return super().training_step(batch, batch_idx)
+
+    def run(max_steps, ckpt_path=None, ckpt_dir=None):
+        torch.manual_seed(0)
+        m = Recorder(model_config=tiny_config(), learning_rate=1e-2)
+        cbs = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1)] if ckpt_dir else []
+        t = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=bool(ckpt_dir), limit_val_batches=0,
+                       num_sanity_val_steps=0, callbacks=cbs)
+        dm = SFTDataModule(data=data, tokenizer=tiny_tokenizer_path, val_split=0.0, batch_size=4, max_length=128)
+        t.fit(m, datamodule=dm, ckpt_path=ckpt_path)
+        return m
+
+    full = run(5)
+    first = run(2, ckpt_dir=tmp_path / "ck")
+    rest = run(5, ckpt_path=str(next((tmp_path / "ck").glob("*step=2*.ckpt"))))
+    # epoch 0: 5 micro-batches in windows of 2, 2, 1 (3 steps); epoch 1: two more windows of 2 reach step 5
+    assert len(first.seen) == 4 and len(full.seen) == 9 and first.seen + rest.seen == full.seen
+    for (n, a), (_, b) in zip(full.state_dict().items(), rest.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
