@@ -80,16 +80,18 @@ class SGDModule(CausalLMModule):
 
 
 def fit_global_batches(strategy: str, devices: int, batch_size: int, init_state: dict, data: dict, callbacks: list,
-                       steps: int = 1):
+                       steps: int = 1, accumulate: int = 1):
     """Train :class:`SGDModule` from ``init_state`` on ``data`` (dict of [N, ...] tensors) cut into micro-batches of
     ``batch_size`` in order; under DDP the distributed sampler gives rank r every r-th micro-batch, so 2 ranks x 4
-    see exactly the global batches that 1 process x 8 sees. Returns ``(state_dict, trainer)``."""
+    see exactly the global batches that 1 process x 8 sees (and 2 ranks x 2 micro-batches x 2 with ``accumulate=2``).
+    Returns ``(state_dict, trainer)``."""
     module = SGDModule(model_config=tiny_config())
     module.load_state_dict(init_state)
     n = next(iter(data.values())).shape[0]
     batches = [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
     trainer = pl.Trainer(
-        accelerator="cpu", strategy=strategy, devices=devices, max_steps=steps, logger=False,
+        accelerator="cpu", strategy=strategy, devices=devices, max_steps=steps, accumulate_grad_batches=accumulate,
+        logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
         use_distributed_sampler=True,
     )
