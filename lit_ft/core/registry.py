@@ -174,8 +174,8 @@ def technique(*, name: str, family: str, paper: str, arxiv: str | None, config: 
         registry: where to register (default :data:`REGISTRY`; tests pass their own).
     """
     # `registry or REGISTRY` would pick REGISTRY for an empty registry (len 0 is falsy)
-    return (REGISTRY if registry is None else registry).technique(name=name, family=family, paper=paper, arxiv=arxiv, config=config,
-                                            doc=doc)
+    target = REGISTRY if registry is None else registry
+    return target.technique(name=name, family=family, paper=paper, arxiv=arxiv, config=config, doc=doc)
 
 
 def _qualname(cls: object) -> str:

@@ -123,7 +123,8 @@ class StepFlopsFraction:
         self.last_step = trainer.global_step
         self._full = self._real = None
         self._extra = 0.0
-        self.probe(trainer, pl_module, batch, full_trainable, plain)  # before arming: the probe's step is not the real one
+        # before arming: the probe's own training_step is not the real one
+        self.probe(trainer, pl_module, batch, full_trainable, plain)
         self._step.arm(pl_module)
 
     def after_backward(self, trainer: Any) -> None:

@@ -195,7 +195,8 @@ class TokenPipeline:
             total = token_sum / n_kept.to(token_sum.dtype).clamp_min(1)
             totals = self.batch_counts(batch) if terms else {}
             for o, s in terms:
-                t = float(o.objective_weight()) * s / o.objective_normaliser(self._objective_totals(totals, o)).to(s.device).clamp_min(1e-12)
+                norm = o.objective_normaliser(self._objective_totals(totals, o)).to(s.device).clamp_min(1e-12)
+                t = float(o.objective_weight()) * s / norm
                 values[o.objective_name] = t.detach()
                 total = total + t
             self.last_objective_values = values

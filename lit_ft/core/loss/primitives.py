@@ -142,6 +142,7 @@ def logits_at(parts: CausalLMParts, hidden: torch.Tensor, mask: torch.Tensor) ->
     """Logits ``[mask.sum(), V]`` (float32, differentiable) of the positions of a bool ``[B, T]`` mask: the lm_head
     applied to those hidden states only, then the model's logit scale and soft-cap."""
     if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
-        raise ValueError(f"logits_at: mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"logits_at: mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
     z = F.linear(hidden[mask], parts.weight, parts.bias).float()
     return apply_logit_transforms(z, parts)

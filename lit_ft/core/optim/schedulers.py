@@ -27,7 +27,8 @@ SUPPORTED_SCHEDULERS = (
 )
 
 
-def _remap(values: list, origin: Optional[list[int]], n: int, what: str, owner: str, scale: Optional[list[float]] = None) -> list:
+def _remap(values: list, origin: Optional[list[int]], n: int, what: str, owner: str,
+           scale: Optional[list[float]] = None) -> list:
     """Per-group list of a scheduler mapped to the new groups: new group k takes entry ``origin[k]`` (times
     ``scale[k]``); groups the scheduler never knew (``origin`` None or out of range) take the common entry."""
     out = []
@@ -45,7 +46,8 @@ def _remap(values: list, origin: Optional[list[int]], n: int, what: str, owner: 
     return out
 
 
-def _sync_one(s: Any, opt: torch.optim.Optimizer, origin: Optional[list[int]], scale: Optional[list[float]], owner: str) -> None:
+def _sync_one(s: Any, opt: torch.optim.Optimizer, origin: Optional[list[int]], scale: Optional[list[float]],
+              owner: str) -> None:
     if not isinstance(s, SUPPORTED_SCHEDULERS):
         raise TypeError(
             f"{owner}: cannot re-map the LR scheduler {type(s).__name__} to new param groups (it keeps per-group state "
