@@ -28,7 +28,7 @@ from lit_ft.core.optim import (
     sync_schedulers,
     unwrap_optimizer,
 )
-from lit_ft.core.step_probe import StepFlopsFraction
+from lit_ft.core.step_probe import StepFlopsFraction, flops_monitor_of
 from lit_ft.core.params import (
     FROZEN,
     TRAINABLE,
@@ -305,10 +305,7 @@ class ParamPlanCallback(Callback):
 
     @property
     def flops_monitor(self) -> StepFlopsFraction:
-        mon = self.__dict__.get("_flops_monitor")
-        if mon is None:
-            mon = self.__dict__["_flops_monitor"] = StepFlopsFraction(self.technique_name)
-        return mon
+        return flops_monitor_of(self, self.technique_name)
 
     def _measure_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self.flops_every_n_steps:

@@ -56,6 +56,15 @@ def probe_loss(trainer: Any, pl_module: Any, batch: Any, who: str, plain: bool =
     return loss
 
 
+def flops_monitor_of(owner: Any, technique: str) -> "StepFlopsFraction":
+    """The :class:`StepFlopsFraction` a callback keeps in its ``__dict__`` (made on first use, so the callback's
+    constructor and pickling stay untouched)."""
+    mon = owner.__dict__.get("_flops_monitor")
+    if mon is None:
+        mon = owner.__dict__["_flops_monitor"] = StepFlopsFraction(technique)
+    return mon
+
+
 class StepFlopsFraction:
     """Measured FLOPs of the real step / FLOPs of the full step on the same batch.
 

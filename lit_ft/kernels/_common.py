@@ -7,12 +7,14 @@ compile-time variant lives in :mod:`lit_ft.kernels._compile_support`, imported o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._dispatch import IMPL_ENV, IMPLS, resolve_impl, triton_runnable
 
 __all__ = ["IMPLS", "IMPL_ENV", "triton_runnable", "resolve_impl", "resolve_impl_traced", "FLOAT_DTYPES",
-           "check_tensor", "check_linear_inputs", "reference_logits"]
+           "check_tensor", "check_linear_inputs", "check_logit_options", "reference_logits"]
 
 #: floating dtypes the fused ops accept for hidden states and weights
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,6 +47,18 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int
     if v == 0 or d == 0:
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
     return n, d, v
+
+
+def check_logit_options(logit_softcap: float | None, logit_scale: float | None, chunk_size: int | None) -> None:
+    """The options every fused-linear op shares: soft-cap (> 0), logit scale (non-zero), rows per chunk (> 0)."""
+    if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0
+                                          and math.isfinite(logit_softcap)):
+        raise ValueError(f"logit_softcap must be None or a finite float > 0, got {logit_softcap!r}")
+    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
+                                        and logit_scale != 0):
+        raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
 
 
 def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

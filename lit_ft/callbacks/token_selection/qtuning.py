@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
-from lit_ft.core.step_probe import StepFlopsFraction
+from lit_ft.core.step_probe import StepFlopsFraction, flops_monitor_of
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import find_hf_model
@@ -382,10 +382,7 @@ class QTuning(TokenScorerCallback):
 
     @property
     def _flops(self) -> StepFlopsFraction:
-        mon = self.__dict__.get("_flops_monitor")
-        if mon is None:
-            mon = self.__dict__["_flops_monitor"] = StepFlopsFraction(self.scorer_name)
-        return mon
+        return flops_monitor_of(self, self.scorer_name)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "_flops_monitor" in self.__dict__:

@@ -11,13 +11,12 @@ eagerly; it is untested under ``torch.compile``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, check_linear_inputs, check_tensor as _check_tensor
+from .._common import FLOAT_DTYPES, check_linear_inputs, check_logit_options, check_tensor as _check_tensor
 from ..token_ce.torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 from .reference import chunked_linear_loss_reference
 from .torch_impl import MODES, ChunkedLinearLossFunction, ChunkSpec, default_chunk_rows, run_chunks
@@ -109,14 +108,7 @@ def chunked_linear_loss(
         _check_tensor("keep", keep, ndim=1, dtypes=(torch.bool,), what="[N]")
         if keep.shape[0] != n:
             raise ValueError(f"keep must have shape [N]=[{n}], got {tuple(keep.shape)}")
-    if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0
-                                          and math.isfinite(logit_softcap)):
-        raise ValueError(f"logit_softcap must be None or a finite float > 0, got {logit_softcap!r}")
-    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
-                                        and logit_scale != 0):
-        raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+    check_logit_options(logit_softcap, logit_scale, chunk_size)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 

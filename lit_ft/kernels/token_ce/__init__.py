@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import sys
 
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, check_linear_inputs, resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
+from .._common import FLOAT_DTYPES, check_linear_inputs, check_logit_options, resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
 from .._common import check_tensor as _check_tensor
 from . import torch_impl
 from .reference import kept_mask, token_ce_reference
@@ -302,14 +301,7 @@ def fused_linear_token_ce(
         if not isinstance(normalizer, Tensor) or normalizer.numel() != 1:
             raise TypeError(f"normalizer must be a 0-dim tensor (e.g. a global token count), got {normalizer!r}")
         normalizer = normalizer.detach().reshape(()).to(device=hidden.device, dtype=_acc(hidden.dtype))
-    if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0
-                                          and math.isfinite(logit_softcap)):
-        raise ValueError(f"logit_softcap must be None or a finite float > 0, got {logit_softcap!r}")
-    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
-                                        and logit_scale != 0):
-        raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+    check_logit_options(logit_softcap, logit_scale, chunk_size)
     if weight_grad_accumulation not in ACCUMULATIONS:
         raise ValueError(f"weight_grad_accumulation must be one of {ACCUMULATIONS}, got {weight_grad_accumulation!r}")
     impl_name = resolve_impl_traced(impl, hidden.device)
