@@ -26,10 +26,13 @@ band                    value  who, and why there
                                every reader and prefix maker at this layer still sees the full sequence.
 ======================  =====  ==================================================================================
 
-Not here: the :class:`~lit_ft.core.prompts.PromptInjector`'s two hooks, which sit on the decoder *trunk*
-(``find_base_model``), not on its layers: they prepend the prompt to the trunk's inputs (embeddings, mask,
-positions, cache) before any layer runs and strip the prompt positions from the trunk's outputs after the last,
-so they bracket the whole layer stack and already run before (and after) every hook registered here.
+The decoder *trunk* (``find_base_model``: embeddings, the layer stack, the final norm) has an owner of the same
+kind (:func:`trunk_hooks_for`, :func:`register_trunk_pre_hook`, :func:`register_trunk_hook`; index 0 is the trunk),
+with the same bands. The :class:`~lit_ft.core.prompts.PromptInjector` registers there at ``ORDER_REWRITE``: it
+prepends the prompt to the trunk's inputs (embeddings, mask, positions, cache) before any layer runs and strips the
+prompt positions from the trunk's outputs after the last, so it brackets every layer hook; a technique that must
+see the trunk's output before the prompt is stripped registers a trunk hook with a lower order than it, one that
+must see the stripped output a higher one.
 
 The registry lives in the layer list's ``__dict__`` under a ``_lit_ft`` key, so :func:`lit_ft.core.frozen.frozen_copy`
 (which drops hooks and ``_lit_ft`` attributes) gives frozen copies without it, and wrappers of one model (PEFT)
@@ -49,7 +52,8 @@ from lit_ft.core.introspect import find_decoder_layers
 
 __all__ = [
     "ORDER_REWRITE", "ORDER_PREFIX", "ORDER_READ", "ORDER_ELIMINATE", "LayerHooks", "LayerHookHandle",
-    "layer_hooks_for", "register_layer_pre_hook", "register_layer_hook",
+    "layer_hooks_for", "register_layer_pre_hook", "register_layer_hook", "trunk_hooks_for", "register_trunk_pre_hook",
+    "register_trunk_hook",
 ]
 
 ORDER_REWRITE = 100
@@ -63,6 +67,7 @@ PreHook = Callable[[int, nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
 PostHook = Callable[[int, nn.Module, tuple, dict, Any], Any]
 
 _ATTR = "_lit_ft_layer_hooks"
+_TRUNK_ATTR = "_lit_ft_trunk_hooks"
 _PRE, _POST = "pre", "post"
 
 
@@ -91,8 +96,12 @@ class LayerHookHandle:
 class LayerHooks:
     """The hook registry of one decoder-layer list (get it with :func:`layer_hooks_for`)."""
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    def __init__(self, layers: nn.ModuleList | list[nn.Module], host: nn.Module | None = None,
+                 attr: str = _ATTR) -> None:
         self.layers = layers
+        #: the module whose ``__dict__`` holds this registry (the layer list itself, or the trunk)
+        self.host = layers if host is None else host
+        self.attr = attr
         self._entries: dict[str, list[_Entry]] = {_PRE: [], _POST: []}
         self._installed: dict[str, list[Any]] = {_PRE: [], _POST: []}
         self._seq = itertools.count()
@@ -118,7 +127,7 @@ class LayerHooks:
             raise TypeError(f"layer hook must be callable, got {type(fn).__name__}")
         if isinstance(order, bool) or not isinstance(order, int):
             raise ValueError(f"order must be an int (see the ORDER_* bands in lit_ft.core.layer_hooks), got {order!r}")
-        attached = self.layers.__dict__.setdefault(_ATTR, self)  # re-attach a registry emptied and detached before
+        attached = self.host.__dict__.setdefault(self.attr, self)  # re-attach a registry emptied and detached before
         if attached is not self:  # ... unless a new one took its place: one registry per layer list
             return attached._add(kind, fn, order, layers)
         selected = None if layers is None else frozenset(self._index(i) for i in layers)
@@ -144,8 +153,8 @@ class LayerHooks:
             for h in self._installed[kind]:
                 h.remove()
             self._installed[kind] = []
-        if self.empty and self.layers.__dict__.get(_ATTR) is self:
-            del self.layers.__dict__[_ATTR]
+        if self.empty and self.host.__dict__.get(self.attr) is self:
+            del self.host.__dict__[self.attr]
 
     def _install(self, kind: str) -> None:
         for i, layer in enumerate(self.layers):
@@ -210,3 +219,27 @@ def register_layer_hook(model: nn.Module, fn: PostHook, *, order: int,
     registry = layer_hooks_for(model)
     assert registry is not None
     return registry.add_hook(fn, order=order, layers=layers)
+
+
+def trunk_hooks_for(base: nn.Module, create: bool = True) -> LayerHooks | None:
+    """The hook registry of a decoder trunk ``base`` (the module :func:`lit_ft.core.introspect.find_base_model`
+    returns); it has one "layer", index 0: the trunk itself."""
+    registry = base.__dict__.get(_TRUNK_ATTR)
+    if registry is None and create:
+        registry = LayerHooks([base], host=base, attr=_TRUNK_ATTR)
+        base.__dict__[_TRUNK_ATTR] = registry
+    return registry
+
+
+def register_trunk_pre_hook(base: nn.Module, fn: PreHook, *, order: int) -> LayerHookHandle:
+    """``fn(0, base, args, kwargs) -> (args, kwargs) | None`` before the trunk's forward, in ``order``."""
+    registry = trunk_hooks_for(base)
+    assert registry is not None
+    return registry.add_pre_hook(fn, order=order)
+
+
+def register_trunk_hook(base: nn.Module, fn: PostHook, *, order: int) -> LayerHookHandle:
+    """``fn(0, base, args, kwargs, output) -> output | None`` after the trunk's forward, in ``order``."""
+    registry = trunk_hooks_for(base)
+    assert registry is not None
+    return registry.add_hook(fn, order=order)

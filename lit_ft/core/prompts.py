@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lit_ft.core.introspect import ModelLayoutError, find_base_model, find_hf_model, find_input_embeddings
+from lit_ft.core.layer_hooks import ORDER_REWRITE, register_trunk_hook, register_trunk_pre_hook
 
 PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
@@ -237,9 +238,11 @@ class PromptInjector:
         if self.source is not None and self.source is not source:
             self.source.on_remove(self)
         if not self._handles:
+            # on the trunk's ordered hook owner (lit_ft.core.layer_hooks), in the rewrite band
             self._handles = [
-                self.base.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-                self.base.register_forward_hook(self._post_hook, with_kwargs=True),
+                register_trunk_pre_hook(self.base, lambda _i, m, a, k: self._pre_hook(m, a, k), order=ORDER_REWRITE),
+                register_trunk_hook(self.base, lambda _i, m, a, k, out: self._post_hook(m, a, k, out),
+                                    order=ORDER_REWRITE),
             ]
         prev, self.source = self.source, source
         if source is not None and source is not prev:

@@ -186,3 +186,41 @@ def test_bad_registrations_name_the_argument_and_range():
     assert _no_module_hooks(model)
     with pytest.raises(ModelLayoutError):
         register_layer_pre_hook(nn.Linear(2, 2), lambda *a: None, order=ORDER_READ)
+
+
+def test_trunk_hooks_order_around_the_prompt_injector():
+    """The prompt injector is on the trunk's owner in the rewrite band: a later trunk pre-hook sees the prompt
+    prepended (embeddings n + T long); a trunk hook ordered before it sees the trunk output with the prompt
+    positions, one ordered after it the stripped output (T long). Removing the prompt removes its hooks only."""
+    from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding
+    from lit_ft.core.introspect import find_base_model
+    from lit_ft.core.layer_hooks import register_trunk_hook, register_trunk_pre_hook, trunk_hooks_for
+    from lit_ft.core.prompts import attach_prompt, model_geometry
+
+    model = tiny_hf_model()
+    n, T = 3, 7
+    injector = attach_prompt(model, PromptEmbedding(model_geometry(model), n))
+    base = find_base_model(model)
+    seen = {}
+
+    def pre(i, m, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].shape[1] if kwargs.get("inputs_embeds") is not None else None
+
+    def before_strip(i, m, args, kwargs, out):
+        seen["before"] = out[0].shape[1] if isinstance(out, tuple) else out.last_hidden_state.shape[1]
+
+    def after_strip(i, m, args, kwargs, out):
+        seen["after"] = out[0].shape[1] if isinstance(out, tuple) else out.last_hidden_state.shape[1]
+
+    handles = [register_trunk_pre_hook(base, pre, order=ORDER_READ),
+               register_trunk_hook(base, before_strip, order=ORDER_REWRITE - 1),
+               register_trunk_hook(base, after_strip, order=ORDER_READ)]
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, T)))
+    assert seen == {"embeds": n + T, "before": n + T, "after": T}
+    injector.remove()
+    registry = trunk_hooks_for(base, create=False)
+    assert registry is not None and len(registry._entries["pre"]) == 1 and len(registry._entries["post"]) == 2
+    for h in handles:
+        h.remove()
+    assert trunk_hooks_for(base, create=False) is None and not base._forward_pre_hooks and not base._forward_hooks
