@@ -44,3 +44,26 @@ def run_worker(cmd: list[str], what: str) -> dict:
 
 def fmt_bytes(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def measure_peak(fn, cuda: bool) -> tuple[float, int]:
+    """Run ``fn()`` once; returns ``(seconds, peak bytes above the start)``: the CUDA allocator's peak on a GPU, the
+    process's RSS high-water mark on CPU (reset first)."""
+    import time
+
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = rss_bytes()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+    return elapsed, peak

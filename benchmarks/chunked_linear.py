@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -26,7 +25,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._rss import fmt_bytes, peak_rss_bytes, reset_peak_rss, run_worker, rss_bytes  # noqa: E402
+from benchmarks._rss import fmt_bytes, measure_peak, run_worker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ("naive", "forward_grad", "recompute")
@@ -54,20 +53,7 @@ def measure(method, d, v, n, dtype, device):
     step(method, h[:4], w, teacher[:4]).backward()  # imports and dispatch caches outside the measured step
     h.grad = w.grad = None
     gc.collect()
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        base = rss_bytes()
-    t0 = time.perf_counter()
-    step(method, h, w, teacher).backward()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+    elapsed, peak = measure_peak(lambda: step(method, h, w, teacher).backward(), cuda=device == "cuda")
     return {"time_s": elapsed, "peak_bytes": peak}
 
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._rss import peak_rss_bytes, reset_peak_rss, run_worker, rss_bytes  # noqa: E402
+from benchmarks._rss import measure_peak, run_worker  # noqa: E402
 from lit_ft.kernels import prompt_embed  # noqa: E402
 from lit_ft.kernels.prompt_embed.reference import prompt_embed_repeat_reference  # noqa: E402
 
@@ -59,15 +59,8 @@ def measure(method, b, t, d, r, v, dtype, device, repeats):
         fn(ids, w, a, bb).backward(up)
 
     gc.collect()
-    if cuda:  # memory: the first full-size step in this fresh process (freed heap memory would hide later peaks)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        base = rss_bytes()
-    step()
-    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+    # memory: the first full-size step in this fresh process (freed heap memory would hide later peaks)
+    _, peak = measure_peak(step, cuda)
     times = []
     for _ in range(repeats):  # time: best of `repeats` (shared CPU runners: the minimum is the stable statistic)
         if cuda:

@@ -14,7 +14,8 @@ import torch
 from ._dispatch import IMPL_ENV, IMPLS, resolve_impl, triton_runnable
 
 __all__ = ["IMPLS", "IMPL_ENV", "triton_runnable", "resolve_impl", "resolve_impl_traced", "FLOAT_DTYPES",
-           "check_tensor", "check_linear_inputs", "check_logit_options", "reference_logits"]
+           "check_tensor", "check_linear_inputs", "check_logit_options", "check_bias_and_keep",
+           "reference_logits"]
 
 #: floating dtypes the fused ops accept for hidden states and weights
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,6 +48,23 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int
     if v == 0 or d == 0:
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
     return n, d, v
+
+
+def check_bias_and_keep(bias: torch.Tensor | None, keep: torch.Tensor | None, hidden: torch.Tensor, n: int,
+                        v: int) -> None:
+    """``bias`` ``[V]`` in hidden's dtype and device, ``keep`` bool ``[N]``: the optional inputs every fused-linear op
+    shares."""
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, what="[V]")
+        if bias.shape[0] != v:
+            raise ValueError(f"bias must have shape [V]=[{v}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias must match hidden's dtype/device ({hidden.dtype}, {hidden.device}), "
+                            f"got ({bias.dtype}, {bias.device})")
+    if keep is not None:
+        check_tensor("keep", keep, ndim=1, dtypes=(torch.bool,), what="[N]")
+        if keep.shape[0] != n:
+            raise ValueError(f"keep must have shape [N]=[{n}], got {tuple(keep.shape)}")
 
 
 def check_logit_options(logit_softcap: float | None, logit_scale: float | None, chunk_size: int | None) -> None:

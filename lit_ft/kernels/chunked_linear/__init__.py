@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, check_linear_inputs, check_logit_options, check_tensor as _check_tensor
+from .._common import check_bias_and_keep, check_linear_inputs, check_logit_options
 from ..token_ce.torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 from .reference import chunked_linear_loss_reference
 from .torch_impl import MODES, ChunkedLinearLossFunction, ChunkSpec, default_chunk_rows, run_chunks
@@ -97,17 +97,7 @@ def chunked_linear_loss(
     if not callable(chunk_fn):
         raise TypeError(f"chunk_fn must be callable (logits, **rows) -> scalar tensor, got {type(chunk_fn).__name__}")
     row_inputs = _checked_rows(rows, n, hidden.device)
-    if bias is not None:
-        _check_tensor("bias", bias, ndim=1, what="[V]")
-        if bias.shape[0] != v:
-            raise ValueError(f"bias must have shape [V]=[{v}], got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"bias must match hidden's dtype/device ({hidden.dtype}, {hidden.device}), "
-                            f"got ({bias.dtype}, {bias.device})")
-    if keep is not None:
-        _check_tensor("keep", keep, ndim=1, dtypes=(torch.bool,), what="[N]")
-        if keep.shape[0] != n:
-            raise ValueError(f"keep must have shape [N]=[{n}], got {tuple(keep.shape)}")
+    check_bias_and_keep(bias, keep, hidden, n, v)
     check_logit_options(logit_softcap, logit_scale, chunk_size)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, check_linear_inputs, check_logit_options, resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
+from .._common import FLOAT_DTYPES, check_bias_and_keep, check_linear_inputs, check_logit_options, resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
 from .._common import check_tensor as _check_tensor
 from . import torch_impl
 from .reference import kept_mask, token_ce_reference
@@ -278,22 +278,13 @@ def fused_linear_token_ce(
         raise ValueError(f"labels must have shape [N]=[{n}] to match hidden, got {tuple(labels.shape)}")
     if labels.device != hidden.device:
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        _check_tensor("bias", bias, ndim=1, what="[V]")
-        if bias.shape[0] != v:
-            raise ValueError(f"bias must have shape [V]=[{v}], got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"bias must match hidden's dtype/device ({hidden.dtype}, {hidden.device}), "
-                            f"got ({bias.dtype}, {bias.device})")
     if token_weights is not None:
         _check_tensor("token_weights", token_weights, ndim=1, dtypes=FLOAT_DTYPES, what="[N]")
         if token_weights.shape[0] != n:
             raise ValueError(f"token_weights must have shape [N]=[{n}], got {tuple(token_weights.shape)}")
         token_weights = token_weights.to(hidden.device).detach()
+    check_bias_and_keep(bias, keep, hidden, n, v)
     if keep is not None:
-        _check_tensor("keep", keep, ndim=1, dtypes=(torch.bool,), what="[N]")
-        if keep.shape[0] != n:
-            raise ValueError(f"keep must have shape [N]=[{n}], got {tuple(keep.shape)}")
         keep = keep.to(hidden.device)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
