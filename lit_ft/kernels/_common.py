@@ -15,7 +15,10 @@ from ._dispatch import IMPL_ENV, IMPLS, resolve_impl, triton_runnable
 
 __all__ = ["IMPLS", "IMPL_ENV", "triton_runnable", "resolve_impl", "resolve_impl_traced", "FLOAT_DTYPES",
            "check_tensor", "check_linear_inputs", "check_logit_options", "check_bias_and_keep",
-           "reference_logits"]
+           "linear_grad_mask", "reference_logits"]
+
+#: which inputs of a fused-linear op need a gradient (bits of the ops' ``grad_mask``)
+GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4
 
 #: floating dtypes the fused ops accept for hidden states and weights
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -77,6 +80,15 @@ def check_logit_options(logit_softcap: float | None, logit_scale: float | None, 
         raise ValueError(f"logit_scale must be None or a finite non-zero float, got {logit_scale!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be None or an int > 0, got {chunk_size!r}")
+
+
+def linear_grad_mask(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Which of hidden / weight / bias need a gradient (bits 1, 2, 4; 0 under ``no_grad``): what the ops' backward
+    computes."""
+    if not torch.is_grad_enabled():
+        return 0
+    return (GRAD_HIDDEN if hidden.requires_grad else 0) | (GRAD_WEIGHT if weight.requires_grad else 0) | \
+        (GRAD_BIAS if bias is not None and bias.requires_grad else 0)
 
 
 def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -327,3 +327,15 @@ def test_public_name_is_lazy_and_triton_free():
             "assert callable(chunked_linear_loss) and 'triton' not in sys.modules\n")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+
+
+def test_linear_grad_mask_bits_are_the_ops_constants():
+    from lit_ft.kernels._common import linear_grad_mask
+    from lit_ft.kernels.token_ce.torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
+
+    h, w, b = (torch.zeros(2, 3, requires_grad=True), torch.zeros(4, 3, requires_grad=True),
+               torch.zeros(4, requires_grad=True))
+    assert linear_grad_mask(h, w, b) == GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS
+    assert linear_grad_mask(h.detach(), w, None) == GRAD_WEIGHT
+    with torch.no_grad():
+        assert linear_grad_mask(h, w, b) == 0

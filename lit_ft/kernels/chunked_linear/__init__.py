@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .._common import check_bias_and_keep, check_linear_inputs, check_logit_options
+from .._common import check_bias_and_keep, check_linear_inputs, check_logit_options, linear_grad_mask
 from ..token_ce.torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 from .reference import chunked_linear_loss_reference
 from .torch_impl import MODES, ChunkedLinearLossFunction, ChunkSpec, default_chunk_rows, run_chunks
@@ -110,14 +110,7 @@ def chunked_linear_loss(
         else:
             row_inputs = {name: r.index_select(0, kept_index) for name, r in row_inputs.items()}
 
-    grad_mask = 0
-    if torch.is_grad_enabled():
-        if hidden.requires_grad:
-            grad_mask |= GRAD_HIDDEN
-        if weight.requires_grad:
-            grad_mask |= GRAD_WEIGHT
-        if bias is not None and bias.requires_grad:
-            grad_mask |= GRAD_BIAS
+    grad_mask = linear_grad_mask(hidden, weight, bias)
     spec = ChunkSpec(chunk_fn=chunk_fn, rows=row_inputs, kept_index=kept_index,
                      scale=float(logit_scale if logit_scale is not None else 1.0),
                      softcap=float(logit_softcap or 0.0), chunk_size=int(chunk_size or 0), mode=mode,

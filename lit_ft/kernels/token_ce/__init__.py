@@ -15,7 +15,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import FLOAT_DTYPES, check_bias_and_keep, check_linear_inputs, check_logit_options, resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
+from .._common import FLOAT_DTYPES, check_bias_and_keep, check_linear_inputs, check_logit_options, linear_grad_mask
+from .._common import resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
 from .._common import check_tensor as _check_tensor
 from . import torch_impl
 from .reference import kept_mask, token_ce_reference
@@ -297,14 +298,7 @@ def fused_linear_token_ce(
         raise ValueError(f"weight_grad_accumulation must be one of {ACCUMULATIONS}, got {weight_grad_accumulation!r}")
     impl_name = resolve_impl_traced(impl, hidden.device)
 
-    grad_mask = 0
-    if torch.is_grad_enabled():
-        if hidden.requires_grad:
-            grad_mask |= GRAD_HIDDEN
-        if weight.requires_grad:
-            grad_mask |= GRAD_WEIGHT
-        if bias is not None and bias.requires_grad:
-            grad_mask |= GRAD_BIAS
+    grad_mask = linear_grad_mask(hidden, weight, bias)
 
     loss, nll, ent, lse, _, _, _ = _token_ce(
         hidden, weight, labels, bias, token_weights, keep, normalizer, int(ignore_index), reduction,

@@ -15,9 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._common import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT  # noqa: F401  (re-exported: the bits live in _common)
 from .reference import kept_mask
-
-GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4
 
 # Elements of one softmax row block: ~1 MB of fp32 logits (plus as much of exponentials) stays in a core's L2.
 # Measured on the 2-core Sapphire Rapids CI machine at V=49152: 4-5 rows per block beat 10 rows by ~25%.
