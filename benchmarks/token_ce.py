@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -32,7 +31,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._rss import fmt_bytes, peak_rss_bytes, reset_peak_rss, run_worker, rss_bytes  # noqa: E402
+from benchmarks._rss import fmt_bytes, measure_peak, run_worker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,8 +114,6 @@ def make_inputs(d, v, n, keep_frac, dtype, device, seed=0):
     return h, w, y, keep
 
 
-_rss_bytes, _reset_peak_rss, _peak_rss_bytes = rss_bytes, reset_peak_rss, peak_rss_bytes
-
 
 def measure(method, d, v, n, keep_frac, dtype, device, warmup, repeats):
     fn = METHODS[method]
@@ -142,19 +139,8 @@ def measure(method, d, v, n, keep_frac, dtype, device, warmup, repeats):
     for i in range(repeats):
         h.grad = w.grad = None
         gc.collect()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            _reset_peak_rss()
-            base = _rss_bytes()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        used = (torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()) - base
+        elapsed, used = measure_peak(step, cuda)
+        times.append(elapsed)
         peak = max(peak, used)
     return {"time_s": statistics.median(times), "peak_bytes": peak}
 
