@@ -33,7 +33,23 @@ def _native(h, w, y, b, tw, k, reduction, softcap, scale):
 
 def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weights=False, keep=False,
              softcap=None, scale=None, ignore_frac=0.3, all_ignored=False, chunk_size=None, accumulation="fp32",
-             stale_nan=False, use_op=False, op_impl="triton", log=print):
+             stale_nan=False, use_op=False, op_impl="triton", gemm=None, log=print):
+    """One case; ``gemm`` picks the CUDA path's GEMM route (``triton_impl.gemm_route``) for this case only."""
+    if gemm is not None:
+        import os
+
+        previous = os.environ.get("LIT_FT_TOKEN_CE_GEMM")
+        os.environ["LIT_FT_TOKEN_CE_GEMM"] = gemm
+        try:
+            return run_case(name, n, v, d, dtype, device, reduction=reduction, bias=bias, weights=weights,
+                            keep=keep, softcap=softcap, scale=scale, ignore_frac=ignore_frac,
+                            all_ignored=all_ignored, chunk_size=chunk_size, accumulation=accumulation,
+                            stale_nan=stale_nan, use_op=use_op, op_impl=op_impl, log=log)
+        finally:
+            if previous is None:
+                os.environ.pop("LIT_FT_TOKEN_CE_GEMM")
+            else:
+                os.environ["LIT_FT_TOKEN_CE_GEMM"] = previous
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     h64 = torch.randn(n, d, generator=g, dtype=torch.float64)
     w64 = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 2
@@ -152,6 +168,22 @@ def cases(device, real):
         ("stale-nan-buffer-all-ignored-fp32", dict(small, dtype=torch.float32, all_ignored=True, bias=True,
                                                    stale_nan=True)),
     ]
+    out += [
+        # every row kept: the cuBLAS route's no-gather branch (gradient of hidden written in place)
+        ("all-kept-bias-fp32", dict(small, dtype=torch.float32, ignore_frac=0.0, bias=True, chunk_size=16)),
+        ("all-kept-weights-bf16", dict(small, dtype=torch.bfloat16, ignore_frac=0.0, weights=True, chunk_size=16)),
+        ("all-kept-input-accumulation-bf16", dict(small, dtype=torch.bfloat16, ignore_frac=0.0, chunk_size=16,
+                                                  accumulation="input")),
+        # the no-synchronisation route (count on the device, count-aware Triton GEMMs)
+        ("triton-gemm-all-options-bf16", dict(small, dtype=torch.bfloat16, bias=True, weights=True, keep=True,
+                                              softcap=3.0, scale=0.7, chunk_size=16, gemm="triton")),
+        ("triton-gemm-none-fp32", dict(small, dtype=torch.float32, reduction="none", keep=True, chunk_size=20,
+                                       gemm="triton")),
+        ("triton-gemm-input-accumulation-bf16", dict(small, dtype=torch.bfloat16, keep=True, chunk_size=16,
+                                                     accumulation="input", gemm="triton")),
+        ("triton-gemm-stale-nan-bias-keep-bf16", dict(small, dtype=torch.bfloat16, bias=True, keep=True,
+                                                      chunk_size=16, stale_nan=True, gemm="triton")),
+    ]
     if real:
         out += [
             ("real-bf16-mean-keep", dict(n=2048, v=128256, d=4096, dtype=torch.bfloat16, weights=True, keep=True)),
@@ -161,6 +193,10 @@ def cases(device, real):
             ("real-bf16-mean-576", dict(n=8192, v=49152, d=576, dtype=torch.bfloat16, keep=True, bias=True)),
             ("real-bf16-input-accumulation", dict(n=4096, v=128256, d=4096, dtype=torch.bfloat16, keep=True,
                                                   chunk_size=1024, accumulation="input")),
+            ("real-bf16-all-kept-input", dict(n=4096, v=128256, d=4096, dtype=torch.bfloat16, ignore_frac=0.0,
+                                              accumulation="input")),
+            ("real-bf16-triton-gemm-keep", dict(n=2048, v=128256, d=4096, dtype=torch.bfloat16, weights=True,
+                                                keep=True, gemm="triton")),
         ]
     return out
 

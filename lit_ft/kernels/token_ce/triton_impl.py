@@ -1,6 +1,8 @@
 """Triton path of the fused linear token cross-entropy (imported only when it runs: it imports triton).
 
-Design (hybrid, Liger-style token chunks, but with no host synchronisation):
+Two GEMM routes (see :func:`gemm_route`): "cublas" (default; one host synchronisation per call for the kept
+count, then cuBLAS GEMMs on the gathered kept rows chunk by chunk, with the row kernel below) and "triton" (no
+host synchronisation; described here):
 
 1. Kept tokens are moved to the front with a stable argsort of ``~kept``; their count stays on the device.
 2. For each token chunk, a Triton GEMM writes the chunk's logits ``x_c @ W.T (+ b)`` into a reused ``[chunk, V]``
@@ -220,6 +222,131 @@ def default_chunk_size(n: int, vocab: int, dim: int, itemsize: int = 2) -> int:
     return min(max(n, 1), max(rows, torch_impl.default_chunk_size(n, vocab, dim)))
 
 
+GEMM_ROUTES = ("cublas", "triton")
+
+
+def gemm_route() -> str:
+    """Which GEMMs the CUDA path uses (env ``LIT_FT_TOKEN_CE_GEMM``, default ``"cublas"``):
+
+    * ``"cublas"``: the kept count is read on the host once per call (one synchronisation, as Liger-Kernel and
+      Cut-Cross-Entropy do), the kept rows are gathered chunk by chunk and the three lm_head products run as
+      cuBLAS GEMMs on exactly those rows (``torch.mm``/``addmm`` with ``out=``). Fastest, and the gradient of
+      ``hidden`` is written in place (no packed copy of the hidden states or of their gradient).
+    * ``"triton"``: no host synchronisation at all (the count stays on the device and every Triton GEMM skips the
+      row blocks past it): for CUDA-graph capture (``torch.compile(mode="reduce-overhead")``), slower GEMMs.
+    """
+    route = os.environ.get("LIT_FT_TOKEN_CE_GEMM", "cublas")
+    if route not in GEMM_ROUTES:
+        raise ValueError(f"LIT_FT_TOKEN_CE_GEMM must be one of {GEMM_ROUTES}, got {route!r}")
+    return route
+
+
+def _row_kernel_config(vocab: int):
+    interp = _interpreting()
+    block_v = min(triton.next_power_of_2(vocab), 1024 if interp else 4096)
+    warps = 1 if interp else (16 if block_v >= 4096 else 8)
+    cfg = os.environ.get("LIT_FT_ROW_CFG")  # benchmarking knob: "BLOCK_V,warps"
+    if cfg and not interp:
+        block_v, warps = (int(x) for x in cfg.split(","))
+        block_v = min(block_v, triton.next_power_of_2(vocab))
+    return block_v, warps
+
+
+def _addmm_out_dtype_supported(t: Tensor) -> bool:
+    """torch >= 2.8 sums bf16/fp16 products into an fp32 ``out`` on CUDA (``addmm(..., out_dtype=float32)``)."""
+    if t.device.type != "cuda":
+        return False
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 8)
+
+
+def _forward_backward_host_count(hidden, weight, labels, bias, token_weights, keep, normalizer, *, ignore_index,
+                                 reduction, softcap, scale, chunk_size, grad_mask, grad_tokens, accumulation):
+    """The ``"cublas"`` route (see :func:`gemm_route`): same contract as :func:`forward_backward`."""
+    n_tok, dim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    kept = kept_mask(labels, keep, ignore_index)
+    coef = row_coefficients(kept, token_weights, normalizer, reduction, grad_tokens, f32)
+    if coef is None:
+        grad_mask = 0
+    want_dx = bool(grad_mask & GRAD_HIDDEN)
+    want_dw = bool(grad_mask & GRAD_WEIGHT)
+    want_db = bool(grad_mask & GRAD_BIAS) and bias is not None
+    need_grad = want_dx or want_dw or want_db
+
+    nll = torch.zeros(n_tok, dtype=f32, device=dev)
+    ent = torch.zeros(n_tok, dtype=f32, device=dev)
+    lse = torch.zeros(n_tok, dtype=f32, device=dev)
+    gh = torch.zeros_like(hidden) if want_dx else None
+    dw_dtype = f32 if accumulation == "fp32" else weight.dtype
+    dw = torch.zeros((vocab, dim), dtype=dw_dtype, device=dev) if want_dw else None
+    db = torch.zeros((vocab,), dtype=f32, device=dev) if want_db else None
+
+    count = int(kept.sum())  # the one host synchronisation of this route
+    if count:
+        all_kept = count == n_tok
+        idx = None if all_kept else kept.nonzero().squeeze(1)
+        ys = labels if all_kept else labels.index_select(0, idx)
+        cs = (coef if all_kept else coef.index_select(0, idx)).contiguous() if need_grad else None
+        nll_p, ent_p, lse_p = (nll, ent, lse) if all_kept else (
+            torch.empty(count, dtype=f32, device=dev) for _ in range(3))
+        count_t = torch.full((1,), count, dtype=torch.int32, device=dev)
+        chunk = chunk_size if chunk_size > 0 else default_chunk_size(count, vocab, dim, hidden.element_size())
+        chunk = min(chunk, count)
+        buf = new_logits_buffer((chunk, vocab), hidden.dtype, dev)
+        dx_buf = torch.empty((chunk, dim), dtype=hidden.dtype, device=dev) if want_dx and not all_kept else None
+        fp32_dw_by_cublas = want_dw and dw.dtype != hidden.dtype and _addmm_out_dtype_supported(hidden)
+        block_v, row_warps = _row_kernel_config(vocab)
+        w_t = weight.t()
+        for c0 in range(0, count, chunk):
+            m = min(chunk, count - c0)
+            rows = None if all_kept else idx[c0:c0 + m]
+            x = hidden[c0:c0 + m] if all_kept else hidden.index_select(0, rows)
+            z = buf[:m]
+            if bias is not None:
+                torch.addmm(bias.to(z.dtype), x, w_t, out=z)
+            else:
+                torch.mm(x, w_t, out=z)
+            _row_kernel[(m,)](
+                z, z.stride(0), ys, cs if need_grad else count_t, count_t, c0, nll_p, ent_p, lse_p, vocab,
+                float(softcap), float(scale),
+                HAS_SOFTCAP=softcap != 0.0, HAS_SCALE=scale != 1.0, WRITE_GRAD=need_grad, ZERO_DROPPED=False,
+                BLOCK_V=block_v, num_warps=row_warps,
+            )
+            if not need_grad:
+                continue
+            if want_dx:
+                if all_kept:
+                    torch.mm(z, weight, out=gh[c0:c0 + m])
+                else:
+                    torch.mm(z, weight, out=dx_buf[:m])
+                    gh.index_copy_(0, rows, dx_buf[:m])
+            if want_dw:
+                if dw.dtype == z.dtype:  # "input" accumulation, or fp32 inputs
+                    torch.addmm(dw, z.t(), x, out=dw)
+                elif fp32_dw_by_cublas:
+                    torch.addmm(dw, z.t(), x, out_dtype=f32, out=dw)
+                else:  # fp32 sum of low-precision products where cuBLAS cannot (CPU interpreter, older torch)
+                    _mm(z.t(), x, dw, count=count_t, bound_off=c0, bound="k", accumulate=True)
+            if want_db:
+                db += z.sum(0, dtype=f32)
+        del buf, dx_buf
+        if not all_kept:
+            nll.index_copy_(0, idx, nll_p)
+            ent.index_copy_(0, idx, ent_p)
+            lse.index_copy_(0, idx, lse_p)
+    per_token = nll.clone() if token_weights is None else nll * token_weights.to(f32)
+    loss = reduce_loss(per_token, kept, normalizer, reduction)
+    gh = gh if want_dx else hidden.new_empty((0,))
+    gw = (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if want_dw else weight.new_empty((0,))
+    gb = db.to(bias.dtype) if want_db else weight.new_empty((0,))
+    return loss, nll, ent, lse, gh, gw, gb
+
+
 def forward_backward(
     hidden: Tensor,
     weight: Tensor,
@@ -241,6 +368,11 @@ def forward_backward(
     """Same contract as :func:`torch_impl.forward_backward` (returns loss, nll, entropy, lse, gh, gw, gb)."""
     if hidden.dtype == torch.float64:
         return torch_impl.forward_backward(
+            hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index=ignore_index,
+            reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask,
+            grad_tokens=grad_tokens, accumulation=accumulation)
+    if gemm_route() == "cublas":
+        return _forward_backward_host_count(
             hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index=ignore_index,
             reduction=reduction, softcap=softcap, scale=scale, chunk_size=chunk_size, grad_mask=grad_mask,
             grad_tokens=grad_tokens, accumulation=accumulation)
@@ -280,9 +412,7 @@ def forward_backward(
     chunk = min(chunk, max(n_tok, 1))
     buf = new_logits_buffer((chunk, vocab), hidden.dtype, dev)
     w_t = weight.t()
-    interp = _interpreting()
-    block_v = min(triton.next_power_of_2(vocab), 1024 if interp else 4096)
-    row_warps = 1 if interp else (16 if block_v >= 4096 else 8)
+    block_v, row_warps = _row_kernel_config(vocab)
     for c0 in range(0, n_tok, chunk):
         m = min(chunk, n_tok - c0)
         z = buf[:m]
