@@ -33,6 +33,16 @@ class TokenWeightedLoss:
         self.world_size = 1
         self._warned_num_items = False
 
+    def note_num_items_in_batch(self, num_items_in_batch: Any) -> None:
+        """Warn once that HF's ``num_items_in_batch`` is ignored (the pipeline counts the window itself); also
+        called by the fused forward (:mod:`lit_ft.core.loss.fused_forward`) when it routes through this hook."""
+        if num_items_in_batch is not None and not self._warned_num_items:
+            warnings.warn(  # not lightning's rank_zero_warn: importing lightning pulls in triton
+                "lit_ft: `num_items_in_batch` is ignored while a lit_ft token callback owns the loss; it counts the "
+                "accumulation window's normalisers itself.", stacklevel=3
+            )
+            self._warned_num_items = True
+
     def __call__(
         self,
         logits: torch.Tensor,
@@ -43,12 +53,7 @@ class TokenWeightedLoss:
         shift_labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if num_items_in_batch is not None and not self._warned_num_items:
-            warnings.warn(  # not lightning's rank_zero_warn: importing lightning pulls in triton
-                "lit_ft: `num_items_in_batch` is ignored while a lit_ft token callback owns the loss; it counts the "
-                "accumulation window's normalisers itself.", stacklevel=2
-            )
-            self._warned_num_items = True
+        self.note_num_items_in_batch(num_items_in_batch)
         targets = shift_labels if shift_labels is not None else shift_targets(labels, ignore_index)
         targets = targets.to(logits.device)
         valid = targets != ignore_index

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
-from lit_ft.core.introspect import causal_lm_parts, find_hf_model
+from lit_ft.core.introspect import CausalLMParts, causal_lm_parts, find_hf_model
 from lit_ft.core.loss.objectives import ObjectiveInputs
 from lit_ft.core.loss.pipeline import TokenPipeline, token_pipeline_for
 from lit_ft.core.loss.primitives import (
@@ -62,6 +62,89 @@ def _trainer_of(module: Any) -> Any:
     return getattr(module, "_trainer", None)
 
 
+def token_loss_from_hidden(
+    pipeline: TokenPipeline,
+    parts: CausalLMParts,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    batch: Mapping[str, Any],
+    *,
+    training: bool,
+    accumulate: int = 1,
+    world_size: int = 1,
+    count_batch: Mapping[str, Any] | None = None,
+    impl: str = "auto",
+    weight_grad_accumulation: str = "fp32",
+    chunk_size: int | None = None,
+) -> TokenLossOutput:
+    """The token loss of a pipeline from final hidden states ``[B, T, D]`` and the lm_head, through the fused op.
+
+    The one implementation behind :meth:`TokenLossHost.compute_token_loss` (level 3) and the fused forward of a plain
+    HF model (:func:`lit_ft.core.loss.fused_forward.patch_fused_loss`, which sees a level-2 hook's pipeline):
+    scorers get per-token NLL / entropy / LSE from a no-grad pass of the op, decide weights / keep-mask; the op
+    computes ``Σ w·ℓ`` over kept tokens only; objectives get the hidden states and the head; every term is
+    normalised by its window count (:meth:`TokenPipeline.combine`).
+
+    Args:
+        pipeline: the module's scorers, objectives and window counts.
+        parts: the trunk / lm_head / logit transforms (:func:`lit_ft.core.introspect.causal_lm_parts`).
+        hidden: final hidden states ``[B, T, D]`` (with gradient in training).
+        targets: shifted labels ``[B, T]`` (:func:`~lit_ft.core.loss.primitives.shift_targets`), ``-100`` ignored.
+        batch: the batch scorers and objectives read (``{}`` when the caller has none bound).
+        training: a training forward (scorers' ``needs`` are computed, batch token weights apply, the gradient is
+            normalised by the window totals).
+        accumulate, world_size: ``accumulate_grad_batches`` and the number of ranks (see ``combine``).
+        count_batch: the batch whose labels are counted when no window is bound (default ``batch``).
+        impl, weight_grad_accumulation, chunk_size: passed to :func:`lit_ft.kernels.fused_linear_token_ce`.
+    """
+    B, T, D = hidden.shape
+    valid = targets != IGNORE_INDEX
+
+    weights: torch.Tensor | None = None
+    keep = valid
+    if pipeline.scorers:
+        needs = pipeline.needs if training else frozenset()
+        stats = token_stats(parts, hidden, targets, needs, impl) if needs else TokenStats()
+        scores = TokenScores(
+            targets=targets, valid=valid, batch=batch, nll=stats.nll, entropy=stats.entropy, lse=stats.lse,
+            training=training,
+        )
+        weights, keep = pipeline.decide(scores)
+    if training and batch.get("token_weights") is not None:
+        # batch-level weights (level-1 producers) are aligned with the labels: shift them the same way
+        bw = batch_token_weights(batch).to(hidden.device)
+        weights = bw if weights is None else weights * bw
+
+    from lit_ft.kernels import fused_linear_token_ce
+
+    loss_sum = fused_linear_token_ce(
+        hidden.reshape(B * T, D),
+        parts.weight,
+        targets.reshape(B * T),
+        bias=parts.bias,
+        token_weights=None if weights is None else weights.reshape(B * T),
+        keep=keep.reshape(B * T),
+        reduction="sum",
+        logit_softcap=parts.logit_softcap,
+        logit_scale=parts.logit_scale,
+        chunk_size=chunk_size,
+        impl=impl,
+        weight_grad_accumulation=weight_grad_accumulation,
+    )
+    n_tokens = keep.sum()
+    mean = loss_sum.detach() / n_tokens.clamp_min(1)
+    terms = []
+    if pipeline.objectives:
+        terms = pipeline.objective_terms(ObjectiveInputs(
+            targets=targets, valid=valid, keep=keep, weights=weights, batch=batch, training=training,
+            level="mixin", hidden=hidden, head=parts,
+        ))
+    loss = pipeline.combine(loss_sum, n_tokens, terms, count_batch if count_batch is not None else batch, training,
+                            accumulate, world_size)
+    return TokenLossOutput(loss=loss, mean=mean, n_tokens=n_tokens, keep=keep, weights=weights,
+                           objectives=dict(pipeline.last_objective_values) if terms else {})
+
+
 class TokenLossHost:
     """The level-3 engine as a LightningModule mixin (subclassed by :class:`lit_ft.modules.TokenLossMixin`).
 
@@ -87,57 +170,16 @@ class TokenLossHost:
         require_keys(batch, ("input_ids", "labels"), who=type(self).__name__)
         _ensure_flop_formulas()
         parts = causal_lm_parts(hf_model if hf_model is not None else self.token_loss_model())
-        pipeline = self.token_pipeline
         training = bool(getattr(self, "training", True)) and torch.is_grad_enabled()
         hidden = final_hidden_states(parts, batch)
-        B, T, D = hidden.shape
-        targets = shift_targets(batch["labels"])
-        valid = targets != IGNORE_INDEX
-
-        weights: torch.Tensor | None = None
-        keep = valid
-        if pipeline.scorers:
-            needs = pipeline.needs if training else frozenset()
-            stats = token_stats(parts, hidden, targets, needs, self.token_loss_impl) if needs else TokenStats()
-            scores = TokenScores(
-                targets=targets, valid=valid, batch=batch, nll=stats.nll, entropy=stats.entropy, lse=stats.lse,
-                training=training,
-            )
-            weights, keep = pipeline.decide(scores)
-        if training and batch.get("token_weights") is not None:
-            # batch-level weights (level-1 producers) are aligned with the labels: shift them the same way
-            bw = batch_token_weights(batch)
-            weights = bw if weights is None else weights * bw
-
-        from lit_ft.kernels import fused_linear_token_ce
-
-        loss_sum = fused_linear_token_ce(
-            hidden.reshape(B * T, D),
-            parts.weight,
-            targets.reshape(B * T),
-            bias=parts.bias,
-            token_weights=None if weights is None else weights.reshape(B * T),
-            keep=keep.reshape(B * T),
-            reduction="sum",
-            logit_softcap=parts.logit_softcap,
-            logit_scale=parts.logit_scale,
-            impl=self.token_loss_impl,
-            weight_grad_accumulation=self.token_loss_weight_grad_accumulation,
-        )
-        n_tokens = keep.sum()
-        mean = loss_sum.detach() / n_tokens.clamp_min(1)
-        terms = []
-        if pipeline.objectives:
-            terms = pipeline.objective_terms(ObjectiveInputs(
-                targets=targets, valid=valid, keep=keep, weights=weights, batch=batch, training=training,
-                level="mixin", hidden=hidden, head=parts,
-            ))
         trainer = _trainer_of(self)
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
         world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-        loss = pipeline.combine(loss_sum, n_tokens, terms, batch, training, accumulate, world)
-        return TokenLossOutput(loss=loss, mean=mean, n_tokens=n_tokens, keep=keep, weights=weights,
-                               objectives=dict(pipeline.last_objective_values) if terms else {})
+        return token_loss_from_hidden(
+            self.token_pipeline, parts, hidden, shift_targets(batch["labels"]), batch, training=training,
+            accumulate=accumulate, world_size=world, impl=self.token_loss_impl,
+            weight_grad_accumulation=self.token_loss_weight_grad_accumulation,
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         trainer = _trainer_of(self)
