@@ -26,6 +26,9 @@ from lit_ft.callbacks.tensor_selection import GreenTrainer
 from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
 from lit_ft.callbacks.tensor_selection import LocalizedTuning
 from lit_ft.callbacks.tensor_selection import TrainOnly
+# a utility (memory / time, not a paper technique): importable as lit_ft.callbacks.FusedLoss, not registered, so
+# not in __all__ (which lists the registered techniques)
+from lit_ft.callbacks.fused_loss import FusedLoss  # noqa: F401
 
 from lit_ft.core.registry import REGISTRY as _REGISTRY
 
