@@ -284,7 +284,17 @@ def main(argv=None):
         print(f"\n{dt}:\n{head}\n{sep}", flush=True)
         for d, v in shapes:
             for n in ns:
-                res = {s: run_in_fresh_process(s, d, v, n, dt, args) for s in specs}
+                res = {}
+                for s in specs:  # each result is printed (and saved) as it arrives: a time limit loses no row
+                    res[s] = run_in_fresh_process(s, d, v, n, dt, args)
+                    done = ", ".join(f"keep {float(k):.0%}: " + (f"{r['time_s'] * 1e3:.1f} ms {fmt_bytes(r['peak_bytes'])}"
+                                     if "error" not in r else "failed") for k, r in res[s].items())
+                    print(f"measured {s} D={d} V={v} N={n} {dt}: {done}", flush=True)
+                    if args.json:
+                        partial = results + [{"dtype": dt, "d": d, "v": v, "n": n, "keep": float(k), "method": m, **r}
+                                             for m, per in res.items() for k, r in per.items()]
+                        with open(args.json, "w") as f:
+                            json.dump({"device": dev_name, "versions": versions, "results": partial}, f, indent=1)
                 for keep in keeps:
                     base = res[specs[0]].get(keep) if specs else None
                     cells = [_cell(res[s].get(keep), None if s == specs[0] else base) for s in specs]

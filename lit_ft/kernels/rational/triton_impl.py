@@ -104,6 +104,7 @@ def backward(grad: Tensor, x: Tensor, numerator: Tensor, denominator: Tensor, ne
     else:
         part.zero_()
     sums = part.sum(0) if need_coef else None
-    ga = sums[:m1].to(numerator.dtype) if need_a else None
-    gb = sums[m1:].to(denominator.dtype) if need_b else None
+    # copies: views of one `sums` tensor would alias each other, which a custom op's outputs must not
+    ga = sums[:m1].to(numerator.dtype, copy=True) if need_a else None
+    gb = sums[m1:].to(denominator.dtype, copy=True) if need_b else None
     return (gx if need_x else None), ga, gb
