@@ -32,7 +32,7 @@ def _callbacks_epilog() -> str:
     import lit_ft.callbacks as cbs
 
     lines = ["lit_ft callbacks (add with --trainer.callbacks+=NAME, or in YAML as class_path: lit_ft.callbacks.NAME):"]
-    for name in cbs.__all__:
+    for name in [*cbs.__all__, *cbs.UTILITIES]:
         cls = getattr(cbs, name)
         sig = inspect.signature(cls.__init__)
         params = [p for p in sig.parameters.values() if p.name != "self"]

@@ -34,6 +34,8 @@ from lit_ft.core.registry import REGISTRY as _REGISTRY
 
 # class names in case-insensitive order (the order `lit-ft fit --help` lists them)
 __all__ = sorted((record.cls.__name__ for record in _REGISTRY.records()), key=str.lower)
+# callbacks that are not paper techniques (the CLI's help lists them after the techniques)
+UTILITIES = ("FusedLoss",)
 
 
 def techniques() -> list:

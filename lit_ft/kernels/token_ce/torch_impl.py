@@ -67,8 +67,19 @@ def row_coefficients(
     else:
         return None
     if token_weights is not None:
-        coef = coef * token_weights.to(dtype)
+        # a weight at a position that is not kept (ignored label, dropped token) must not reach anything: an inf or
+        # NaN there would make 0 * inf = NaN, so mask instead of multiplying
+        coef = torch.where(kept, coef * token_weights.to(dtype), torch.zeros((), dtype=dtype, device=kept.device))
     return coef
+
+
+def weighted_per_token(nll: Tensor, token_weights: Optional[Tensor], kept: Tensor) -> Tensor:
+    """``w_i · nll_i`` at kept positions, 0 elsewhere (a fresh tensor: the op's outputs may not alias). ``nll`` is 0
+    at not-kept positions already; the weight there is masked out rather than multiplied, so an inf/NaN weight at an
+    ignored or dropped position cannot turn the loss into NaN."""
+    if token_weights is None:
+        return nll.clone()
+    return torch.where(kept, nll * token_weights.to(nll.dtype), torch.zeros((), dtype=nll.dtype, device=nll.device))
 
 
 def reduce_loss(per_token: Tensor, kept: Tensor, normalizer: Optional[Tensor], reduction: str) -> Tensor:
@@ -239,16 +250,17 @@ def forward_backward(
         if want_dw:
             if grad_acc == hidden.dtype:
                 dw.addmm_(z.t(), x)  # the GEMM accumulates in fp32 internally, the sum across chunks in dw's dtype
-            else:  # low precision inputs: fp32 accumulation across chunks (the chunk's product in a reused buffer)
+            else:  # low precision inputs: fp32 accumulation across chunks, one vocabulary slice at a time: the
+                # slice's product lands in a small low-precision slab, is upcast into a small fp32 slab and added
+                # (no [V, D] low-precision temporary; a mixed-dtype add_ of the whole [V, D] took 3x longer on CPU)
                 if dw_part is None:
-                    dw_part = torch.empty((vocab, dim), dtype=hidden.dtype, device=dev)
-                    slab = torch.empty((max(1, (8 << 20) // (dim * 4)), dim), dtype=acc, device=dev)
-                torch.mm(z.t(), x, out=dw_part)
-                # upcast through a small reused slab, then a same-dtype add: a mixed-dtype add_ of the whole
-                # [V, D] took 3x longer on CPU (36 ms vs 11 ms at V=49152, D=576)
+                    rows = max(1, min(vocab, (8 << 20) // (dim * 4)))
+                    dw_part = torch.empty((rows, dim), dtype=hidden.dtype, device=dev)
+                    slab = torch.empty((rows, dim), dtype=acc, device=dev)
                 for r0 in range(0, vocab, slab.shape[0]):
                     r1 = min(r0 + slab.shape[0], vocab)
-                    dw[r0:r1].add_(slab[: r1 - r0].copy_(dw_part[r0:r1]))
+                    part = torch.mm(z[:, r0:r1].t(), x, out=dw_part[: r1 - r0])
+                    dw[r0:r1].add_(slab[: r1 - r0].copy_(part))
     del z_buf, scratch, dw_part, slab
 
     if all_kept:
@@ -257,7 +269,7 @@ def forward_backward(
         nll = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, nll_p)
         ent = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, ent_p)
         lse = torch.zeros(n_tok, dtype=acc, device=dev).index_copy_(0, idx, lse_p)
-    per_token = nll.clone() if token_weights is None else nll * token_weights.to(acc)  # outputs may not alias
+    per_token = weighted_per_token(nll, token_weights, kept)
     loss = reduce_loss(per_token, kept, normalizer, reduction)
 
     empty = hidden.new_empty((0,))
