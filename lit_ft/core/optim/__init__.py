@@ -6,6 +6,7 @@
 * state — :func:`reset_optimizer_state`, :func:`masked_state_reset`, :func:`optimizer_snapshot` (restore exactly)
 * per-group hyper-parameters — :func:`assign_group_hparams`
 * LR schedulers after a regrouping — :func:`sync_schedulers`
+* the configured learning rates over a checkpoint's — :func:`configured_learning_rates`, :func:`reapply_learning_rates`
 
 Names refer to ``model.named_parameters()`` and follow the pattern syntax of :mod:`lit_ft.core.params`. Nothing here
 imports Lightning; a ``LightningOptimizer`` is accepted wherever an optimizer is.
@@ -22,6 +23,7 @@ from lit_ft.core.optim.groups import (
 )
 from lit_ft.core.optim.hparams import Regrouping, assign_group_hparams, in_optimizer
 from lit_ft.core.optim.layout import apply_optimizer_layout, optimizer_layout
+from lit_ft.core.optim.lr import configured_learning_rates, reapply_learning_rates
 from lit_ft.core.optim.schedulers import SUPPORTED_SCHEDULERS, sync_schedulers
 from lit_ft.core.optim.snapshot import optimizer_snapshot
 from lit_ft.core.optim.state import masked_state_reset, reset_optimizer_state
@@ -32,6 +34,7 @@ __all__ = [
     "rebuild_param_groups", "verify_optimizer",
     "Regrouping", "assign_group_hparams", "in_optimizer",
     "apply_optimizer_layout", "optimizer_layout",
+    "configured_learning_rates", "reapply_learning_rates",
     "SUPPORTED_SCHEDULERS", "sync_schedulers",
     "optimizer_snapshot",
     "masked_state_reset", "reset_optimizer_state",
