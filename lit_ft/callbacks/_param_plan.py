@@ -28,6 +28,7 @@ from lit_ft.core.optim import (
     sync_schedulers,
     unwrap_optimizer,
 )
+from lit_ft.core.resume import adopt_saved_state, record_resume_args
 from lit_ft.core.step_probe import StepFlopsFraction, flops_monitor_of
 from lit_ft.core.params import (
     FROZEN,
@@ -155,6 +156,9 @@ class ParamPlanCallback(Callback):
     """
 
     technique_name: str = "param_plan"
+    #: resuming with changed arguments (:mod:`lit_ft.core.resume`): argument -> ``RESTORE``, a reason to refuse, or
+    #: ``(saved, new, state) -> reason | None``; ``None`` = every change of the state key's arguments is refused
+    resume_decisions: Any = None
 
     def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan | None:
         """The plan to apply before training (``None`` = no constraint yet)."""
@@ -224,8 +228,11 @@ class ParamPlanCallback(Callback):
         shared = checkpoint.setdefault(CHECKPOINT_KEY, {})
         if "optimizer_layout" not in shared:  # the same for every parameter callback: written once
             shared["optimizer_layout"] = self.optimizer_layouts(trainer, pl_module)
+        record_resume_args(self, checkpoint)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # before any load_state_dict: a changed argument restores the saved state or refuses (never a silent reset)
+        adopt_saved_state(self, trainer, checkpoint)
         self._restored_layout = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_layout")
 
     def _is_last_plan_callback(self, trainer: pl.Trainer) -> bool:

@@ -26,6 +26,7 @@ from lit_ft.core.loss import (
     shift_targets,
     token_stats,
 )
+from lit_ft.core.resume import Decision, adopt_saved_state, record_resume_args
 from lit_ft.core.validate import check_choice
 
 
@@ -36,6 +37,9 @@ class TokenScorerCallback(Callback, TokenScorer):
 
     #: batch keys this technique needs at the first batch (checked once, with a clear error)
     required_batch_keys: tuple[str, ...] = ("input_ids", "labels")
+    #: resuming with changed arguments (:mod:`lit_ft.core.resume`): argument -> ``RESTORE``, a reason to refuse, or
+    #: ``(saved, new, state) -> reason | None``; ``None`` = every change of the state key's arguments is refused
+    resume_decisions: Mapping[str, Decision] | None = None
 
     def __init__(self, integration: str = "auto") -> None:
         self.integration = check_choice(type(self).__name__, "integration", integration, INTEGRATIONS)
@@ -53,6 +57,15 @@ class TokenScorerCallback(Callback, TokenScorer):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         detach(self._attachment, self)
         self._attachment = None
+
+    # -- resume with changed arguments: restore or refuse, never a silent reset (lit_ft.core.resume) -------------
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record_resume_args(self, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        adopt_saved_state(self, trainer, checkpoint)
 
     @property
     def _pipeline(self) -> Any:

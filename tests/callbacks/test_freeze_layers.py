@@ -132,7 +132,8 @@ def test_resume_after_the_unfreeze_equals_uninterrupted(tmp_path, llrd):
         ckpt_name="epoch=1-step=4.ckpt",  # saved after the unfreeze at the start of epoch 1
     )
     cb_full, cb_res, trainer = r.callbacks_full[0], r.callbacks_resumed[0], r.trainer_resumed
-    assert torch.load(r.ckpt, weights_only=False)["callbacks"][cb_full.state_key] == {"unfrozen": True}
+    saved = torch.load(r.ckpt, weights_only=False)["callbacks"][cb_full.state_key]
+    assert saved["unfrozen"] is True and set(saved) == {"unfrozen", "lit_ft_resume_args"}  # + the arguments (resume)
     assert cb_res.unfrozen
     assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
     verify_optimizer(trainer.optimizers[0], r.resumed)

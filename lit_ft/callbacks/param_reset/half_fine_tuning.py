@@ -15,6 +15,7 @@ from torch import nn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.optim import masked_state_reset
@@ -50,6 +51,25 @@ def _round_count(x: float, gen: torch.Generator) -> int:
     if frac > 1e-9 and float(torch.rand((), generator=gen)) < frac:
         k += 1
     return k
+
+
+# -- resuming with changed arguments (lit_ft.core.resume): the current stage's selection, and the optimizer state
+# laid out for it, were drawn with the saved ratio / granularity / stage rule, so a change of those is refused
+# (before it could surface as an optimizer-layout error that names no argument).
+_SELECTION_REASON = ("the current stage's selection, and the optimizer state laid out for it, were drawn with the "
+                     "saved value")
+
+
+def _reset_frozen_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> Optional[str]:
+    if new and not saved and not state.get("theta0"):
+        return "no copy of the pre-trained values θ0 was saved, so the frozen half cannot be reset to them"
+    return None
+
+
+def _seed_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> Optional[str]:
+    if new is None or new == state.get("seed"):
+        return None  # None: the stored seed is used
+    return f"the sequence of selections is drawn from the checkpoint's seed {state.get('seed')!r}"
 
 
 @technique(name="half_fine_tuning", family="param_reset",
@@ -116,6 +136,13 @@ class HalfFineTuning(ParamPlanCallback):
     """
 
     technique_name = "half_fine_tuning"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`)
+    resume_decisions = {
+        "ratio": _SELECTION_REASON, "granularity": _SELECTION_REASON, "reselect": _SELECTION_REASON,
+        "stage_steps": _SELECTION_REASON, "train_non_layer": _SELECTION_REASON,
+        "reset_frozen": _reset_frozen_decision, "seed": _seed_decision,
+        "theta0_device": RESTORE, "reset_moments_on_thaw": RESTORE,
+    }
 
     def __init__(
         self,
@@ -157,6 +184,7 @@ class HalfFineTuning(ParamPlanCallback):
         self.reset_moments_on_thaw = reset_moments_on_thaw
         self.train_non_layer = train_non_layer
         self.seed = seed
+        self._seed_arg = seed  # what the user passed (`seed` is resolved at setup): compared on resume
 
         self.stage: int = -1  # no selection applied yet
         self.resets: int = 0
@@ -170,6 +198,10 @@ class HalfFineTuning(ParamPlanCallback):
         self._theta0: dict[str, torch.Tensor] = {}
         self._stash: dict[int, dict[str, dict[str, Any]]] = {}  # optimizer index -> name -> state (kept moments)
         self._restored: Optional[dict[str, Any]] = None
+
+    def resume_args(self) -> dict[str, Any]:
+        """Arguments resolved in place, as given (:mod:`lit_ft.core.resume`): ``seed`` before setup resolved it."""
+        return {"seed": self._seed_arg}
 
     @property
     def state_key(self) -> str:

@@ -19,6 +19,7 @@ from lit_ft.core.sparse_diff import export_sparse_diff
 from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
 from lit_ft.core.optim import reset_optimizer_state
 from lit_ft.core.params import ParamPlan, select_param_names
+from lit_ft.core.resume import ARGS_KEY, RESTORE
 
 __all__ = ["LotteryTicketSparseFT", "topk_abs_delta_masks"]
 
@@ -148,6 +149,28 @@ def _module_prefix(pl_module: torch.nn.Module) -> str:
     return ""
 
 
+# -- resuming with changed arguments (lit_ft.core.resume): θ₀ does not depend on K, the phase-1 length or the split
+# into maskable / always-trained tensors, so in phase 1 it is restored and those are recomputed; after the switch the
+# kept entries were chosen with the old values and θ₀ outside them is gone, so a change is refused.
+def _refuse_after_switch(what: str) -> Any:
+    def decide(saved: Any, new: Any, state: Mapping[str, Any]) -> Optional[str]:
+        if int(state.get("phase", 1)) != 2:
+            return None
+        return (f"the switch to phase 2 already happened at step {state.get('switched_at')} and {what}, so the new "
+                "value cannot apply")
+    return decide
+
+
+def _theta0_dtype_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> Optional[str]:
+    if saved == "bfloat16" and new == "exact":
+        return "the saved θ₀ is rounded to bfloat16, the exact θ₀ cannot be recovered from it"
+    return None  # exact -> bfloat16: the saved θ₀ is rounded on restore
+
+
+_SELECTION_ARGS = ("proportion", "num_params", "always_train")
+_PHASE1_ARGS = ("phase1_steps", "phase1_epochs", "phase1_fraction")
+
+
 @technique(name="lottery_ticket", family="param_reset",
            paper="Composable Sparse Fine-Tuning for Cross-Lingual Transfer", arxiv="2110.07560")
 class LotteryTicketSparseFT(ParamPlanCallback):
@@ -177,6 +200,12 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     Under DDP set ``find_unused_parameters=True`` (``strategy="ddp_find_unused_parameters_true"``): tensors without
     kept entries stop receiving gradients in phase 2.
 
+    Resuming with changed arguments: in phase 1, θ₀ is restored from the checkpoint and ``proportion`` /
+    ``num_params`` / ``always_train`` / ``phase1_*`` take their new values (θ₀ does not depend on them); after the
+    switch a change of any of them is refused with an error naming it (the entries were chosen with the old values
+    and θ₀ outside them is gone), as is ``theta0_dtype`` ``"bfloat16"`` -> ``"exact"``. A checkpoint without this
+    callback's state warns that θ₀ is taken from the checkpoint's weights.
+
     Args:
         proportion: ``K`` as a fraction of all maskable entries, ``0 < proportion <= 1`` (reference default 0.01);
             ignored when ``num_params`` is set.
@@ -202,6 +231,14 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     """
 
     technique_name = "lottery_ticket"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`): K, ``always_train`` and the phase-1 length
+    #: are recomputed from the new values in phase 1 (θ₀ is restored); after the switch they are refused
+    resume_decisions = {
+        **{a: _refuse_after_switch(f"the kept entries were selected with the saved {a}") for a in _SELECTION_ARGS},
+        **{a: _refuse_after_switch("the phase-1 length no longer applies") for a in _PHASE1_ARGS},
+        "theta0_device": RESTORE, "theta0_dtype": _theta0_dtype_decision,
+        "export": RESTORE, "export_path": RESTORE, "diff_dtype": RESTORE,
+    }
 
     def __init__(
         self,
@@ -295,11 +332,14 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         # the base arranges the optimizer's groups like the checkpointed ones (state is restored by position)
         super().on_fit_start(trainer, pl_module)
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, torch.Tensor]) -> None:
-        if trainer.global_step > 0:
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, torch.Tensor],
+               restoring: bool = False) -> None:
+        # `trainer.global_step` is still 0 here on a resume (the loops are restored after on_fit_start): the
+        # checkpoint path tells a resumed run
+        if not restoring and trainer.ckpt_path is not None:
             warnings.warn(
-                "LotteryTicketSparseFT: resuming from a checkpoint without this callback's state; θ₀ is taken from "
-                "the current (already trained) weights.", stacklevel=2,
+                f"LotteryTicketSparseFT: resuming from {trainer.ckpt_path!r}, which holds no state of this callback; "
+                "θ₀ is taken from the checkpoint's (already trained) weights.", stacklevel=2,
             )
         always = set(self._always_train_names(pl_module))
         trainable = [n for n, p in params.items() if p.requires_grad]
@@ -468,8 +508,35 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             raise ValueError(f"LotteryTicketSparseFT: unsupported state version {state_dict.get('version')!r}.")
         self._loaded = dict(state_dict)
 
+    def _restore_theta0(self, t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A saved θ₀ tensor placed and typed as this run's ``theta0_device`` / ``theta0_dtype`` say."""
+        if self.theta0_dtype == "bfloat16" and t.is_floating_point():
+            t = t.to(torch.bfloat16)
+        return t.to("cpu" if self.theta0_device == "cpu" else param.device)
+
+    def _restore_phase1(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sd: dict[str, Any],
+                        params: Mapping[str, torch.Tensor]) -> None:
+        """Phase 1: θ₀ comes from the checkpoint; K, the maskable / always-trained split and (when a phase-1
+        argument changed) the boundary come from this run's arguments, as a fresh run would compute them."""
+        self._start(trainer, pl_module, params, restoring=True)
+        theta0 = sd["theta0"]
+        expected = self.maskable + self.always_trained
+        if set(theta0) != set(expected):
+            missing, extra = sorted(set(expected) - set(theta0)), sorted(set(theta0) - set(expected))
+            raise ValueError(
+                "LotteryTicketSparseFT: the checkpoint's θ₀ does not cover this run's trainable tensors (the module "
+                f"or its frozen parameters changed): missing {missing[:5]}, not trainable now {extra[:5]}."
+            )
+        self._theta0 = {n: self._restore_theta0(theta0[n], params[n]) for n in expected}
+        saved_args = sd.get(ARGS_KEY) or {}
+        if all(saved_args.get(a, getattr(self, a)) == getattr(self, a) for a in _PHASE1_ARGS):
+            self.boundary_step = sd["boundary_step"]  # unchanged arguments: the boundary of the original run
+
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sd: dict[str, Any],
                  params: Mapping[str, torch.Tensor]) -> None:
+        if int(sd["phase"]) == 1:
+            self._restore_phase1(trainer, pl_module, sd, params)
+            return
         self.phase = int(sd["phase"])
         self.boundary_step = sd["boundary_step"]
         self._switched_at = sd["switched_at"]
@@ -481,8 +548,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             raise ValueError(
                 f"LotteryTicketSparseFT: the checkpoint names parameters this module does not have: {missing[:5]}."
             )
-        dev = (lambda n: "cpu") if self.theta0_device == "cpu" else (lambda n: params[n].device)
-        self._theta0 = {n: t.to(dev(n)) for n, t in sd["theta0"].items()}
+        self._theta0 = {n: self._restore_theta0(t, params[n]) for n, t in sd["theta0"].items()}
         if self.phase == 2:
             plan = ParamPlan.from_state_dict(sd["plan"])
             self.masks = {}

@@ -13,6 +13,7 @@ from torch import nn
 
 from lit_ft.callbacks._param_plan import param_plans_for
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import adopt_saved_state, record_resume_args
 from lit_ft.core.validate import check_bool, check_int, check_layer_count, check_number
 from lit_ft.core.introspect import find_decoder_layers, find_hf_model, param_names_by_id
 
@@ -39,6 +40,13 @@ def norm_unit_value(hf_model: nn.Module, norm: nn.Module) -> float:
     except Exception:  # noqa: BLE001 - any model-specific failure: the card's LayerNorm (1, 0)
         pass
     return 1.0
+
+
+def _reinit_decision(saved: Any, new: Any, state: Any) -> Optional[str]:
+    """Resuming with another re-init argument: refused once the re-init is in the checkpoint's weights."""
+    if state.get("done"):
+        return "the re-initialisation was already applied with the saved value (the checkpoint's weights hold it)"
+    return None
 
 
 @technique(name="reinit_top_layers", family="param_reset",
@@ -72,6 +80,8 @@ class ReinitTopLayers(Callback):
     """
 
     technique_name = "reinit_top_layers"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`)
+    resume_decisions = {a: _reinit_decision for a in ("num_layers", "std", "seed", "include_frozen")}
 
     def __init__(self, num_layers: int = 1, std: Optional[float] = None, seed: int = 0, include_frozen: bool = False) -> None:
         owner = type(self).__name__
@@ -98,6 +108,13 @@ class ReinitTopLayers(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "num_layers": self.num_layers, "seed": self.seed, "std": self.std_used,
                 "names": list(self.reinitialized_names)}
+
+    # -- resume with changed arguments: restore or refuse, never a silent reset (lit_ft.core.resume) -------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record_resume_args(self, checkpoint)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        adopt_saved_state(self, trainer, checkpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks after setup() and after the module weights: if this run re-initialised at

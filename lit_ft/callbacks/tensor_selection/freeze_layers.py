@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_bool, check_int, check_layer_count
 from lit_ft.core.introspect import (
     ModelLayoutError,
@@ -51,6 +52,13 @@ class FreezeLayers(ParamPlanCallback):
     """
 
     technique_name = "freeze_layers"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`): what is frozen, and the optimizer state laid
+    #: out for it, follow the saved values; the unfreeze epoch applies from now on
+    resume_decisions = {
+        "num_layers": "the frozen tensors, and the optimizer state laid out for them, follow the saved value",
+        "freeze_embeddings": "the frozen tensors, and the optimizer state laid out for them, follow the saved value",
+        "unfreeze_at_epoch": RESTORE,
+    }
 
     def __init__(self, num_layers: int = 2, freeze_embeddings: bool = True, unfreeze_at_epoch: Optional[int] = None) -> None:
         owner = type(self).__name__

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._param_plan import SelectionPlanCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_bool, check_int, check_number, check_str
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.params import ParamPatternError, ParamPlan, name_matcher
@@ -57,6 +58,13 @@ class LocalizedTuning(SelectionPlanCallback):
     """
 
     technique_name = "localized_tuning"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`): the trained tensor follows the saved values;
+    #: the thresholds apply from now on (the loss counters stay valid)
+    resume_decisions = {
+        "layer": "the trained tensors, and the optimizer state laid out for them, follow the saved value",
+        "module_pattern": "the trained tensors, and the optimizer state laid out for them, follow the saved value",
+        "skip_below": RESTORE, "stop_below": RESTORE, "required": RESTORE,
+    }
 
     def __init__(
         self,

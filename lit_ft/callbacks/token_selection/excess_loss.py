@@ -10,9 +10,18 @@ import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_choice, check_number
 from lit_ft.core.frozen import DTYPES, FrozenModel, frozen_model_property
 from lit_ft.core.loss import TokenDecision, TokenScores, causal_lm_token_nll, global_topk_mask
+
+def _reference_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> str | None:
+    """Resuming with another ``reference``: a loaded model is (re)loaded; "the initial weights" exist only if saved."""
+    if new is None and saved is not None:
+        return ("the checkpoint holds no initial weights (its reference was a loaded model), so the reference would "
+                "be the trained weights")
+    return None
+
 
 @technique(name="excess_loss", family="token_selection",
            paper="Rho-1: Not All Tokens Are What You Need", arxiv="2404.07965")
@@ -46,6 +55,10 @@ class ExcessLossSelection(TokenScorerCallback):
 
     token_needs = frozenset({"nll"})
     scorer_name = "excess_loss"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`): the saved initial-weights reference is
+    #: restored whatever ``keep_ratio``; switching to ``reference=None`` from a loaded model is refused
+    resume_decisions = {"keep_ratio": RESTORE, "reference": _reference_decision, "reference_dtype": RESTORE,
+                        "integration": RESTORE}
 
     def __init__(
         self,
@@ -128,4 +141,5 @@ class ExcessLossSelection(TokenScorerCallback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._reference.load_state_dict(state_dict.get("reference_state"))
+        if self.reference is None:  # a loaded reference is reloaded (the checkpoint's may be another one)
+            self._reference.load_state_dict(state_dict.get("reference_state"))

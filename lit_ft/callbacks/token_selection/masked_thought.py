@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE, adopt_saved_state, record_resume_args
 from lit_ft.core.validate import check_choice, check_int, check_number
 
 MODES = ("mask", "random")
@@ -103,7 +104,15 @@ class MaskedThought(Callback):
         require_sample_idx: the batch must carry ``sample_idx`` (long [B], provided by ``SFTDataModule``).
             ``False`` = fall back to ``(batch_idx, row)`` when it is missing — deterministic, but the masks then
             depend on how samples are sharded across ranks.
+
+    Resuming with changed arguments: the saved schedule position (step, run length, seed) stays valid, and the new
+    ``max_rate`` / ``warmup_fraction`` / ``mode`` / ... apply from the resumed step on (a changed ``seed`` warns
+    and the stored one is used).
     """
+
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`)
+    resume_decisions = {a: RESTORE for a in ("max_rate", "warmup_fraction", "mode", "mask_token_id", "rate_sampling",
+                                             "exclude_special_tokens", "require_sample_idx")}
 
     def __init__(
         self,
@@ -332,6 +341,13 @@ class MaskedThought(Callback):
     # -- checkpoint ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self._seed, "total_steps": self._total_steps, "step": self._step, "rate": self._rate}
+
+    # -- resume with changed arguments: restore or refuse, never a silent reset (lit_ft.core.resume) -------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record_resume_args(self, checkpoint)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        adopt_saved_state(self, trainer, checkpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         seed, total = state_dict.get("seed"), state_dict.get("total_steps")

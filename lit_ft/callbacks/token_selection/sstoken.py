@@ -11,6 +11,7 @@ import torch
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_choice, check_int, check_number, check_str
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
@@ -159,6 +160,28 @@ def prompt_attention_mass(
 # ---------------------------------------------------------------------------------------------------------------------
 # the callback
 # ---------------------------------------------------------------------------------------------------------------------
+# -- resuming with changed arguments (lit_ft.core.resume): the saved history weights do not depend on keep_ratio,
+# the layer or the mixing weight, so those restore; the history's *kind* is what the weights are, so a change to
+# another kind of saved history is refused (a loaded model is simply reloaded).
+_SAVED_HISTORIES = ("ema", "initial")
+
+
+def _history_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> str | None:
+    if new not in _SAVED_HISTORIES:
+        return None  # a loaded model: reloaded from `new`, the saved weights are not needed
+    if saved in _SAVED_HISTORIES:
+        return (f"the saved history weights are the {'EMA of the training weights' if saved == 'ema' else 'initial weights'}"
+                f", not {'an EMA' if new == 'ema' else 'the initial weights'}")
+    return "no history weights were saved (a loaded model), so they would start from the trained weights"
+
+
+def _gamma_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> str | None:
+    if float(saved) == 0.0 and float(new) > 0.0 and state.get("history") in _SAVED_HISTORIES \
+            and state.get("history_state") is None:
+        return "with gamma=0 no history model was kept, so it would start from the trained weights"
+    return None
+
+
 @technique(name="sstoken", family="token_selection",
            paper="ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning", arxiv="2510.18250")
 class SSToken(TokenScorerCallback):
@@ -204,6 +227,12 @@ class SSToken(TokenScorerCallback):
 
     token_needs = frozenset({"nll"})
     scorer_name = "sstoken"
+    #: resuming with a changed argument (see :mod:`lit_ft.core.resume`): the EMA / initial history weights and the
+    #: EMA step are restored unless the new ``history`` / ``gamma`` needs weights that were not saved
+    resume_decisions = {
+        "keep_ratio": RESTORE, "gamma": _gamma_decision, "attention_layer": RESTORE, "history": _history_decision,
+        "ema_decay": RESTORE, "history_device": RESTORE, "history_dtype": RESTORE, "integration": RESTORE,
+    }
 
     def __init__(
         self,
@@ -436,6 +465,8 @@ class SSToken(TokenScorerCallback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.history not in _SAVED_HISTORIES:
+            return  # a loaded history model (possibly another than the checkpoint's: see resume_decisions)
         if state_dict.get("ema_step") is not None:
             self._ema_step = int(state_dict["ema_step"])
         self._history.load_state_dict(state_dict.get("history_state"))
