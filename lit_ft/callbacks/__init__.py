@@ -29,13 +29,14 @@ from lit_ft.callbacks.tensor_selection import TrainOnly
 # a utility (memory / time, not a paper technique): importable as lit_ft.callbacks.FusedLoss, not registered, so
 # not in __all__ (which lists the registered techniques)
 from lit_ft.callbacks.fused_loss import FusedLoss  # noqa: F401
+from lit_ft.callbacks.learning_rate import ConfiguredLearningRate  # noqa: F401  (resume with this run's lr)
 
 from lit_ft.core.registry import REGISTRY as _REGISTRY
 
 # class names in case-insensitive order (the order `lit-ft fit --help` lists them)
 __all__ = sorted((record.cls.__name__ for record in _REGISTRY.records()), key=str.lower)
 # callbacks that are not paper techniques (the CLI's help lists them after the techniques)
-UTILITIES = ("FusedLoss",)
+UTILITIES = ("FusedLoss", "ConfiguredLearningRate")
 
 
 def techniques() -> list:
