@@ -19,6 +19,10 @@ How (called from the callbacks' ``on_save_checkpoint`` / ``on_load_checkpoint``,
   None`` (decided by the state, e.g. before/after a phase switch). An argument without a decision is refused.
   A callback that declares no decisions (``None``) refuses every change of its key's arguments.
 
+Lightning itself still warns "Please add the following callbacks: [<the old key>]" before any callback sees the
+checkpoint; for a lit_ft callback whose state was found here that warning is stale (the decision above is what
+happened: the state was restored, or the resume refused).
+
 Arguments a technique re-reads from the trainer every time (an export path, a device for a frozen copy) are
 ``RESTORE``; arguments that the saved state was computed from (a selection ratio after the selection was made, the
 kind of history model) are refused with the value to resume with.
