@@ -84,8 +84,8 @@ def attach(trainer: Any, pl_module: Any, participant: Any, integration: str = "a
     if level == "hook":
         hooked = find_hf_model(pl_module, require_lm_head=True)
         hook = install_token_loss_hook(hooked, pipe)
-        hook.accumulate_grad_batches = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        hook.world_size = int(getattr(trainer, "world_size", 1) or 1)
+        # read live at every loss, not copied now: GradientAccumulationScheduler changes it between epochs
+        hook.bind_trainer(trainer)
     return Attachment(level, pipe, hooked)
 
 

@@ -9,6 +9,7 @@ normalised by its window count (:mod:`lit_ft.core.loss.pipeline`), so gradient a
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -29,9 +30,47 @@ class TokenWeightedLoss:
     def __init__(self, pipeline: TokenPipeline, previous: Any) -> None:
         self.pipeline = pipeline
         self.previous = previous
-        self.accumulate_grad_batches = 1
-        self.world_size = 1
+        self._trainer_ref: Any = None
+        self._accumulate_override: int | None = None
+        self._world_override: int | None = None
         self._warned_num_items = False
+
+    def bind_trainer(self, trainer: Any) -> None:
+        """Read ``accumulate_grad_batches`` and ``world_size`` from ``trainer`` at every call (weakly referenced).
+
+        Read live, not copied at setup: Lightning's ``GradientAccumulationScheduler`` changes
+        ``trainer.accumulate_grad_batches`` between epochs, and the gradient scale must follow it (as the level-3
+        path does, which reads the trainer at each step)."""
+        try:
+            self._trainer_ref = weakref.ref(trainer)
+        except TypeError:  # an object that cannot be weakly referenced (a test double): keep it
+            self._trainer_ref = lambda: trainer
+
+    def _trainer_value(self, name: str) -> int:
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        return int(getattr(trainer, name, 1) or 1) if trainer is not None else 1
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """The trainer's current ``accumulate_grad_batches`` (1 without a trainer), unless set explicitly."""
+        if self._accumulate_override is not None:
+            return self._accumulate_override
+        return self._trainer_value("accumulate_grad_batches")
+
+    @accumulate_grad_batches.setter
+    def accumulate_grad_batches(self, value: int | None) -> None:
+        self._accumulate_override = None if value is None else int(value)
+
+    @property
+    def world_size(self) -> int:
+        """The trainer's world size (1 without a trainer), unless set explicitly."""
+        if self._world_override is not None:
+            return self._world_override
+        return self._trainer_value("world_size")
+
+    @world_size.setter
+    def world_size(self, value: int | None) -> None:
+        self._world_override = None if value is None else int(value)
 
     def note_num_items_in_batch(self, num_items_in_batch: Any) -> None:
         """Warn once that HF's ``num_items_in_batch`` is ignored (the pipeline counts the window itself); also
