@@ -398,11 +398,12 @@ def test_missing_labels_and_non_hf_module_errors():
         cb2.setup(_trainer([cb2]), NotHF(), "fit")
 
 
-def test_warns_when_listed_after_another_token_callback():
+def test_refused_when_listed_after_a_batch_start_reader():
+    # ExcessLossSelection's reference NLL would be for the rows QTuning removes (lit_ft.core.loss.batch_order)
     module = CausalLMModule(model_config=tiny_config())
     el, qt = ExcessLossSelection(), QTuning()
     trainer = _trainer([el, qt], max_steps=1)
-    with pytest.warns(UserWarning, match="list it before the other lit_ft token callbacks"):
+    with pytest.raises(ValueError, match=r"Fix: list QTuning\(scoring='separate'\) before ExcessLossSelection"):
         qt.setup(trainer, module, "fit")
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
@@ -264,17 +263,18 @@ class QTuning(TokenScorerCallback):
         return self._generate_state_key(sample_ratio=self.sample_ratio, token_ratio=self.token_ratio,
                                         quadrants=self.quadrants, scoring=self.scoring)
 
-    # -- setup ----------------------------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.scoring == "separate":
-            # later batch editors / scorers that cache per-row work in on_train_batch_start must run after us
-            before = trainer.callbacks[: trainer.callbacks.index(self)] if self in trainer.callbacks else []
-            if any(isinstance(cb, TokenScorerCallback) for cb in before):
-                rank_zero_warn(
-                    "QTuning(scoring='separate') removes samples from the batch in on_train_batch_start; list it "
-                    "before the other lit_ft token callbacks so that they see the edited batch"
-                )
+    # -- batch order (lit_ft.core.loss.batch_order, checked when a participant attaches) ---------------------------
+    @property
+    def batch_start_edits(self) -> frozenset[str]:
+        # separate scoring removes rows and sets pruned tokens' labels to -100 at on_train_batch_start
+        return frozenset({"rows", "labels"}) if self.scoring == "separate" else frozenset()
+
+    @property
+    def batch_order_name(self) -> str:
+        return f"QTuning(scoring={self.scoring!r})"
+
+    #: the configuration that leaves the batch alone (named when a reader cannot combine with the edit)
+    batch_start_alternative = "QTuning(scoring='inline')"
 
     # -- stage 1 + 2 ----------------------------------------------------------------------------------------------
     def select(self, nll: torch.Tensor, entropy: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

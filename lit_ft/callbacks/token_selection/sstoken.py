@@ -291,6 +291,16 @@ class SSToken(TokenScorerCallback):
     def uses_attention(self) -> bool:
         return self.gamma < 1.0
 
+    # -- batch order (lit_ft.core.loss.batch_order, checked when a participant attaches) ---------------------------
+    #: prepare_batch reads the rows (history NLL, prompt keys per row), the tokens and the labels
+    batch_start_reads = frozenset({"rows", "input_ids", "labels"})
+
+    @property
+    def batch_start_needs_unedited(self) -> frozenset[str]:
+        # the attention score reads the prompt/response split from the labels: a label editor (QTuning's pruning)
+        # would turn pruned response tokens into prompt keys. The loss-only score (gamma=1) reads them edited fine.
+        return frozenset({"labels"}) if self.uses_attention else frozenset()
+
     history_model = frozen_model_property("_history", "The history model (``None`` before setup or when ``gamma == 0``).")
 
     #: the name tests (and code written before FrozenModel) inject a history model under

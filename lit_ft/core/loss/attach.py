@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.loss.batch_order import check_batch_order
 from lit_ft.core.loss.hf_hook import install_token_loss_hook, remove_token_loss_hook
 from lit_ft.core.loss.level3 import TokenLossHost
 from lit_ft.core.loss.objectives import Objective
@@ -70,6 +71,9 @@ def attach(trainer: Any, pl_module: Any, participant: Any, integration: str = "a
     engine to run, e.g. a producer of ``batch["token_weights"]``) to ``pl_module``'s token loss."""
     who = who or type(participant).__name__
     level = resolve_level(pl_module, integration, who, allowed)
+    # batch editors before the readers of what they edit (lit_ft.core.loss.batch_order): one check for every
+    # participant, so a misordered pair fails at setup with the fix, not later inside the loss
+    check_batch_order(getattr(trainer, "callbacks", None) or ())
     if level == "batch":
         return Attachment("batch")
     pipe = token_pipeline_for(pl_module)
