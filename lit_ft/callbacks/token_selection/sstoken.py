@@ -419,10 +419,25 @@ class SSToken(TokenScorerCallback):
             )
         am = scores.batch.get("attention_mask") if scores.batch is not None else None
         assert self._layer is not None
-        return prompt_attention_mass(
-            self._layer, hidden, pos, self._prompt_keys.to(hidden.device),
-            None if am is None else am.to(hidden.device),
-        ).to(scores.valid.device)
+        keys = self._prompt_keys.to(hidden.device)
+        am = None if am is None else am.to(hidden.device)
+        B, T = keys.shape
+        n = hidden.shape[1] - T
+        if hidden.shape[0] != B or n < 0:
+            raise RuntimeError(
+                f"SSToken: the attention layer's input has shape {tuple(hidden.shape[:2])} (batch, positions) but "
+                f"the batch's labels {(B, T)}; the layer must see the batch's rows and at least its positions."
+            )
+        if n:
+            # a prompt technique prepended n virtual positions at the trunk (PromptTuning, DePT, ...: the prompt
+            # injector, lit_ft.core.layer_hooks' rewrite band): the layer attends over them too, so they stay in
+            # the softmax (attended keys) but are not the user's prompt tokens (not in the key mask); their own
+            # query rows are dropped, leaving one row per user position as without the prompt
+            pad = torch.ones(B, n, dtype=torch.bool, device=hidden.device)
+            keys = torch.cat([~pad, keys], dim=1)
+            am = None if am is None else torch.cat([pad.to(am.dtype), am], dim=1)
+        mass = prompt_attention_mass(self._layer, hidden, pos, keys, am)
+        return mass[:, n:].to(scores.valid.device)
 
     def nominal_keep_ratio(self) -> float:
         # the loss is averaged over the selected tokens: ρ of each response's supervised tokens
