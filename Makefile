@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lit_ft_installed
 
-.PHONY: install demo test assets bench clean
+.PHONY: install demo test assets bench matrix clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ assets: install
 
 bench: install
 	$(PY) benchmarks/token_ce.py
+
+# issue 18's compatibility matrix: every technique under 2-rank DDP and FSDP2 (gloo CPU), cached per cell in
+# runs/matrix/ (MATRIX_ARGS=--force reruns all), then docs/compatibility.md is regenerated
+matrix: install
+	OMP_NUM_THREADS=1 $(PY) tests/matrix/run_matrix.py $(MATRIX_ARGS)
 
 clean:
 	rm -rf $(VENV) lit_ft.egg-info .pytest_cache

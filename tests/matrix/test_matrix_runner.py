@@ -1,0 +1,94 @@
+"""The compatibility-matrix runner (issue 18, ``tests/matrix/run_matrix.py``): one real cell end to end (2 gloo
+ranks against one process, the JSON cache, the generated page), and the outcome rules on synthetic cells."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_matrix_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_matrix = _load("run_matrix")
+worker = _load("worker")
+
+
+@pytest.mark.slow
+def test_one_cell_runs_is_cached_and_generates_its_row(tmp_path, capsys):
+    """``plain`` under 2-rank DDP equals one process (the module's weights really moved, and the largest difference
+    is fp32 noise); the cell is cached as JSON and skipped on a rerun; the page carries the generated-page note,
+    the command and that row. (The runner's ``main`` runs here; the ranks are its worker subprocesses.)"""
+    out, page = tmp_path / "runs", tmp_path / "compatibility.md"
+    args = ["--techniques", "plain", "--settings", "ddp", "--out-dir", str(out), "--page", str(page)]
+    assert run_matrix.main(args) == 0
+    cell = json.loads((out / "plain__ddp.json").read_text())
+    assert cell["category"] == "works", cell
+    assert cell["result"]["moved"] and cell["result"]["max_abs_diff"] < 1e-5
+    assert [r["returncode"] for r in cell["ranks"]] == [0, 0]
+    text = page.read_text()
+    assert run_matrix.GENERATED_MARK in text and "do not edit it by hand" in text
+    assert "python tests/matrix/run_matrix.py --techniques plain --settings ddp" in text
+    assert "| `plain` | — | works (= 1 process) |" in text
+
+    capsys.readouterr()
+    assert run_matrix.main(args) == 0
+    assert "cached" in capsys.readouterr().out
+    assert json.loads((out / "plain__ddp.json").read_text())["finished_at"] == cell["finished_at"]
+
+
+def test_compare_finds_differences_missing_keys_and_unmoved_weights():
+    start = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    ref = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.zeros(2)}
+    same = worker.compare(ref, {k: v.clone() for k, v in ref.items()}, start)
+    assert same["close"] and same["moved"] and same["max_abs_diff"] == 0.0
+    off = worker.compare(ref, {"w": ref["w"] + torch.tensor([0.0, 1e-3, 0.0]), "b": ref["b"]}, start)
+    assert not off["close"] and off["worst_tensor"] == "w" and off["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+    missing = worker.compare(ref, {"w": ref["w"]}, start)
+    assert not missing["close"] and missing["keys_only_in_reference"] == ["b"]
+    assert not worker.compare(start, start, start)["moved"]
+
+
+def _record(ranks=None, result=None, timed_out=False, exit_order=(0, 1)) -> dict:
+    ranks = ranks or [{"rank": 0, "phase": "done", "returncode": 0, "log_tail": ""},
+                      {"rank": 1, "phase": "done", "returncode": 0, "log_tail": ""}]
+    return {"ranks": ranks, "result": result, "timed_out": timed_out, "timeout_s": 150, "exit_order": list(exit_order)}
+
+
+def _error(rank: int, phase: str, message: str, where: str = "distributed", type_: str = "RuntimeError") -> dict:
+    return {"rank": rank, "phase": phase, "returncode": 1, "log_tail": "",
+            "error": {"where": where, "phase": phase, "type": type_, "message": message, "traceback": "",
+                      "lit_ft_frame": None, "raised_at": None}}
+
+
+def test_classify_outcomes():
+    ok = {"close": True, "moved": True, "max_abs_diff": 1e-8, "keys_only_in_reference": [],
+          "keys_only_in_distributed": [], "reference_error": None}
+    c = run_matrix.classify
+    assert c(_record(result=ok))["outcome"] == "works (= 1 process)"
+    differs = dict(ok, close=False, max_abs_diff=0.031)
+    assert c(_record(result=differs))["outcome"] == "runs but differs (max abs diff 0.031)"
+    done = {"rank": 1, "phase": "done", "returncode": 0, "log_tail": ""}
+    refused = c(_record([_error(0, "setup", "FreezeLayers does not support DDP: use ...\nmore"), done]))
+    assert refused["category"] == "refused" and refused["outcome"] == "refused: FreezeLayers does not support DDP: use ..."
+    unclear = c(_record([_error(0, "setup", "index out of range"), done]))
+    assert unclear["outcome"] == "fails: RuntimeError: index out of range"
+    # the rank that died first is the cause; its peer only saw the connection close
+    later = c(_record([_error(0, "step 1", "Connection closed by peer"), _error(1, "step 1", "shape mismatch")],
+                      exit_order=(1, 0)))
+    assert later["outcome"] == "fails (step 1): RuntimeError: shape mismatch" and later["detail"]["rank"] == 1
+    hang = c(_record([{"rank": 0, "phase": "step 1", "returncode": -9, "log_tail": ""},
+                      {"rank": 1, "phase": "setup", "returncode": -9, "log_tail": ""}], timed_out=True))
+    assert hang["category"] == "hangs" and "rank 0 at step 1, rank 1 at setup" in hang["detail"]["where"]
+    not_run = c(_record([_error(0, "build", "no case", where="build", type_="KeyError"), done]))
+    assert not_run["outcome"] == "not run: KeyError: no case"
