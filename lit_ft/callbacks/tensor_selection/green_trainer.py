@@ -202,8 +202,9 @@ class GreenTrainer(ParamPlanCallback):
     Candidates are the tensors the other parameter callbacks and the user's module leave trainable (a PEFT
     model's LoRA tensors, for example); tensors another plan *requires* are always selected (a budget too small
     for them raises :class:`~lit_ft.core.params.ParamPlanConflict`). Under DDP the FLOPs model is measured on
-    rank 0 and broadcast, importance is averaged over ranks, and rank 0's selection is broadcast, so every rank
-    trains the same tensors; use ``strategy="ddp_find_unused_parameters_true"`` (frozen tensors get no gradient).
+    every rank (the probe's token scorers may communicate) and rank 0's is broadcast, importance is averaged over
+    ranks, and rank 0's selection is broadcast, so every rank trains the same tensors; use
+    ``strategy="ddp_find_unused_parameters_true"`` (frozen tensors get no gradient).
     FSDP / DeepSpeed (sharded parameters) are not supported.
 
     Every ``measure_every_n_steps`` steps the real training step (``training_step`` forward + backward) is run
@@ -356,17 +357,16 @@ class GreenTrainer(ParamPlanCallback):
         by_name = dict(pl_module.named_parameters())
         with torch.random.fork_rng(devices=rng_devices(pl_module)):
             if self.profile is None:
-                prof = None
-                if trainer.is_global_zero:
-                    def loss_fn() -> torch.Tensor:
-                        loss = self._loss(trainer, pl_module, batch)
-                        return loss
+                # measured on every rank, rank 0's kept: the probe runs the module's training_step, whose token
+                # scorers may communicate (ExcessLossSelection's global top-k, QTuning's triage all-gather); a probe
+                # on rank 0 alone would wait in their collectives while the other ranks wait in the broadcast
+                def loss_fn() -> torch.Tensor:
+                    return self._loss(trainer, pl_module, batch)
 
-                    prof = profile_tensor_flops(pl_module, loss_fn)
-                    prof.batch_shape = list(batch["input_ids"].shape) if isinstance(batch, Mapping) and \
-                        isinstance(batch.get("input_ids"), torch.Tensor) else []
-                    prof = prof.state_dict()
-                prof = strategy.broadcast(prof, src=0)
+                measured = profile_tensor_flops(pl_module, loss_fn)
+                measured.batch_shape = list(batch["input_ids"].shape) if isinstance(batch, Mapping) and \
+                    isinstance(batch.get("input_ids"), torch.Tensor) else []
+                prof = strategy.broadcast(measured.state_dict(), src=0)
                 self.profile = FlopsProfile.from_state_dict(prof)
             raw = self.probe_importance(trainer, pl_module, batch, candidates, base)
         self._local_importance = raw.copy()
