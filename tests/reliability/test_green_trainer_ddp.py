@@ -39,3 +39,21 @@ def test_green_trainer_with_communicating_scorer_under_ddp(tmp_path, scorer):
     assert ranks[0]["n_selections"] >= 1 and ranks[0]["selection"]
     assert ranks[0]["selection"] == ranks[1]["selection"]
     assert ranks[0]["t_fp"] == ranks[1]["t_fp"] and ranks[0]["t_fp"] > 0
+
+
+def test_green_trainer_before_a_batch_start_preparer_is_refused_at_setup():
+    """issue 18 item 7 (single process): GreenTrainer's probe runs training_step at on_train_batch_start, so a token
+    callback that prepares the batch there (ExcessLossSelection's reference NLL) must come first; listed after it,
+    the probe failed with ExcessLossSelection's misleading "no reference NLL". Now setup names the pair and the fix."""
+    import torch
+
+    from lit_ft.callbacks import ExcessLossSelection, GreenTrainer
+
+    from helpers import ListDataModule, SGDModule, quiet_trainer, tiny_config
+
+    torch.manual_seed(0)
+    trainer = quiet_trainer([GreenTrainer(measure_every_n_steps=0), ExcessLossSelection(keep_ratio=0.5)],
+                            max_steps=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"ExcessLossSelection is listed after GreenTrainer.*"
+                                         r"Fix: list ExcessLossSelection before GreenTrainer"):
+        trainer.fit(SGDModule(model_config=tiny_config()), datamodule=ListDataModule(n_batches=2))

@@ -225,6 +225,9 @@ class GreenTrainer(ParamPlanCallback):
     flops_every_n_steps = 0
 
     technique_name = "green_trainer"
+    #: its probes run training_step at on_train_batch_start: token callbacks that prepare the batch there must be
+    #: listed before it (checked by lit_ft.core.loss.batch_order when a token participant attaches)
+    batch_start_runs_step = True
 
     def __init__(
         self,

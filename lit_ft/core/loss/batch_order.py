@@ -14,7 +14,9 @@ Callbacks declare what they do (optional attributes or properties, read with ``g
   that overrides ``prepare_batch`` (its per-batch work before the forward) is taken to read every part, one that
   does not to read nothing;
 - ``batch_start_needs_unedited``: the subset of its reads that must reach it as the data loader made them;
-- ``batch_start_alternative``: for an editor, the configuration that does not edit (named in the error).
+- ``batch_start_alternative``: for an editor, the configuration that does not edit (named in the error);
+- ``batch_start_runs_step``: the callback runs the module's ``training_step`` at batch start (GreenTrainer's
+  probes), so every editor and reader must come before it (their per-batch work must exist when it probes).
 
 :func:`check_batch_order` (called by :func:`lit_ft.core.loss.attach`) raises a ``ValueError`` that names the pair and
 the fix.
@@ -60,6 +62,18 @@ def check_batch_order(callbacks: Sequence[Any]) -> None:
     cannot work as listed: the reader needs a part unedited that the editor changes (in any order: the pair does
     not combine), or the reader comes first and the editor changes a part it read (list the editor first)."""
     cbs = list(callbacks)
+    for i, runner in enumerate(cbs):
+        if not getattr(runner, "batch_start_runs_step", False):
+            continue
+        for later in cbs[i + 1:]:
+            did = sorted(batch_start_edits(later) | batch_start_reads(later))
+            if did:
+                n, r = _describe(later), _describe(runner)
+                raise ValueError(
+                    f"{n} is listed after {r} in the Trainer's callbacks: {r} runs training_step at "
+                    f"on_train_batch_start (a probe), before {n} has prepared the batch ({', '.join(did)}), so the "
+                    f"probe's loss would fail or differ from the step's. Fix: list {n} before {r}."
+                )
     for i, reader in enumerate(cbs):
         reads = batch_start_reads(reader)
         if not reads:
