@@ -10,6 +10,7 @@ prefix is ever hard-coded.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -172,9 +173,139 @@ def find_decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
     )
 
 
+class UnsupportedLogitTransformError(ValueError):
+    """The model transforms its logits after the lm_head in a way lit_ft's token loss does not reproduce."""
+
+
+#: model types whose ``config.logits_scaling`` divides the logits (IBM Granite: ``logits / logits_scaling``;
+#: MiniCPM3 divides the hidden states before its bias-free lm_head, the same thing)
+DIVIDING_LOGITS_SCALING = frozenset({"granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
+                                     "granitemoehybrid", "minicpm3"})
+#: model types whose ``config.logits_scaling`` multiplies them (HyperCLOVA X: ``lm_head(h) * logits_scaling``)
+MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax"})
+#: model types whose forward multiplies the logits by ``lm_head_multiplier`` (FalconH1)
+LM_HEAD_MULTIPLIER_USERS = frozenset({"falcon_h1"})
+#: model types whose forward multiplies the logits by ``logit_scale`` (MPT's config has the key, its HF forward
+#: does not use it)
+LOGIT_SCALE_USERS = frozenset({"cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"})
+#: model types whose forward soft-caps the logits with ``logits_soft_cap``
+LOGITS_SOFT_CAP_USERS = frozenset({"recurrent_gemma"})
+#: supported keys whose meaning depends on the model type: set on another model type they are refused (read with
+#: getattr, so a key that is a config property (MiniCPM3's logits_scaling) counts too)
+_TYPED_KEYS = {"logits_scaling": DIVIDING_LOGITS_SCALING | MULTIPLYING_LOGITS_SCALING,
+               "lm_head_multiplier": LM_HEAD_MULTIPLIER_USERS, "logit_scale": LOGIT_SCALE_USERS,
+               "logits_soft_cap": LOGITS_SOFT_CAP_USERS}
+#: top-level config keys of logit transforms the token loss applies (see :func:`logit_transforms`)
+SUPPORTED_TRANSFORM_KEYS = frozenset({"final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling",
+                                      "lm_head_multiplier"})
+#: a config key naming a transform of the output logits (``attn_logit_softcapping`` acts inside attention: not one)
+TRANSFORM_KEY = re.compile(r"^(final_)?(logits?|lm_head|output)_(.*_)?(multiplier|scaling|scale|softcap|softcapping|"
+                           r"soft_cap)$")
+#: sub-configs a multimodal / composite model keeps its language model's settings in (not read here)
+SUBCONFIGS = ("text_config", "language_config", "llm_config", "decoder_config")
+
+
+def _number(value: object) -> float | None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _config_items(config: object) -> list[tuple[str, object]]:
+    """The config's public attributes (``vars``: no deep copy per call, unlike ``to_dict``)."""
+    return [(k, v) for k, v in vars(config).items() if not k.startswith("_")]
+
+
+def logit_transforms(hf_model: nn.Module) -> tuple[float | None, float | None]:
+    """``(logit_scale, logit_softcap)`` of a causal LM: the transforms its forward applies to ``lm_head(hidden)``,
+    in the fused op's form ``z -> c · tanh(s · z / c)`` (``None`` = off). The one place lit_ft knows them (the level-3
+    loss, reference / history / teacher NLLs and :func:`lit_ft.core.loss.fused_forward.patch_fused_loss` all read
+    them from here). Found in transformers 5.25's causal LMs (tests/reliability/test_logit_transforms.py compares
+    the loss with HF's for every ``*ForCausalLM`` that builds from a tiny config):
+
+    * ``logit_scale`` (Cohere, Cohere2, Cohere2-MoE, Cohere-Compass): ``z · logit_scale``;
+    * ``logits_scaling``: Granite (all variants) and MiniCPM3 divide, ``z / logits_scaling``; HyperCLOVA X
+      multiplies;
+    * ``lm_head_multiplier`` (FalconH1, read from the trunk's attribute its forward uses): ``z · multiplier``;
+    * ``final_logit_softcapping`` (Gemma 2/3/3n/4, Nanochat, Inkling 2, ...) and ``logits_soft_cap``
+      (RecurrentGemma): the soft-cap ``c · tanh(z / c)``, after the scale.
+
+    Raises:
+        UnsupportedLogitTransformError: the config names another transform of the logits (see
+            :func:`unsupported_logit_transforms`).
+    """
+    cfg = getattr(hf_model, "config", None)
+    refused = unsupported_logit_transforms(cfg)
+    if refused:
+        raise UnsupportedLogitTransformError(
+            f"lit_ft: {type(hf_model).__name__} transforms its logits in a way lit_ft's token loss does not apply: "
+            + "; ".join(refused) + ". Supported: " + ", ".join(sorted(SUPPORTED_TRANSFORM_KEYS)) + " (as "
+            "lit_ft.core.introspect.logit_transforms documents); train this model with its own loss "
+            "(return self.model(**batch).loss) without lit_ft's token techniques."
+        )
+    if cfg is None:
+        return None, None
+    model_type = str(getattr(cfg, "model_type", "") or "")
+    scale = 1.0
+    value = _number(getattr(cfg, "logit_scale", None)) if model_type in LOGIT_SCALE_USERS else None
+    if value is not None:
+        scale *= value
+    value = _number(getattr(cfg, "logits_scaling", None))
+    if value is not None and value != 1.0:  # (a model type not listed was refused above)
+        scale = scale / value if model_type in DIVIDING_LOGITS_SCALING else scale * value
+    if model_type in LM_HEAD_MULTIPLIER_USERS:  # FalconH1 multiplies by the trunk's copy of the config value
+        base = getattr(hf_model, "model", None)
+        value = _number(getattr(base, "lm_head_multiplier", getattr(cfg, "lm_head_multiplier", None)))
+        if value is not None:
+            scale *= value
+    cap = _number(getattr(cfg, "final_logit_softcapping", None))
+    if model_type in LOGITS_SOFT_CAP_USERS:
+        cap = cap or _number(getattr(cfg, "logits_soft_cap", None))
+    return (None if scale == 1.0 else scale), (cap or None)
+
+
+def unsupported_logit_transforms(config: object) -> list[str]:
+    """What in ``config`` transforms the logits in a way :func:`logit_transforms` does not apply (empty when
+    nothing): a key matching :data:`TRANSFORM_KEY` that is not supported (or ``logits_scaling`` of a model type whose
+    direction is not known), with a value other than ``None`` / 0 / 1, or a supported transform set only on a
+    sub-config (``text_config``, ...), which is not read."""
+    if config is None:
+        return []
+    found = []
+    model_type = str(getattr(config, "model_type", "") or "")
+    for key, users in _TYPED_KEYS.items():
+        try:
+            value = getattr(config, key, None)
+        except Exception:  # noqa: BLE001 - a config property that cannot be computed: not a transform we apply
+            value = None
+        if _number(value) not in (None, 0.0, 1.0) and model_type not in users:
+            found.append(f"`{key}`={value!r} (model type {model_type!r}: whether and how its forward applies it to "
+                         "the logits is not known)")
+    for key, value in _config_items(config):
+        if not TRANSFORM_KEY.search(key) or _number(value) in (None, 0.0, 1.0) or key in _TYPED_KEYS:
+            continue
+        if key not in SUPPORTED_TRANSFORM_KEYS:
+            found.append(f"`{key}`={value!r} (the model transforms its logits with it after the lm_head)")
+    unpadded = _number(getattr(config, "unpadded_vocab_size", None))
+    vocab = _number(getattr(config, "vocab_size", None))
+    if unpadded is not None and vocab is not None and unpadded < vocab:  # Inkling: logits cut to the unpadded vocab
+        found.append(f"`unpadded_vocab_size`={int(unpadded)} < `vocab_size`={int(vocab)} (the model drops the "
+                     "lm_head's padding rows from its logits)")
+    for sub_name in SUBCONFIGS:
+        sub = getattr(config, sub_name, None)
+        if sub is None or sub is config or not hasattr(sub, "__dict__"):
+            continue
+        for key, value in _config_items(sub):
+            if TRANSFORM_KEY.search(key) and _number(value) not in (None, 0.0, 1.0) \
+                    and _number(getattr(config, key, None)) in (None, 0.0, 1.0):
+                found.append(f"`{sub_name}.{key}`={value!r} (set on a sub-config, which "
+                             "lit_ft.core.introspect.causal_lm_parts does not read)")
+    return found
+
+
 @dataclass
 class CausalLMParts:
-    """The pieces a token loss needs: the trunk, the lm_head and the logit transforms from the config."""
+    """The pieces a token loss needs: the trunk, the lm_head and the logit transforms (:func:`logit_transforms`)."""
 
     hf_model: nn.Module
     base: nn.Module
@@ -192,13 +323,17 @@ class CausalLMParts:
 
 
 def causal_lm_parts(hf_model: nn.Module) -> CausalLMParts:
-    cfg = getattr(hf_model, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
+    """The trunk, lm_head and logit transforms of a causal LM.
+
+    Raises:
+        UnsupportedLogitTransformError: the model transforms its logits in a way lit_ft does not apply.
+        ModelLayoutError: no trunk or lm_head was found.
+    """
+    scale, softcap = logit_transforms(hf_model)
     return CausalLMParts(
         hf_model=hf_model,
         base=find_base_model(hf_model),
         lm_head=find_lm_head(hf_model),
-        logit_softcap=float(softcap) if softcap else None,
-        logit_scale=float(scale) if scale not in (None, 1.0) else None,
+        logit_softcap=softcap,
+        logit_scale=scale,
     )

@@ -27,6 +27,7 @@ from lit_ft.core.loss.primitives import (
     stats_from_logits,
     supervised_count,
     token_stats,
+    verify_logit_transforms,
 )
 from lit_ft.core.loss.scoring import TokenDecision, TokenScorer, TokenScores, compose_decisions
 from lit_ft.core.loss.selection import (
@@ -45,5 +46,5 @@ __all__ = [
     "batch_token_weights", "causal_lm_token_nll", "final_hidden_states", "logits_at", "model_inputs",
     "shift_targets", "stats_from_logits", "supervised_count", "token_stats", "TokenDecision", "TokenScorer",
     "TokenScores", "compose_decisions", "dist_ready", "gather_varlen", "global_topk_mask", "per_response_min_max",
-    "per_response_topk_mask",
+    "per_response_topk_mask", "verify_logit_transforms",
 ]

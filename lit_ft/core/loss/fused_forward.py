@@ -13,7 +13,7 @@ the *instance's* ``forward``:
    the prompt injector, so prompt positions are already stripped), and the original forward runs with
    ``logits_to_keep=1`` when its signature accepts it, so only one position's logits are built;
 3. the loss is :func:`lit_ft.kernels.fused_linear_token_ce` of the hidden states and the lm_head weight (bias,
-   ``logit_scale`` and ``final_logit_softcapping`` from :func:`~lit_ft.core.introspect.causal_lm_parts`), with HF's
+   the logit scale and soft-cap from :func:`~lit_ft.core.introspect.causal_lm_parts`), with HF's
    semantics: unshifted labels shifted inside (``-100`` ignored), ``mean`` over supervised tokens, or the sum
    divided by ``num_items_in_batch`` when given (HF's gradient-accumulation normaliser); an MoE model's router
    auxiliary loss is added the way its forward adds it (``router_aux_loss_coef · aux_loss``);
@@ -27,11 +27,14 @@ position** ``[B, 1, V]`` when ``logits_to_keep`` was applied (the full ``[B, T, 
 ``logits_to_keep``: such a model is patched with a warning, since it saves nothing but the loss's fp32 copy).
 
 Refusals (at patch time, :class:`FusedLossUnsupportedError`): a config carrying a transform of the logits the op does
-not apply — Granite's ``logits_scaling`` (HF divides the logits by it), FalconH1's ``lm_head_multiplier``, any other
-``*_multiplier`` / ``*scaling`` / ``*scale`` on the logits / lm_head / output, a logit transform set only on a
-sub-config (``text_config``) which introspection does not read, a ``z_loss_coefficient`` (Bamba adds a z-loss on
-the logits). As a guard for transforms no config names, the first labelled call also compares the model's own
-last-position logits with the lm_head applied to the captured hidden state and raises on a mismatch.
+not apply — the supported ones (Cohere's ``logit_scale``, Granite's ``logits_scaling`` (divides), HyperCLOVA X's
+``logits_scaling`` (multiplies), FalconH1's ``lm_head_multiplier``, the soft-caps ``final_logit_softcapping`` /
+``logits_soft_cap``) are mapped onto the op's ``logit_scale`` / ``logit_softcap`` by
+:func:`lit_ft.core.introspect.logit_transforms`, the one place that knows them; any other ``*_multiplier`` /
+``*scaling`` / ``*scale`` / ``*softcap`` on the logits / lm_head / output, a logit transform set only on a sub-config
+(``text_config``) which introspection does not read, a ``z_loss_coefficient`` (Bamba adds a z-loss on the logits).
+As a guard for transforms no config names, the first labelled call also compares the model's own last-position
+logits with the lm_head applied to the captured hidden state and raises on a mismatch.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import re
 import warnings
 from typing import Any
 
@@ -48,7 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX
-from lit_ft.core.introspect import CausalLMParts, causal_lm_parts
+from lit_ft.core.introspect import (
+    SUBCONFIGS,
+    CausalLMParts,
+    UnsupportedLogitTransformError,
+    causal_lm_parts,
+    unsupported_logit_transforms,
+)
 from lit_ft.core.layer_hooks import register_trunk_hook
 from lit_ft.core.loss.hf_hook import installed_hook
 from lit_ft.core.loss.level3 import _ensure_flop_formulas, token_loss_from_hidden
@@ -63,49 +71,27 @@ ACCUMULATIONS = ("fp32", "input")
 #: strips its positions at ORDER_REWRITE), so the capture sees exactly what the model's lm_head sees
 ORDER_CAPTURE = 10_000
 
-#: top-level config keys whose logit transform the op applies (read by causal_lm_parts)
-_SUPPORTED_KEYS = frozenset({"final_logit_softcapping", "logit_scale"})
-#: a config key naming a transform of the output logits (not attn_logit_softcapping: that one acts inside attention)
-_TRANSFORM_KEY = re.compile(r"^(final_)?(logits?|lm_head|output)_(.*_)?(multiplier|scaling|scale|softcap|softcapping)$")
-_SUBCONFIGS = ("text_config", "language_config", "llm_config", "decoder_config")
 
-
-class FusedLossUnsupportedError(ValueError):
+class FusedLossUnsupportedError(UnsupportedLogitTransformError):
     """The model transforms its logits (or adds a loss term) in a way the fused op does not reproduce."""
 
 
-def _is_identity(value: Any) -> bool:
-    """``None`` / 0 / 1 (a factor that changes nothing; 0 is how configs spell "soft-cap off")."""
-    if value is None:
-        return True
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return value in (0, 1)
-
-
 def _refusals(config: Any) -> list[str]:
-    """What in ``config`` the fused op cannot apply (empty when everything is supported)."""
+    """What in ``config`` the fused op cannot apply (empty when everything is supported): the logit transforms
+    :mod:`lit_ft.core.introspect` does not know (the one list of them, shared with the level-3 loss), and a z-loss
+    the model adds to its loss (Bamba), on the config or a sub-config."""
     if config is None:
         return []
     found = []
-    items = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
-    for key, value in items:
-        if key in _SUPPORTED_KEYS:
+    for sub_name in ("", *SUBCONFIGS):
+        sub = getattr(config, sub_name, None) if sub_name else config
+        if sub is None or (sub_name and sub is config):
             continue
-        if key == "z_loss_coefficient" and value:
-            found.append(f"`{key}`={value!r} (the model adds a z-loss on its logits to the loss)")
-        elif _TRANSFORM_KEY.search(key) and not _is_identity(value):
-            found.append(f"`{key}`={value!r} (the model transforms its logits with it after the lm_head)")
-    for sub_name in _SUBCONFIGS:
-        sub = getattr(config, sub_name, None)
-        if sub is None or sub is config:
-            continue
-        for key in sorted(_SUPPORTED_KEYS):
-            if not _is_identity(getattr(sub, key, None)) and _is_identity(getattr(config, key, None)):
-                found.append(f"`{sub_name}.{key}`={getattr(sub, key)!r} (set on a sub-config, which "
-                             "lit_ft.core.introspect.causal_lm_parts does not read)")
-        found += [f"`{sub_name}.{r[1:]}" for r in _refusals(sub)]
-    return found
+        value = getattr(sub, "z_loss_coefficient", None)
+        if value:
+            name = f"{sub_name}.z_loss_coefficient" if sub_name else "z_loss_coefficient"
+            found.append(f"`{name}`={value!r} (the model adds a z-loss on its logits to the loss)")
+    return found + unsupported_logit_transforms(config)
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -316,7 +302,8 @@ def patch_fused_loss(hf_model: nn.Module, *, chunk_size: int | None = None,
     if refused:
         raise FusedLossUnsupportedError(
             f"patch_fused_loss: {type(hf_model).__name__} cannot use the fused loss: its config has "
-            + "; ".join(refused) + ". The fused op applies only `logit_scale` and `final_logit_softcapping`."
+            + "; ".join(refused) + ". The fused op applies the logit transforms lit_ft.core.introspect."
+            "logit_transforms lists (a logit scale and a soft-cap)."
         )
     parts = causal_lm_parts(hf_model)
     patch = FusedLossPatch(hf_model, parts, chunk_size, weight_grad_accumulation)

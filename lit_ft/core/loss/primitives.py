@@ -7,12 +7,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import math
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX, check_token_tensor
-from lit_ft.core.introspect import CausalLMParts, causal_lm_parts
+from lit_ft.core.introspect import (
+    CausalLMParts,
+    UnsupportedLogitTransformError,
+    causal_lm_parts,
+    find_input_embeddings,
+)
 
 #: per-token quantities a scorer may ask for
 TOKEN_QUANTITIES = frozenset({"nll", "entropy", "lse"})
@@ -146,3 +154,75 @@ def logits_at(parts: CausalLMParts, hidden: torch.Tensor, mask: torch.Tensor) ->
                          f"{tuple(mask.shape)}")
     z = F.linear(hidden[mask], parts.weight, parts.bias).float()
     return apply_logit_transforms(z, parts)
+    verify_logit_transforms(parts)  # once per model: a reference / history model may be another architecture
+
+
+_VERIFIED_ATTR = "_lit_ft_logit_transforms_verified"
+
+
+@torch.no_grad()
+def verify_logit_transforms(parts: CausalLMParts, seq_len: int = 8) -> bool:
+    """Check once per model that its own logits equal the lm_head of the trunk's hidden states with the transforms
+    :func:`lit_ft.core.introspect.logit_transforms` found — a guard for a transform no config key names (a model
+    whose forward rescales, masks or cuts its logits otherwise). Runs the model and its trunk on a short synthetic
+    sequence in eval mode (dropout off; restored after), so it needs no batch and costs two tiny forwards.
+
+    Args:
+        parts: the model's parts (:func:`lit_ft.core.introspect.causal_lm_parts`).
+        seq_len: length of the synthetic sequence.
+
+    Returns:
+        Whether the check ran (``False``: already verified, or the weights are sharded / not floating point, or the
+        model cannot run on token ids alone — then a warning says so).
+
+    Raises:
+        UnsupportedLogitTransformError: the logits differ: lit_ft's loss would not be the model's.
+    """
+    hf = parts.hf_model
+    key = (parts.logit_scale, parts.logit_softcap)
+    if hf.__dict__.get(_VERIFIED_ATTR) == key:
+        return False
+    weight = parts.weight
+    if type(weight.data) is not torch.Tensor or not weight.is_floating_point() or weight.device.type == "meta":
+        return False  # sharded (DTensor), quantised or not materialised: F.linear below would not apply
+    emb = find_input_embeddings(hf)
+    n_ids = min(int(weight.shape[0]), int(getattr(emb, "num_embeddings", weight.shape[0])))
+    ids = ((torch.arange(seq_len) * 7 + 3) % n_ids).to(weight.device)[None]
+    was_training = hf.training
+    hf.eval()
+    try:
+        try:
+            out = hf(input_ids=ids, use_cache=False)
+            hidden = final_hidden_states(parts, {"input_ids": ids})
+        except Exception as err:  # noqa: BLE001 - e.g. a multimodal model that needs more than token ids
+            warnings.warn(f"lit_ft: could not check {type(hf).__name__}'s logit transforms on token ids alone "
+                          f"({type(err).__name__}: {err}); the loss assumes logit_scale={parts.logit_scale}, "
+                          f"logit_softcap={parts.logit_softcap}", stacklevel=2)
+            return False
+    finally:
+        hf.train(was_training)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    theirs = logits[:, -1].float()
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise UnsupportedLogitTransformError(
+            f"lit_ft: {type(hf).__name__}'s trunk returns {hidden.shape[-1]}-dim hidden states but its lm_head takes "
+            f"{weight.shape[-1]}: a head layer sits between them (e.g. ELECTRA's generator_predictions), which "
+            "lit_ft's token loss (the lm_head applied to the trunk's output) does not run"
+        )
+    ours = apply_logit_transforms(F.linear(hidden[:, -1], weight, parts.bias).float(), parts)
+    if theirs.shape != ours.shape:
+        raise UnsupportedLogitTransformError(
+            f"lit_ft: {type(hf).__name__}'s logits have {theirs.shape[-1]} classes but its lm_head has "
+            f"{ours.shape[-1]} rows; lit_ft's token loss (from the lm_head) would not be the model's"
+        )
+    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
+    err = (ours - theirs).abs().max().item()
+    if not math.isfinite(err) or err > tol * (1.0 + theirs.abs().max().item()):
+        raise UnsupportedLogitTransformError(
+            f"lit_ft: {type(hf).__name__} transforms its logits after the lm_head in a way lit_ft does not know "
+            f"(max |difference| {err:.3g} between its logits and lm_head(hidden) with logit_scale="
+            f"{parts.logit_scale}, logit_softcap={parts.logit_softcap}): lit_ft's token loss would not be the "
+            "model's. Train it with its own loss (return self.model(**batch).loss) without lit_ft's token techniques."
+        )
+    hf.__dict__[_VERIFIED_ATTR] = key
+    return True
