@@ -11,6 +11,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_ft.core.batch import IGNORE_INDEX
+from lit_ft.core.introspect import causal_lm_parts, find_input_embeddings, find_lm_head
+from lit_ft.core.loss.primitives import verify_logit_transforms
+from lit_ft.kernels.token_ce.reference import label_range_message, out_of_range_labels
 from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
 from lit_ft.modules.token_loss import TokenLossMixin
@@ -119,6 +123,10 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
             raise ValueError("CausalLMModule: eval_exact_match must be >= 0 and max_new_tokens >= 1")
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, num_hidden_layers, torch_dtype)
+        # the loss is computed from the lm_head and the logit transforms introspection finds (an unknown transform
+        # named by the config is refused there): check on a short synthetic sequence, before any technique hooks the
+        # model, that they reproduce the model's own logits (a transform no config names is refused here)
+        verify_logit_transforms(causal_lm_parts(self.model))
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         if gradient_checkpointing:
             # transformers 5 renamed it; keep both spellings working
@@ -129,9 +137,47 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         self.token_loss_impl = loss_impl
         self.token_loss_weight_grad_accumulation = loss_weight_grad_accumulation
         self.eval_history: dict[str, dict[str, float]] = {}
+        self._token_ids_checked: set[str] = set()  # stages whose first batch's ids and labels were checked
 
     # -- steps ------------------------------------------------------------------------------------------------------
+    def check_token_ids(self, batch: Mapping[str, Any], stage: str) -> None:
+        """Check that ``batch["input_ids"]`` index the model's input embeddings and ``batch["labels"]`` are ``-100``
+        or a class of the lm_head, with errors that name the vocabulary sizes (a tokenizer larger than the model, a
+        padding label other than -100: -1 would otherwise be trained as class V - 1, and an id >= V is a CUDA
+        device-side assert). Runs on the first batch of each ``stage`` ("train", "val") and, on CPU where it is one
+        cheap pass with no device synchronisation, on every batch.
+
+        Args:
+            batch: the batch about to be run (``input_ids`` and ``labels``, unshifted).
+            stage: a name for the loop, so each loop's first batch is checked once.
+        """
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor):
+            return
+        if stage in self._token_ids_checked and ids.device.type != "cpu":
+            return
+        self._token_ids_checked.add(stage)
+        emb = find_input_embeddings(self.model)
+        n_emb = int(emb.weight.shape[0]) if hasattr(emb, "weight") else None
+        if n_emb is not None and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= n_emb:
+                raise ValueError(
+                    f"{type(self).__name__}: batch['input_ids'] holds token ids from {lo} to {hi}, but the model's "
+                    f"input embeddings have {n_emb} rows (valid ids 0..{n_emb - 1}, vocabulary size {n_emb}): the "
+                    "tokenizer is larger than the model, or the ids are corrupt. Resize the model's token embeddings "
+                    "to the tokenizer (model.resize_token_embeddings(len(tokenizer)))."
+                )
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.numel():
+            vocab = int(find_lm_head(self.model).weight.shape[0])
+            bad = out_of_range_labels(labels, IGNORE_INDEX, vocab)
+            if bool(bad.any()):
+                raise ValueError(label_range_message(labels, bad, IGNORE_INDEX, vocab,
+                                                     who=f"{type(self).__name__}: batch['labels']"))
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        self.check_token_ids(batch, "train")
         out = self.compute_token_loss(batch, self.model)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.mean, prog_bar=True, batch_size=bs)
@@ -139,6 +185,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        self.check_token_ids(batch, "val")
         out = self.compute_token_loss(batch, self.model)
         # token-weighted mean over the whole validation set: sum of losses / sum of tokens
         self._val_sums[0] += out.mean * out.n_tokens

@@ -8,6 +8,7 @@ folded into dlogits). Triton is imported only when the Triton path actually runs
 
 from __future__ import annotations
 
+import os
 import sys
 
 from typing import NamedTuple, Optional, Tuple
@@ -19,13 +20,26 @@ from .._common import FLOAT_DTYPES, check_bias_and_keep, check_linear_inputs, ch
 from .._common import resolve_impl, resolve_impl_traced, triton_runnable  # noqa: F401  (re-exported)
 from .._common import check_tensor as _check_tensor
 from . import torch_impl
-from .reference import kept_mask, token_ce_reference
+from .reference import kept_mask, label_range_message, out_of_range_labels, token_ce_reference
 from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT
 
 __all__ = ["fused_linear_token_ce", "TokenCEOutput", "token_ce_reference", "resolve_impl", "triton_runnable"]
 
 REDUCTIONS = ("mean", "sum", "none")
 ACCUMULATIONS = ("fp32", "input")
+#: set to "1" to check the label range on every call on CUDA too (one host synchronisation per call; the CPU path
+#: always checks, the CUDA cuBLAS route checks within the host read it makes anyway)
+CHECK_LABELS_ENV = "LIT_FT_CHECK_LABELS"
+
+
+def check_label_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    """Raise ``ValueError`` naming the vocabulary size when a label is neither ``ignore_index`` nor in ``[0, V)``
+    (``F.cross_entropy`` and HF raise there; indexing would silently train class ``V - 1`` for a label of -1).
+    Reads one boolean on the host: callers run it where that costs no GPU synchronisation (CPU tensors, or on
+    request)."""
+    bad = out_of_range_labels(labels, ignore_index, vocab)
+    if bool(bad.any()):
+        raise ValueError(label_range_message(labels, bad, ignore_index, vocab))
 
 
 class TokenCEOutput(NamedTuple):
@@ -249,7 +263,9 @@ def fused_linear_token_ce(
     Args:
         hidden: ``[N, D]`` final hidden states (fp16/bf16/fp32/fp64; flatten batch and time first).
         weight: ``[V, D]`` lm_head (or tied embedding) matrix, same dtype and device as ``hidden``.
-        labels: ``[N]`` integer targets in ``[0, V)``; ``ignore_index`` marks ignored positions.
+        labels: ``[N]`` integer targets in ``[0, V)``; ``ignore_index`` marks ignored positions. Any other value
+            raises ``ValueError`` naming ``V``: always on CPU, on CUDA within the cuBLAS route's one host read (and
+            on every call with the env ``LIT_FT_CHECK_LABELS=1``; the no-sync Triton route does not check).
         bias: optional ``[V]`` lm_head bias.
         token_weights: optional float ``[N]`` per-token weights (no gradient flows into them).
         keep: optional bool ``[N]``; ``False`` drops a token (it is packed out before the matmuls).
@@ -297,6 +313,8 @@ def fused_linear_token_ce(
     if weight_grad_accumulation not in ACCUMULATIONS:
         raise ValueError(f"weight_grad_accumulation must be one of {ACCUMULATIONS}, got {weight_grad_accumulation!r}")
     impl_name = resolve_impl_traced(impl, hidden.device)
+    if not _tracing(labels) and (labels.device.type == "cpu" or os.environ.get(CHECK_LABELS_ENV) == "1"):
+        check_label_range(labels, int(ignore_index), v)
 
     grad_mask = linear_grad_mask(hidden, weight, bias)
 

@@ -30,6 +30,23 @@ def kept_mask(labels: Tensor, keep: Optional[Tensor], ignore_index: int) -> Tens
     return kept
 
 
+def out_of_range_labels(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:
+    """Bool mask of labels that are neither ``ignore_index`` nor a class in ``[0, vocab)``: a negative label other
+    than ``ignore_index`` (which indexing would wrap around to class ``V - 1``) or one ``>= vocab``."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+
+
+def label_range_message(labels: Tensor, bad: Tensor, ignore_index: int, vocab: int, who: str = "labels") -> str:
+    """The error for out-of-range labels (``bad`` from :func:`out_of_range_labels`): names the vocabulary size,
+    ``ignore_index``, how many labels are off and the smallest / largest of them (one host read: an error path)."""
+    values = labels[bad]
+    lo, hi = int(values.min()), int(values.max())
+    return (f"{who} must be in [0, V) with V={vocab} (the lm_head's vocabulary size) or equal ignore_index="
+            f"{ignore_index}; got {values.numel()} label(s) outside, from {lo} to {hi}. A negative label other than "
+            "ignore_index is not ignored (it would index class V - 1); a label >= V means the tokenizer is larger "
+            "than the model (resize the model's token embeddings to the tokenizer)")
+
+
 def token_ce_reference(
     hidden: Tensor,
     weight: Tensor,

@@ -33,7 +33,7 @@ def _native(h, w, y, b, tw, k, reduction, softcap, scale):
 
 def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weights=False, keep=False,
              softcap=None, scale=None, ignore_frac=0.3, all_ignored=False, chunk_size=None, accumulation="fp32",
-             stale_nan=False, use_op=False, op_impl="triton", gemm=None, log=print):
+             stale_nan=False, use_op=False, op_impl="triton", gemm=None, poison_unkept=False, log=print):
     """One case; ``gemm`` picks the CUDA path's GEMM route (``triton_impl.gemm_route``) for this case only."""
     if gemm is not None:
         import os
@@ -44,7 +44,8 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
             return run_case(name, n, v, d, dtype, device, reduction=reduction, bias=bias, weights=weights,
                             keep=keep, softcap=softcap, scale=scale, ignore_frac=ignore_frac,
                             all_ignored=all_ignored, chunk_size=chunk_size, accumulation=accumulation,
-                            stale_nan=stale_nan, use_op=use_op, op_impl=op_impl, log=log)
+                            stale_nan=stale_nan, use_op=use_op, op_impl=op_impl, poison_unkept=poison_unkept,
+                            log=log)
         finally:
             if previous is None:
                 os.environ.pop("LIT_FT_TOKEN_CE_GEMM")
@@ -63,6 +64,10 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
     up = torch.randn(n, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
     mv = lambda t, dt=None: None if t is None else t.to(device=device, dtype=dt or t.dtype)  # noqa: E731
     h64, w64, b64, y, tw, k, up = (mv(t) for t in (h64, w64, b64, y, tw, k, up))
+    tw_op = tw  # the op's weights; poison_unkept: inf where nothing is kept, which must not reach any result
+    if poison_unkept and tw is not None:
+        unkept = (y == -100) if k is None else ((y == -100) | ~k)
+        tw_op = tw.masked_fill(unkept, float("inf"))
 
     leaves64 = [t.requires_grad_() for t in (h64, w64, b64) if t is not None]
     ref = token_ce_reference(h64, w64, y, bias=b64, token_weights=tw, keep=k, reduction=reduction,
@@ -87,7 +92,7 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
     if use_op:
         from . import fused_linear_token_ce
 
-        out = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw, keep=k, reduction=reduction,
+        out = fused_linear_token_ce(h, w, y, bias=b, token_weights=tw_op, keep=k, reduction=reduction,
                                     logit_softcap=softcap, logit_scale=scale, chunk_size=chunk_size, impl=op_impl,
                                     weight_grad_accumulation=accumulation, return_nll=True, return_entropy=True,
                                     return_lse=True)
@@ -101,15 +106,15 @@ def run_case(name, n, v, d, dtype, device, *, reduction="mean", bias=False, weig
                   chunk_size=int(chunk_size or 0), accumulation=accumulation)
         with torch.no_grad():
             loss, nll, ent, lse, gh, gw, gb = triton_impl.forward_backward(
-                h, w, y, b, tw, k, None, reduction=reduction, grad_mask=0 if reduction == "none" else mask, **kw)
+                h, w, y, b, tw_op, k, None, reduction=reduction, grad_mask=0 if reduction == "none" else mask, **kw)
             if reduction == "none":
                 _, _, _, _, gh, gw, gb = triton_impl.forward_backward(
-                    h, w, y, b, tw, k, None, reduction="none", grad_mask=mask, grad_tokens=up.float(), **kw)
+                    h, w, y, b, tw_op, k, None, reduction="none", grad_mask=mask, grad_tokens=up.float(), **kw)
         op_g = [gh, gw] + ([gb] if b is not None else [])
         if accumulation == "input" and reduction != "none" and dtype != torch.float32:
             # proof that the mode took effect: fp32 accumulation over the same chunks gives a different dW
             with torch.no_grad():
-                gw32 = triton_impl.forward_backward(h, w, y, b, tw, k, None, reduction=reduction, grad_mask=mask,
+                gw32 = triton_impl.forward_backward(h, w, y, b, tw_op, k, None, reduction=reduction, grad_mask=mask,
                                                     **{**kw, "accumulation": "fp32"})[5]
             if torch.equal(gw32, gw):
                 problems_pre = ["d_weight: 'input' accumulation gave exactly the fp32-accumulated result"]
@@ -174,6 +179,13 @@ def cases(device, real):
         ("all-kept-weights-bf16", dict(small, dtype=torch.bfloat16, ignore_frac=0.0, weights=True, chunk_size=16)),
         ("all-kept-input-accumulation-bf16", dict(small, dtype=torch.bfloat16, ignore_frac=0.0, chunk_size=16,
                                                   accumulation="input")),
+        # inf token weights at ignored / dropped rows must not reach the loss or the gradients (issue 18 item 11a)
+        ("inf-weights-where-not-kept-fp32", dict(small, dtype=torch.float32, weights=True, keep=True, chunk_size=16,
+                                                 poison_unkept=True)),
+        ("inf-weights-where-not-kept-none-bf16", dict(small, dtype=torch.bfloat16, reduction="none", weights=True,
+                                                      keep=True, chunk_size=16, poison_unkept=True)),
+        ("triton-gemm-inf-weights-where-not-kept-fp32", dict(small, dtype=torch.float32, weights=True, keep=True,
+                                                             chunk_size=16, poison_unkept=True, gemm="triton")),
         # the no-synchronisation route (count on the device, count-aware Triton GEMMs)
         ("triton-gemm-all-options-bf16", dict(small, dtype=torch.bfloat16, bias=True, weights=True, keep=True,
                                               softcap=3.0, scale=0.7, chunk_size=16, gemm="triton")),

@@ -30,8 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import torch_impl
-from .reference import kept_mask
-from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, reduce_loss, row_coefficients
+from .reference import kept_mask, label_range_message, out_of_range_labels
+from .torch_impl import GRAD_BIAS, GRAD_HIDDEN, GRAD_WEIGHT, reduce_loss, row_coefficients, weighted_per_token
 
 
 def _interpreting() -> bool:
@@ -286,7 +286,12 @@ def _forward_backward_host_count(hidden, weight, labels, bias, token_weights, ke
     dw = torch.zeros((vocab, dim), dtype=dw_dtype, device=dev) if want_dw else None
     db = torch.zeros((vocab,), dtype=f32, device=dev) if want_db else None
 
-    count = int(kept.sum())  # the one host synchronisation of this route
+    # the one host synchronisation of this route, which also reads whether a label is out of [0, V) (checked here
+    # at no extra synchronisation: the row kernel would read logits out of bounds)
+    bad = out_of_range_labels(labels, ignore_index, vocab)
+    count, n_bad = (int(x) for x in torch.stack([kept.sum(), bad.sum()]).tolist())
+    if n_bad:
+        raise ValueError(label_range_message(labels, bad, ignore_index, vocab))
     if count:
         all_kept = count == n_tok
         idx = None if all_kept else kept.nonzero().squeeze(1)
@@ -339,7 +344,7 @@ def _forward_backward_host_count(hidden, weight, labels, bias, token_weights, ke
             nll.index_copy_(0, idx, nll_p)
             ent.index_copy_(0, idx, ent_p)
             lse.index_copy_(0, idx, lse_p)
-    per_token = nll.clone() if token_weights is None else nll * token_weights.to(f32)
+    per_token = weighted_per_token(nll, token_weights, kept)
     loss = reduce_loss(per_token, kept, normalizer, reduction)
     gh = gh if want_dx else hidden.new_empty((0,))
     gw = (dw if dw.dtype == weight.dtype else dw.to(weight.dtype)) if want_dw else weight.new_empty((0,))
@@ -437,7 +442,7 @@ def forward_backward(
     nll = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, nll_s)
     ent = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, ent_s)
     lse = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, lse_s)
-    per_token = nll.clone() if token_weights is None else nll * token_weights.to(f32)
+    per_token = weighted_per_token(nll, token_weights, kept)
     loss = reduce_loss(per_token, kept, normalizer, reduction)
     gh = torch.empty_like(hidden).index_copy_(0, order, dx_s) if want_dx else hidden.new_empty((0,))
     gw = dw.to(weight.dtype) if want_dw else weight.new_empty((0,))
