@@ -17,6 +17,7 @@ counts), so logs read as usual.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -51,6 +52,14 @@ class TokenPipeline:
         self.training_forwards = 0
         self._forwards_in_window = 0
         self._side_depth = 0  # > 0 inside side_computation()
+        #: optimizer steps (accumulation windows) of this run whose batches had no supervised token (every label
+        #: -100 after the shift, on every rank): their token loss is 0 and they train nothing from it
+        self.empty_steps = 0
+        self._epoch: int | None = None
+        self._epoch_windows = 0  # windows counted in the current epoch
+        self._epoch_empty = 0  # ... without a supervised token
+        self._epoch_void = 0  # ... where every term (token and objectives) counted nothing
+        self._warned_empty = False
 
     # -- registry ---------------------------------------------------------------------------------------------
     def register(self, scorer: TokenScorer) -> None:
@@ -120,7 +129,51 @@ class TokenPipeline:
     def begin_micro_batch(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Bind the batch and, at a window's first micro-batch, count the window's normalisers (idempotent)."""
         self.current_batch = batch
-        self.window.begin(trainer, pl_module, batch, batch_idx, self.batch_counts)
+        if self.window.begin(trainer, pl_module, batch, batch_idx, self.batch_counts):
+            self._note_window(trainer)
+
+    # -- windows without a supervised token -----------------------------------------------------------------------
+    def _note_window(self, trainer: Any) -> None:
+        """Bookkeeping of a newly counted window: count the steps whose window has no supervised token (their loss
+        is 0 and the optimizer steps on nothing: plain HF would show NaN), warn once per run with that count when an
+        epoch (or the run, at ``max_steps``) ends, and fail when a whole epoch had nothing to train on. The window
+        totals are already all-reduced, so every rank decides the same (no rank raises alone)."""
+        totals = self.window.totals or {}
+        epoch = int(getattr(trainer, "current_epoch", 0) or 0)
+        if self._epoch is not None and epoch != self._epoch:
+            self._close_epoch(trainer, self._epoch, complete=True)  # its last window did not know it was the last
+        self._epoch = epoch
+        values = [float(v) for v in totals.values()]  # one host read per window (after the window's all-reduce)
+        token = float(totals[TOKEN_TERM]) if TOKEN_TERM in totals else 0.0
+        self._epoch_windows += 1
+        if token == 0.0:
+            self._epoch_empty += 1
+            self.empty_steps += 1
+        if not any(values):
+            self._epoch_void += 1
+        max_steps = int(getattr(trainer, "max_steps", -1) or -1)
+        run_ends = max_steps > 0 and int(getattr(trainer, "global_step", 0)) + 1 >= max_steps
+        if self.window.reaches_epoch_end or run_ends:
+            self._close_epoch(trainer, epoch, complete=self.window.reaches_epoch_end)
+
+    def _close_epoch(self, trainer: Any, epoch: int, complete: bool) -> None:
+        windows, empty, void = self._epoch_windows, self._epoch_empty, self._epoch_void
+        self._epoch_windows = self._epoch_empty = self._epoch_void = 0
+        if complete and windows and void == windows:
+            raise RuntimeError(
+                f"lit_ft: no batch of epoch {epoch} has a supervised token: all {windows} optimizer steps saw only "
+                "labels of -100 (after the one-token shift), so the loss is 0 and nothing trains. Check the data's "
+                "labels: a prompt mask or a max_length that cuts off every response, or a collator that drops them."
+            )
+        if empty and not self._warned_empty and getattr(trainer, "is_global_zero", True):
+            self._warned_empty = True
+            warnings.warn(  # not lightning's rank_zero_warn: importing lightning pulls in triton
+                f"lit_ft: {empty} of {windows} optimizer steps of epoch {epoch} had no supervised token (every label "
+                "-100 after the one-token shift, on every rank): their token loss is 0 and they train nothing from "
+                f"it (plain Hugging Face would show NaN). {self.empty_steps} such steps in this run so far; "
+                "`lit_ft.core.loss.token_pipeline_for(module).empty_steps` keeps counting; this warning is not "
+                "repeated.", stacklevel=2
+            )
 
     def end_window(self) -> None:
         self.window.end()

@@ -85,22 +85,29 @@ class WindowCounter:
 
     def __init__(self) -> None:
         self.totals: dict[str, torch.Tensor] | None = None
+        #: whether the window counted last ends its epoch (its last micro-batch is the epoch's last one, as far as
+        #: the epoch's length or the look-ahead tells; ``False`` when that is unknown)
+        self.reaches_epoch_end = False
         self._seen: tuple[int, int] | None = None
 
     def begin(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-              count_fn: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]) -> None:
+              count_fn: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]) -> bool:
+        """Count the window at its first micro-batch; returns whether this call counted a new window."""
         key = (int(getattr(trainer, "global_step", 0)), int(batch_idx))
         if self._seen == key:
-            return
+            return False
         self._seen = key
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         if self.totals is not None and batch_idx % accumulate != 0:
-            return  # inside an open window
+            return False  # inside an open window
         more = accumulate - 1
         limit = getattr(trainer, "num_training_batches", float("inf"))
-        if isinstance(limit, (int, float)) and limit != float("inf"):
+        finite = isinstance(limit, (int, float)) and limit != float("inf")
+        if finite:
             more = min(more, max(int(limit) - batch_idx - 1, 0))
         window = [batch, *upcoming_batches(trainer, more)]
+        # the epoch ends with this window: its length says so, or the look-ahead ran out of batches
+        self.reaches_epoch_end = (finite and batch_idx + len(window) >= int(limit)) or len(window) < more + 1
         totals: dict[str, torch.Tensor] = {}
         for b in window:
             for name, value in count_fn(b).items():
@@ -114,6 +121,7 @@ class WindowCounter:
             stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
             totals = {k: stacked[i] for i, k in enumerate(names)}
         self.totals = totals
+        return True
 
     def end(self) -> None:
         self.totals = None
