@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -52,6 +53,7 @@ class TokenPipeline:
         self.training_forwards = 0
         self._forwards_in_window = 0
         self._side_depth = 0  # > 0 inside side_computation()
+        self._window_trainer: Any = None  # weak reference to the trainer of the last micro-batch (mid_window)
         #: optimizer steps (accumulation windows) of this run whose batches had no supervised token (every label
         #: -100 after the shift, on every rank): their token loss is 0 and they train nothing from it
         self.empty_steps = 0
@@ -129,7 +131,14 @@ class TokenPipeline:
     def begin_micro_batch(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Bind the batch and, at a window's first micro-batch, count the window's normalisers (idempotent)."""
         self.current_batch = batch
+        try:
+            self._window_trainer = weakref.ref(trainer)
+        except TypeError:  # a test double that cannot be weakly referenced
+            self._window_trainer = None
         if self.window.begin(trainer, pl_module, batch, batch_idx, self.batch_counts):
+            # a new window: the previous one's forwards are over even if end_window() never ran (a module whose
+            # on_before_optimizer_step does not call super())
+            self._forwards_in_window = 0
             self._note_window(trainer)
 
     # -- windows without a supervised token -----------------------------------------------------------------------
@@ -199,8 +208,14 @@ class TokenPipeline:
 
     @property
     def mid_window(self) -> bool:
-        """True between a training forward through the engine and the optimizer step that closes its window."""
-        return self._forwards_in_window > 0
+        """True between a training forward through the engine and the optimizer step that closes its window. The
+        trainer's step count is read too, so the window closes at the optimizer step even when ``end_window()`` was
+        not called there (a module whose ``on_before_optimizer_step`` does not call ``super()``)."""
+        if self._forwards_in_window == 0:
+            return False
+        trainer = self._window_trainer() if self._window_trainer is not None else None
+        seen = self.window._seen  # (global step, batch_idx) of the last micro-batch begun
+        return trainer is None or seen is None or int(getattr(trainer, "global_step", seen[0])) == seen[0]
 
     def _totals(self, batch: Mapping[str, Any], training: bool, accumulate: int = 1,
                 world_size: int = 1) -> dict[str, torch.Tensor]:
