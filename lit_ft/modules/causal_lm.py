@@ -258,6 +258,17 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         self.train(was_training)
         return correct / total if total else None
 
+    # -- sharding ----------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: FSDP2 (``fully_shard``) per decoder layer, then the whole HF
+        model (:func:`lit_ft.core.sharding.shard_causal_lm`); a no-op under any other strategy."""
+        from lit_ft.core.introspect import find_hf_model
+        from lit_ft.core.sharding import model_parallel_mesh, shard_causal_lm
+
+        mesh = model_parallel_mesh(getattr(self, "_trainer", None))
+        if mesh is not None:
+            shard_causal_lm(find_hf_model(self, require_lm_head=True), mesh)
+
     # -- optimisation ------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         groups = adamw_param_groups(self, self.hparams.learning_rate, self.hparams.weight_decay)

@@ -49,10 +49,43 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
 
 
+#: trunk-hook order of the hidden-state capture on an FSDP2 root: after every band of lit_ft.core.layer_hooks (the
+#: prompt injector strips its positions at ORDER_REWRITE), so it sees what the lm_head would see
+_ORDER_FSDP_CAPTURE = 10_000
+
+
 def final_hidden_states(parts: CausalLMParts, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Run only the trunk (no lm_head) and return the final hidden states ``[B, T, D]``."""
+    """Run only the trunk (no lm_head) and return the final hidden states ``[B, T, D]``.
+
+    On an FSDP2-sharded model (:func:`lit_ft.core.sharding.is_fsdp_root`) the embeddings are only unsharded inside
+    the HF model's own forward, so that forward runs (``logits_to_keep=1``: one position's logits) and a trunk hook
+    captures the hidden states.
+    """
+    from lit_ft.core.sharding import is_fsdp_root
+
+    if is_fsdp_root(parts.hf_model):
+        return _hidden_states_through_root(parts, batch)
     out = parts.base(**model_inputs(batch), use_cache=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _hidden_states_through_root(parts: CausalLMParts, batch: Mapping[str, Any]) -> torch.Tensor:
+    from lit_ft.core.layer_hooks import register_trunk_hook
+
+    captured: list[torch.Tensor] = []
+
+    def capture(index, module, args, kwargs, output):  # noqa: ANN001
+        if not captured:  # the outer trunk call only
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = register_trunk_hook(parts.base, capture, order=_ORDER_FSDP_CAPTURE)
+    try:
+        parts.hf_model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"lit_ft: the trunk of {type(parts.hf_model).__name__} did not run in its forward")
+    return captured[0]
 
 
 def batch_token_weights(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -129,6 +162,7 @@ def causal_lm_token_nll(hf_model: nn.Module, batch: Mapping[str, Any], impl: str
     Used for reference / history models (Rho-1's reference, ssToken's history model) and teachers.
     """
     parts = causal_lm_parts(hf_model)
+    verify_logit_transforms(parts)  # once per model: a reference / history model may be another architecture
     hidden = final_hidden_states(parts, batch)
     targets = shift_targets(batch["labels"])
     stats = token_stats(parts, hidden, targets, {"nll"}, impl)
@@ -154,7 +188,6 @@ def logits_at(parts: CausalLMParts, hidden: torch.Tensor, mask: torch.Tensor) ->
                          f"{tuple(mask.shape)}")
     z = F.linear(hidden[mask], parts.weight, parts.bias).float()
     return apply_logit_transforms(z, parts)
-    verify_logit_transforms(parts)  # once per model: a reference / history model may be another architecture
 
 
 _VERIFIED_ATTR = "_lit_ft_logit_transforms_verified"
