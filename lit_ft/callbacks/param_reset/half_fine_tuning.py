@@ -79,8 +79,9 @@ class HalfFineTuning(ParamPlanCallback):
     the other half frozen; a new random half is drawn at every stage.
 
     Paper: Hui et al. 2024, *HFT: Half Fine-Tuning for Large Language Models* (arXiv 2404.18466, ACL 2025). No code
-    was released; the split below follows the paper's summaries ("category-level" selection per layer, Fig. 2) and
-    is marked VERIFY in ``docs/techniques/half_fine_tuning.md``.
+    was released; the split below follows the paper's summaries ("category-level" selection per layer, Fig. 2); the
+    paper's text could not confirm it, so each open choice is an argument (``docs/techniques/half_fine_tuning.md``,
+    "Limits and open points").
 
     Algorithm (``granularity="matrix"``, the default)::
 
@@ -122,8 +123,8 @@ class HalfFineTuning(ParamPlanCallback):
             optimizer state of the frozen half. With ``"parameter"``: ``True`` zeroes the moments of the elements
             that thaw, ``False`` leaves them.
         train_non_layer: embeddings, lm_head, the final norm and any other trainable tensor outside the transformer
-            layers train in every stage (``True``) or stay frozen (``False``). The sources only describe the
-            layers (VERIFY).
+            layers train in every stage (``True``) or stay frozen (``False``). The paper's summaries only describe
+            the layers, so this default is lit-ft's choice (like full fine-tuning).
         seed: selection seed. ``None`` = the ``seed_everything`` seed (``PL_GLOBAL_SEED``) if set, else 0. Stored in
             the checkpoint; a resumed run uses the stored one.
 
