@@ -123,7 +123,8 @@ class EPT(DePT):
     What the paper's abstract and summaries leave open (each is an argument here, with lit-ft's reading as the
     default): the Q/K/V assignment of the fusion (``fusion``), its width (``fusion_dim``), the number of subspaces
     (``num_subspaces``) and the form of each projection (a full ``D x D`` matrix is ``projection_rank = D``; the
-    default is a rank-8 correction of the identity). At initialisation EPT equals DePT with the same ``seed`` (``V_i = 0``, ``W_o = 0``).
+    default is a rank-8 correction of the identity). At initialisation EPT equals DePT with the same ``seed``
+    (``V_i = 0``, ``W_o = 0``).
 
     Args:
         num_virtual_tokens, rank, match_prompt_tokens, max_length, lora_alpha, rank_scaling, init, init_text, seed,
