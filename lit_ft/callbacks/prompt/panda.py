@@ -112,7 +112,7 @@ class PANDA(PromptCallback, Objective):
     """PANDA: prompt transfer (PoT) with knowledge distillation from the source-task prompt.
 
     Paper: Zhong, Ding, Liu, Du & Tao, *PANDA: Prompt Transfer Meets Knowledge Distillation for Efficient Model
-    Adaptation* (IEEE TKDE 2024); code ``WHU-ZQH/PANDA`` (P-tuning v2).
+    Adaptation* (IEEE TKDE 2024); code https://github.com/WHU-ZQH/PANDA (P-tuning v2).
 
     Algorithm: a prompt trained on a *source* task (a lit_ft prompt artifact, ``source_prompt``) is the teacher.
     The target prompt (the student) starts from it (vanilla prompt transfer) and trains on the target task with
@@ -133,15 +133,17 @@ class PANDA(PromptCallback, Objective):
             written by ``lit_ft.core.prompts.save_prompt``, e.g. ``PromptTuning(save_dir=...)`` or
             ``PrefixTuning(save_dir=...)``) for the same base model. Required at setup.
         beta: weight of the distillation term (>= 0), or ``"auto"``: set once before training from a
-            transferability estimate on ``auto_beta_batches`` training batches (see :meth:`estimate_beta`;
-            VERIFY: the paper's metric — a cosine similarity of task embeddings, per its summary — is not in the
-            released code; this is a documented proxy). The code's default is 0.1. ``0`` = vanilla prompt transfer.
+            transferability estimate on ``auto_beta_batches`` training batches (see :meth:`estimate_beta`).
+            The paper's metric (a cosine similarity of task embeddings, per its summary) could not be confirmed
+            and is not in the released code, so this is a proxy; give a number to avoid it. The code's default is 0.1.
+            ``0`` = vanilla prompt transfer.
         kd: ``"mse"`` (the code's form: ``0.1 * MSE(z_s, z_t) / B``) or ``"kl"`` (temperature-scaled KL).
         temperature: softmax temperature of ``kd="kl"`` (> 0).
         init: the student's start: ``"source"`` (a copy of the source prompt: vanilla prompt transfer, default) or
-            a fresh soft prompt as in :class:`PromptTuning` (``"vocab"``, ``"text"``, ``"random"``; VERIFY: the
-            released code's PANDA mode starts the student from scratch and loads its teacher from a source prompt
-            already transferred to the target task).
+            a fresh soft prompt as in :class:`PromptTuning` (``"vocab"``, ``"text"``, ``"random"``). Note:
+            the released code's PANDA mode starts the student from scratch and loads its teacher from a source prompt
+            already transferred to the target task; to reproduce it, pass such a prompt as ``source_prompt`` with
+            ``init="vocab"``.
         num_virtual_tokens: the student's length for a fresh init (default: the source's); must equal the source's
             with ``init="source"``.
         init_text, seed, tokenizer: for ``init="text"`` / ``"vocab"`` / ``"random"``, as in :class:`PromptTuning`.
@@ -369,7 +371,7 @@ class PANDA(PromptCallback, Objective):
         """``beta = clamp((L_bare - L_source) / L_bare, 0, 1)``: the relative reduction of the target task's loss
         that the source prompt brings, zero-shot, over the bare frozen model (``L``: mean task loss on ``batches``).
 
-        VERIFY: a proxy. The paper's transferability metric maps both tasks into one space with their prompts and
+        This is a proxy. The paper's transferability metric maps both tasks into one space with their prompts and
         takes a cosine similarity of task embeddings (per the paper's summary; the formula and the released code's
         version are not available here), which needs a prompt trained on the target task; zero-shot transfer
         performance is the quantity such metrics are built to predict, and is computable before training."""
