@@ -308,14 +308,16 @@ class IAPT(PromptCallback):
         num_virtual_tokens: soft tokens per layer ``n`` (paper: 4).
         bottleneck: generator bottleneck ``r`` (>= 1).
         share_generator: one pooling / ``W_down`` / ``W_up`` for all layers (default; the rational activation stays
-            per layer). ``False``: a generator per layer. VERIFY.
+            per layer). ``False``: a generator per layer. The paper's abstract and a third-party summary
+            disagree on sharing; shared is lit-ft's default.
         prefix_mode: ``"kv"`` (``W_up`` outputs each soft token's key and value, ``2 * kv_dim``; default) or
             ``"hidden"`` (``W_up`` outputs hidden-size tokens that go through the layer's own input norm, k/v
-            projections and RoPE at positions ``0..n-1``; Llama-style layers). VERIFY.
+            projections and RoPE at positions ``0..n-1``; Llama-style layers). How the paper's soft tokens
+            enter the layer could not be confirmed; ``"kv"`` is lit-ft's default.
         pooling: ``"hidden"`` (pooling logits and pooling on ``H_l``, then ``W_down``; default) or ``"bottleneck"``
-            (``W_down`` first, queries in ``r`` dims). VERIFY.
+            (``W_down`` first, queries in ``r`` dims). The paper's exact pooling could not be confirmed.
         input_norm: RMS-normalise ``H_l`` (no learned gain) before pooling, so one generator fits every layer's
-            scale (default true). VERIFY.
+            scale (default true). lit-ft's choice for stable training, not the paper's.
         query_init_std: std of the pooling queries' normal init (distinct queries keep the soft tokens distinct).
         up_init_std: std of ``W_up``'s normal init; 0 (default) = zeros, so every prefix key and value is 0 at step 0
             (the model is then the frozen backbone up to the attention mass the ``n`` zero keys take).
