@@ -33,10 +33,10 @@ class ProMoT(PromptTuning):
          absorbs the task format.
       2. **Stage 2** (after ``prompt_steps`` optimizer steps, or at the start of epoch ``prompt_epochs``) — model
          tuning with the prompt attached: every tensor the module itself trains becomes trainable (under PEFT: the
-         adapters), the prompt is frozen (VERIFY: the paper's abstract says "fine-tuning the model itself with this
-         soft prompt attached"; keeping it trainable is ``train_prompt_in_stage2=True``). The optimizer's param
-         groups are rebuilt by name: the model's tensors start with fresh state at ``model_learning_rate``, the
-         prompt's state is deleted.
+         adapters), the prompt is frozen (lit-ft's reading of the abstract's "fine-tuning the model itself with
+         this soft prompt attached", which could not be confirmed from the full text; keeping it trainable is
+         ``train_prompt_in_stage2=True``). The optimizer's param groups are rebuilt by name: the model's tensors
+         start with fresh state at ``model_learning_rate``, the prompt's state is deleted.
       3. **Evaluation** — with ``eval_prompt="without"`` validation and test run the bare model (the prompt is
          switched off with ``injector.disabled()``), which measures what the paper cares about: the model's
          behaviour without the task's format prompt. ``"with"`` evaluates on the fine-tuned task as trained.
