@@ -41,8 +41,8 @@ class ExcessLossSelection(TokenScorerCallback):
     Evaluation losses are never filtered.
 
     Args:
-        keep_ratio: fraction of valid tokens kept per step, in (0, 1]. Rho-1 reports ~0.6-0.7 (VERIFY in the
-            paper); 1.0 keeps everything (plain SFT, useful as a control).
+        keep_ratio: fraction of valid tokens kept per step, in (0, 1]. Rho-1 reports ~0.6-0.7 (not yet
+            confirmed against the paper's text); 1.0 keeps everything (plain SFT, useful as a control).
         reference: the reference model. ``None`` = a frozen copy of the model's weights when training starts
             (stored in the checkpoint, so a resumed run keeps the same reference). Otherwise a local HF folder or
             a ``lit_ft.assets`` name, loaded with ``AutoModelForCausalLM``; it must share the tokenizer.

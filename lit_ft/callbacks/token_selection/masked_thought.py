@@ -98,7 +98,8 @@ class MaskedThought(Callback):
         rate_sampling: ``"fixed"`` (use ``p_t``) or ``"uniform"`` (draw ``p ~ U(0, p_t)`` once per step, the
             MetaMath variant).
         exclude_special_tokens: ``mode="random"`` only: never draw the tokenizer's special ids nor the config's
-            bos/eos/pad ids. Off by default, like the paper's script (VERIFY).
+            bos/eos/pad ids. Off by default, like the paper's GSM8K script as
+            far as could be confirmed (its masking helper could not be consulted).
         seed: seed of the noise. ``None`` = the ``seed_everything`` seed (``PL_GLOBAL_SEED``) if set, else 0.
             Stored in the checkpoint; a resumed run uses the stored one.
         require_sample_idx: the batch must carry ``sample_idx`` (long [B], provided by ``SFTDataModule``).

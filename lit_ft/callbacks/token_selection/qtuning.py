@@ -194,7 +194,8 @@ class QTuning(TokenScorerCallback):
         smoothing: λ of the neighbour-smoothed token score, in [0, 1]. Paper: 0.5.
         quadrants: ``"paper"`` (default; Q2 = high PPL / low Ent, Q4 = low PPL / high Ent, as in the released
             code) or ``"swap_entropy"`` (the entropy axis reversed: Q2 = high PPL / high Ent is kept and
-            token-pruned, Q4 = low PPL / low Ent is kept whole; the project page's wording). VERIFY vs Algorithm 1.
+            token-pruned, Q4 = low PPL / low Ent is kept whole; the project page's
+            wording). Which one the paper's Algorithm 1 uses could not be confirmed.
         top_up: when the two corners hold fewer than ``round(sample_ratio · N)`` samples at every α (PPL and
             entropy strongly correlated), add the most off-diagonal remaining samples (largest
             ``max(p̂ - ê, ê - p̂)`` on min-max-normalised axes) until the count is reached, as the released code
