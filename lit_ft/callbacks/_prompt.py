@@ -1,4 +1,4 @@
-"""Shared plumbing for prompt techniques (DESIGN.md §4 "Prompts").
+"""Shared plumbing for prompt techniques (``docs/architecture.md``, "Prompts").
 
 :class:`PromptCallback` installs a technique's :class:`~lit_ft.core.prompts.PromptSource` at ``setup`` (any stage,
 before the optimizer exists and before a checkpoint is restored), registers it as a submodule of the

@@ -1,4 +1,4 @@
-"""Prompt techniques: soft prompts, prefixes and their descendants (DESIGN.md §4 "Prompts")."""
+"""Prompt techniques: soft prompts, prefixes and their descendants (``docs/architecture.md``, "Prompts")."""
 
 from lit_ft.callbacks.prompt.cpt import CPT
 from lit_ft.callbacks.prompt.dept import DePT
