@@ -67,3 +67,25 @@ def measure_peak(fn, cuda: bool) -> tuple[float, int]:
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
     return elapsed, peak
+
+
+def first_peak_then_times(step, cuda: bool, repeats: int) -> tuple[int, list[float]]:
+    """Peak memory of the first full-size ``step()`` in this fresh process (freed heap memory would hide later peaks),
+    then the wall time of ``repeats`` more steps (synchronised on CUDA)."""
+    import gc
+    import time
+
+    import torch
+
+    gc.collect()
+    _, peak = measure_peak(step, cuda)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return peak, times

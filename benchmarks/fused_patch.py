@@ -17,17 +17,15 @@ time is the best of ``--repeats`` further steps. Prints a markdown table; ratios
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._rss import fmt_bytes, measure_peak, run_worker  # noqa: E402
+from benchmarks._rss import first_peak_then_times, fmt_bytes, run_worker  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ("hf", "fused")
@@ -63,17 +61,7 @@ def measure(method: str, b: int, t: int, layers: int, dtype: torch.dtype, device
         model.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak is the step's own memory
         model(input_ids=ids, labels=labels).loss.backward()
 
-    gc.collect()
-    _, peak = measure_peak(step, cuda)  # the first full-size step in this fresh process
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    peak, times = first_peak_then_times(step, cuda, repeats)
     return {"time_s": min(times), "peak_bytes": peak}
 
 

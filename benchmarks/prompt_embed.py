@@ -14,18 +14,16 @@ each (configuration, method) in a fresh subprocess (CPU has no allocator statist
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._rss import measure_peak, run_worker  # noqa: E402
+from benchmarks._rss import first_peak_then_times, run_worker  # noqa: E402
 from lit_ft.kernels import prompt_embed  # noqa: E402
 from lit_ft.kernels.prompt_embed.reference import prompt_embed_repeat_reference  # noqa: E402
 
@@ -58,18 +56,8 @@ def measure(method, b, t, d, r, v, dtype, device, repeats):
         a.grad = bb.grad = None
         fn(ids, w, a, bb).backward(up)
 
-    gc.collect()
-    # memory: the first full-size step in this fresh process (freed heap memory would hide later peaks)
-    _, peak = measure_peak(step, cuda)
-    times = []
-    for _ in range(repeats):  # time: best of `repeats` (shared CPU runners: the minimum is the stable statistic)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    # time: best of `repeats` (shared CPU runners: the minimum is the stable statistic)
+    peak, times = first_peak_then_times(step, cuda, repeats)
     return {"time_s": min(times), "median_s": statistics.median(times), "peak_bytes": peak}
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 from typing import Any
 
@@ -60,7 +59,7 @@ from lit_ft.core.introspect import (
 from lit_ft.core.layer_hooks import register_trunk_hook
 from lit_ft.core.loss.hf_hook import installed_hook
 from lit_ft.core.loss.level3 import _ensure_flop_formulas, token_loss_from_hidden
-from lit_ft.core.loss.primitives import apply_logit_transforms, shift_targets
+from lit_ft.core.loss.primitives import head_logits_error, shift_targets
 
 __all__ = ["FusedLossPatch", "FusedLossUnsupportedError", "patch_fused_loss", "unpatch_fused_loss", "fused_patch_of",
            "ACCUMULATIONS", "ORDER_CAPTURE"]
@@ -213,17 +212,14 @@ class FusedLossPatch:
     def _verify(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         """Once: the model's own last-position logits must equal the lm_head (+ the transforms the op applies) of
         the captured last hidden state — catches a logit transform no config key names."""
-        ours = apply_logit_transforms(F.linear(hidden[:, -1], self.parts.weight, self.parts.bias).float(), self.parts)
         theirs = logits[:, -1].float()
+        ours, err, agree = head_logits_error(self.parts, hidden[:, -1], theirs)
         if theirs.shape != ours.shape:
             raise FusedLossUnsupportedError(
                 f"lit_ft fused loss: {type(self.hf_model).__name__}'s logits have shape {tuple(logits.shape)}, not "
                 f"[B, *, V={ours.shape[-1]}] from its lm_head; the fused loss cannot stand in for its loss"
             )
-        tol = 1e-4 if hidden.dtype in (torch.float32, torch.float64) else 3e-2
-        err = (ours - theirs).abs().max().item()
-        scale = 1.0 + theirs.abs().max().item()
-        if not math.isfinite(err) or err > tol * scale:
+        if not agree:
             self.remove()
             raise FusedLossUnsupportedError(
                 f"lit_ft fused loss: {type(self.hf_model).__name__} transforms its logits after the lm_head in a way "

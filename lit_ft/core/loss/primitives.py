@@ -194,6 +194,20 @@ _VERIFIED_ATTR = "_lit_ft_logit_transforms_verified"
 
 
 @torch.no_grad()
+def head_logits_error(parts: CausalLMParts, hidden_last: torch.Tensor,
+                      theirs: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """``(ours, max |ours − theirs|, within tolerance)`` where ``ours`` = the lm_head (+ the logit transforms the
+    fused op applies) of ``hidden_last`` and ``theirs`` = the model's own logits at the same positions (fp32).
+    Tolerance: 1e-4 (fp32/fp64 weights) or 3e-2 (low precision), relative to ``1 + max |theirs|``; a shape
+    mismatch is never within it."""
+    ours = apply_logit_transforms(F.linear(hidden_last, parts.weight, parts.bias).float(), parts)
+    if ours.shape != theirs.shape:
+        return ours, math.inf, False
+    tol = 1e-4 if parts.weight.dtype in (torch.float32, torch.float64) else 3e-2
+    err = (ours - theirs).abs().max().item()
+    return ours, err, math.isfinite(err) and err <= tol * (1.0 + theirs.abs().max().item())
+
+
 def verify_logit_transforms(parts: CausalLMParts, seq_len: int = 8) -> bool:
     """Check once per model that its own logits equal the lm_head of the trunk's hidden states with the transforms
     :func:`lit_ft.core.introspect.logit_transforms` found — a guard for a transform no config key names (a model
@@ -242,15 +256,13 @@ def verify_logit_transforms(parts: CausalLMParts, seq_len: int = 8) -> bool:
             f"{weight.shape[-1]}: a head layer sits between them (e.g. ELECTRA's generator_predictions), which "
             "lit_ft's token loss (the lm_head applied to the trunk's output) does not run"
         )
-    ours = apply_logit_transforms(F.linear(hidden[:, -1], weight, parts.bias).float(), parts)
+    ours, err, agree = head_logits_error(parts, hidden[:, -1], theirs)
     if theirs.shape != ours.shape:
         raise UnsupportedLogitTransformError(
             f"lit_ft: {type(hf).__name__}'s logits have {theirs.shape[-1]} classes but its lm_head has "
             f"{ours.shape[-1]} rows; lit_ft's token loss (from the lm_head) would not be the model's"
         )
-    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
-    err = (ours - theirs).abs().max().item()
-    if not math.isfinite(err) or err > tol * (1.0 + theirs.abs().max().item()):
+    if not agree:
         raise UnsupportedLogitTransformError(
             f"lit_ft: {type(hf).__name__} transforms its logits after the lm_head in a way lit_ft does not know "
             f"(max |difference| {err:.3g} between its logits and lm_head(hidden) with logit_scale="

@@ -261,7 +261,9 @@ def forward_backward(
                     r1 = min(r0 + slab.shape[0], vocab)
                     part = torch.mm(z[:, r0:r1].t(), x, out=dw_part[: r1 - r0])
                     dw[r0:r1].add_(slab[: r1 - r0].copy_(part))
+    # free the logits buffer before the final casts set the peak: `z` and `x` are views that would keep it alive
     del z_buf, scratch, dw_part, slab
+    z = x = None  # noqa: F841
 
     if all_kept:
         nll, ent, lse = nll_p, ent_p, lse_p

@@ -260,6 +260,18 @@ def _addmm_out_dtype_supported(t: Tensor) -> bool:
     return (major, minor) >= (2, 8)
 
 
+def _prologue(hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, grad_mask,
+              grad_tokens):
+    """What both GEMM routes start from: contiguous operands, the kept mask, d(loss)/d(nll_i) per token and which
+    gradients are wanted (none when the coefficients are deferred to a later backward)."""
+    kept = kept_mask(labels, keep, ignore_index)
+    coef = row_coefficients(kept, token_weights, normalizer, reduction, grad_tokens, torch.float32)
+    if coef is None:
+        grad_mask = 0
+    return (hidden.contiguous(), weight.contiguous(), kept, coef, bool(grad_mask & GRAD_HIDDEN),
+            bool(grad_mask & GRAD_WEIGHT), bool(grad_mask & GRAD_BIAS) and bias is not None)
+
+
 def _forward_backward_host_count(hidden, weight, labels, bias, token_weights, keep, normalizer, *, ignore_index,
                                  reduction, softcap, scale, chunk_size, grad_mask, grad_tokens, accumulation):
     """The ``"cublas"`` route (see :func:`gemm_route`): same contract as :func:`forward_backward`."""
@@ -267,15 +279,8 @@ def _forward_backward_host_count(hidden, weight, labels, bias, token_weights, ke
     vocab = weight.shape[0]
     dev = hidden.device
     f32 = torch.float32
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
-    kept = kept_mask(labels, keep, ignore_index)
-    coef = row_coefficients(kept, token_weights, normalizer, reduction, grad_tokens, f32)
-    if coef is None:
-        grad_mask = 0
-    want_dx = bool(grad_mask & GRAD_HIDDEN)
-    want_dw = bool(grad_mask & GRAD_WEIGHT)
-    want_db = bool(grad_mask & GRAD_BIAS) and bias is not None
+    hidden, weight, kept, coef, want_dx, want_dw, want_db = _prologue(
+        hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, grad_mask, grad_tokens)
     need_grad = want_dx or want_dw or want_db
 
     nll = torch.zeros(n_tok, dtype=f32, device=dev)
@@ -340,6 +345,7 @@ def _forward_backward_host_count(hidden, weight, labels, bias, token_weights, ke
             if want_db:
                 db += z.sum(0, dtype=f32)
         del buf, dx_buf
+        z = x = None  # noqa: F841  (views that would keep the logits buffer alive through the final casts)
         if not all_kept:
             nll.index_copy_(0, idx, nll_p)
             ent.index_copy_(0, idx, ent_p)
@@ -385,15 +391,8 @@ def forward_backward(
     vocab = weight.shape[0]
     dev = hidden.device
     f32 = torch.float32
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
-    kept = kept_mask(labels, keep, ignore_index)
-    coef = row_coefficients(kept, token_weights, normalizer, reduction, grad_tokens, f32)
-    if coef is None:
-        grad_mask = 0
-    want_dx = bool(grad_mask & GRAD_HIDDEN)
-    want_dw = bool(grad_mask & GRAD_WEIGHT)
-    want_db = bool(grad_mask & GRAD_BIAS) and bias is not None
+    hidden, weight, kept, coef, want_dx, want_dw, want_db = _prologue(
+        hidden, weight, labels, bias, token_weights, keep, normalizer, ignore_index, reduction, grad_mask, grad_tokens)
     need_grad = want_dx or want_dw or want_db
 
     # kept rows first (stable), count on the device: no host sync anywhere below
@@ -439,6 +438,7 @@ def forward_backward(
             db += z.sum(0, dtype=f32)
 
     del buf, xs  # freed before the gradient casts below: they set this call's peak memory
+    z = x = None  # noqa: F841  (views that would keep the buffer alive)
     nll = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, nll_s)
     ent = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, ent_s)
     lse = torch.zeros(n_tok, dtype=f32, device=dev).index_copy_(0, order, lse_s)
