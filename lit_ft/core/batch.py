@@ -1,6 +1,6 @@
 """Batch keys and their validation.
 
-The batch contract (DESIGN.md §4): HF conventions — ``input_ids``, ``attention_mask``, ``labels`` (unshifted, -100 =
+The batch contract (docs/data.md, docs/architecture.md): HF conventions — ``input_ids``, ``attention_mask``, ``labels`` (unshifted, -100 =
 ignored) — plus optional ``token_weights`` (float, same shape as labels) and ``sample_idx`` (long [B]). A technique
 that needs a key names it with :func:`require_keys`; the error says which key is missing and what provides it.
 """

@@ -1,4 +1,4 @@
-"""Prompt injection: the contract every prompt technique shares (DESIGN.md §4 "Prompts").
+"""Prompt injection: the contract every prompt technique shares (docs/architecture.md, "Prompts").
 
 A prompt technique is a :class:`PromptSource` (an ``nn.Module`` holding its trainable tensors). A
 :class:`PromptInjector` puts it into a Hugging Face model with two hooks on the decoder trunk (``find_base_model``:

@@ -26,7 +26,7 @@ from typing import TypeVar
 __all__ = ["FAMILIES", "REGISTRY", "TechniqueRecord", "TechniqueRegistrationError", "TechniqueRegistry", "technique",
            "techniques"]
 
-#: the families, in the order ``lit-ft techniques`` lists them (DESIGN.md §2: one folder per family)
+#: the families, in the order ``lit-ft techniques`` lists them (one folder per family under lit_ft/callbacks)
 FAMILIES: tuple[str, ...] = (
     "token_selection", "tensor_selection", "param_reset", "prompt",
     "objectives", "adapters", "analysis", "data_selection",

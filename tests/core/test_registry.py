@@ -48,14 +48,12 @@ def test_records_follow_the_conventions():
         assert (ROOT / record.config).is_file(), record.config
         assert (ROOT / record.doc).is_file(), record.doc
         assert record.config == f"configs/{record.name}.yaml"
-        if record.name != "prefix_tuning":  # shares the prompt tuning page
-            assert record.doc == f"docs/techniques/{record.name}.md"
+        assert record.doc == f"docs/techniques/{record.name}.md"
         assert record.class_path == f"lit_ft.callbacks.{record.cls.__name__}"
         assert f"class_path: {record.class_path}" in (ROOT / record.config).read_text()
         own = getattr(record.cls, "technique_name", None) or getattr(record.cls, "scorer_name", None)
         if own is not None:
             assert own == record.name
-    assert REGISTRY.get("prefix_tuning").doc == "docs/techniques/prompt_tuning.md"
     assert REGISTRY.get("excess_loss").arxiv_url == "https://arxiv.org/abs/2404.07965"
     assert REGISTRY.get("promot").arxiv_url == "https://arxiv.org/abs/2211.00635"
 

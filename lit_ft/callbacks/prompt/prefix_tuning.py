@@ -54,7 +54,7 @@ class PrefixEncoder(PromptSource):
 
 @technique(name="prefix_tuning", family="prompt",
            paper="Prefix-Tuning: Optimizing Continuous Prompts for Generation",
-           arxiv="2101.00190", doc="docs/techniques/prompt_tuning.md")
+           arxiv="2101.00190")
 class PrefixTuning(PromptCallback):
     """Prefix tuning: every attention layer attends to ``n`` trainable key/value vectors before the input.
 

@@ -2,7 +2,7 @@
 integration level, registers the participant on the module's pipeline and installs the HF loss hook when needed;
 :func:`detach` undoes it.
 
-Levels (DESIGN.md §4): ``"mixin"`` (level 3) for modules that are a :class:`~lit_ft.core.loss.level3.TokenLossHost`
+Levels (docs/architecture.md, "Integration levels"): ``"mixin"`` (level 3) for modules that are a :class:`~lit_ft.core.loss.level3.TokenLossHost`
 (lit_ft's ``CausalLMModule``, or yours with ``TokenLossMixin``), ``"hook"`` (level 2) for any module whose HF causal
 LM computes the loss (``return self.model(**batch).loss``), ``"batch"`` (level 1) for techniques that edit the
 batch before the forward instead. ``"auto"`` picks ``mixin`` for a host, else ``hook``.

@@ -2,7 +2,7 @@
 
 The shared mechanism behind every technique that freezes or masks parameters: GreenTrainer, Half Fine-Tuning,
 lottery-ticket sparse fine-tuning, FreezeLayers, TrainOnly, LocalizedTuning, prompt tuning. No technique logic, no
-Lightning. Contract: ``docs/core/params.md`` and DESIGN.md §4 "Parameters".
+Lightning. Contract: ``docs/core/params.md``.
 
 * :mod:`~lit_ft.core.params.patterns` — parameter names and the pattern syntax (globs, ``"re:"`` regexes).
 * :mod:`~lit_ft.core.params.plans` — :class:`ParamPlan`, :func:`compose` (intersection), :class:`ParamPlanConflict`.

@@ -175,7 +175,7 @@ def prompt_embed(input_ids: Tensor, weight: Tensor, position_ids: Tensor, lora_a
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     impl_name = resolve_impl_traced(impl, weight.device)
-    # on CPU the check is free; on an accelerator it would be a host sync per call (DESIGN.md: no syncs in ops), so
+    # on CPU the check is free; on an accelerator it would be a host sync per call (lit-ft's kernels never synchronise with the host inside an op), so
     # there an out-of-range id gives an indexing error (torch) or NaN rows (Triton) instead; not while tracing
     if not torch.compiler.is_compiling() and weight.device.type == "cpu" and input_ids.numel():
         if bool(((input_ids < 0) | (input_ids >= v)).any()):
