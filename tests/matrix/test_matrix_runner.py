@@ -57,12 +57,17 @@ def test_compare_finds_differences_missing_keys_and_unmoved_weights():
     missing = worker.compare(ref, {"w": ref["w"]}, start)
     assert not missing["close"] and missing["keys_only_in_reference"] == ["b"]
     assert not worker.compare(start, start, start)["moved"]
+    # a tensor the steps moved by only 1e-7 (a prompt's small learning rate): within atol, but as large as the update
+    small = {"w": torch.full((3,), 0.02)}
+    tiny = worker.compare({"w": small["w"] + 1e-7}, {"w": small["w"] + 2e-7}, small)
+    assert not tiny["close"] and tiny["max_diff_over_update"] > 0.5
+    assert worker.compare({"w": small["w"] + 1e-7}, {"w": small["w"] + 1e-7}, small)["close"]
 
 
 def _record(ranks=None, result=None, timed_out=False, exit_order=(0, 1)) -> dict:
     ranks = ranks or [{"rank": 0, "phase": "done", "returncode": 0, "log_tail": ""},
                       {"rank": 1, "phase": "done", "returncode": 0, "log_tail": ""}]
-    return {"ranks": ranks, "result": result, "timed_out": timed_out, "timeout_s": 150, "exit_order": list(exit_order)}
+    return {"ranks": ranks, "result": result, "timed_out": timed_out, "timeout_s": 120, "exit_order": list(exit_order)}
 
 
 def _error(rank: int, phase: str, message: str, where: str = "distributed", type_: str = "RuntimeError") -> dict:
