@@ -126,6 +126,11 @@ class PromptCallback(ParamPlanCallback):
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lit_ft.core.strategy import refuse_sharded_strategies
+
+        refuse_sharded_strategies(trainer, type(self).__name__, "the prompt module sits outside the sharded model, so "
+                                  "its gradients would not be averaged across ranks (each rank would train its own "
+                                  "prompt)")
         if self.source is None or self._host is not pl_module:
             self.install(trainer, pl_module)
         super().setup(trainer, pl_module, stage)  # parameter plan (fit only)

@@ -382,17 +382,12 @@ class HalfFineTuning(ParamPlanCallback):
         pl_module.log(f"{prefix}/selected_fraction", self.selected_fraction, on_step=True, on_epoch=False, batch_size=1)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
+        from lit_ft.core.strategy import require_unused_parameter_tolerance
 
         freezes = self.granularity != "parameter" and (self.ratio < 1.0 or not self.train_non_layer)
-        strategy = trainer.strategy
-        if freezes and isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
-            if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
-                raise ValueError(
-                    "HalfFineTuning freezes part of the model and changes which part at every stage, so under DDP "
-                    "some parameters get no gradient: use strategy='ddp_find_unused_parameters_true' (or "
-                    "DDPStrategy(find_unused_parameters=True), e.g. with start_method='spawn')."
-                )
+        if freezes:
+            require_unused_parameter_tolerance(trainer, "HalfFineTuning", "freezes part of the model and changes "
+                                               "which part at every stage")
 
     # -- stage switch ----------------------------------------------------------------------------------------------
     def _enter_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: int,

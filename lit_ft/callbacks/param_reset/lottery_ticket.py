@@ -323,6 +323,12 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         return t.to("cpu" if self.theta0_device == "cpu" else t.device, copy=True)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lit_ft.core.strategy import refuse_sharded_strategies, require_unused_parameter_tolerance
+
+        refuse_sharded_strategies(trainer, "LotteryTicketSparseFT", "its phase-2 top-k selection needs whole "
+                                  "parameter tensors")
+        require_unused_parameter_tolerance(trainer, "LotteryTicketSparseFT", "leaves tensors without kept entries "
+                                           "out of phase 2")
         params = dict(pl_module.named_parameters())
         loaded, self._loaded = self._loaded, None
         if loaded is not None:

@@ -289,23 +289,12 @@ class GreenTrainer(ParamPlanCallback):
 
     @staticmethod
     def _check_strategy(trainer: pl.Trainer) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
+        from lit_ft.core.strategy import refuse_sharded_strategies, require_unused_parameter_tolerance
 
-        strategy = trainer.strategy
-        name = type(strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
-            raise ValueError(
-                f"GreenTrainer does not support {name}: it needs whole parameter tensors to probe and freeze. "
-                "Use strategy='ddp_find_unused_parameters_true' or a single device."
-            )
-        if isinstance(strategy, DDPStrategy):
-            kw = getattr(strategy, "_ddp_kwargs", {}) or {}
-            if not kw.get("find_unused_parameters", False) or kw.get("static_graph", False):
-                raise ValueError(
-                    "GreenTrainer freezes tensors mid-run, so DDP must tolerate parameters without gradients: use "
-                    "strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true'), "
-                    f"got {name} with find_unused_parameters={kw.get('find_unused_parameters', False)}."
-                )
+        # ModelParallelStrategy (FSDP2) too: its name has no "FSDP", and the FLOPs model finds tied weights by
+        # storage pointers, which sharded tensors do not have
+        refuse_sharded_strategies(trainer, "GreenTrainer", "it needs whole parameter tensors to probe and freeze")
+        require_unused_parameter_tolerance(trainer, "GreenTrainer", "freezes tensors mid-run")
 
     def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ParamPlan]:
         # every candidate stays trainable until the first selection: the optimizer (and a DDP reducer) then know

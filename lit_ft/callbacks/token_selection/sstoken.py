@@ -308,6 +308,12 @@ class SSToken(TokenScorerCallback):
 
     # -- setup / teardown ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.uses_attention:
+            from lit_ft.core.strategy import refuse_sharded_strategies
+
+            refuse_sharded_strategies(trainer, "SSToken", "its attention score applies a decoder layer's norm and "
+                                      "q/k projections outside that layer's forward, where sharded weights are not "
+                                      "gathered (gamma=0 does not use it)")
         hf_model = find_hf_model(pl_module, require_lm_head=True)
         self._trained_model_ref = weakref.ref(hf_model)
         self._trainer_ref = weakref.ref(trainer)
