@@ -14,6 +14,8 @@ from lit_ft.core.registry import technique
 from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_choice, check_int, check_number, check_str
 from lit_ft.core.batch import IGNORE_INDEX
+from lit_ft.core.attention import attention_mass_on_keys
+from lit_ft.core.attention import check_attention_layout as _check_attention_layout
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
 from lit_ft.core.frozen import FrozenModel, frozen_model_property
 from lit_ft.core.layer_hooks import ORDER_READ, register_layer_pre_hook
@@ -28,130 +30,18 @@ from lit_ft.core.loss import (
 _HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HISTORY_DEVICES = ("same", "cpu")
 _NO_ATTENTION_HINT = "set gamma=1.0 to use the loss-based score only"
-#: elements of one [B, H, chunk, T] float32 logit block in :func:`prompt_attention_mass` (64 MiB)
-_ATTN_BLOCK_ELEMENTS = 1 << 24
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# attention-to-prompt mass of one decoder layer, recomputed from its captured input
-# ---------------------------------------------------------------------------------------------------------------------
 def check_attention_layout(layer: torch.nn.Module) -> None:
-    """Raise :class:`~lit_ft.core.introspect.ModelLayoutError` unless ``layer`` is a decoder layer whose attention
-    :func:`prompt_attention_mass` can recompute: Llama-style ``input_layernorm`` + ``self_attn`` with ``q_proj``,
-    ``k_proj``, ``head_dim``, ``scaling`` and rotary position embeddings (Llama, Mistral, Qwen2, SmolLM2; Qwen3's
-    per-head ``q_norm``/``k_norm`` is applied too). Logit soft-capping (Gemma 2) is refused."""
-    name = type(layer).__name__
-    attn = getattr(layer, "self_attn", None)
-    missing = [a for a in ("input_layernorm", "self_attn") if not isinstance(getattr(layer, a, None), torch.nn.Module)]
-    if attn is not None:
-        missing += [f"self_attn.{a}" for a in ("q_proj", "k_proj") if not isinstance(getattr(attn, a, None), torch.nn.Module)]
-        missing += [f"self_attn.{a}" for a in ("head_dim", "scaling") if getattr(attn, a, None) is None]
-    if missing:
-        raise ModelLayoutError(
-            f"SSToken: the attention score needs a Llama-style decoder layer (input_layernorm, self_attn.q_proj/"
-            f"k_proj/head_dim/scaling, rotary position embeddings); {name} lacks {missing}. {_NO_ATTENTION_HINT}."
-        )
-    cfg = getattr(attn, "config", None)
-    if getattr(cfg, "attn_logit_softcapping", None):
-        raise ModelLayoutError(
-            f"SSToken: {name} uses attention logit soft-capping, which the attention score does not reproduce; "
-            f"{_NO_ATTENTION_HINT}."
-        )
-    for norm in ("q_norm", "k_norm"):
-        m = getattr(attn, norm, None)
-        w = getattr(m, "weight", None)
-        if m is not None and (w is None or w.shape[-1] != attn.head_dim):
-            raise ModelLayoutError(
-                f"SSToken: {name}.self_attn.{norm} normalises the whole projection (OLMo-2 style), which the "
-                f"attention score does not reproduce (only per-head norms, Qwen3 style); {_NO_ATTENTION_HINT}."
-            )
+    """:func:`lit_ft.core.attention.check_attention_layout` with SSToken's name and its way around the score."""
+    _check_attention_layout(layer, "SSToken", _NO_ATTENTION_HINT)
 
 
-def _sliding_window(layer: torch.nn.Module) -> int | None:
-    attn = layer.self_attn
-    if hasattr(attn, "sliding_window"):  # Qwen2/Qwen3: set per layer, None when the layer attends globally
-        return attn.sliding_window
-    return getattr(getattr(attn, "config", None), "sliding_window", None)  # Mistral: one window for all layers
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-@torch.no_grad()
-def prompt_attention_mass(
-    layer: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    key_mask: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention mass that each query of one decoder layer puts on a set of keys, averaged over heads.
-
-    Recomputes only that layer's attention probabilities eagerly from its *input* (what a forward pre-hook on the
-    decoder layer sees): ``input_layernorm`` → ``q_proj``/``k_proj`` (→ per-head ``q_norm``/``k_norm`` if present)
-    → rotary embedding with the captured ``(cos, sin)`` → GQA repeat → ``q·kᵀ·scaling`` → causal (+ padding,
-    + sliding-window) mask → softmax in float32. Value/output projections are never computed, the full
-    ``[B, H, T, T]`` map is never stored (queries are processed in blocks).
-
-    Args:
-        layer: a Llama-style decoder layer (see :func:`check_attention_layout`).
-        hidden_states: the layer's input ``[B, T, D]`` (before ``input_layernorm``).
-        position_embeddings: the ``(cos, sin)`` the model passed to the layer, each ``[B or 1, T, head_dim]``.
-        key_mask: bool ``[B, T]``, the keys whose probability mass is summed (ssToken: the prompt tokens).
-        attention_mask: ``[B, T]`` with 1 for attended (non-padding) positions; ``None`` = all attended.
-
-    Returns:
-        float32 ``[B, T]``: ``out[b, i] = mean_h Σ_{j ∈ key_mask[b]} softmax_j(q_{b,h,i}·k_{b,h,j})``, row ``i`` being
-        the query at input position ``i``; 0 for a query that may attend to no key (e.g. left padding).
-    """
-    attn = layer.self_attn
-    B, T, _ = hidden_states.shape
-    hd = int(attn.head_dim)
-    dev = hidden_states.device
-    wdtype = attn.q_proj.weight.dtype
-    with torch.autocast(dev.type, enabled=False):
-        h = layer.input_layernorm(hidden_states.to(wdtype))
-        q = attn.q_proj(h).view(B, T, -1, hd)
-        k = attn.k_proj(h).view(B, T, -1, hd)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
-        q = q.transpose(1, 2).float()
-        k = k.transpose(1, 2).float()
-        cos, sin = (t.to(dev, torch.float32).unsqueeze(1) for t in position_embeddings)
-        if cos.shape[-1] != hd:
-            raise ModelLayoutError(
-                f"SSToken: rotary embedding of size {cos.shape[-1]} but head_dim {hd} (partial rotary is not "
-                f"supported); {_NO_ATTENTION_HINT}"
-            )
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        n_heads, n_kv = q.shape[1], k.shape[1]
-        if n_heads % n_kv:
-            raise ModelLayoutError(f"SSToken: {n_heads} query heads are not a multiple of {n_kv} key/value heads")
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # == transformers' repeat_kv
-
-        pos = torch.arange(T, device=dev)
-        allowed = pos[None, :] <= pos[:, None]  # [Tq, Tk] causal
-        window = _sliding_window(layer)
-        if window:
-            allowed &= (pos[:, None] - pos[None, :]) < int(window)
-        keys_ok = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        key_mask = key_mask.to(dev).bool() & keys_ok
-        out = torch.zeros(B, T, dtype=torch.float32, device=dev)
-        chunk = max(1, _ATTN_BLOCK_ELEMENTS // max(1, B * n_heads * T))
-        neg = torch.finfo(torch.float32).min
-        for s in range(0, T, chunk):
-            e = min(T, s + chunk)
-            ok = allowed[None, None, s:e, :] & keys_ok[:, None, None, :]  # [B, 1, c, T]
-            logits = torch.matmul(q[:, :, s:e], k.transpose(-1, -2)) * float(attn.scaling)
-            probs = torch.softmax(logits.masked_fill(~ok, neg), dim=-1)
-            mass = (probs * key_mask[:, None, None, :]).sum(-1).mean(1)  # [B, c]
-            out[:, s:e] = mass * ok.any(-1).squeeze(1)
-    return out
+def prompt_attention_mass(layer: torch.nn.Module, hidden_states: torch.Tensor,
+                          position_embeddings: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mass each query puts on the prompt keys (:func:`lit_ft.core.attention.attention_mass_on_keys`)."""
+    return attention_mass_on_keys(layer, hidden_states, position_embeddings, key_mask, attention_mask, "SSToken")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
