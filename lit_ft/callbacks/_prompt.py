@@ -58,7 +58,11 @@ class PromptCallback(ParamPlanCallback):
     Common arguments (subclasses expose them):
         freeze_backbone: freeze every model tensor except the technique's (default). ``False`` trains the prompt
             together with whatever the module itself trains.
-        learning_rate: lr of the prompt's tensors (their own param group); ``None`` = the optimizer's lr.
+        learning_rate: lr of the prompt's tensors (their own param group); ``None`` = the optimizer's lr. Each
+            technique defaults it to its paper's (or authors' code's) value, since a prompt at a fine-tuning lr
+            barely moves; the value goes through :func:`~lit_ft.core.optim.assign_group_hparams` at ``on_fit_start``
+            like an explicit one (a resumed run restores the checkpoint's rates unless ``ConfiguredLearningRate``
+            re-applies this run's).
         weight_decay: weight decay of the prompt's tensors; ``None`` = that of the group they came from.
         save_dir: write the prompt artifact here when ``fit`` ends (rank 0); a relative path is relative to the
             trainer's ``default_root_dir``; ``None`` = do not.

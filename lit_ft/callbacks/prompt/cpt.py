@@ -22,6 +22,8 @@ SEPARATOR_TYPE = 0
 WEIGHTED_LOSSES = ("none", "decay")
 #: PEFT's reference width: epsilons are scaled by sqrt(hidden_size / 2048)
 _REFERENCE_DIM = 2048
+#: lr of ``delta``: the lr of PEFT's CPT example (examples/cpt_finetuning)
+DEFAULT_LEARNING_RATE = 1e-4
 
 
 def label_type_mask(types: torch.Tensor) -> torch.Tensor:
@@ -271,7 +273,8 @@ class CPT(PromptCallback):
         decay: the decay factor, in (0, 1] (PEFT's ``opt_loss_decay_factor``; its example 0.95).
         seed: seed of the example draw.
         freeze_backbone: freeze every model tensor except ``delta`` (default true).
-        learning_rate: lr of ``delta`` (own param group); ``None`` = the optimizer's (PEFT's example: 1e-4).
+        learning_rate: lr of ``delta`` (own param group). Default 1e-4, the lr of PEFT's CPT example
+            (``examples/cpt_finetuning``). ``None`` = the optimizer's.
         weight_decay: weight decay of ``delta``; ``None`` = the optimizer's.
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends (holds ``delta``,
             ``E0``, the context's tokens and types).
@@ -284,7 +287,7 @@ class CPT(PromptCallback):
                  input_template: str = "input: {}", output_template: str = "output: {}", separator: str = " ",
                  end_with_eos: bool = True, projection_epsilon: float = 0.1, format_epsilon: float = 0.1,
                  weighted_loss: str = "none", decay: float = 1.0, seed: int = 0, freeze_backbone: bool = True,
-                 learning_rate: float | None = None, weight_decay: float | None = None, save_dir: str | None = None,
+                 learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None, save_dir: str | None = None,
                  tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
         owner = "CPT"

@@ -21,6 +21,11 @@ from lit_ft.kernels.prompt_embed import prompt_embed
 RANK_SCALINGS = ("sqrt", "linear")
 #: DePT's padded input length (``max_length`` of the authors' ``PromptTuningLoRAConfig`` and ``train.py``)
 DEFAULT_MAX_LENGTH = 256
+#: the authors' README grid: prompt lr in {3e-1, 4e-1}, low-rank lr (``--lora_embedding_lr``) in {5e-3, 3e-1, 5e-4},
+#: ``--weight_decay 1e-5``; the defaults are the first value of each grid
+DEFAULT_LEARNING_RATE = 3e-1
+DEFAULT_LOWRANK_LEARNING_RATE = 5e-3
+DEFAULT_WEIGHT_DECAY = 1e-5
 
 
 def lowrank_scale(lora_alpha: float, rank: int, rank_scaling: str) -> float:
@@ -162,10 +167,12 @@ class DePT(PromptCallback):
         init_text: the text for ``init="text"``.
         seed: seed of the prompt and of ``A``'s initialisation.
         freeze_backbone: freeze every model tensor except DePT's (default true).
-        learning_rate: the prompt's lr (own param group); ``None`` = the optimizer's. The paper: 3e-1 / 4e-1.
-        lowrank_learning_rate: lr of ``A`` and ``B`` (own param group); ``None`` = the optimizer's. The paper
-            searches {5e-3, 3e-1, 5e-4}.
-        weight_decay: weight decay of all DePT tensors; ``None`` = the optimizer's.
+        learning_rate: the prompt's lr (own param group). Default 3e-1, the first of the authors' grid {3e-1, 4e-1}
+            (``ZhengxiangShi/DePT`` README). ``None`` = the optimizer's.
+        lowrank_learning_rate: lr of ``A`` and ``B`` (own param group). Default 5e-3, the first of the authors' grid
+            {5e-3, 3e-1, 5e-4} (``--lora_embedding_lr``; they search it per task). ``None`` = the optimizer's.
+        weight_decay: weight decay of all DePT tensors. Default 1e-5 (the authors' ``--weight_decay``); ``None`` =
+            the optimizer's.
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends.
         tokenizer: tokenizer for ``init="text"`` when the DataModule has none.
     """
@@ -177,8 +184,10 @@ class DePT(PromptCallback):
     def __init__(self, num_virtual_tokens: int = 40, rank: int | None = None, match_prompt_tokens: int | None = 100,
                  max_length: int | None = None, lora_alpha: float = 8.0, rank_scaling: str = "sqrt",
                  init: str = "vocab", init_text: str | None = None, seed: int = 0, freeze_backbone: bool = True,
-                 learning_rate: float | None = None, lowrank_learning_rate: float | None = None,
-                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
+                 learning_rate: float | None = DEFAULT_LEARNING_RATE,
+                 lowrank_learning_rate: float | None = DEFAULT_LOWRANK_LEARNING_RATE,
+                 weight_decay: float | None = DEFAULT_WEIGHT_DECAY, save_dir: str | None = None,
+                 tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
         owner = type(self).__name__
         self.num_virtual_tokens = check_int(owner, "num_virtual_tokens", num_virtual_tokens, minimum=1)

@@ -12,7 +12,14 @@ from torch import nn
 
 from lit_ft.callbacks._prompt import check_optional_lr
 from lit_ft.core.registry import technique
-from lit_ft.callbacks.prompt.dept import DEFAULT_MAX_LENGTH, DePT, DePTEmbedding
+from lit_ft.callbacks.prompt.dept import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_LOWRANK_LEARNING_RATE,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_WEIGHT_DECAY,
+    DePT,
+    DePTEmbedding,
+)
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs
 from lit_ft.core.validate import check_choice, check_int
 
@@ -129,7 +136,9 @@ class EPT(DePT):
     Args:
         num_virtual_tokens, rank, match_prompt_tokens, max_length, lora_alpha, rank_scaling, init, init_text, seed,
             freeze_backbone, learning_rate, lowrank_learning_rate, weight_decay, save_dir, tokenizer: as in
-            :class:`DePT` (``match_prompt_tokens`` budgets ``P``, ``A`` and ``B`` only, not the generator).
+            :class:`DePT` (``match_prompt_tokens`` budgets ``P``, ``A`` and ``B`` only, not the generator). EPT has no
+            released code and its learning rates could not be read, so the defaults are DePT's (EPT builds on DePT's
+            decomposition): prompt 3e-1, ``A, B`` 5e-3, weight decay 1e-5.
         num_subspaces: ``K`` projections mixed by the gate (>= 1).
         projection_rank: rank ``q`` of each ``W_i - I`` (1..hidden size).
         fusion: ``"lowrank"`` (default: the prompt attends over the rows of ``s A B``), ``"joint"`` (over ``[P; s A
@@ -146,8 +155,9 @@ class EPT(DePT):
                  max_length: int | None = None, lora_alpha: float = 8.0, rank_scaling: str = "sqrt",
                  num_subspaces: int = 4, projection_rank: int = 8, fusion: str = "lowrank", fusion_dim: int = 32,
                  init: str = "vocab", init_text: str | None = None, seed: int = 0, freeze_backbone: bool = True,
-                 learning_rate: float | None = None, lowrank_learning_rate: float | None = None,
-                 generator_learning_rate: float | None = None, weight_decay: float | None = None,
+                 learning_rate: float | None = DEFAULT_LEARNING_RATE,
+                 lowrank_learning_rate: float | None = DEFAULT_LOWRANK_LEARNING_RATE,
+                 generator_learning_rate: float | None = None, weight_decay: float | None = DEFAULT_WEIGHT_DECAY,
                  save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(num_virtual_tokens, rank, match_prompt_tokens, max_length, lora_alpha, rank_scaling, init,
                          init_text, seed, freeze_backbone, learning_rate, lowrank_learning_rate, weight_decay, save_dir,

@@ -324,7 +324,10 @@ class IAPT(PromptCallback):
         rational_impl: implementation of the fused rational op: ``"auto"``, ``"torch"`` or ``"triton"``.
         seed: seed of the initialisation.
         freeze_backbone: freeze every model tensor except the generators (default true).
-        learning_rate: the generators' lr (own param group); ``None`` = the optimizer's.
+        learning_rate: the generators' lr (own param group); ``None`` (default) = the optimizer's. IAPT has no
+            released code and its learning rate could not be read from the sources lit-ft reached, so no paper
+            value is imposed: set it (the generators are small adapter-like networks, usually trained well above a
+            full fine-tuning lr).
         weight_decay: the generators' weight decay; ``None`` = the optimizer's.
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends.
         tokenizer: unused by IAPT (kept for the common prompt-callback interface).

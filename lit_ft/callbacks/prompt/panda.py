@@ -37,6 +37,8 @@ from lit_ft.core.loss import (
 from lit_ft.core.validate import check_choice, check_int, check_number
 
 KD_FORMS = ("mse", "kl")
+#: the student prompt's lr: the released code's SuperGLUE-CB recipe (run_cb_bert-panda.sh, lr 7e-3)
+DEFAULT_LEARNING_RATE = 7e-3
 INITS = ("source", "vocab", "text", "random")
 INTEGRATIONS = ("auto", "mixin", "hook")
 #: the released code's fixed factor in front of beta: ``loss + 0.1 * beta * mse / B``
@@ -150,8 +152,9 @@ class PANDA(PromptCallback, Objective):
         auto_beta_batches: training batches used by ``beta="auto"`` (>= 1).
         integration: ``"auto"`` (mixin for ``TokenLossMixin`` modules, else the loss-function hook), ``"mixin"``,
             ``"hook"``.
-        learning_rate, weight_decay, save_dir: the student prompt's lr / weight decay / artifact folder, as in
-            :class:`PromptTuning`.
+        learning_rate: the student prompt's lr (own param group). Default 7e-3, the released code's SuperGLUE-CB
+            recipe (``WHU-ZQH/PANDA``, ``run_cb_bert-panda.sh``). ``None`` = the optimizer's.
+        weight_decay, save_dir: the student prompt's weight decay / artifact folder, as in :class:`PromptTuning`.
     """
 
     technique_name = "panda"
@@ -160,7 +163,8 @@ class PANDA(PromptCallback, Objective):
     def __init__(self, source_prompt: str | None = None, beta: float | str = 0.1, kd: str = "mse",
                  temperature: float = 1.0, init: str = "source", num_virtual_tokens: int | None = None,
                  init_text: str | None = None, seed: int = 0, auto_beta_batches: int = 4, integration: str = "auto",
-                 learning_rate: float | None = None, weight_decay: float | None = None, save_dir: str | None = None,
+                 learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None,
+                 save_dir: str | None = None,
                  tokenizer: str | None = None) -> None:
         super().__init__(True, learning_rate, weight_decay, save_dir, tokenizer)
         if source_prompt is not None and not isinstance(source_prompt, str):

@@ -11,6 +11,9 @@ from lit_ft.core.registry import technique
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource
 from lit_ft.core.validate import check_int, check_number
 
+#: the prefix's lr: P-tuning v2's recipe for a directly trained prefix (run_rte_roberta.sh, lr 5e-3)
+DEFAULT_LEARNING_RATE = 5e-3
+
 
 class PrefixEncoder(PromptSource):
     """Per-layer key/value prefixes, laid out like PEFT's ``PrefixEncoder`` (so its tensors load one to one).
@@ -73,13 +76,17 @@ class PrefixTuning(PromptCallback):
             ``[n, 2 L kv]`` table directly.
         init_std: std of the normal initialisation of the table (and of the MLP's input table).
         seed: seed of the initialisation.
-        freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer: as in :class:`PromptTuning`.
+        learning_rate: the prefix's lr (own param group). Default 5e-3, P-tuning v2's (``THUDM/P-tuning-v2``,
+            ``run_script/run_rte_roberta.sh``: AdamW, a directly trained prefix as with ``projection_hidden_size=0``).
+            Li & Liang's own 5e-5 goes with their MLP re-parameterisation and GPT-2 / BART; with a projection, pass
+            a smaller rate. ``None`` = the optimizer's.
+        freeze_backbone, weight_decay, save_dir, tokenizer: as in :class:`PromptTuning`.
     """
 
     technique_name = "prefix_tuning"
 
     def __init__(self, num_virtual_tokens: int = 20, projection_hidden_size: int = 0, init_std: float = 0.02,
-                 seed: int = 0, freeze_backbone: bool = True, learning_rate: float | None = None,
+                 seed: int = 0, freeze_backbone: bool = True, learning_rate: float | None = DEFAULT_LEARNING_RATE,
                  weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
         self.num_virtual_tokens = check_int("PrefixTuning", "num_virtual_tokens", num_virtual_tokens, minimum=1)

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.callbacks._prompt import check_optional_lr, check_optional_wd
 from lit_ft.core.registry import technique
-from lit_ft.callbacks.prompt.prompt_tuning import PromptTuning
+from lit_ft.callbacks.prompt.prompt_tuning import DEFAULT_LEARNING_RATE, PromptTuning
 from lit_ft.core.optim import sync_schedulers
 from lit_ft.core.params import FROZEN, ParamPlan, name_matcher
 from lit_ft.core.validate import check_bool, check_choice, check_int
@@ -44,7 +44,9 @@ class ProMoT(PromptTuning):
     Args:
         num_virtual_tokens, init, init_text, peft_weights, seed, tokenizer: the soft prompt, as in
             :class:`PromptTuning`.
-        learning_rate: the prompt's lr in stage 1 (own param group); ``None`` = the optimizer's.
+        learning_rate: the prompt's lr in stage 1 (own param group). Default 0.3, :class:`PromptTuning`'s (stage 1
+            is Lester et al.'s prompt tuning; ProMoT's own stage-1 lr could not be read: no released code).
+            ``None`` = the optimizer's.
         weight_decay: the prompt's weight decay; ``None`` = the optimizer's.
         prompt_steps: optimizer steps of stage 1 (>= 1). Exclusive with ``prompt_epochs``; when both are ``None``
             stage 1 lasts 100 steps.
@@ -62,7 +64,7 @@ class ProMoT(PromptTuning):
     technique_name = "promot"
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
-                 peft_weights: str | None = None, seed: int = 0, learning_rate: float | None = None,
+                 peft_weights: str | None = None, seed: int = 0, learning_rate: float | None = DEFAULT_LEARNING_RATE,
                  weight_decay: float | None = None, prompt_steps: int | None = None, prompt_epochs: int | None = None,
                  train_prompt_in_stage2: bool = False, model_learning_rate: float | None = None,
                  model_weight_decay: float | None = None, eval_prompt: str = "with", save_dir: str | None = None,

@@ -16,6 +16,8 @@ from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, Prompt
 from lit_ft.core.validate import check_choice, check_int
 
 INITS = ("vocab", "text", "random")
+#: the prompt's lr: Lester et al. (2021) train the prompt at 0.3 (Adafactor, 30k steps)
+DEFAULT_LEARNING_RATE = 0.3
 
 
 class PromptEmbedding(PromptSource):
@@ -92,8 +94,9 @@ class PromptTuning(PromptCallback):
             prompt (``num_virtual_tokens`` must match; ``init`` is then ignored).
         seed: seed of the vocabulary / random initialisation.
         freeze_backbone: freeze every model tensor except the prompt (default true).
-        learning_rate: the prompt's lr (own param group); ``None`` = the optimizer's. Prompt tuning wants a large
-            lr (0.3 in the paper with Adafactor; ~1e-2..1e-1 with AdamW).
+        learning_rate: the prompt's lr (own param group). Default 0.3, the paper's (Lester et al., Adafactor;
+            DePT uses the same 0.3 for its prompt with AdamW). ``None`` = the optimizer's lr, which for a typical
+            fine-tuning lr (1e-5..1e-4) barely moves a prompt.
         weight_decay: the prompt's weight decay; ``None`` = the optimizer's.
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends (relative paths: under
             the trainer's ``default_root_dir``).
@@ -104,8 +107,8 @@ class PromptTuning(PromptCallback):
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
                  peft_weights: str | None = None, seed: int = 0, freeze_backbone: bool = True,
-                 learning_rate: float | None = None, weight_decay: float | None = None, save_dir: str | None = None,
-                 tokenizer: str | None = None) -> None:
+                 learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None,
+                 save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
         check_int("PromptTuning", "num_virtual_tokens", num_virtual_tokens, minimum=1)
         check_choice("PromptTuning", "init", init, INITS)
