@@ -79,7 +79,12 @@ def test_plain_ddp_without_find_unused_parameters_is_refused():
     trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False)
     with pytest.raises(ValueError, match="find_unused_parameters"):
         cb._check_strategy(trainer)
-    HalfFineTuning(granularity="parameter")._check_strategy(trainer)  # masks freeze nothing: no unused parameters
+    # element masks freeze nothing inside the layers: with the tensors outside them training too, no unused ones
+    HalfFineTuning(granularity="parameter", train_non_layer=True)._check_strategy(trainer)
+    frozen_outside = HalfFineTuning(granularity="parameter")  # the default freezes embeddings / lm_head / final norm
+    frozen_outside.discover(_module())
+    with pytest.raises(ValueError, match="find_unused_parameters"):
+        frozen_outside._check_strategy(trainer)
 
 
 # -- the selection --------------------------------------------------------------------------------------------------
@@ -128,6 +133,46 @@ def test_layer_and_parameter_granularity():
     assert 0.23 < frac < 0.27
     assert all(torch.equal(masks[n], cb.select(0)[n]) for n in masks)
     assert not torch.equal(masks[cb._candidates[0]], cb.select(1)[cb._candidates[0]])
+
+
+# -- the paper's default split ----------------------------------------------------------------------------------------
+
+_OUTSIDE = ("model.model.embed_tokens.weight", "model.model.norm.weight", "model.lm_head.weight")
+
+
+def test_default_trains_about_half_of_the_layers_and_freezes_embeddings_head_and_final_norm():
+    """The paper: half of the parameters learn, the other half is frozen; the category-level selection is per layer,
+    so the tensors outside the layers stay frozen. Before, they trained by default (85% of a benchmark model)."""
+    torch.manual_seed(0)
+    module = _module(layers=4)
+    cb = HalfFineTuning(seed=3)
+    trainer = _trainer([cb], steps=1)
+    trainer.fit(module, datamodule=ListDataModule(n_batches=1))
+    params = dict(module.named_parameters())
+    assert all(not params[n].requires_grad for n in _OUTSIDE)
+    total = sum(p.numel() for p in params.values())
+    in_layers = sum(params[n].numel() for u in cb.units for n in u.params)
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    # every trainable element is one HFT selected inside the layers, nothing else
+    assert trainable == round(cb.selected_fraction * in_layers)
+    assert cb.trainable_fraction() == pytest.approx(trainable / total)
+    assert float(trainer.callback_metrics["lit_ft/half_fine_tuning/trainable_fraction"]) == pytest.approx(
+        trainable / total)
+    assert 0.3 < cb.selected_fraction < 0.7
+    assert cb.trainable_fraction() < 0.7 * in_layers / total  # no tensor outside the layers adds to it
+
+
+def test_train_non_layer_true_keeps_the_earlier_behaviour():
+    torch.manual_seed(0)
+    module = _module(layers=4)
+    cb = HalfFineTuning(seed=3, train_non_layer=True)
+    _trainer([cb], steps=1).fit(module, datamodule=ListDataModule(n_batches=1))
+    params = dict(module.named_parameters())
+    assert all(params[n].requires_grad for n in _OUTSIDE)
+    outside = sum(params[n].numel() for n in _OUTSIDE)
+    in_layers = sum(params[n].numel() for u in cb.units for n in u.params)
+    total = sum(p.numel() for p in params.values())
+    assert cb.trainable_fraction() == pytest.approx((round(cb.selected_fraction * in_layers) + outside) / total)
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -243,7 +288,7 @@ def test_composes_with_another_plan_by_intersection():
     torch.manual_seed(0)
     module = _module()
     other = _Other(lambda m: ParamPlan.freeze(m, ["*layers.0.mlp.*", "*lm_head*"], owner="Other"))
-    cb = HalfFineTuning(seed=0)
+    cb = HalfFineTuning(seed=0, train_non_layer=True)  # HFT trains lm_head: the other plan's freeze must win
     probe = Probe(cb)
     before = _params(module)
     _trainer([other, cb, probe], steps=2).fit(module, datamodule=ListDataModule(n_batches=2))

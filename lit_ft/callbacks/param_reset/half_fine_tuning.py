@@ -93,8 +93,9 @@ class HalfFineTuning(ParamPlanCallback):
             optionally reset the frozen ones to their pre-trained values θ0 (Half-Reset)
 
     ``ratio * n`` is rounded stochastically (FFN: 1 or 2 of 3 with probability ½ each), so on average exactly
-    ``ratio`` of each category trains. Embeddings, lm_head and the final norm are outside the layers: see
-    ``train_non_layer``. Only tensors that are trainable when fitting starts take part (a PEFT model's adapters, not
+    ``ratio`` of each category trains. Embeddings, lm_head and the final norm are outside the layers and stay
+    frozen by default (``train_non_layer``), so about ``ratio`` of the in-layer parameters and less than ``ratio``
+    of the whole model train (logged as ``lit_ft/half_fine_tuning/trainable_fraction``). Only tensors that are trainable when fitting starts take part (a PEFT model's adapters, not
     its frozen base). The selection is applied at ``on_fit_start`` (after the strategy wraps the model, so DDP still
     registers every candidate) and changed at ``on_train_batch_start``; the base class rebuilds the optimizer's
     param groups by name.
@@ -123,8 +124,10 @@ class HalfFineTuning(ParamPlanCallback):
             optimizer state of the frozen half. With ``"parameter"``: ``True`` zeroes the moments of the elements
             that thaw, ``False`` leaves them.
         train_non_layer: embeddings, lm_head, the final norm and any other trainable tensor outside the transformer
-            layers train in every stage (``True``) or stay frozen (``False``). The paper's summaries only describe
-            the layers, so this default is lit-ft's choice (like full fine-tuning).
+            layers stay frozen (``False``, the default: the paper's split — half of the parameters learn, the other
+            half keeps the previous knowledge, and the category-level selection covers only the layers) or train in
+            every stage (``True``, lit-ft's earlier default: about 85% of a small model trainable, since
+            its embeddings are a large share).
         seed: selection seed. ``None`` = the ``seed_everything`` seed (``PL_GLOBAL_SEED``) if set, else 0. Stored in
             the checkpoint; a resumed run uses the stored one.
 
@@ -154,7 +157,7 @@ class HalfFineTuning(ParamPlanCallback):
         reset_frozen: bool = False,
         theta0_device: str = "cpu",
         reset_moments_on_thaw: bool = True,
-        train_non_layer: bool = True,
+        train_non_layer: bool = False,
         seed: Optional[int] = None,
     ) -> None:
         super().__init__()
@@ -352,9 +355,9 @@ class HalfFineTuning(ParamPlanCallback):
                 }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_strategy(trainer)
         if not self.units:
             self._prepare(pl_module)
+        self._check_strategy(trainer)  # after discovery: whether tensors outside the layers get frozen is known
         if self.reset_frozen and self.theta0_device == "same":
             params = dict(pl_module.named_parameters())
             self._theta0 = {n: t.to(params[n].device) for n, t in self._theta0.items()}
@@ -384,7 +387,9 @@ class HalfFineTuning(ParamPlanCallback):
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         from lit_ft.core.strategy import require_unused_parameter_tolerance
 
-        freezes = self.granularity != "parameter" and (self.ratio < 1.0 or not self.train_non_layer)
+        # the frozen tensors outside the layers were registered by DDP too (the plan is applied after the wrap)
+        freezes = ((self.granularity != "parameter" and self.ratio < 1.0)
+                   or (not self.train_non_layer and bool(self.non_layer)))
         if freezes:
             require_unused_parameter_tolerance(trainer, "HalfFineTuning", "freezes part of the model and changes "
                                                "which part at every stage")
