@@ -43,7 +43,7 @@ def _techniques(steps: int) -> dict[str, Callable[[], list[pl.Callback]]]:
         "ReinitTopLayers(1)": lambda: [cbs.ReinitTopLayers(num_layers=1)],
         "TrainOnly(embeddings_and_head)": lambda: [cbs.TrainOnly(preset="embeddings_and_head")],
         "TrainOnly(last_layers, k=1)": lambda: [cbs.TrainOnly(preset="last_layers", last_k=1)],
-        "LocalizedTuning(last layer down_proj)": lambda: [cbs.LocalizedTuning()],
+        "LocalizedTuning(last layer down_proj)": lambda: [cbs.LocalizedTuning(layer=-1)],
     }
     for name, make in optional.items():
         cls = name.split("(")[0]

@@ -13,6 +13,7 @@ import torch
 
 from lit_ft.callbacks import LocalizedTuning
 from lit_ft.callbacks._param_plan import ParamPlanCallback, param_plans_for
+from lit_ft.callbacks.tensor_selection.localized_tuning import default_layer_index
 from lit_ft.core.optim import verify_optimizer
 from lit_ft.core.params import ParamPatternError, ParamPlan, ParamPlanConflict
 from lit_ft.modules import CausalLMModule
@@ -100,7 +101,23 @@ def _adamw_module():
     return CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.5)
 
 
+@pytest.mark.parametrize("num_layers, expected", [(32, 22), (30, 20), (28, 19), (4, 2), (2, 1), (1, 0)])
+def test_default_layer_is_the_papers_relative_depth(num_layers, expected):
+    """The paper edits layer 22 of Llama-3-8B's 32 (mid-to-upper), not the last layer."""
+    assert default_layer_index(num_layers) == expected
+
+
+def test_default_picks_a_mid_upper_layer_not_the_last():
+    module = CausalLMModule(model_config=tiny_config(num_hidden_layers=4), learning_rate=1e-2, weight_decay=0.5)
+    before = _snap(module)
+    cb = LocalizedTuning()
+    _fit(module, [cb], steps=1, n_batches=1)
+    assert cb.layer_index == 2
+    assert _moved(module, before) == {"model.model.layers.2.mlp.down_proj.weight"}
+
+
 def test_default_trains_only_last_layer_down_proj():
+    """On the 2-layer test model the paper's depth (floor(22/32 * 2) = 1) is the last layer."""
     module = _adamw_module()
     before = _snap(module)
     cb = LocalizedTuning()

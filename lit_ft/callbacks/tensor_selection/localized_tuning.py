@@ -16,6 +16,15 @@ from lit_ft.core.validate import check_bool, check_int, check_number, check_str
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model, param_names_by_id
 from lit_ft.core.params import ParamPatternError, ParamPlan, name_matcher
 
+#: relative depth of the default layer: the paper's Llama-3-8B-Instruct setting, ``model.layers.22`` of 32 layers
+#: (its Mistral-7B setting is layer 23 of 32; Qwen2.5-7B's layer 6 of 28 is the exception, found by its own search)
+DEFAULT_RELATIVE_DEPTH = 22 / 32
+
+
+def default_layer_index(num_layers: int) -> int:
+    """The decoder layer at the paper's relative depth: ``floor(22/32 * num_layers)`` (22 of 32, 20 of 30, 1 of 2)."""
+    return min(num_layers - 1, int(DEFAULT_RELATIVE_DEPTH * num_layers))
+
 
 @technique(name="localized_tuning", family="tensor_selection",
            paper="Fine-tuning Done Right in Model Editing", arxiv="2509.22072")
@@ -44,7 +53,10 @@ class LocalizedTuning(SelectionPlanCallback):
        ``trainer.should_stop = True`` (Lightning still honours ``min_epochs`` / ``min_steps``).
 
     Args:
-        layer: decoder-layer index; negative counts from the top (``-1`` = last layer).
+        layer: decoder-layer index; negative counts from the top (``-1`` = last layer). ``None`` (default) = the
+            layer at the paper's relative depth, ``floor(22/32 * L)`` for ``L`` decoder layers (layer 22 of
+            Llama-3-8B's 32, as in the paper; 20 of SmolLM2-135M's 30): a mid-to-upper layer, where the paper
+            localises its edits, not the last one.
         module_pattern: which parameters of that layer train: a module or parameter name relative to the layer
             (``"mlp.down_proj"``, ``"self_attn.q_proj"``), an fnmatch glob (``"mlp.*"``, ``"*"`` = the whole layer),
             or a regex with a ``"re:"`` prefix, matched against the relative parameter name and each of its module
@@ -68,14 +80,14 @@ class LocalizedTuning(SelectionPlanCallback):
 
     def __init__(
         self,
-        layer: int = -1,
+        layer: Optional[int] = None,
         module_pattern: str = "mlp.down_proj",
         skip_below: float = 0.01,
         stop_below: Optional[float] = 0.01,
         required: bool = False,
     ) -> None:
         owner = type(self).__name__
-        check_int(owner, "layer", layer)  # a decoder-layer index, negative = from the top
+        check_int(owner, "layer", layer, allow_none=True, null_means="the paper's relative depth, 22/32")
         check_str(owner, "module_pattern", module_pattern)  # 'mlp.down_proj', 'mlp.*', '*' or 're:...'
         name_matcher(module_pattern, "module_pattern")  # regex syntax errors now, not at setup
         self.skip_below = check_number(owner, "skip_below", skip_below, low=0)
@@ -120,9 +132,12 @@ class LocalizedTuning(SelectionPlanCallback):
         except ModelLayoutError as e:
             raise ModelLayoutError(f"LocalizedTuning: {e}") from None
         n = len(layers)
-        if not -n <= self.layer < n:
+        if self.layer is None:
+            self.layer_index = default_layer_index(n)
+        elif not -n <= self.layer < n:
             raise ValueError(f"LocalizedTuning: `layer`={self.layer} is out of range for a model with {n} decoder layers; allowed: {-n}..{n - 1}.")
-        self.layer_index = self.layer % n
+        else:
+            self.layer_index = self.layer % n
         block = layers[self.layer_index]
         match = name_matcher(self.module_pattern, "module_pattern")
         by_id = param_names_by_id(pl_module)
