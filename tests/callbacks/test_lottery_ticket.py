@@ -259,6 +259,46 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, phase1_steps, phase_at
         assert torch.equal(theta0_full[n], theta0_res[n]), n
 
 
+# -- phase 2's LR schedule --------------------------------------------------------------------------------------
+
+
+class _LrRecorder(pl.Callback):
+    """The base learning rates every optimizer step runs at (one value: all groups share the module's lr)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        lrs = {round(g["lr"], 12) for g in optimizer.param_groups if g["params"]}
+        assert len(lrs) == 1, lrs
+        self.lrs.append(lrs.pop())
+
+
+@pytest.mark.parametrize("schedule", ["restart", "continue"])
+def test_phase2_restarts_the_lr_schedule_by_default(schedule):
+    """The reference trains phase 2 with a fresh optimizer and schedule: the warm-up runs again from step 0."""
+    module = _module(warmup_steps=4)  # LambdaLR warm-up: lr * min(1, (step + 1) / 4)
+    kw = {} if schedule == "restart" else {"phase2_schedule": "continue"}
+    cb = LotteryTicketSparseFT(proportion=0.05, phase1_steps=3, export=False, **kw)
+    rec = _LrRecorder()
+    _trainer([cb, rec], max_steps=6).fit(module, datamodule=ListDataModule(n_batches=2))
+    warm = [1e-2 * min(1.0, (s + 1) / 4) for s in range(3)]
+    phase2 = warm if schedule == "restart" else [1e-2 * min(1.0, (s + 1) / 4) for s in range(3, 6)]
+    assert rec.lrs == pytest.approx(warm + phase2)
+    assert cb.optimizer_states_cleared > 0  # a fresh optimizer state in both modes
+
+
+def test_resume_in_phase2_after_a_schedule_restart_equals_uninterrupted(tmp_path):
+    r = fit_and_resume(lambda: _module(warmup_steps=4),
+                       lambda: [LotteryTicketSparseFT(proportion=0.05, phase1_steps=1, export=False)], tmp_path,
+                       max_steps=5)
+    assert r.callbacks_full[0].phase == 2
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+    s_full = r.trainer_full.lr_scheduler_configs[0].scheduler
+    s_res = r.trainer_resumed.lr_scheduler_configs[0].scheduler
+    assert s_full.last_epoch == s_res.last_epoch == 4  # restarted after step 1, then 4 phase-2 steps
+
+
 # -- composition with other parameter callbacks ------------------------------------------------------------------
 
 
@@ -338,6 +378,7 @@ def test_peft_wrapped_model_only_lora_entries_are_masked(tmp_path):
         ({"phase1_steps": 2, "phase1_epochs": 1}, "exclusive"),
         ({"phase1_fraction": 1.0}, r"`phase1_fraction` must be a number in \(0, 1\)"),
         ({"theta0_device": "gpu"}, r"`theta0_device` must be one of \('cpu', 'same'\), got 'gpu'"),
+        ({"phase2_schedule": "keep"}, r"`phase2_schedule` must be one of \('restart', 'continue'\), got 'keep'"),
     ],
 )
 def test_bad_arguments(kw, match):

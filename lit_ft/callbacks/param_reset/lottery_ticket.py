@@ -17,7 +17,7 @@ from lit_ft.core.registry import technique
 from lit_ft.core.validate import check_choice, check_int, check_number, check_str, check_str_list
 from lit_ft.core.sparse_diff import export_sparse_diff
 from lit_ft.core.introspect import ModelLayoutError, find_hf_model, find_lm_head, lm_head_is_tied
-from lit_ft.core.optim import reset_optimizer_state
+from lit_ft.core.optim import reset_optimizer_state, restart_schedulers
 from lit_ft.core.params import ParamPlan, select_param_names
 from lit_ft.core.resume import ARGS_KEY, RESTORE
 
@@ -26,6 +26,8 @@ __all__ = ["LotteryTicketSparseFT", "topk_abs_delta_masks"]
 _THETA0_DEVICES = ("cpu", "same")
 _THETA0_DTYPES = ("exact", "bfloat16")
 _DIFF_DTYPES = ("float64", "float32")
+#: phase 2's LR schedule: "restart" (a fresh schedule, as the reference's new Trainer per phase) or "continue"
+_PHASE2_SCHEDULES = ("restart", "continue")
 _CHUNK = 1 << 22  # elements per chunk of the threshold passes: extra memory ~ 5 * 4 MiB * 4 bytes, whatever the model
 
 
@@ -181,7 +183,9 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     1. *Phase 1*: fine-tune every trainable ("maskable") tensor in full, from ``θ₀`` (the values at fit start).
     2. At the boundary: keep the ``K`` entries with the largest ``|θ₁ − θ₀|`` over all maskable tensors (exact,
        chunked radix select: memory O(chunk), no list of all values); reset *every* trainable tensor to ``θ₀``
-       (head included); delete the optimizer state (moments and step counts) of every tensor.
+       (head included); delete the optimizer state (moments and step counts) of every tensor and, by default,
+       restart the LR schedule at step 0 (``phase2_schedule``): the reference trains phase 2 with a fresh optimizer
+       and a fresh schedule (a new Trainer per phase).
     3. *Phase 2* (the rest of training): only the ``K`` entries (plus the ``always_train`` tensors) train. The
        element masks go through the shared :class:`~lit_ft.core.params.ParamPlan`: gradients are masked before
        the step and masked-out entries are copied back after it, so AdamW weight decay and momentum cannot move
@@ -194,8 +198,10 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     only ``θ₀`` at the kept entries (and of the ``always_train`` tensors) is kept; the base class additionally holds
     a copy of each partly-masked tensor for the re-projection.
 
-    Not implemented: ``n_ft_iterations > 1`` of the reference (unfreezing K/n more entries per iteration), its L1
-    penalty towards ``θ₀``, and restarting the LR schedule for phase 2 (the run keeps one schedule). Phase-2 resume
+    Not implemented: ``n_ft_iterations > 1`` of the reference (unfreezing K/n more entries per iteration) and its
+    L1 penalty towards ``θ₀``. The restarted schedule keeps the length it was built with: the reference's phase
+    schedule spans one phase, so build the module's scheduler over one phase's steps to match it (a warm-up-only
+    schedule, as ``CausalLMModule``'s, matches as is). Phase-2 resume
     needs a strategy that restores callback state before ``on_fit_start`` (single device, DDP; not DeepSpeed).
     Under DDP set ``find_unused_parameters=True`` (``strategy="ddp_find_unused_parameters_true"``): tensors without
     kept entries stop receiving gradients in phase 2.
@@ -228,6 +234,10 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         export: write the sparse diff at the end of training (rank 0).
         export_path: file to write; ``None``: ``<trainer.log_dir or default_root_dir>/sparse_diff.safetensors``.
         diff_dtype: dtype of the exported values: ``"float64"`` (exact reconstruction) or ``"float32"``.
+        phase2_schedule: ``"restart"`` (default, as the reference): every LR scheduler goes back to step 0 at the
+            switch (a warm-up runs again; each group restarts from its base lr), through
+            :func:`lit_ft.core.optim.restart_schedulers`. ``"continue"``: the run keeps one schedule across both
+            phases (lit-ft's behaviour before). The optimizer state is cleared either way.
     """
 
     technique_name = "lottery_ticket"
@@ -238,6 +248,9 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         **{a: _refuse_after_switch("the phase-1 length no longer applies") for a in _PHASE1_ARGS},
         "theta0_device": RESTORE, "theta0_dtype": _theta0_dtype_decision,
         "export": RESTORE, "export_path": RESTORE, "diff_dtype": RESTORE,
+        # read at the switch only: in phase 1 the new value applies there; after it the checkpoint's scheduler
+        # state (restored by Lightning) already holds what was done then
+        "phase2_schedule": RESTORE,
     }
 
     def __init__(
@@ -253,6 +266,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         export: bool = True,
         export_path: Optional[str] = None,
         diff_dtype: str = "float64",
+        phase2_schedule: str = "restart",
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -269,6 +283,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         check_choice(owner, "theta0_device", theta0_device, _THETA0_DEVICES)
         check_choice(owner, "theta0_dtype", theta0_dtype, _THETA0_DTYPES)
         check_choice(owner, "diff_dtype", diff_dtype, _DIFF_DTYPES)
+        check_choice(owner, "phase2_schedule", phase2_schedule, _PHASE2_SCHEDULES)
         check_str(owner, "export_path", export_path, allow_none=True, null_means="next to the checkpoints")
         self.proportion = float(proportion)
         self.num_params = num_params
@@ -281,6 +296,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self.export = bool(export)
         self.export_path = export_path
         self.diff_dtype = diff_dtype
+        self.phase2_schedule = phase2_schedule
         # run state
         self.phase = 1
         self.boundary_step: Optional[int] = None
@@ -428,6 +444,10 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             ps = [p for g in inner.param_groups for p in g["params"]]
             if ps:
                 self.optimizer_states_cleared += reset_optimizer_state(inner, ps)
+            if self.phase2_schedule == "restart":
+                # after the boundary step's scheduler step (Lightning steps schedulers before on_train_batch_end):
+                # the first phase-2 step runs at the schedule's step-0 rate, as with a fresh scheduler
+                restart_schedulers(trainer, opt, owner=type(self).__name__)
         self._log_switch(pl_module, at_epoch_end)
 
     def _log_switch(self, pl_module: pl.LightningModule, at_epoch_end: bool) -> None:
