@@ -5,7 +5,8 @@
 #      'input' weight-gradient accumulation, chunk sizes, the no-sync Triton GEMM route), Liger-Kernel, CCE,
 #      torchtune, at D=4096/V=128256/N=16384 and two smaller heads, bf16;
 #   3. the CUDA-only pytest cases of every kernel (opcheck, torch.compile with the Triton kernels);
-#   4. the prompt kernels (prompt_embed for DePT/EPT, rational for IAPT): self-checks and their benchmark.
+#   4. the prompt kernels (prompt_embed for DePT/EPT, rational for IAPT) and token_rows (LeMo): self-checks and
+#      the prompt_embed benchmark.
 # Optional peer wheels (liger-kernel, cut-cross-entropy, torchtune and its imports) are installed from .whl/.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}
@@ -37,8 +38,9 @@ timeout ${T_BENCH2:-120} $PY benchmarks/token_ce.py --device cuda --dtype bf16 \
 echo "== 3. CUDA pytest (opcheck, torch.compile) =="
 timeout ${T_PYTEST:-90} $PY -m pytest -q -x -p no:cacheprovider tests/kernels -k "cuda" 2>&1 | tail -15 \
   | tee "$OUT/pytest.txt"
-echo "== 4. prompt kernels (prompt_embed, rational) =="
+echo "== 4. prompt kernels (prompt_embed, rational) and token_rows =="
 timeout ${T_PROMPT:-45} $PY -m lit_ft.kernels.prompt_embed.selfcheck --device cuda 2>&1 | tee "$OUT/prompt_kernels.txt"
 timeout ${T_PROMPT:-45} $PY -m lit_ft.kernels.rational.selfcheck --device cuda 2>&1 | tee -a "$OUT/prompt_kernels.txt"
+timeout ${T_PROMPT:-45} $PY -m lit_ft.kernels.token_rows.selfcheck --device cuda 2>&1 | tee -a "$OUT/prompt_kernels.txt"
 timeout ${T_PROMPT:-45} $PY benchmarks/prompt_embed.py --device cuda --b 8,32 2>&1 | tee -a "$OUT/prompt_kernels.txt"
 echo "== done =="
