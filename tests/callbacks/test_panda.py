@@ -101,8 +101,10 @@ def test_init_source_copies_the_artifact_into_a_separate_student(tmp_path):
 def test_kd_term_forms_by_hand():
     torch.manual_seed(0)
     zs, zt = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7)
-    mse = kd_term(zs, zt, "mse", batch_size=2)
-    torch.testing.assert_close(mse, 0.1 * ((zs - zt) ** 2).sum() / 35 / 2)
+    mse = kd_term(zs, zt, "mse", batch_size=2)  # per row (token): 0.1 * sum / rows
+    torch.testing.assert_close(mse, 0.1 * ((zs - zt) ** 2).sum() / 5)
+    release = kd_term(zs, zt, "mse", batch_size=2, normalisation="release")  # the code's mean over entries / B
+    torch.testing.assert_close(release, 0.1 * ((zs - zt) ** 2).sum() / 35 / 2)
     T = 2.0
     pt, ps = torch.softmax(zt / T, -1), torch.softmax(zs / T, -1)
     kl = (pt * (pt.log() - ps.log())).sum(-1).mean() * T * T
@@ -111,7 +113,31 @@ def test_kd_term_forms_by_hand():
     assert empty.item() == 0.0 and empty.requires_grad
 
 
-def hand_loss(module, student_src, teacher_src, batch, beta, form="mse"):
+def test_kd_per_token_does_not_scale_with_vocabulary_or_batch():
+    """The default normalisation: more sequences or a wider vocabulary (columns where student and teacher agree)
+    leave the per-token term unchanged; the release form shrinks with both."""
+    torch.manual_seed(0)
+    zs, zt = torch.randn(6, 5), torch.randn(6, 5)
+    wide_s, wide_t = torch.cat([zs, torch.zeros(6, 995)], 1), torch.cat([zt, torch.zeros(6, 995)], 1)
+    two_s, two_t = torch.cat([zs, zs]), torch.cat([zt, zt])
+    base = kd_term(zs, zt, "mse", batch_size=2)
+    torch.testing.assert_close(kd_term(wide_s, wide_t, "mse", batch_size=2), base)
+    torch.testing.assert_close(kd_term(two_s, two_t, "mse", batch_size=4), base)
+    rel = kd_term(zs, zt, "mse", batch_size=2, normalisation="release")
+    torch.testing.assert_close(kd_term(wide_s, wide_t, "mse", 2, normalisation="release"), rel * 5 / 1000)
+    torch.testing.assert_close(kd_term(two_s, two_t, "mse", 4, normalisation="release"), rel / 2)
+    cb = PANDA()
+    assert cb.kd_normalisation == "token"
+    totals = {"rows": torch.tensor(40.0), "sequences": torch.tensor(8.0)}
+    assert float(cb.objective_normaliser(totals)) == 40.0  # per supervised token, not rows x V x sequences
+    cb_release = PANDA(kd_normalisation="release")
+    cb_release._vocab = 1000
+    assert float(cb_release.objective_normaliser(totals)) == 40.0 * 1000 * 8
+    with pytest.raises(ValueError, match="kd_normalisation"):
+        PANDA(kd_normalisation="vocab")
+
+
+def hand_loss(module, student_src, teacher_src, batch, beta, form="mse", normalisation="token"):
     """CE + beta * KD computed on frozen copies with both prompts attached by attach_prompt; returns the loss and
     the gradient w.r.t. the student prompt."""
     student = copy.deepcopy(student_src)
@@ -126,7 +152,7 @@ def hand_loss(module, student_src, teacher_src, batch, beta, form="mse"):
     targets = shift_targets(batch["labels"])
     mask = targets != -100
     ce = F.cross_entropy(zs[mask].float(), targets[mask])
-    loss = ce + beta * kd_term(zs[mask], zt[mask], form, batch["input_ids"].shape[0])
+    loss = ce + beta * kd_term(zs[mask], zt[mask], form, batch["input_ids"].shape[0], normalisation=normalisation)
     (grad,) = torch.autograd.grad(loss, student.embedding.weight)
     return loss.detach(), ce.detach(), grad
 
@@ -154,17 +180,18 @@ def test_kd_hook_level_plain_module_matches_hand(tmp_path, form):
     torch.testing.assert_close(plain, ce, rtol=1e-5, atol=1e-6)
 
 
-def test_kd_mixin_level_causal_module_matches_hand(tmp_path):
+@pytest.mark.parametrize("normalisation", ["token", "release"])
+def test_kd_mixin_level_causal_module_matches_hand(tmp_path, normalisation):
     src = write_source(tmp_path / "src")
     module = causal_module()
     module.token_loss_impl = "torch"
-    cb = PANDA(source_prompt=src, beta=50.0, init="vocab", seed=5)
+    cb = PANDA(source_prompt=src, beta=50.0, init="vocab", seed=5, kd_normalisation=normalisation)
     t = ready(cb, module)
     assert cb.level == "mixin" and cb in token_pipeline_for(module).objectives
     batch = random_batch(batch_size=3, seq_len=10, prompt_len=3)
     cb.on_train_batch_start(t, module, batch, 0)
     out = module.compute_token_loss(batch, module.model)
-    ref, ce, grad = hand_loss(module, cb.source, src, batch, beta=50.0)
+    ref, ce, grad = hand_loss(module, cb.source, src, batch, beta=50.0, normalisation=normalisation)
     assert abs(float(ref - ce)) > 1e-4
     torch.testing.assert_close(out.loss.detach(), ref, rtol=1e-5, atol=1e-6)  # value: CE mean + beta * KD
     torch.testing.assert_close(out.mean, ce, rtol=1e-5, atol=1e-6)  # the logged token loss is the task's
@@ -206,7 +233,7 @@ def test_kd_hook_level_sequence_classification(tmp_path):
     s_model = frozen_copy(module.model)
     attach_prompt(s_model, copy.deepcopy(cb.source))
     zs = s_model(**inputs).logits
-    ref = F.cross_entropy(zs, batch["labels"]) + 2.0 * 0.1 * F.mse_loss(zs, zt) / 4
+    ref = F.cross_entropy(zs, batch["labels"]) + 2.0 * 0.1 * ((zs - zt) ** 2).sum() / 4  # per sequence
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -436,7 +463,7 @@ def _assert_same_grads(a, b):
 @pytest.mark.parametrize("make", ["causal", "plain"])
 @pytest.mark.parametrize("form", ["mse", "kl"])
 def test_kd_objective_exact_under_gradient_accumulation(tmp_path, make, form):
-    """accumulate 4 x batch 2 == batch 8: the KD term's normaliser (rows x V x sequences for mse, rows for kl) and
+    """accumulate 4 x batch 2 == batch 8: the KD term's normaliser (the supervised rows) and
     the token loss's are counted over the whole window before its first backward."""
     src = write_source(tmp_path / "src")
     big = _panda_grads(tmp_path, src, make, 8, form=form)

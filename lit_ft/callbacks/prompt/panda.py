@@ -43,23 +43,30 @@ INITS = ("source", "vocab", "text", "random")
 INTEGRATIONS = ("auto", "mixin", "hook")
 #: the released code's fixed factor in front of beta: ``loss + 0.1 * beta * mse / B``
 MSE_FACTOR = 0.1
+#: how the ``mse`` term is normalised: ``"token"`` (per supervised token / classified sequence; default) or
+#: ``"release"`` (the code's ``mean over rows x classes / B``, which shrinks with the vocabulary and the batch)
+KD_NORMALISATIONS = ("token", "release")
 
 
 def kd_term(student: torch.Tensor, teacher: torch.Tensor, form: str, batch_size: int,
-            temperature: float = 1.0) -> torch.Tensor:
+            temperature: float = 1.0, normalisation: str = "token") -> torch.Tensor:
     """The distillation term between logits ``[R, C]`` (rows = supervised positions or sequences).
 
-    ``"mse"`` (the authors' code, ``p-tuning-v2/training/trainer_base.py``): ``0.1 * mean((z_s - z_t)^2) / B``, the
-    mean over all ``R x C`` entries and ``B`` the number of sequences in the batch. ``"kl"``: ``T^2 *
-    mean_r KL(softmax(z_t / T) || softmax(z_s / T))``. No rows: a graph-connected zero.
+    ``"mse"``, normalised per row (``normalisation="token"``, the default): ``0.1 * sum((z_s - z_t)^2) / R``, the
+    squared distance of each row's logit vectors averaged over the rows; with ``"release"`` the authors' code
+    (``p-tuning-v2/training/trainer_base.py``): ``0.1 * mean((z_s - z_t)^2) / B``, the mean over all ``R x C``
+    entries and ``B`` the number of sequences in the batch. ``"kl"``: ``T^2 * mean_r KL(softmax(z_t / T) ||
+    softmax(z_s / T))`` (per row either way). No rows: a graph-connected zero.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"PANDA: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
     if student.numel() == 0:
         return student.sum() * 0.0
     s, t = student.float(), teacher.detach().float()
-    if form == "mse":
+    if form == "mse" and normalisation == "release":
         return MSE_FACTOR * F.mse_loss(s, t) / max(int(batch_size), 1)
+    if form == "mse":
+        return MSE_FACTOR * (s - t).pow(2).sum() / s.shape[0]
     log_ps = F.log_softmax(s / temperature, dim=-1)
     log_pt = F.log_softmax(t / temperature, dim=-1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
@@ -68,7 +75,8 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, form: str, batch_size:
 def kd_chunk_sum(student: torch.Tensor, teacher: torch.Tensor, form: str, temperature: float = 1.0) -> torch.Tensor:
     """The distillation term's **sum** over a block of rows (the chunked base calls it per block of student logits):
     ``"mse"``: ``0.1 · Σ (z_s − z_t)²``; ``"kl"``: ``T² · Σ_r KL(softmax(z_t / T) ‖ softmax(z_s / T))``. Divided by
-    the objective's normaliser (:meth:`PANDA.objective_normaliser`) it equals :func:`kd_term`."""
+    the objective's normaliser (:meth:`PANDA.objective_normaliser`) it equals :func:`kd_term` (either
+    normalisation: they differ in the divisor only)."""
     s, t = student.float(), teacher.detach().float()
     if form == "mse":
         return MSE_FACTOR * (s - t).pow(2).sum()
@@ -127,8 +135,10 @@ class PANDA(PromptCallback, Objective):
     engine, at level 3 (:class:`lit_ft.modules.TokenLossMixin` modules: student logits only at the supervised
     positions, through the chunked fused-linear base) or level 2 (a plain ``self.model(**batch).loss``: the HF loss
     hook), composing with lit_ft token scorers either way. Its normaliser is its own, counted over the
-    accumulation window and ranks (``mse``: supervised positions × vocabulary × sequences; ``kl``: supervised
-    positions). For sequence classifiers (``ClassificationModule``) the HF model's ``loss_function`` is wrapped.
+    accumulation window and ranks: the supervised positions (per token, both forms; ``kd_normalisation="release"``:
+    supervised positions × vocabulary × sequences for ``mse``, the released code's ``mean / B``, which makes the term
+    shrink with the vocabulary and the batch size). For sequence classifiers (``ClassificationModule``) the HF
+    model's ``loss_function`` is wrapped (per sequence; ``"release"``: ``mean over B x C / B``).
 
     Args:
         source_prompt: folder of the source prompt artifact (``prompt.safetensors`` + ``prompt_config.json``,
@@ -139,7 +149,14 @@ class PANDA(PromptCallback, Objective):
             The paper's metric (a cosine similarity of task embeddings, per its summary) could not be confirmed
             and is not in the released code, so this is a proxy; give a number to avoid it. The code's default is 0.1.
             ``0`` = vanilla prompt transfer.
-        kd: ``"mse"`` (the code's form: ``0.1 * MSE(z_s, z_t) / B``) or ``"kl"`` (temperature-scaled KL).
+        kd: ``"mse"`` (the code's form: ``0.1 * ||z_s - z_t||^2``, normalised as ``kd_normalisation`` says) or
+            ``"kl"`` (temperature-scaled KL, per token).
+        kd_normalisation: ``"token"`` (default): the ``mse`` term is averaged per supervised token (per sequence for
+            a classifier), ``0.1 * sum ||z_s - z_t||^2 / tokens``, like the task loss and the ``kl`` form, so its
+            weight does not change with the vocabulary or the batch size. ``"release"``: the released code's
+            ``0.1 * mean over (tokens x V) / B``, written for SuperGLUE classifiers (a handful of classes); on a
+            causal LM it divides the term by ``V x B`` (49k x 8 for SmolLM2 at batch 8). The per-token term is
+            ``V`` times the per-entry mean, so ``beta`` is not interchangeable between the two.
         temperature: softmax temperature of ``kd="kl"`` (> 0).
         init: the student's start: ``"source"`` (a copy of the source prompt: vanilla prompt transfer, default) or
             a fresh soft prompt as in :class:`PromptTuning` (``"vocab"``, ``"text"``, ``"random"``). Note:
@@ -164,8 +181,8 @@ class PANDA(PromptCallback, Objective):
                  temperature: float = 1.0, init: str = "source", num_virtual_tokens: int | None = None,
                  init_text: str | None = None, seed: int = 0, auto_beta_batches: int = 4, integration: str = "auto",
                  learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None,
-                 save_dir: str | None = None,
-                 tokenizer: str | None = None) -> None:
+                 save_dir: str | None = None, tokenizer: str | None = None,
+                 kd_normalisation: str = "token") -> None:
         super().__init__(True, learning_rate, weight_decay, save_dir, tokenizer)
         if source_prompt is not None and not isinstance(source_prompt, str):
             raise ValueError(f"PANDA: `source_prompt` must be a folder path, got {source_prompt!r}")
@@ -173,6 +190,7 @@ class PANDA(PromptCallback, Objective):
                                or beta < 0):
             raise ValueError(f"PANDA: `beta` must be a number >= 0 or 'auto', got {beta!r}")
         self.kd_form = check_choice("PANDA", "kd", kd, KD_FORMS)
+        self.kd_normalisation = check_choice("PANDA", "kd_normalisation", kd_normalisation, KD_NORMALISATIONS)
         self.temperature = check_number("PANDA", "temperature", temperature, low=0, low_open=True)
         self.init = check_choice("PANDA", "init", init, INITS)
         if init == "text" and not init_text:
@@ -196,7 +214,7 @@ class PANDA(PromptCallback, Objective):
         self._hooked: nn.Module | None = None
         self._attachment: Attachment | None = None
         self._causal = True
-        self._vocab = 0  # the lm_head's rows: the width of the logits the MSE form averages over
+        self._vocab = 0  # the lm_head's rows: the width of the logits the release MSE form averages over
         self._source_digest: str | None = None
 
     # -- the source artifact ---------------------------------------------------------------------------------------
@@ -321,7 +339,7 @@ class PANDA(PromptCallback, Objective):
             raise RuntimeError(f"PANDA: student logits {tuple(student.shape)} and teacher logits "
                                f"{tuple(teacher.logits.shape)} differ (a different batch?)")
         value = kd_term(student, teacher.logits.to(student.device), self.kd_form, teacher.batch_size,
-                        self.temperature)
+                        self.temperature, self.kd_normalisation)
         self.last_kd = value.detach()
         return value
 
@@ -338,8 +356,9 @@ class PANDA(PromptCallback, Objective):
         return {"rows": rows, "sequences": torch.tensor(float(labels.shape[0]))}
 
     def objective_normaliser(self, totals: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``mse``: the code's ``mean over rows × V entries / B`` → rows · V · sequences; ``kl``: rows."""
-        if self.kd_form == "mse":
+        """The supervised positions (per token; both forms). ``kd_normalisation="release"`` with ``mse``: the code's
+        ``mean over rows × V entries / B`` → rows · V · sequences."""
+        if self.kd_form == "mse" and self.kd_normalisation == "release":
             return totals["rows"] * float(self._vocab) * totals["sequences"]
         return totals["rows"]
 
