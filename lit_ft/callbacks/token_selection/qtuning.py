@@ -187,6 +187,11 @@ class QTuning(TokenScorerCallback):
        counts 0); keep the ``token_ratio`` fraction of Q2 tokens with the *lowest* ``s_t`` (counted over all Q2
        tokens of the batch and of every rank); the others get label -100 (they stay in the input as context).
 
+    Loss normaliser: supervised target positions only (the kept targets, or under accumulation / DDP on the mixin
+    and hook levels the window's targets × ``sample_ratio``); prompt positions never count. The released trainer's
+    divisor reportedly also counts prompt positions (not re-checked here), which only rescales each step by the
+    batch's target share; see ``docs/techniques/qtuning.md``, "Limits and deviations".
+
     Args:
         sample_ratio: fraction of samples kept per step (Q2 ∪ Q4), in (0, 1]. Paper: 0.25 on MathInstruct
             (with token_ratio 0.5), 0.125 on WizardLM. The achieved fraction is logged.
