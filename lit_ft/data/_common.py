@@ -237,6 +237,9 @@ KEY_SPAN_PRESETS: dict[str, str] = {
     "tool_call": "in every JSON tool call {\"name\": ..., \"arguments\": {...}} of the completion: the function "
     "name (the string value of the top-level \"name\") and every key inside \"arguments\" (nested ones too)",
     "tool_name": "the function name of every JSON tool call {\"name\": ..., \"arguments\": ...} of the completion",
+    "tl_training": "TL-Training's PKT marks in every JSON tool call of the completion: key tokens = the first token "
+    "of the function name and the tokens where it parts from another tool name of the row; parameter boundaries "
+    "(the last token of every argument value) in a second mask, `key_boundary_mask`",
 }
 
 _JSON_OBJECT_START = re.compile(r'\{\s*"')
@@ -315,7 +318,12 @@ def key_spans_in(text: str, preset: str | None, patterns: Sequence[re.Pattern]) 
     if preset is not None:
         if preset not in KEY_SPAN_PRESETS:
             raise ValueError(f"key_spans must be one of {sorted(KEY_SPAN_PRESETS)} or None, got {preset!r}")
-        spans += tool_call_spans(text, arg_keys=preset == "tool_call")
+        if preset == "tl_training":  # the key class only, without candidates (SFTDataModule passes them)
+            from lit_ft.data.pkt_spans import pkt_spans
+
+            spans += pkt_spans(text)[0]
+        else:
+            spans += tool_call_spans(text, arg_keys=preset == "tool_call")
     return spans
 
 

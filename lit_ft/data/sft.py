@@ -9,6 +9,7 @@ import torch
 
 from lit_ft.data._base import _TextDataModule
 from lit_ft.data._common import KEY_SPAN_PRESETS, check_int, key_spans_in, pad_left, pad_right, tokens_in_spans
+from lit_ft.data.pkt_spans import pkt_spans, tool_names_in
 
 IGNORE_INDEX = -100
 
@@ -63,7 +64,10 @@ class SFTDataModule(_TextDataModule):
         seed: seed of the validation split, subsets and the per-epoch batch order.
         key_spans: mark key tokens with a preset (adds ``key_token_mask`` to batches): ``"tool_call"`` = in each
             JSON tool call ``{"name": ..., "arguments": {...}}`` of a completion, the function name and every
-            argument key; ``"tool_name"`` = the function name only. None = no preset.
+            argument key; ``"tool_name"`` = the function name only; ``"tl_training"`` = TL-Training's PKT marks:
+            the first token of the function name and the tokens where it parts from another tool name found in
+            the row (key tokens), and the last token of every argument value (parameter boundaries, a second bool
+            batch key ``key_boundary_mask``; see :mod:`lit_ft.data.pkt_spans`). None = no preset.
         key_span_patterns: regular expressions (Python ``re``) searched in each completion / assistant turn's
             text; every match — or its group 1 when the pattern has a group — is a key span (adds
             ``key_token_mask``; combines with ``key_spans`` by union). Needs a fast tokenizer. None = none.
@@ -159,7 +163,7 @@ class SFTDataModule(_TextDataModule):
                 continue
             n_label += ex["n_labels"]
             if self.marks_key_tokens:
-                k = sum(ex["key_mask"])
+                k = sum(1 for v in ex["key_mask"] if v == 1)  # 2 = a parameter boundary (tl_training)
                 n_key += k
                 n_key_samples += k > 0
             examples.append(ex)
@@ -225,10 +229,11 @@ class SFTDataModule(_TextDataModule):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _labelled_ids(self, text: str, end: str = "") -> tuple[list[int], list[bool]]:
-        """Token ids of a labelled text and, per token, whether it is a key token (always False when no key spans
-        are configured). Key spans are searched in ``text`` without its trailing ``end`` (the eos/end-of-turn
-        string), then mapped to tokens by character offsets."""
+    def _labelled_ids(self, text: str, end: str = "", candidates: tuple[str, ...] = ()) -> tuple[list[int], list[int]]:
+        """Token ids of a labelled text and, per token, its key class: ``True`` (1) a key token, ``2`` a parameter
+        boundary (``key_spans="tl_training"`` only), ``False`` (0) neither — always 0 when no key spans are
+        configured. Key spans are searched in ``text`` without its trailing ``end`` (the eos/end-of-turn string),
+        then mapped to tokens by character offsets. ``candidates``: the row's tool names (``"tl_training"``)."""
         if not text:
             return [], []
         if not self.marks_key_tokens:
@@ -236,8 +241,14 @@ class SFTDataModule(_TextDataModule):
             return ids, [False] * len(ids)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         body = text[: len(text) - len(end)] if end and text.endswith(end) else text
-        spans = key_spans_in(body, self.key_spans, self._key_patterns)
-        return enc["input_ids"], tokens_in_spans(enc["offset_mapping"], spans)
+        if self.key_spans != "tl_training":
+            spans = key_spans_in(body, self.key_spans, self._key_patterns)
+            return enc["input_ids"], tokens_in_spans(enc["offset_mapping"], spans)
+        keys, bounds = pkt_spans(body, candidates)
+        keys += key_spans_in(body, None, self._key_patterns)
+        key = tokens_in_spans(enc["offset_mapping"], keys)
+        bound = tokens_in_spans(enc["offset_mapping"], bounds)
+        return enc["input_ids"], [True if k else (2 if b else False) for k, b in zip(key, bound)]  # key wins
 
     def _chat_pieces(self, msgs: list[dict], idx: int, split: str) -> tuple[list[tuple[str, bool]], str]:
         """Text pieces (text, is_label) of a conversation and the generation prompt for its last assistant turn."""
@@ -286,9 +297,10 @@ class SFTDataModule(_TextDataModule):
                     merged[-1] = (merged[-1][0] + text, False)
                 elif text:
                     merged.append((text, lab))
+            cands = self._candidates("".join(text for text, _ in merged))
             for text, lab in merged:
                 if lab:
-                    t, k = self._labelled_ids(text, self.tokenizer.eos_token or "")
+                    t, k = self._labelled_ids(text, self.tokenizer.eos_token or "", cands)
                 else:
                     t = self._ids(text)
                     k = [False] * len(t)
@@ -305,7 +317,7 @@ class SFTDataModule(_TextDataModule):
             if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
                 completion = " " + completion
             p = self._bos + self._ids(prompt)
-            c, ck = self._labelled_ids(completion)
+            c, ck = self._labelled_ids(completion, candidates=self._candidates(prompt + completion))
             c, ck = c + [self._eos_id], ck + [False]
             ids, labels, gen_ids = p + c, [IGNORE_INDEX] * len(p) + c, p
             keys = [False] * len(p) + ck
@@ -343,8 +355,15 @@ class SFTDataModule(_TextDataModule):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().collate(examples)
         if self.marks_key_tokens:
-            batch["key_token_mask"] = pad_right([e["key_mask"] for e in examples], 0).bool()
+            classes = pad_right([[int(v) for v in e["key_mask"]] for e in examples], 0)
+            batch["key_token_mask"] = classes == 1
+            if self.key_spans == "tl_training":
+                batch["key_boundary_mask"] = classes == 2
         return batch
+
+    def _candidates(self, row_text: str) -> tuple[str, ...]:
+        """The row's tool names (tool definitions in the prompt, calls in the answers) for ``"tl_training"``."""
+        return tuple(tool_names_in(row_text)) if self.key_spans == "tl_training" else ()
 
     def _group_by_length(self) -> bool:
         return self.bucket_by_length

@@ -82,6 +82,9 @@ def keyed_batch(seed: int) -> dict:
     b = random_batch(seed=seed)
     g = torch.Generator().manual_seed(1000 + seed)
     b["key_token_mask"] = (torch.rand(b["labels"].shape, generator=g) < 0.3) & (b["labels"] != -100)
+    # TL-Training's parameter boundaries (the default preset needs them): other labelled tokens
+    b["key_boundary_mask"] = ((torch.rand(b["labels"].shape, generator=g) < 0.1) & (b["labels"] != -100)
+                              & ~b["key_token_mask"])
     return b
 
 
@@ -163,7 +166,8 @@ CASES: dict[str, Case] = {
         invalid=(("keep_ratio", 0.0), ("keep_ratio", 1.5), ("reference_dtype", "int8"), ("integration", "fused"))),
     "key_token_weighting": Case(
         kwargs={"w_max": 9.0}, alt_kwargs={"w_max": 3.0}, datamodule=KeyedData,
-        invalid=(("w_max", 0.5), ("w_max", float("inf")), ("integration", "fused"))),
+        invalid=(("w_max", 0.5), ("w_max", float("inf")), ("integration", "fused"), ("preset", "paper"),
+                 ("normalize", "mean"))),
     "masked_thought": Case(
         kwargs={"max_rate": 0.4, "warmup_fraction": 0.0, "seed": 1},
         alt_kwargs={"max_rate": 0.2, "warmup_fraction": 0.0, "seed": 1},

@@ -12,6 +12,7 @@ import torch
 from lit_ft import assets
 from lit_ft.data import SFTDataModule
 from lit_ft.data._common import key_spans_in, pattern_spans, tokens_in_spans, tool_call_spans
+from lit_ft.data.pkt_spans import pkt_spans, tool_names_in
 
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
 TOOLS = [{"name": "get_weather", "description": "weather", "parameters": {"type": "object"}},
@@ -48,6 +49,51 @@ def test_tool_call_spans_name_and_argument_keys():
     # a tool call nested in a wrapper object is found; two calls in one text are both found
     two = '{"calls": [' + CALL + ", " + CALL.replace("get_weather", "get_news") + "]}"
     assert _text(two, tool_call_spans(two)) == ["get_weather", "city", "unit", "get_news", "city", "unit"]
+
+
+def test_pkt_spans_first_name_char_divergence_points_and_value_ends():
+    """TL-Training's marks, by hand: key = the name's first character and where it parts from another candidate
+    (common prefix 0 < lcp < len); boundary = the last character of every top-level argument value."""
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "opt": {"a": 1}, "e": ""}}'
+    keys, bounds = pkt_spans(call, ["get_weather", "get_news", "gen", "search", "get_weather_now", ""])
+    name = call.index("get_weather")
+    # get_news parts at 4 ('w' vs 'n'), gen at 2 ('t' vs 'n'); search shares nothing; get_weather_now has the
+    # whole name as its prefix (no character of the name tells them apart); the name itself is skipped
+    assert keys == [(name, name + 1), (name + 2, name + 3), (name + 4, name + 5)]
+    assert _text(call, bounds) == ["s", "3", "}", '"']  # Paris, 3, {"a": 1}, "" (empty string: its quote)
+    assert bounds[0][0] == call.index("Paris") + 4
+    assert pkt_spans(call) == ([(name, name + 1)], bounds)  # no candidates: the first character only
+    # arguments as a JSON string: no boundaries; not a tool call: nothing
+    assert pkt_spans('{"name": "f", "arguments": "{\\"a\\": 1}"}') == ([(10, 11)], [])
+    assert pkt_spans('{"name": "x", "value": 1}') == ([], [])
+    prompt = "Functions:\n" + "\n".join(json.dumps(t) for t in TOOLS) + '\n{"name": "not_a_tool"}'
+    assert tool_names_in(prompt + CALL) == ["get_weather", "get_news", "get_weather"]
+
+
+def test_chat_tl_training_marks_token_by_token_tiny_tokenizer(tiny_tok, write_jsonl):
+    """key_spans='tl_training': key tokens and boundary tokens match the character marks (candidates from the
+    system prompt), token by token through an independent decode; they go to two batch keys."""
+    path = write_jsonl("calls.jsonl", [_chat_row()] * 3)
+    dm = SFTDataModule(data=path, val_data=path, tokenizer=tiny_tok, key_spans="tl_training", max_length=512)
+    dm.setup("fit")
+    ex = dm._examples("train")[0]
+    ids, labels, cls = ex["input_ids"], ex["labels"], ex["key_mask"]
+    keys, bounds = pkt_spans(CALL, ["get_weather", "get_news"])
+    assert _text(CALL, keys) == ["g", "w"] and _text(CALL, bounds) == ["s", "s"]  # Paris, celsius
+    want_key = _expected_flags(dm.tokenizer, ids, labels, CALL, keys)
+    want_bound = _expected_flags(dm.tokenizer, ids, labels, CALL, bounds)
+    assert [v == 1 for v in cls] == want_key and [v == 2 for v in cls] == [b and not k for k, b in
+                                                                          zip(want_key, want_bound)]
+    assert 1 <= sum(want_key) <= 2 and sum(v == 2 for v in cls) == 2
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["key_token_mask"].dtype == torch.bool and batch["key_boundary_mask"].dtype == torch.bool
+    assert int(batch["key_token_mask"].sum()) == 3 * sum(want_key)
+    assert int(batch["key_boundary_mask"].sum()) == 3 * 2
+    assert dm.stats["train_key_tokens"] == 3 * sum(want_key)
+    # the other presets add no boundary key
+    other = SFTDataModule(data=path, val_data=path, tokenizer=tiny_tok, key_spans="tool_call", max_length=512)
+    other.setup("fit")
+    assert "key_boundary_mask" not in next(iter(other.train_dataloader()))
 
 
 def test_pattern_spans_group_one_or_whole_match():

@@ -34,6 +34,8 @@ def _batches(n: int, empty: set[int]) -> list[dict]:
         b = random_batch(2, 10, seed=i)
         b["key_token_mask"] = torch.zeros_like(b["labels"], dtype=torch.bool)
         b["key_token_mask"][:, 6] = True
+        b["key_boundary_mask"] = torch.zeros_like(b["key_token_mask"])  # KeyTokenWeighting's default preset
+        b["key_boundary_mask"][:, 8] = True
         if i in empty:
             b["labels"][:] = -100
             b["labels"][:, 0] = 7  # a label at position 0 only: never a target after the one-token shift

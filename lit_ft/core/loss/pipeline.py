@@ -7,7 +7,9 @@ One :class:`TokenPipeline` lives on each LightningModule that has token scorers 
 (:class:`~lit_ft.core.loss.window.WindowCounter`).
 
 Normalisation. The token loss of a training micro-batch contributes ``Σ_kept w·ℓ / C`` to the gradients, where
-``C = N_supervised(window, all ranks) × Π nominal keep ratios`` — known before the window's first forward, so the
+``C = N_supervised(window, all ranks) × Π nominal keep ratios`` (or, when a scorer declares its own
+``token_normaliser`` — TL-Training's ``Σ w`` — that count of the window instead of ``N_supervised``) — known
+before the window's first forward, so the
 gradient is final when the backward ends and nothing is rescaled afterwards: a term the user adds to the loss trains
 exactly as without lit_ft. Each objective contributes ``weight · sum / normaliser`` likewise, with its own counts.
 The *value* the step returns is this micro-batch's own mean (kept tokens; each objective over its own batch
@@ -122,11 +124,24 @@ class TokenPipeline:
             edit = getattr(holder, "batch_for_count", None)
             if callable(edit):
                 counted = edit(counted)
-        out = {TOKEN_TERM: supervised_count(counted)}
+        own = self.own_token_normaliser(counted)
+        out = {TOKEN_TERM: supervised_count(counted) if own is None else own}
         for o in self.objectives:
             for k, v in o.objective_counts(counted).items():
                 out[f"{o.objective_name}/{k}"] = torch.as_tensor(v, dtype=torch.float32)
         return out
+
+    def own_token_normaliser(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The one scorer-declared token normaliser of ``batch`` (:meth:`TokenScorer.token_normaliser`), or
+        ``None`` when no scorer declares one (the supervised-token count applies)."""
+        found = [(s, c) for s in self.scorers if (c := s.token_normaliser(batch)) is not None]
+        if len(found) > 1:
+            raise ValueError(
+                "lit_ft: several token scorers normalise the token loss by their own count ("
+                + ", ".join(type(s).__name__ for s, _ in found) + "); at most one may (e.g. "
+                "KeyTokenWeighting(normalize='tokens') for all but one)"
+            )
+        return None if not found else torch.as_tensor(found[0][1], dtype=torch.float32).reshape(()).cpu()
 
     def begin_micro_batch(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Bind the batch and, at a window's first micro-batch, count the window's normalisers (idempotent)."""
@@ -257,7 +272,10 @@ class TokenPipeline:
         Lightning's division by the accumulation factor and DDP's average over ranks.
         """
         local = self.batch_counts(batch) if (training and terms) else None
-        value = token_sum.detach() / n_kept.detach().to(token_sum.dtype).clamp_min(1)
+        own = self.own_token_normaliser(batch) if training else None
+        # the value is this micro-batch's own mean: Σ w·ℓ / its own normaliser when a scorer declares one
+        denom = n_kept.detach() if own is None else own.to(n_kept.device)
+        value = token_sum.detach() / denom.to(token_sum.dtype).clamp_min(1)
         values: dict[str, torch.Tensor] = {}
         if not training:
             total = token_sum / n_kept.to(token_sum.dtype).clamp_min(1)

@@ -64,6 +64,14 @@ class TokenScorer:
         scorers keep 1.0 (the default)."""
         return 1.0
 
+    def token_normaliser(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """This scorer's own normaliser of the token loss for one raw training micro-batch, in place of its
+        supervised-token count: TL-Training divides by ``Σ_t w_t`` (``KeyTokenWeighting(normalize="weights")``).
+        It must follow from the raw batch alone (it is counted ahead for the whole accumulation window and summed
+        over ranks, like the count it replaces); the other scorers' nominal keep ratios still multiply it. At most
+        one registered scorer may return one. Default ``None``: the supervised-token count."""
+        return None
+
     def batch_for_count(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
         """The batch as the loss will see it, for counting ahead: a scorer that edits ``labels`` at batch start
         *deterministically* (CPT prepends its context's labels) returns the edited copy here. Default: unchanged."""
