@@ -299,6 +299,56 @@ def test_resume_in_phase2_after_a_schedule_restart_equals_uninterrupted(tmp_path
     assert s_full.last_epoch == s_res.last_epoch == 4  # restarted after step 1, then 4 phase-2 steps
 
 
+# -- the optional L1 pull towards θ₀ ------------------------------------------------------------------------------
+
+
+class _GradAt(pl.Callback):
+    """After LT-SFT in the list: the gradients and weights the optimizer step ``step`` will use."""
+
+    def __init__(self, step):
+        self.step, self.grads, self.params = step, None, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            named = dict(pl_module.named_parameters())
+            self.grads = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+            self.params = {n: p.detach().clone() for n, p in named.items()}
+
+
+def _grads_with_l1(step, **kw):
+    module = _module(weight_decay=0.0)
+    theta0 = _params(module)
+    cb = LotteryTicketSparseFT(proportion=0.05, export=False, **kw)
+    probe = _GradAt(step)
+    _trainer([cb, probe], max_steps=step + 1).fit(module, datamodule=ListDataModule(n_batches=2))
+    return cb, probe, theta0
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_l1_pull_adds_its_subgradient_once_per_step(phase):
+    """The gradient difference with and without the L1 term is exactly λ·sign(θ − θ₀)/N on the maskable tensors
+    (phase 2: on the kept entries only); the first steps are identical (θ = θ₀ there), so θ matches at ``step``."""
+    lam, step = 0.3, (1 if phase == 1 else 2)  # the second step of the phase: θ ≠ θ₀, same θ in both runs
+    key = "full_l1_reg" if phase == 1 else "sparse_l1_reg"
+    p1 = {"phase1_steps": 5} if phase == 1 else {"phase1_steps": 1}
+    cb, with_l1, theta0 = _grads_with_l1(step, **p1, **{key: lam})
+    _, without, _ = _grads_with_l1(step, **p1)
+    assert cb.phase == phase and cb.last_l1_distance > 0
+    checked = 0
+    for n in cb.maskable:
+        if n not in with_l1.grads:
+            continue
+        torch.testing.assert_close(with_l1.params[n], without.params[n], rtol=0, atol=0)
+        want = torch.sign(with_l1.params[n] - theta0[n]) * lam / cb.num_maskable
+        if phase == 2:
+            want = want * cb.masks[n]
+        torch.testing.assert_close(with_l1.grads[n] - without.grads[n], want, rtol=0, atol=1e-7)
+        checked += int(want.count_nonzero())
+    assert checked > 0
+    for n in cb.always_trained:  # the head is not pulled (the reference's penalty covers the maskable tensors)
+        torch.testing.assert_close(with_l1.grads[n], without.grads[n], rtol=0, atol=0)
+
+
 # -- composition with other parameter callbacks ------------------------------------------------------------------
 
 
@@ -379,6 +429,7 @@ def test_peft_wrapped_model_only_lora_entries_are_masked(tmp_path):
         ({"phase1_fraction": 1.0}, r"`phase1_fraction` must be a number in \(0, 1\)"),
         ({"theta0_device": "gpu"}, r"`theta0_device` must be one of \('cpu', 'same'\), got 'gpu'"),
         ({"phase2_schedule": "keep"}, r"`phase2_schedule` must be one of \('restart', 'continue'\), got 'keep'"),
+        ({"full_l1_reg": -0.1}, r"`full_l1_reg` must be a finite number >= 0, got -0.1"),
     ],
 )
 def test_bad_arguments(kw, match):

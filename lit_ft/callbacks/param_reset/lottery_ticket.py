@@ -198,8 +198,16 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     only ``θ₀`` at the kept entries (and of the ``always_train`` tensors) is kept; the base class additionally holds
     a copy of each partly-masked tensor for the re-projection.
 
-    Not implemented: ``n_ft_iterations > 1`` of the reference (unfreezing K/n more entries per iteration) and its
-    L1 penalty towards ``θ₀``. The restarted schedule keeps the length it was built with: the reference's phase
+    Optional L1 pull towards ``θ₀`` (the reference's ``full_l1_reg`` / ``sparse_l1_reg``; off by default, as in its
+    NLI recipe; 0.1 in its MLM recipe): ``λ · Σ|θ − θ₀| / N`` over the maskable tensors (``N`` = their entries) is
+    added to the loss, as its (sub)gradient ``λ · sign(θ − θ₀) / N`` added to their gradients once per optimizer
+    step (after gradient averaging, before clipping and the step) — the same update as the reference's loss term
+    under gradient accumulation, without touching the module's loss. Phase 1 compares against the full ``θ₀`` copy
+    (one extra pass over the trainable weights per step, and a transfer of ``θ₀`` per step with
+    ``theta0_device="cpu"``); phase 2 only the kept entries.
+
+    Not implemented: ``n_ft_iterations > 1`` of the reference (unfreezing K/n more entries per iteration). The
+    restarted schedule keeps the length it was built with: the reference's phase
     schedule spans one phase, so build the module's scheduler over one phase's steps to match it (a warm-up-only
     schedule, as ``CausalLMModule``'s, matches as is). Phase-2 resume
     needs a strategy that restores callback state before ``on_fit_start`` (single device, DDP; not DeepSpeed).
@@ -238,6 +246,8 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             switch (a warm-up runs again; each group restarts from its base lr), through
             :func:`lit_ft.core.optim.restart_schedulers`. ``"continue"``: the run keeps one schedule across both
             phases (lit-ft's behaviour before). The optimizer state is cleared either way.
+        full_l1_reg: ``λ`` of the L1 pull towards ``θ₀`` in phase 1 (>= 0; 0 = off, the default).
+        sparse_l1_reg: ``λ`` of the L1 pull towards ``θ₀`` in phase 2, on the kept entries (>= 0; 0 = off).
     """
 
     technique_name = "lottery_ticket"
@@ -251,6 +261,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         # read at the switch only: in phase 1 the new value applies there; after it the checkpoint's scheduler
         # state (restored by Lightning) already holds what was done then
         "phase2_schedule": RESTORE,
+        "full_l1_reg": RESTORE, "sparse_l1_reg": RESTORE,  # a loss weight: the new value applies from now on
     }
 
     def __init__(
@@ -267,6 +278,8 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         export_path: Optional[str] = None,
         diff_dtype: str = "float64",
         phase2_schedule: str = "restart",
+        full_l1_reg: float = 0.0,
+        sparse_l1_reg: float = 0.0,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -284,6 +297,8 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         check_choice(owner, "theta0_dtype", theta0_dtype, _THETA0_DTYPES)
         check_choice(owner, "diff_dtype", diff_dtype, _DIFF_DTYPES)
         check_choice(owner, "phase2_schedule", phase2_schedule, _PHASE2_SCHEDULES)
+        self.full_l1_reg = check_number(owner, "full_l1_reg", full_l1_reg, low=0)
+        self.sparse_l1_reg = check_number(owner, "sparse_l1_reg", sparse_l1_reg, low=0)
         check_str(owner, "export_path", export_path, allow_none=True, null_means="next to the checkpoints")
         self.proportion = float(proportion)
         self.num_params = num_params
@@ -308,6 +323,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self.always_trained: list[str] = []
         self.masks: dict[str, torch.Tensor] = {}
         self.last_export_path: Optional[str] = None
+        self.last_l1_distance: Optional[float] = None
         self._theta0: dict[str, torch.Tensor] = {}
         self._loaded: Optional[dict[str, Any]] = None
         self._switched_at: Optional[int] = None
@@ -449,6 +465,42 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                 # the first phase-2 step runs at the schedule's step-0 rate, as with a fresh scheduler
                 restart_schedulers(trainer, opt, owner=type(self).__name__)
         self._log_switch(pl_module, at_epoch_end)
+
+    # -- the optional L1 pull towards θ₀ -------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # masks, late-gradient averaging
+        lam = self.full_l1_reg if self.phase == 1 else self.sparse_l1_reg
+        if lam > 0 and self.num_maskable:
+            self.last_l1_distance = self.add_l1_gradient(pl_module, lam)
+            pl_module.log(f"lit_ft/{self.technique_name}/l1_distance", self.last_l1_distance, on_step=True,
+                          on_epoch=False, batch_size=1)
+
+    @torch.no_grad()
+    def add_l1_gradient(self, pl_module: pl.LightningModule, lam: float) -> float:
+        """Add ``lam · sign(θ − θ₀) / N`` to the maskable tensors' gradients (phase 2: at the kept entries only,
+        the others equal ``θ₀``); returns ``Σ|θ − θ₀| / N`` (the penalty without ``lam``)."""
+        params = dict(pl_module.named_parameters())
+        n_total = float(self.num_maskable)
+        dist = 0.0
+        for n in self.maskable:
+            p = params[n]
+            if not p.requires_grad:
+                continue  # phase 2: no kept entry, frozen
+            base = self._theta0[n].to(device=p.device, dtype=torch.float32)
+            if self.phase == 1:
+                delta = p.detach().float() - base
+                grad = torch.sign(delta).mul_(lam / n_total).to(p.dtype)
+            else:
+                mask = self.masks[n].to(p.device)
+                delta = p.detach().float()[mask] - base
+                grad = torch.zeros_like(p)
+                grad[mask] = torch.sign(delta).mul_(lam / n_total).to(p.dtype)
+            dist += float(delta.abs().sum())
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+        return dist / n_total
 
     def _log_switch(self, pl_module: pl.LightningModule, at_epoch_end: bool) -> None:
         pre = f"lit_ft/{self.technique_name}"
