@@ -21,6 +21,7 @@ from lit_ft.callbacks.token_selection import KeyTokenWeighting
 from lit_ft.callbacks.token_selection import MaskedThought
 from lit_ft.callbacks.token_selection import QTuning
 from lit_ft.callbacks.token_selection import SSToken
+from lit_ft.callbacks.token_selection import TokenElimination
 from lit_ft.callbacks.tensor_selection import FreezeLayers
 from lit_ft.callbacks.tensor_selection import GreenTrainer
 from lit_ft.callbacks.tensor_selection import LayerwiseLRDecay
