@@ -410,17 +410,40 @@ def test_decay_without_a_lit_ft_loss_path_raises(tiny_tokenizer_path):
     trainer([cb], max_steps=1, limit_val_batches=0).fit(OwnLossModule(), datamodule=ListDataModule(n_batches=1))
 
 
-def test_loss_falls_and_validation_runs(tiny_tokenizer_path):
+class _ProjectionLog(pl.Callback):
+    """After CPT's step end (listed after it): the logged projected fraction of every step."""
+
+    def __init__(self):
+        self.fractions = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.fractions.append(float(trainer.callback_metrics["lit_ft/cpt/projected_fraction"]))
+
+
+def test_loss_falls_under_an_active_projection_and_validation_runs(tiny_tokenizer_path):
+    """Projected gradient descent with radii small enough that the projection binds at every step: the loss still
+    falls, every step ends inside the per-type balls, and the logged projected fraction is the share of updatable
+    tokens whose raw (pre-projection) delta left its ball, recomputed from the raw values."""
     torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config(), learning_rate=0.05)
-    cb = CPT(examples=EXAMPLES, tokenizer=tiny_tokenizer_path, learning_rate=0.3, projection_epsilon=50.0,
-             format_epsilon=50.0, **TEMPLATES)
-    rec = _LossRecorder()
-    t = trainer([cb, rec], max_steps=25, limit_val_batches=1, val_check_interval=25, check_val_every_n_epoch=None)
+    cb = CPT(examples=EXAMPLES, tokenizer=tiny_tokenizer_path, learning_rate=0.3, projection_epsilon=1.0,
+             format_epsilon=0.5, **TEMPLATES)
+    rec, pre, post, frac = _LossRecorder(), _Snap(cb), _Snap(cb), _ProjectionLog()
+    t = trainer([pre, cb, post, rec, frac], max_steps=25, limit_val_batches=1, val_check_interval=25,
+                check_val_every_n_epoch=None)
     t.fit(module, datamodule=ListDataModule(n_batches=1))
     assert rec.losses[-1] < rec.losses[0] - 1e-2
     assert "val/loss" in t.callback_metrics and not cb.source.keep_prompt_outputs
-    assert 0 <= float(t.callback_metrics["lit_ft/cpt/projected_fraction"]) <= 1
+    types = cb.source.type_mask.tolist()
+    eps = eps_of(types, eps_in=1.0, eps_fmt=0.5)
+    updatable = eps > 0
+    assert len(pre.values) == len(post.values) == len(frac.fractions) == 25
+    for raw, after, logged in zip(pre.values, post.values, frac.fractions):
+        outside = (raw.norm(dim=1) > eps) & updatable
+        assert logged == pytest.approx(float(outside.sum()) / int(updatable.sum()))
+        assert (after.norm(dim=1) <= eps * (1 + 1e-6)).all()  # every step ends inside the balls
+    assert min(frac.fractions) > 0  # the constraint was active at every step, not only at the start
+    assert (post.values[-1].norm(dim=1)[updatable] >= eps[updatable] * (1 - 1e-5)).any()  # on the boundary
 
 
 # ---------------------------------------------------------------------------------------------------------------

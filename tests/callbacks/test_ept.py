@@ -85,6 +85,60 @@ def test_prompt_formula_matches_an_explicit_loop(fusion):
     assert changed == (fusion != "none")
 
 
+def _hand_built_source(fusion):
+    """A tiny EPT source whose tensors are set by hand (everything else 0), fp64, ``s = 1``:
+
+    - ``P[j] = (j + 1) e0`` (4 virtual tokens); the low-rank table has 3 rows ``s A[p] B = p e1`` (p = 0, 1, 2);
+    - fusion: ``q = P[:, 0]`` (one query channel), ``v = M[:, 1]``, ``W_o`` writes the attended value to dim 3;
+      keys are set per case by the test;
+    - gate logits ``[0, 0, ln2 * P_f[0]]``: ``g = [1, 1, 2^(j+1)] / (2 + 2^(j+1))`` for token ``j``;
+    - ``U_0 V_0 = 4 e0 e5^T``, ``U_1 V_1 = 0``, ``U_2 V_2 = 2 e3 e6^T`` (so ``W_i = I + U_i V_i``).
+    """
+    model = hf_model()
+    src = EPTEmbedding(model_geometry(model), N, max_length=3, rank=1, lora_alpha=1.0, rank_scaling="linear",
+                       num_subspaces=3, projection_rank=2, fusion=fusion, fusion_dim=5).double()
+    with torch.no_grad():
+        for t in src.parameters():
+            t.zero_()
+        src.embedding.weight[:, 0] = torch.arange(1.0, N + 1)
+        src.lora_embedding_A[:, 0] = torch.tensor([0.0, 1.0, 2.0])
+        src.lora_embedding_B[0, 1] = 1.0
+        if fusion != "none":
+            src.fusion_q.weight[0, 0] = 1.0
+            src.fusion_v.weight[0, 1] = 1.0
+            src.fusion_out.weight[3, 0] = 1.0
+        src.gate.weight[2, 0] = math.log(2.0)
+        src.proj_down[0, 0, 0], src.proj_up[0, 0, 5] = 1.0, 4.0
+        src.proj_down[2, 3, 0], src.proj_up[2, 0, 6] = 1.0, 2.0
+    return src
+
+
+@pytest.mark.parametrize("fusion, keys, ctx", [
+    ("none", None, 0.0),
+    ("lowrank", "flat", 1.0),  # equal scores: the mean of the table's values 0, 1, 2
+    ("joint", "flat", 3 / 7),  # ... over [P; table]: P's values are 0 -> (0+1+2) / 7
+    ("lowrank", "sharp", 2.0),  # keys 1000 x the value: all attention on the largest row (p = 2)
+    ("joint", "sharp", 2.0),
+])
+def test_prompt_on_a_hand_built_case_with_known_numbers(fusion, keys, ctx):
+    """Known numbers, not a second copy of the formula: ``P_hat[j] = (j+1) e0 + c e3 + 4 (j+1) g0 e5 + 2 c g2 e6``
+    with ``c`` the attended value (0 without fusion), ``g0 = 1 / (2 + 2^(j+1))``, ``g2 = 2^(j+1) / (2 + 2^(j+1))``."""
+    src = _hand_built_source(fusion)
+    if keys == "sharp":
+        with torch.no_grad():
+            src.fusion_k.weight[0, 1] = 1000.0
+    with torch.no_grad():
+        got = src.generated_prompt()
+    expect = torch.zeros(N, 32, dtype=torch.float64)
+    for j in range(N):
+        g0, g2 = 1 / (2 + 2 ** (j + 1)), 2 ** (j + 1) / (2 + 2 ** (j + 1))
+        expect[j, 0] = j + 1
+        expect[j, 3] = ctx
+        expect[j, 5] = 4 * (j + 1) * g0
+        expect[j, 6] = 2 * ctx * g2
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+
+
 def test_trunk_receives_generated_prompt_and_dept_update():
     model = hf_model()
     src = ept_source(model)

@@ -84,17 +84,47 @@ def test_dropped_tokens_get_exactly_zero_gradient():
     assert torch.all(g[out.keep] > 0)
 
 
+class _TopExcessProbe(pl.Callback):
+    """Listed after ExcessLossSelection: before each step, the Rho-1 loss computed independently — the mean current
+    NLL over the ceil(ratio * N) tokens of largest (current NLL - NLL of a fresh copy of the initial weights) — and,
+    after the step, the loss the step returned."""
+
+    def __init__(self, initial_model, ratio):
+        self.initial, self.ratio, self.expected, self.returned, self.gap = initial_model, ratio, [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        valid = shift_targets(batch["labels"]) != -100
+        with torch.no_grad():
+            cur = causal_lm_token_nll(pl_module.model, batch)[valid]
+            ref = causal_lm_token_nll(self.initial, batch)[valid]
+        k = int(torch.ceil(torch.tensor(self.ratio * int(valid.sum()))))
+        order = torch.sort(cur - ref, descending=True)
+        self.gap.append(float(order.values[k - 1] - order.values[k]))  # margin of the k-th token over the next
+        self.expected.append(float(cur[order.indices[:k]].mean()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.returned.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
 def test_effect_in_a_trainer_and_metrics_logged():
+    """In a real Trainer every step trains on exactly the top-50% excess-loss tokens: the loss each step returns is
+    the mean NLL over the tokens an independent computation picks (step 0 is skipped: the model still equals the
+    reference there, every excess is 0 and any half is a valid pick)."""
+    torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    initial = CausalLMModule(model_config=tiny_config())
+    initial.load_state_dict(module.state_dict())
     cb = ExcessLossSelection(keep_ratio=0.5)
-    trainer = _trainer([cb], max_steps=3)
+    probe = _TopExcessProbe(initial.model.eval(), 0.5)
+    trainer = _trainer([cb, probe], max_steps=4)
     trainer.fit(module, datamodule=ListDataModule())
     m = trainer.callback_metrics
     assert cb.level == "mixin"
     assert abs(float(m["lit_ft/excess_loss/kept_fraction"]) - 0.5) < 0.05
-    assert torch.isfinite(m["train/loss"])
-    # after training the current model has moved away from the reference: excess of kept tokens is positive
-    assert float(m["lit_ft/excess_loss/excess_kept_mean"]) > float(m["lit_ft/excess_loss/excess_mean"])
+    assert len(probe.returned) == 4
+    for step in range(1, 4):
+        assert probe.gap[step] > 1e-6  # the top half is well defined at this step
+        assert probe.returned[step] == pytest.approx(probe.expected[step], rel=1e-5, abs=1e-6), step
 
 
 def _first_step_loss(module, cb, batch):

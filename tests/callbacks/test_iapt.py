@@ -98,6 +98,51 @@ def ids_and_masks(B=3, T=7, seed=0):
     return ids, attn, instr
 
 
+def _rational(z, a, b):
+    """``(a0 + a1 z + a2 z^2) / (1 + |b2 z^2|)`` for the coefficients the hand-built case uses."""
+    return (a[0] + a[1] * z + a[2] * z * z) / (1 + abs(b[1] * z * z))
+
+
+@pytest.mark.parametrize("pooling", ["hidden", "bottleneck"])
+def test_generator_on_a_hand_built_case_with_known_numbers(pooling):
+    """Known numbers, not a second copy of the formula. Row 0: instruction tokens ``3 e0`` and ``4 e1`` (RMS-normed:
+    ``s0 e0``, ``s1 e1``), then two non-instruction tokens ``100 e2`` that must not count; row 1: no instruction token.
+    Soft token 0 has a zero query (equal weights: pooled = ``(s0 e0 + s1 e1) / 2``), soft token 1 a query ``50 e0``
+    (all weight on token 0: pooled = ``s0 e0``). ``W_down`` keeps dims 0, 1, 2, ``b_down = (0, 0, 0.5)``; the rational
+    is ``(1 + z + z^2/2) / (1 + |-z^2/2|)``; ``W_up`` copies ``u`` to outputs 0..2 and ``b_up`` puts 7 at output 3."""
+    model = hf_model()
+    src = InstructionPromptGenerator(model_geometry(model), 2, 3, share_generator=True, prefix_mode="kv",
+                                     pooling=pooling, rational_impl="torch")
+    a, b = [1.0, 1.0, 0.5, 0.0, 0.0, 0.0], [0.0, -0.5, 0.0, 0.0]  # |S|: the sign matters
+    with torch.no_grad():
+        for t in src.parameters():
+            t.zero_()
+        for i in range(3):
+            src.down_weight[0, i, i] = 1.0
+            src.up_weight[0, i, i] = 1.0
+        src.down_bias[0, 2] = 0.5
+        src.up_bias[0, 3] = 7.0
+        # the query acts in D (pooling "hidden") or in the bottleneck (dims 0..2 kept): e0 either way
+        src.query[0, 1, 0] = 50.0 * (math.sqrt(src.query.shape[-1]) / math.sqrt(32))  # score = 50 * x[0] / sqrt(32)
+        src.numerator[:] = torch.tensor(a)
+        src.denominator[:] = torch.tensor(b)
+    H = torch.zeros(2, 4, 32)
+    H[0, 0, 0], H[0, 1, 1], H[0, 2, 2], H[0, 3, 2] = 3.0, 4.0, 100.0, 100.0
+    H[1, :, 2] = 100.0
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    s0, s1 = 3 / math.sqrt(9 / 32 + 1e-6), 4 / math.sqrt(16 / 32 + 1e-6)
+    z = {(0, 0): (s0 / 2, s1 / 2, 0.5), (0, 1): (s0, 0.0, 0.5), (1, 0): (0.0, 0.0, 0.5), (1, 1): (0.0, 0.0, 0.5)}
+    with torch.no_grad():
+        for layer in range(model_geometry(model).num_layers):
+            got = src.generate(layer, H, mask)
+            assert got.shape == (2, 2, 2 * model_geometry(model).kv_dim)
+            expect = torch.zeros_like(got)
+            for (row, j), zz in z.items():
+                expect[row, j, :3] = torch.tensor([_rational(v, a, b) for v in zz])
+                expect[row, j, 3] = 7.0
+            torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("share, pooling", [(True, "hidden"), (False, "bottleneck")])
 def test_kv_prefix_matches_hand_reference_and_a_prefix_cache(share, pooling):
     model = hf_model()
