@@ -177,7 +177,7 @@ class TokenElimination(Callback):
         self._pad: torch.Tensor | None = None
         self._open: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._kept: dict[int, float] = {}
+        self._kept: dict[int, Any] = {}  # layer -> kept share (a tensor until logged)
         self._agreement: dict[int, float] = {}
         self._predictor_loss: float | None = None
         self._updates = 0
@@ -341,7 +341,7 @@ class TokenElimination(Callback):
         ratio = self.ratios[index]
         predicted = None
         if self._predict_now:
-            assert self.predictors is not None
+            self._ensure_device(hidden.device)
             with torch.no_grad():
                 predicted = self.predictors(index, hidden).masked_fill(~valid, float("-inf"))
         selecting = predicted if predicted is not None else exact
@@ -352,7 +352,8 @@ class TokenElimination(Callback):
             if predicted is not None:
                 self._agreement[index] = topk_agreement(idx, segment_topk(exact, ratio, self.segment_size), T)
         kept = torch.zeros(B, T, dtype=torch.bool, device=hidden.device).scatter_(1, idx, True)
-        self._kept[index] = float((kept & valid).sum()) / max(1.0, float(valid.sum()))
+        # a tensor until logged: reading it here would synchronise with the device at every layer
+        self._kept[index] = (kept & valid).sum() / valid.sum().clamp_min(1)
         new_kwargs = gather_layer_inputs(kwargs, idx, T)
         rows = gather_rows(hidden, idx)
         if args:
@@ -386,6 +387,20 @@ class TokenElimination(Callback):
         b, t = rows[take, 0], rows[take, 1]
         self._samples[index] = (hidden.detach()[b, t].clone(), target[b, t])
 
+    def _ensure_device(self, device: torch.device) -> None:
+        """Keep the predictors and their Adam state where the model runs (Lightning moves the model to its device
+        after the callbacks' ``setup``, and a checkpoint's optimizer state loads on the CPU)."""
+        assert self.predictors is not None
+        p = next(self.predictors.parameters())
+        if p.device == device:
+            return
+        self.predictors.to(device)
+        if self._opt is not None:
+            for st in self._opt.state.values():
+                for k, v in list(st.items()):
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        st[k] = v.to(device)
+
     def _update_predictors(self) -> None:
         assert self.predictors is not None and self._opt is not None
         self._opt.zero_grad(set_to_none=False)
@@ -414,6 +429,7 @@ class TokenElimination(Callback):
         self._active = False
         self._open.clear()
         if self._exact_now:
+            self._ensure_device(pl_module.device)
             self._update_predictors()  # after backward: a recomputed (checkpointed) layer selected the same tokens
         self._log(pl_module, batch)
         n = self.plot_every_n_steps
@@ -423,6 +439,7 @@ class TokenElimination(Callback):
     def _log(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self._kept:
             return
+        self._kept = {i: float(v) for i, v in self._kept.items()}
         bs = batch["input_ids"].shape[0]
         metrics: dict[str, float] = {
             "lit_ft/token_elimination/kept_fraction": sum(self._kept.values()) / len(self._kept),

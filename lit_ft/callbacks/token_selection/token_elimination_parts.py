@@ -39,10 +39,18 @@ def segment_topk(scores: torch.Tensor, keep_ratio: float, segment_size: int) -> 
     is deterministic; the result is sorted afterwards either way).
     """
     B, T = scores.shape
+    scores = scores.float()
     parts = []
-    for start, length, kept in segment_counts(T, keep_ratio, segment_size):
-        top = scores[:, start:start + length].float().topk(kept, dim=1, sorted=False).indices
-        parts.append(top + start)
+    n_full = T // segment_size
+    if n_full:  # every full segment in one topk (one kernel, not one per segment)
+        kept = segment_counts(segment_size, keep_ratio, segment_size)[0][2]
+        top = scores[:, : n_full * segment_size].view(B, n_full, segment_size).topk(kept, dim=2, sorted=False).indices
+        offsets = torch.arange(n_full, device=scores.device).view(1, n_full, 1) * segment_size
+        parts.append((top + offsets).view(B, n_full * kept))
+    if T % segment_size:
+        start = n_full * segment_size
+        _, length, kept = segment_counts(T - start, keep_ratio, segment_size)[0]
+        parts.append(scores[:, start:].topk(kept, dim=1, sorted=False).indices + start)
     idx = torch.cat(parts, dim=1) if parts else scores.new_zeros((B, 0), dtype=torch.long)
     return idx.sort(dim=1).values.to(torch.long)
 
