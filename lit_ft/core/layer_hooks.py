@@ -1,8 +1,8 @@
 """One owner of the decoder-layer hooks of a model, so techniques that hook the same layers run in a defined order.
 
 Several techniques act at the input of decoder layers: IAPT builds each layer's prefix from that layer's input,
-SSToken captures one layer's input to recompute its attention, a layer-wise token eliminator would drop tokens
-mid-stack. Registered separately on the layers, their order would be the order their callbacks happened to run
+SSToken captures one layer's input to recompute its attention, TokenElimination (LeMo) runs each layer on its
+kept tokens only. Registered separately on the layers, their order would be the order their callbacks happened to run
 ``setup``. Instead, one :class:`LayerHooks` per decoder-layer list (found with
 :func:`lit_ft.core.introspect.find_decoder_layers`) installs one forward pre-hook (and, only while someone needs
 it, one forward hook) on every layer and dispatches to the registered callables by ``order``, then registration
@@ -22,8 +22,10 @@ band                    value  who, and why there
                                the input the layer will really see.
 ``ORDER_READ``          300    readers that observe the layer input (SSToken's attention capture). After the
                                writers, so they read what the layer computes on.
-``ORDER_ELIMINATE``     400    token eliminators that drop tokens mid-stack (layer-wise token elimination). Last:
-                               every reader and prefix maker at this layer still sees the full sequence.
+``ORDER_ELIMINATE``     400    token eliminators (TokenElimination): the pre-hook gathers the kept rows, the
+                               forward hook merges the layer's output rows back. Last: every reader and prefix
+                               maker at this layer still sees the full sequence; a forward hook registered in a
+                               lower band sees the compacted output, one in a higher band the merged one.
 ======================  =====  ==================================================================================
 
 The decoder *trunk* (``find_base_model``: embeddings, the layer stack, the final norm) has an owner of the same

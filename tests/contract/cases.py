@@ -184,6 +184,14 @@ CASES: dict[str, Case] = {
         kwargs={"keep_ratio": 0.5, "ema_decay": 0.5}, alt_kwargs={"keep_ratio": 0.7, "ema_decay": 0.5},
         invalid=(("keep_ratio", 0.0), ("keep_ratio", "x"), ("gamma", 2.0), ("attention_layer", 1.5), ("history", ""),
                  ("ema_decay", 1.5), ("history_device", "gpu"), ("history_dtype", "int8"), ("integration", "fused"))),
+    "token_elimination": Case(
+        kwargs={"min_seq_len": 1, "segment_size": 8, "dense_layers": 1, "calibration_steps": 1,
+                "check_every_n_steps": 1},
+        alt_kwargs={"min_seq_len": 1, "segment_size": 8, "dense_layers": 1, "keep_ratio": 0.7},
+        single_instance="one eliminator per model: two would nest their gathers but merge in registration order",
+        invalid=(("keep_ratio", 0.0), ("keep_ratio", 1.5), ("layer_keep_ratios", []), ("dense_layers", -1),
+                 ("segment_size", 0), ("min_seq_len", 0), ("score", "norm"), ("calibration_steps", -1),
+                 ("predictor_hidden", 0), ("predictor_lr", 0.0), ("predictor", "yes"), ("seed", -1))),
     # tensor selection
     "freeze_layers": Case(
         kwargs={"num_layers": 1}, alt_kwargs={"num_layers": 2},

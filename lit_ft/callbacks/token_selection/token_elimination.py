@@ -33,6 +33,7 @@ from lit_ft.kernels.token_rows import gather_rows, merge_rows
 SCORES = ("attention", "attention_sum")
 _WHO = "TokenElimination"
 _ATTN_IMPLS = ("eager", "sdpa")
+_OWNER_ATTR = "_lit_ft_token_eliminator"  # in the decoder-layer list's __dict__: frozen copies drop it
 
 
 def _predictor_hidden_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> str | None:
@@ -214,6 +215,14 @@ class TokenElimination(Callback):
                 "model with attn_implementation='sdpa'"
             )
         layers = find_decoder_layers(hf_model)
+        owner = layers.__dict__.get(_OWNER_ATTR)
+        other = owner() if owner is not None else None
+        if other is not None and other is not self:
+            # two eliminators would nest (the second gathers from the first's kept rows) and their merges run in
+            # registration order, not nested order: refused rather than composed wrongly
+            raise ValueError(f"{_WHO}: this model's decoder layers already have a TokenElimination; one per model "
+                             "(give one instance per-layer ratios with layer_keep_ratios)")
+        layers.__dict__[_OWNER_ATTR] = weakref.ref(self)
         n = len(layers)
         if self.layer_keep_ratios is not None:
             if len(self.layer_keep_ratios) != n:
@@ -251,6 +260,8 @@ class TokenElimination(Callback):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._layers is not None and self._layers.__dict__.get(_OWNER_ATTR, lambda: None)() is self:
+            del self._layers.__dict__[_OWNER_ATTR]
         self._layers = None
         self._active = False
         self._open.clear()
