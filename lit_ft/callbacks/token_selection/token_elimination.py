@@ -3,7 +3,6 @@ memory)."""
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from lit_ft.callbacks.token_selection.token_elimination_parts import (
 from lit_ft.core.attention import attention_received, check_attention_layout
 from lit_ft.core.batch import require_keys
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
+from lit_ft.core.pictures import log_figure, new_figure
 from lit_ft.core.layer_hooks import ORDER_ELIMINATE, register_layer_hook, register_layer_pre_hook
 from lit_ft.core.registry import technique
 from lit_ft.core.resume import RESTORE, adopt_saved_state, record_resume_args
@@ -474,17 +474,9 @@ class TokenElimination(Callback):
             self._plot(trainer, self._step)
 
     def _plot(self, trainer: pl.Trainer, step: int) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
         self._last_plot_step = step
-        root = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: call it on every rank
-        if not trainer.is_global_zero:
-            return
-        path = os.path.join(str(root), "token_elimination", f"kept_by_layer_step{step}.png")
-        write_kept_by_layer_png(self.ratios, self._kept, self._agreement, path, step)
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                lg.log_image(key="lit_ft/token_elimination/kept_by_layer", images=[path], step=step)
+        log_figure(trainer, kept_by_layer_figure(self.ratios, self._kept, self._agreement, step), "token_elimination",
+                   "kept_by_layer", step)
 
     # -- checkpoint ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -543,19 +535,13 @@ def _cached_tokens(cache: Any, layer: torch.nn.Module) -> int:
         return 1
 
 
-def write_kept_by_layer_png(ratios: Sequence[float], kept: Mapping[int, float], agreement: Mapping[int, float],
-                            path: str, step: int = 0) -> str:
-    """Bar chart of the kept share of tokens per decoder layer (and the predictor's agreement with the exact
-    selection where measured). Uses matplotlib's Agg canvas directly (no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig = Figure(figsize=(7, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
+def kept_by_layer_figure(ratios: Sequence[float], kept: Mapping[int, float], agreement: Mapping[int, float],
+                         step: int = 0) -> Any:
+    """Bar chart of the kept share of tokens per decoder layer (grey: dense layers), with the predictor's agreement
+    with the exact selection where measured."""
+    fig = new_figure(7, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    n = len(ratios)
-    xs = list(range(n))
+    xs = list(range(len(ratios)))
     ax.bar(xs, [kept.get(i, 1.0) for i in xs], color=["#1f77b4" if i in kept else "#bbbbbb" for i in xs],
            label="kept share of tokens (grey: dense layer)")
     if agreement:
@@ -566,9 +552,7 @@ def write_kept_by_layer_png(ratios: Sequence[float], kept: Mapping[int, float], 
     ax.set_ylabel("share")
     ax.set_title(f"TokenElimination, step {step}")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return fig
 
 
-__all__ = ["TokenElimination", "write_kept_by_layer_png"]
+__all__ = ["TokenElimination", "kept_by_layer_figure"]
