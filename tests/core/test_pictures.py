@@ -28,7 +28,9 @@ def test_log_figure_logs_the_file_to_wandb_when_attached(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
     wandb = mock.MagicMock(spec=WandbLogger)
+    wandb.save_dir = str(tmp_path)  # Trainer.log_dir reads the first logger's save_dir
     trainer = pl.Trainer(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
     with mock.patch.object(pl.Trainer, "loggers", new_callable=mock.PropertyMock, return_value=[wandb]):
         path = log_figure(trainer, _figure(), "demo", "curve", step=3)
     wandb.log_image.assert_called_once_with(key="lit_ft/demo/curve", images=[path], step=3)
+    assert path.startswith(str(tmp_path)) and Path(path).is_file()
