@@ -28,6 +28,7 @@ from lit_ft.data._common import (
     warn_rank_zero,
 )
 from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
+from lit_ft.data.sources import DataSource, check_source, is_path_like
 
 
 class _TextDataModule(pl.LightningDataModule):
@@ -43,8 +44,8 @@ class _TextDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        data: str,
-        val_data: str | None,
+        data: DataSource,
+        val_data: DataSource | None,
         val_split: float,
         tokenizer: str,
         max_length: int,
@@ -56,8 +57,8 @@ class _TextDataModule(pl.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        check_str("data", data)
-        check_str("val_data", val_data, optional=True)
+        check_source("data", data)
+        check_source("val_data", val_data, optional=True)
         check_fraction("val_split", val_split)
         check_str("tokenizer", tokenizer)
         check_int("max_length", max_length, 2)
@@ -67,8 +68,9 @@ class _TextDataModule(pl.LightningDataModule):
         check_int("max_train_samples", max_train_samples, 1, optional=True)
         check_int("max_val_samples", max_val_samples, 1, optional=True)
         check_int("seed", seed, 0)
-        self.data = str(data)
-        self.val_data = None if val_data is None else str(val_data)
+        # paths as strings (os.PathLike too); Dataset objects and load_dataset specs as given
+        self.data = str(data) if is_path_like(data) else data
+        self.val_data = str(val_data) if is_path_like(val_data) else val_data
         self.val_split = float(val_split)
         self.tokenizer_name = str(tokenizer)
         self.max_length = max_length
@@ -91,7 +93,7 @@ class _TextDataModule(pl.LightningDataModule):
         """Fetch named assets once (rank 0) so that ``setup`` on every rank finds them in the cache."""
         val = self.val_data if self.val_data is not None else companion_val(self.data)
         for arg, value in (("data", self.data), ("val_data", val), ("tokenizer", self.tokenizer_name)):
-            if value is not None:
+            if isinstance(value, str):  # Dataset objects are in memory; specs are loaded by datasets in setup
                 resolve_data(arg, value)
 
     def setup(self, stage: str | None = None) -> None:

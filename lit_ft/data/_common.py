@@ -11,13 +11,28 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_ft import assets
 from lit_ft.data.sampler import ResumableBatchSampler
+from lit_ft.data.sources import (
+    DATASETS_SUFFIXES,
+    VAL_SPLITS,
+    DataSource,
+    check_source,
+    dataset_rows,
+    describe,
+    is_dataset,
+    is_dataset_dict,
+    is_path_like,
+    load_spec,
+    pick_split,
+    read_file_with_datasets,
+    train_split,
+)
 
 
 class DataWarning(UserWarning):
@@ -77,10 +92,13 @@ def resolve_data(arg_name: str, value: str) -> str:
 
 
 def read_rows(path: str, arg_name: str = "data") -> list[dict]:
-    """Rows of a JSONL file (one object per line) or a JSON file (a list of objects, or {"data": [...]})."""
+    """Rows of a JSONL file (one object per line) or a JSON file (a list of objects, or {"data": [...]}); Parquet,
+    CSV and Arrow files through the optional ``datasets`` library (:mod:`lit_ft.data.sources`)."""
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{arg_name}={path!r} is a folder; expected a .jsonl or .json file")
+        raise ValueError(f"{arg_name}={path!r} is a folder; expected a .jsonl, .json or .parquet file")
+    if p.suffix.lower() in DATASETS_SUFFIXES:
+        return read_file_with_datasets(path, arg_name)
     text = p.read_text(encoding="utf-8")
     rows: Any
     stripped = text.lstrip()
@@ -110,25 +128,55 @@ def read_rows(path: str, arg_name: str = "data") -> list[dict]:
     return rows
 
 
-def companion_val(data: str) -> str | None:
-    """The ``<name>-val`` asset of an asset name, when one exists."""
+def companion_val(data: Any) -> str | None:
+    """The ``<name>-val`` asset of an asset name, when one exists (never for Dataset objects or specs)."""
+    if not isinstance(data, str):
+        return None
     name = f"{data}-val"
     return name if data in assets.ASSETS and name in assets.ASSETS else None
 
 
+def load_source(arg_name: str, value: DataSource) -> tuple[list[dict], Any | None, dict[str, Any]]:
+    """(rows, the validation split a DatasetDict brings or None, info) of one ``data``/``val_data`` value.
+
+    A path or asset name is read as a file (``info["data_path"]``); a ``datasets.Dataset`` gives its rows; a
+    ``DatasetDict`` its "train" split (or its only one) and, as the second item, its "validation"/"valid"/"val"/
+    "test" split when it has one; a dict is a ``datasets.load_dataset`` spec whose result is handled the same way.
+    ``info["features"]`` holds a Dataset's features (class names of a ``ClassLabel`` column)."""
+    info: dict[str, Any] = {}
+    if is_path_like(value):
+        path = resolve_data(arg_name, str(value))
+        info["data_path"] = path
+        return read_rows(path, arg_name), None, info
+    if isinstance(value, Mapping) and not is_dataset_dict(value):  # a DatasetDict is a dict too
+        value = load_spec(value, arg_name)
+    val = None
+    if is_dataset_dict(value):
+        val = pick_split(value, VAL_SPLITS, arg_name)
+        value = train_split(value, arg_name)
+    if not is_dataset(value):
+        check_source(arg_name, value)  # raises: neither a path, a Dataset, a DatasetDict nor a spec
+    info["features"] = getattr(value, "features", None)
+    return dataset_rows(value, arg_name), val, info
+
+
 def load_splits(
-    data: str, val_data: str | None, val_split: float, seed: int
+    data: DataSource, val_data: DataSource | None, val_split: float, seed: int
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(train rows, val rows, info) following the DataModule rules for ``val_data``/``val_split``."""
-    data_path = resolve_data("data", data)
-    rows = read_rows(data_path, "data")
-    info: dict[str, Any] = {"data_path": data_path}
+    """(train rows, val rows, info) following the DataModule rules for ``val_data``/``val_split``: ``val_data``
+    first, then the validation split of a ``DatasetDict`` ``data``, then the ``<data>-val`` asset, else a seeded
+    ``val_split`` fraction of ``data``."""
+    rows, dict_val, info = load_source("data", data)
     if val_data is None:
-        val_data = companion_val(data)
+        val_data = companion_val(data) if dict_val is None else dict_val
     if val_data is not None:
-        val_path = resolve_data("val_data", val_data)
-        info["val_path"] = val_path
-        return rows, read_rows(val_path, "val_data"), info
+        val_rows, val_of_val, val_info = load_source("val_data", val_data)
+        if val_of_val is not None:  # a DatasetDict as val_data: its validation split, not its train split
+            val_rows = dataset_rows(val_of_val, "val_data")
+        if "data_path" in val_info:
+            info["val_path"] = val_info["data_path"]
+        info["val_source"] = describe(val_data)
+        return rows, val_rows, info
     n_val = int(round(val_split * len(rows)))
     if val_split > 0 and n_val == 0 and len(rows) > 1:
         n_val = 1

@@ -11,13 +11,23 @@ import torch
 
 from lit_ft.data._base import _TextDataModule
 from lit_ft.data._common import check_int
+from lit_ft.data.sources import DataSource
+
+
+def class_label_names(features: Any, key: str, n: int) -> list[str] | None:
+    """The class names of a ``datasets`` ``ClassLabel`` column ``key`` (or a sequence of them, multi-label) when
+    there are exactly ``n`` of them, else None."""
+    feat = features.get(key) if hasattr(features, "get") else None
+    names = getattr(feat, "names", None) or getattr(getattr(feat, "feature", None), "names", None)
+    return [str(x) for x in names] if names and len(names) == n else None
 
 
 class ClassificationDataModule(_TextDataModule):
-    """Text classification JSONL -> ``input_ids``/``attention_mask``/``labels``/``sample_idx`` batches.
+    """Text classification rows -> ``input_ids``/``attention_mask``/``labels``/``sample_idx`` batches.
 
     Labels may be integers (``num_labels`` inferred as max + 1 unless given; names from a ``label_names.json``
-    beside the data file when present, else ``"0"``, ``"1"``, ...) or strings (mapped to ids in sorted order of the
+    beside the data file, or from the ``ClassLabel`` feature of a ``datasets.Dataset`` column, when present, else
+    ``"0"``, ``"1"``, ...) or strings (mapped to ids in sorted order of the
     training labels); the mapping is :attr:`label_names`. Texts longer than ``max_length`` are truncated by the
     tokenizer (special tokens kept) and counted in :attr:`stats`, with a warning at setup. A tokenizer without a pad
     token (decoder models) pads with eos. Training batches are shuffled with a seeded, resumable sampler.
@@ -26,9 +36,12 @@ class ClassificationDataModule(_TextDataModule):
     float [B, num_labels] multi-hot), ``sample_idx`` (long [B]: the row's index in its split).
 
     Args:
-        data: training data: a .jsonl/.json file, or an asset name (``python -m lit_ft.assets list``).
-        val_data: validation data (path or asset). Default: the ``<data>-val`` asset when there is one, else a
-            seeded ``val_split`` fraction of ``data``.
+        data: training data: a .jsonl/.json/.parquet file, an asset name (``python -m lit_ft.assets list``), a
+            ``datasets.Dataset``, a ``datasets.DatasetDict`` (its "train" split; its "validation"/"test" split
+            becomes ``val_data``) or a ``datasets.load_dataset`` spec dict (e.g. ``{"path": "parquet",
+            "data_files": "train.parquet"}``). Parquet, Dataset objects and specs need ``lit-ft[datasets]``.
+        val_data: validation data (the same kinds). Default: the validation split of a ``DatasetDict`` ``data``,
+            else the ``<data>-val`` asset when there is one, else a seeded ``val_split`` fraction of ``data``.
         val_split: fraction of ``data`` held out for validation when there is no ``val_data``; in [0, 1), 0 = none.
         tokenizer: HF tokenizer folder or model asset name (no model hub is used).
         text_key: the row key holding the text.
@@ -50,8 +63,8 @@ class ClassificationDataModule(_TextDataModule):
 
     def __init__(
         self,
-        data: str = "sarcasm",
-        val_data: str | None = None,
+        data: DataSource = "sarcasm",
+        val_data: DataSource | None = None,
         val_split: float = 0.1,
         tokenizer: str = "minilm-l6-v2",
         text_key: str = "text",
@@ -134,9 +147,9 @@ class ClassificationDataModule(_TextDataModule):
         n = self.num_labels if self.num_labels is not None else max(2, hi + 1)
         if lo < 0 or hi >= n:
             raise ValueError(f"integer labels must lie in [0, num_labels={n}); found range [{lo}, {hi}]")
-        names = [str(i) for i in range(n)]
-        side = Path(info["data_path"]).parent / "label_names.json"
-        if side.is_file():
+        names = class_label_names(info.get("features"), self.label_key, n) or [str(i) for i in range(n)]
+        side = Path(info["data_path"]).parent / "label_names.json" if "data_path" in info else None
+        if side is not None and side.is_file():
             try:
                 loaded = json.loads(side.read_text())
                 if isinstance(loaded, list) and len(loaded) == n:

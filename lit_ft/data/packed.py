@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from lit_ft.data._base import _TextDataModule
-from lit_ft.data._common import check_int, companion_val, load_tokenizer, read_rows, resolve_data, subsample
+from lit_ft.data._common import check_int, companion_val, load_source, load_tokenizer, subsample
+from lit_ft.data.sources import describe
 
 # documents are tokenised in chunks of this many so that a large corpus never holds all encodings at once twice
 _TOKENIZE_CHUNK = 1024
@@ -105,10 +106,11 @@ class PackedTextDataModule(_TextDataModule):
         self.stats = stats
         self._splits = splits
 
-    def _pack(self, arg: str, value: str, stats: dict[str, int]) -> tuple[torch.Tensor, str]:
-        """([n, seq_len] sequences of the file ``value``, its resolved path); adds ``<arg>_*`` counts to ``stats``."""
-        path = resolve_data(arg, value)
-        rows = read_rows(path, arg)
+    def _pack(self, arg: str, value: Any, stats: dict[str, int]) -> tuple[torch.Tensor, str]:
+        """([n, seq_len] sequences of ``value`` — a file, asset, ``datasets.Dataset`` or the train split of a
+        ``DatasetDict`` —, its resolved path or description); adds ``<arg>_*`` counts to ``stats``."""
+        rows, _, info = load_source(arg, value)
+        path = info.get("data_path") or describe(value)
         texts = []
         for i, r in enumerate(rows):
             if self.text_key not in r:

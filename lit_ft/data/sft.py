@@ -10,18 +10,23 @@ import torch
 from lit_ft.data._base import _TextDataModule
 from lit_ft.data._common import KEY_SPAN_PRESETS, check_int, key_spans_in, pad_left, pad_right, tokens_in_spans
 from lit_ft.data.pkt_spans import pkt_spans, tool_names_in
+from lit_ft.data.sources import DataSource
 
 IGNORE_INDEX = -100
 
 ACCEPTED_FORMATS = (
     '{"prompt": str, "completion": str[, "answer": str]} or '
     '{"messages": [{"role": "system"|"user"|"assistant"|..., "content": str}, ...][, "answer": str]} '
-    "(at least one assistant message)"
+    "(at least one assistant message); other column names: set prompt_key / completion_key / messages_key / "
+    "answer_key"
 )
+
+#: the row keys SFTDataModule reads -> its argument that renames each
+ROW_KEYS = {"prompt": "prompt_key", "completion": "completion_key", "messages": "messages_key", "answer": "answer_key"}
 
 
 class SFTDataModule(_TextDataModule):
-    """Prompt/completion or chat JSONL -> batches with completion-only labels, length-bucketed for training.
+    """Prompt/completion or chat rows -> batches with completion-only labels, length-bucketed for training.
 
     Rows: ``{"prompt", "completion"}`` or ``{"messages": [{"role", "content"}, ...]}`` (loss on every assistant
     turn); an optional ``"answer"`` is kept for exact-match evaluation (:meth:`generation_batches`). Other keys are
@@ -44,9 +49,13 @@ class SFTDataModule(_TextDataModule):
     to tokens through the fast tokenizer's offsets; used by :class:`lit_ft.callbacks.KeyTokenWeighting`).
 
     Args:
-        data: training data: a .jsonl/.json file, or an asset name (``python -m lit_ft.assets list``).
-        val_data: validation data (path or asset). Default: the ``<data>-val`` asset when there is one, else a
-            seeded ``val_split`` fraction of ``data``.
+        data: training data: a .jsonl/.json/.parquet file, an asset name (``python -m lit_ft.assets list``), a
+            ``datasets.Dataset``, a ``datasets.DatasetDict`` (its "train" split; its "validation"/"test" split
+            becomes ``val_data``) or a ``datasets.load_dataset`` spec dict (e.g. ``{"path": "parquet",
+            "data_files": "train.parquet"}``). Parquet, Dataset objects and specs need ``lit-ft[datasets]``; a null
+            cell counts as a missing key.
+        val_data: validation data (the same kinds). Default: the validation split of a ``DatasetDict`` ``data``,
+            else the ``<data>-val`` asset when there is one, else a seeded ``val_split`` fraction of ``data``.
         val_split: fraction of ``data`` held out for validation when there is no ``val_data``; in [0, 1), 0 = none.
         tokenizer: HF tokenizer folder or model asset name (no model hub is used).
         max_length: maximum tokens per sample (>= 2).
@@ -71,12 +80,16 @@ class SFTDataModule(_TextDataModule):
         key_span_patterns: regular expressions (Python ``re``) searched in each completion / assistant turn's
             text; every match — or its group 1 when the pattern has a group — is a key span (adds
             ``key_token_mask``; combines with ``key_spans`` by union). Needs a fast tokenizer. None = none.
+        prompt_key: the row key read as ``"prompt"`` (e.g. ``"question"``).
+        completion_key: the row key read as ``"completion"`` (e.g. ``"response"``).
+        messages_key: the row key read as ``"messages"`` (e.g. ``"conversations"``).
+        answer_key: the row key read as ``"answer"``.
     """
 
     def __init__(
         self,
-        data: str = "asdiv",
-        val_data: str | None = None,
+        data: DataSource = "asdiv",
+        val_data: DataSource | None = None,
         val_split: float = 0.1,
         tokenizer: str = "smollm2-135m-instruct",
         max_length: int = 512,
@@ -92,8 +105,18 @@ class SFTDataModule(_TextDataModule):
         seed: int = 0,
         key_spans: str | None = None,
         key_span_patterns: list[str] | None = None,
+        prompt_key: str = "prompt",
+        completion_key: str = "completion",
+        messages_key: str = "messages",
+        answer_key: str = "answer",
     ) -> None:
         check_int("min_prompt_length", min_prompt_length, 0)
+        keys = {"prompt": prompt_key, "completion": completion_key, "messages": messages_key, "answer": answer_key}
+        for std, key in keys.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{ROW_KEYS[std]} must be a non-empty string, got {key!r}")
+        if len(set(keys.values())) < len(keys):
+            raise ValueError(f"prompt_key, completion_key, messages_key and answer_key must differ, got {keys}")
         if key_spans is not None and key_spans not in KEY_SPAN_PRESETS:
             raise ValueError(f"key_spans must be one of {sorted(KEY_SPAN_PRESETS)} or None, got {key_spans!r}")
         compiled: list[re.Pattern] = []
@@ -126,6 +149,10 @@ class SFTDataModule(_TextDataModule):
         self.key_span_patterns = None if key_span_patterns is None else list(key_span_patterns)
         self._key_patterns = compiled
         self.marks_key_tokens = key_spans is not None or key_span_patterns is not None
+        self.prompt_key, self.completion_key = prompt_key, completion_key
+        self.messages_key, self.answer_key = messages_key, answer_key
+        # only the keys that differ from the standard names are renamed (rows are used as they are otherwise)
+        self._renames = {std: key for std, key in keys.items() if key != std}
 
     # ----------------------------------------------------------------------------------------------------------
     _summed_stats = ("truncated_samples", "truncated_tokens", "dropped_samples")
@@ -281,7 +308,17 @@ class SFTDataModule(_TextDataModule):
             gen_prompt = ctx
         return pieces, gen_prompt
 
+    def _standard_row(self, row: dict) -> dict:
+        """The row with the configured ``*_key`` columns under the standard names; a standard name that another
+        column was mapped to is dropped (``prompt_key="question"`` reads "question", never "prompt")."""
+        if not self._renames:
+            return row
+        out = {k: v for k, v in row.items() if k not in self._renames and k not in self._renames.values()}
+        out.update({std: row[key] for std, key in self._renames.items() if key in row})
+        return out
+
     def _encode(self, row: dict, idx: int, split: str) -> dict:
+        row = self._standard_row(row)
         msgs, prompt, completion = self._parse_row(row, idx, split)
         if self.chat:
             if msgs is None:
