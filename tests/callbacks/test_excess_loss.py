@@ -423,3 +423,49 @@ def test_reference_cache_cli_scores_a_configs_training_set(tmp_path, tiny_tokeni
         torch.testing.assert_close(cache.lookup(batch)[valid], live[valid], rtol=1e-5, atol=1e-5)
         seen.update(batch["sample_idx"].tolist())
     assert set(cache.sample_idx.tolist()) == seen and len(seen) > 0
+
+
+def test_rho1_recipe_configs_run_both_stages(tmp_path, tiny_tokenizer_path):
+    """configs/rho1/: stage 1 trains and saves the reference .ckpt, stage 2 selects against it (live, then from the
+    offline cache made by the reference_cache CLI from the same config) — on the tiny model and data."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    import yaml
+
+    from lit_ft.callbacks.token_selection.reference_cache import ReferenceLossCache, main
+    from lit_ft.cli import run as cli_run
+    from tests.config_runs import tiny_overrides
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "rho1"
+    args = [a for a in tiny_overrides(tmp_path, tiny_tokenizer_path) if "enable_checkpointing" not in a]
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli_run(["fit", f"--config={root / 'reference.yaml'}", *args, "--data.init_args.max_train_samples=null",
+                 f"--trainer.callbacks.init_args.dirpath={tmp_path / 'rho1'}"])
+    ckpt = tmp_path / "rho1" / "reference.ckpt"
+    assert ckpt.is_file()
+
+    stage2 = [*tiny_overrides(tmp_path, tiny_tokenizer_path), f"--trainer.callbacks.init_args.reference={ckpt}"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        live = cli_run(["fit", f"--config={root / 'excess_loss.yaml'}", *stage2])
+    cb = next(c for c in live.trainer.callbacks if isinstance(c, ExcessLossSelection))
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert all(torch.equal(v, saved["model." + k]) for k, v in cb.reference_model.state_dict().items())
+
+    # the cache CLI scores stage 2's data (the config as the overrides leave it) with the stage-1 reference
+    config = yaml.safe_load((root / "excess_loss.yaml").read_text())
+    config["data"]["init_args"].update(data=str(tmp_path / "train.jsonl"), val_data=str(tmp_path / "val.jsonl"),
+                                       tokenizer=tiny_tokenizer_path, batch_size=4)
+    config["model"]["init_args"] = {"model_config": live.model.model.config.to_dict()}
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "rho1" / "reference_nll.pt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--config", str(tmp_path / "stage2.yaml"), "--reference", str(ckpt), "--out", str(out)]) == 0
+    assert ReferenceLossCache.load(out).meta["reference"] == str(ckpt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cached = cli_run(["fit", f"--config={root / 'excess_loss.yaml'}", *stage2,
+                          f"--trainer.callbacks.init_args.reference_losses={out}"])
+    cb2 = next(c for c in cached.trainer.callbacks if isinstance(c, ExcessLossSelection))
+    assert cb2.reference_model is None and cb2._cache is not None and len(cb2._cache) == 24
+    assert "lit_ft/excess_loss/kept_fraction" in cached.trainer.callback_metrics

@@ -162,8 +162,11 @@ PROMPT_INVALID = (("num_virtual_tokens", 0), ("learning_rate", -1.0), ("weight_d
 CASES: dict[str, Case] = {
     # token selection
     "excess_loss": Case(
-        kwargs={"keep_ratio": 0.5}, alt_kwargs={"keep_ratio": 0.7},
-        invalid=(("keep_ratio", 0.0), ("keep_ratio", 1.5), ("reference_dtype", "int8"), ("integration", "fused"))),
+        # the self-reference mode (named, not Rho-1): the checks need no reference file; a loaded reference and the
+        # offline cache are tested in tests/callbacks/test_excess_loss.py
+        kwargs={"keep_ratio": 0.5, "reference": "initial"}, alt_kwargs={"keep_ratio": 0.7, "reference": "initial"},
+        invalid=(("keep_ratio", 0.0), ("keep_ratio", 1.5), ("reference_dtype", "int8"), ("integration", "fused"),
+                 ("reference", ""), ("reference_losses", 3))),
     "key_token_weighting": Case(
         kwargs={"w_max": 9.0}, alt_kwargs={"w_max": 3.0}, datamodule=KeyedData,
         invalid=(("w_max", 0.5), ("w_max", float("inf")), ("integration", "fused"), ("preset", "paper"),
