@@ -17,6 +17,7 @@ from lit_ft.core.loss.primitives import verify_logit_transforms
 from lit_ft.kernels.token_ce.reference import label_range_message, out_of_range_labels
 from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
+from lit_ft.modules.peft_adapter import apply_peft, build_peft_config, describe_trainable
 from lit_ft.modules.token_loss import TokenLossMixin
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,6 +83,12 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         max_new_tokens: generation length for ``eval_exact_match``.
         eval_before_training: evaluate once when training starts and log ``val_before/loss`` and
             ``val_before/exact_match`` (the quickstart prints before/after).
+        peft: a PEFT adapter as a dict of its ``peft`` config, e.g. ``{"peft_type": "LORA", "r": 8, "lora_alpha":
+            16, "target_modules": ["q_proj", "v_proj"]}`` (``task_type`` defaults to ``"CAUSAL_LM"``): the model is
+            wrapped with ``peft.get_peft_model`` right after it is built, so only the adapter's tensors train (the
+            optimizer takes ``requires_grad`` tensors); the trainable share is logged once. Adapter methods only
+            (LoRA, IA3, LoHa, ...): prompt-learning types are refused (use lit_ft's prompt callbacks). Needs
+            ``lit-ft[peft]``. None = full fine-tuning.
     """
 
     #: tensors without weight decay, in configure_optimizers and when parameter callbacks rebuild the groups
@@ -102,6 +109,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         eval_exact_match: int = 0,
         max_new_tokens: int = 24,
         eval_before_training: bool = False,
+        peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -121,6 +129,8 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
             raise ValueError(f"CausalLMModule: num_hidden_layers must be >= 1, got {num_hidden_layers}")
         if eval_exact_match < 0 or max_new_tokens < 1:
             raise ValueError("CausalLMModule: eval_exact_match must be >= 0 and max_new_tokens >= 1")
+        if peft is not None:  # a bad adapter config fails before the model is loaded
+            build_peft_config(peft, "CausalLMModule", "CAUSAL_LM")
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, num_hidden_layers, torch_dtype)
         # the loss is computed from the lm_head and the logit transforms introspection finds (an unknown transform
@@ -134,10 +144,22 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if peft is not None:
+            # after the logit-transform check and before any technique hooks the model: callbacks find the HF model,
+            # its layers and lm_head through the PEFT wrapper (lit_ft.core.introspect)
+            self.model = apply_peft(self.model, peft, "CausalLMModule", "CAUSAL_LM")
+            self.model.train()
+            rank_zero_info(describe_trainable(self.model, "CausalLMModule", peft))
         self.token_loss_impl = loss_impl
         self.token_loss_weight_grad_accumulation = loss_weight_grad_accumulation
         self.eval_history: dict[str, dict[str, float]] = {}
         self._token_ids_checked: set[str] = set()  # stages whose first batch's ids and labels were checked
+
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The transformers causal LM the loss runs: ``self.model``, or under ``peft`` the model PEFT wraps (its
+        layers carry the adapters; the fused loss needs its trunk and lm_head, not the PEFT wrapper)."""
+        return self.model.get_base_model() if self.hparams.get("peft") is not None else self.model
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def check_token_ids(self, batch: Mapping[str, Any], stage: str) -> None:
@@ -178,7 +200,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         self.check_token_ids(batch, "train")
-        out = self.compute_token_loss(batch, self.model)
+        out = self.compute_token_loss(batch, self.causal_lm)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.mean, prog_bar=True, batch_size=bs)
         self.log("train/tokens", out.n_tokens.float(), reduce_fx="sum", batch_size=bs)
@@ -186,7 +208,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         self.check_token_ids(batch, "val")
-        out = self.compute_token_loss(batch, self.model)
+        out = self.compute_token_loss(batch, self.causal_lm)
         # token-weighted mean over the whole validation set: sum of losses / sum of tokens
         self._val_sums[0] += out.mean * out.n_tokens
         self._val_sums[1] += out.n_tokens
@@ -219,7 +241,7 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
                 if isinstance(limit, int) and i >= limit:
                     break
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
-                out = self.compute_token_loss(batch, self.model)
+                out = self.compute_token_loss(batch, self.causal_lm)
                 total += (out.mean * out.n_tokens).cpu()
                 count += out.n_tokens.cpu()
         metrics = {"val_before/loss": float(total / count.clamp_min(1))}

@@ -9,9 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
+from lit_ft.modules.peft_adapter import apply_peft, build_peft_config, describe_trainable
 
 
 class ClassificationModule(pl.LightningModule):
@@ -30,6 +32,11 @@ class ClassificationModule(pl.LightningModule):
         pos_weight: multi-label only: per-label weight of the positive term of the BCE (``num_labels`` numbers
             > 0), or ``"balanced"`` = max_c(count_c) / count_c over the training labels (PTEC's weights; needs a
             DataModule with ``label_counts()``); None = 1 for every label.
+        peft: a PEFT adapter as a dict of its ``peft`` config, e.g. ``{"peft_type": "LORA", "r": 8,
+            "target_modules": ["query", "value"]}`` (``task_type`` defaults to ``"SEQ_CLS"``, so PEFT also trains
+            the classification head): the model is wrapped with ``peft.get_peft_model`` once built, and only
+            trainable tensors are optimised; the trainable share is logged once. Needs ``lit-ft[peft]``. None = full
+            fine-tuning.
     """
 
     #: tensors without weight decay, in configure_optimizers and when parameter callbacks rebuild the groups
@@ -44,6 +51,7 @@ class ClassificationModule(pl.LightningModule):
         weight_decay: float = 0.0,
         multi_label: bool = False,
         pos_weight: list[float] | str | None = None,
+        peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_labels < 2:
@@ -66,6 +74,8 @@ class ClassificationModule(pl.LightningModule):
             raise ValueError(f"ClassificationModule: learning_rate must be > 0, got {learning_rate}")
         if weight_decay < 0:
             raise ValueError(f"ClassificationModule: weight_decay must be >= 0, got {weight_decay}")
+        if peft is not None:  # a bad adapter config fails before the model is loaded
+            build_peft_config(peft, "ClassificationModule", "SEQ_CLS")
         self.save_hyperparameters()
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -84,6 +94,10 @@ class ClassificationModule(pl.LightningModule):
         if self.model.config.pad_token_id is None:
             # decoders have no pad token; the score head needs one to find the last real token
             self.model.config.pad_token_id = getattr(self.model.config, "eos_token_id", None) or 0
+        if peft is not None:
+            self.model = apply_peft(self.model, peft, "ClassificationModule", "SEQ_CLS")
+            self.model.train()
+            rank_zero_info(describe_trainable(self.model, "ClassificationModule", peft))
         self.multi_label = multi_label
         if multi_label:
             self.model.config.problem_type = "multi_label_classification"

@@ -33,7 +33,8 @@ def test_configs_exist():
 
 def test_technique_configs_are_owned_by_registered_techniques():
     assert TECHNIQUE_CONFIGS <= set(CONFIGS), sorted(TECHNIQUE_CONFIGS - set(CONFIGS))
-    assert {Path(c).name for c in OTHER_CONFIGS} == {"quickstart.yaml", "verbalizer.yaml", "configured_learning_rate.yaml"}
+    assert {Path(c).name for c in OTHER_CONFIGS} == {"quickstart.yaml", "verbalizer.yaml", "configured_learning_rate.yaml",
+                                                  "lora.yaml"}
 
 
 @pytest.mark.parametrize("config", OTHER_CONFIGS, ids=[Path(c).stem for c in OTHER_CONFIGS])
