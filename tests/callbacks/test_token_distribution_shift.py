@@ -146,12 +146,24 @@ _TRAIN_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backwar
                 "on_before_optimizer_step", "on_before_zero_grad", "on_train_epoch_start", "on_train_epoch_end")
 
 
-def _fit(module, cb, tmp_path, max_steps=4, **kw):
+def _fit(module, cb, tmp_path, max_steps=4, tokenizer=None, **kw):
     trainer = pl.Trainer(max_steps=max_steps, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=1,
                          callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path), **kw)
-    trainer.fit(module, datamodule=ListDataModule(n_batches=4))
+    dm = ListDataModule(n_batches=4)
+    dm.tokenizer = tokenizer
+    trainer.fit(module, datamodule=dm)
     return trainer
+
+
+class LetterTokenizer:
+    """Renders id i as 't<i>' (and id 7 as a newline, which the pictures must show escaped)."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids):
+        return "\n" if ids[0] == 7 else f"t{ids[0]}"
 
 
 def test_nothing_runs_in_training_steps_and_every_n_validations(tmp_path):
@@ -210,8 +222,10 @@ def test_peft_fit_logs_shares_and_draws_pictures(tmp_path):
 def test_full_fine_tuning_measures_against_the_initial_weights(tmp_path):
     module = ValPlain(lr=0.5)
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
-    cb = TokenDistributionShift(max_samples=4, max_new_tokens=5, first_k=2, pictures=False)
-    _fit(module, cb, tmp_path)
+    cb = TokenDistributionShift(max_samples=4, max_new_tokens=5, first_k=2, picture_answers=3)
+    _fit(module, cb, tmp_path, tokenizer=LetterTokenizer())
+    rendered = [t for texts, _ in cb.last_answers for t in texts] + [t for t, _, _ in cb.last_top_shifted]
+    assert rendered and all(t == "\\n" or (t[0] == "t" and t[1:].isdigit()) for t in rendered)
     base = cb.base_model.state_dict()
     assert all(torch.equal(base[k], initial[k]) for k in initial)
     assert any(not torch.equal(module.model.state_dict()[k], initial[k]) for k in initial)
@@ -232,6 +246,32 @@ def test_with_lit_ft_causal_lm_module(tmp_path, peft):
     m = trainer.callback_metrics
     shares = [m[f"lit_ft/token_distribution_shift/{k}_share"].item() for k in ("unshifted", "marginal", "shifted")]
     assert sum(shares) == pytest.approx(1) and cb.last_results["tokens"] > 0
+
+
+def test_base_from_a_folder_and_validate_without_a_base(tmp_path):
+    base = tiny_hf_model(seed=5)
+    base.save_pretrained(tmp_path / "base")
+    module = ValPlain()
+    cb = TokenDistributionShift(max_samples=4, max_new_tokens=4, first_k=2, base=str(tmp_path / "base"),
+                                pictures=False)
+    trainer = pl.Trainer(limit_val_batches=2, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.validate(module, datamodule=ListDataModule(n_batches=2))
+    assert cb.last_results["tokens"] == 16 and "base_state" not in cb.state_dict()
+    loaded = cb.base_model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in base.state_dict().items())
+    # same prompts and answers scored by hand against that base
+    expected = evaluate_token_distribution_shift(base, module.model, [ListDataModule(n_batches=2).batches[0]],
+                                                 max_new_tokens=4, max_samples=4, first_k=2)
+    assert cb.last_results["shifted_share"] == pytest.approx(expected["shifted_share"])
+    assert cb.last_results["unshifted_share"] == pytest.approx(expected["unshifted_share"])
+
+    plain = TokenDistributionShift(pictures=False)  # validate(): no fit, no PEFT, no base -> nothing, with a warning
+    trainer = pl.Trainer(limit_val_batches=1, callbacks=[plain], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="no base model"):
+        trainer.validate(ValPlain(), datamodule=ListDataModule(n_batches=1))
+    assert plain.last_results == {} and plain.base_model is None
 
 
 def test_resume_restores_the_initial_base_weights(tmp_path):
