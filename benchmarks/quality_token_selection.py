@@ -25,7 +25,9 @@ from lit_ft.modules import CausalLMModule
 #: name -> factory of the technique's callbacks (empty for plain SFT)
 TECHNIQUES: dict[str, Callable[[], list[pl.Callback]]] = {
     "plain SFT": lambda: [],
-    "ExcessLossSelection(keep_ratio=0.6)": lambda: [cbs.ExcessLossSelection(keep_ratio=0.6)],
+    # the measured rows used the initial weights as reference (the old default): the named self-reference mode, not
+    # Rho-1 (which needs a reference trained on clean data first: configs/rho1/)
+    "ExcessLossSelection(keep_ratio=0.6)": lambda: [cbs.ExcessLossSelection(keep_ratio=0.6, reference="initial")],
     "SSToken(keep_ratio=0.6, gamma=0.5)": lambda: [cbs.SSToken()],
     "QTuning(sample_ratio=0.25, token_ratio=0.5)": lambda: [cbs.QTuning(sample_ratio=0.25, token_ratio=0.5, plot_every_n_steps=0)],
     "MaskedThought(max_rate=0.4)": lambda: [cbs.MaskedThought(max_rate=0.4)],

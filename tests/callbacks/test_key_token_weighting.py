@@ -237,7 +237,7 @@ def test_composes_with_excess_loss_weights_multiply_on_kept_tokens():
     batch = keyed_batch(4, 16, seed=4, p=0.3)
 
     def excess():
-        return ExcessLossSelection(keep_ratio=0.5)
+        return ExcessLossSelection(keep_ratio=0.5, reference="initial")
 
     ex_alone = excess()
     mod_a, _ = _mixin_loss(state, dict(batch), [ex_alone])

@@ -262,7 +262,7 @@ def test_composes_with_excess_loss_reference_sees_masked_input():
     torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config())
     mt = MaskedThought(max_rate=0.4, warmup_fraction=0.0, seed=2)
-    ex = ExcessLossSelection(keep_ratio=0.5)
+    ex = ExcessLossSelection(keep_ratio=0.5, reference="initial")
     trainer = _trainer([mt, ex], max_steps=1)
     module.trainer = trainer
     for cb in (mt, ex):
@@ -282,7 +282,7 @@ def test_composes_with_excess_loss_reference_sees_masked_input():
 def test_both_active_in_one_trainer_metrics_logged():
     module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
     mt = MaskedThought(max_rate=0.4, warmup_fraction=0.0)
-    ex = ExcessLossSelection(keep_ratio=0.5)
+    ex = ExcessLossSelection(keep_ratio=0.5, reference="initial")
     trainer = _trainer([mt, ex], max_steps=3)
     trainer.fit(module, datamodule=ListDataModule())
     m = trainer.callback_metrics
@@ -294,7 +294,7 @@ def test_both_active_in_one_trainer_metrics_logged():
 
 def test_warns_when_a_token_scorer_comes_first():
     module = CausalLMModule(model_config=tiny_config())
-    mt, ex = MaskedThought(), ExcessLossSelection()
+    mt, ex = MaskedThought(), ExcessLossSelection(reference="initial")
     trainer = _trainer([ex, mt], max_steps=1)
     with pytest.warns(UserWarning, match=r"after \['ExcessLossSelection'\].*Put MaskedThought first"):
         mt.setup(trainer, module, "fit")

@@ -362,7 +362,7 @@ def test_composes_with_a_token_scorer_on_a_plain_module(tmp_path):
     def run(beta):
         torch.manual_seed(0)
         cb = PANDA(source_prompt=src, beta=beta, init="vocab", seed=3)  # a fresh student: KD > 0 at step 0
-        t = trainer([cb, ExcessLossSelection(keep_ratio=0.5)], max_steps=1)
+        t = trainer([cb, ExcessLossSelection(keep_ratio=0.5, reference="initial")], max_steps=1)
         t.fit(PlainHFModule(), datamodule=ListDataModule(n_batches=1))
         return cb.source.embedding.weight.detach().clone(), t.callback_metrics
 

@@ -343,7 +343,7 @@ def test_composes_with_excess_loss_selection():
     # inline: both scorers in one pipeline, keep-masks AND
     module = CausalLMModule(model_config=tiny_config())
     qt = QTuning(sample_ratio=0.5, scoring="inline")
-    el = ExcessLossSelection(keep_ratio=0.5)
+    el = ExcessLossSelection(keep_ratio=0.5, reference="initial")
     trainer = _trainer([qt, el], max_steps=1)
     module.trainer = trainer
     qt.setup(trainer, module, "fit")
@@ -365,7 +365,7 @@ def test_composes_with_excess_loss_selection():
     # separate: QTuning edits the batch first, then Rho-1 selects half of what is left
     module2 = CausalLMModule(model_config=tiny_config())
     qt2 = QTuning(sample_ratio=0.5)
-    el2 = ExcessLossSelection(keep_ratio=0.5)
+    el2 = ExcessLossSelection(keep_ratio=0.5, reference="initial")
     trainer2 = _trainer([qt2, el2], max_steps=1)
     trainer2.strategy.connect(module2)
     module2.trainer = trainer2
@@ -401,7 +401,7 @@ def test_missing_labels_and_non_hf_module_errors():
 def test_refused_when_listed_after_a_batch_start_reader():
     # ExcessLossSelection's reference NLL would be for the rows QTuning removes (lit_ft.core.loss.batch_order)
     module = CausalLMModule(model_config=tiny_config())
-    el, qt = ExcessLossSelection(), QTuning()
+    el, qt = ExcessLossSelection(reference="initial"), QTuning()
     trainer = _trainer([el, qt], max_steps=1)
     with pytest.raises(ValueError, match=r"Fix: list QTuning\(scoring='separate'\) before ExcessLossSelection"):
         qt.setup(trainer, module, "fit")

@@ -416,7 +416,7 @@ def test_alongside_token_selection_and_a_prompt():
 
     module = _module(layers=3)
     cb = TokenElimination(dense_layers=1, **SMALL)
-    _trainer([ExcessLossSelection(keep_ratio=0.6), PromptTuning(num_virtual_tokens=4), cb], max_steps=2).fit(
+    _trainer([ExcessLossSelection(keep_ratio=0.6, reference="initial"), PromptTuning(num_virtual_tokens=4), cb], max_steps=2).fit(
         module, datamodule=ListDataModule(n_batches=2, seq_len=32))
     assert torch.isfinite(torch.tensor(cb.last_metrics["lit_ft/token_elimination/kept_fraction"]))
     assert set(k for k in cb.last_metrics if "kept_fraction/layer_" in k) == {

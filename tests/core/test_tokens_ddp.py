@@ -19,7 +19,7 @@ def test_ddp_two_ranks_equal_one_big_batch(keep_ratio):
     data = random_batch(8, 16, prompt_len=3, seed=2)
     data["labels"][:4, 3:12] = -100  # rank 0 holds far fewer tokens than rank 1
     def callbacks():
-        return [ExcessLossSelection(keep_ratio=keep_ratio)] if keep_ratio else []
+        return [ExcessLossSelection(keep_ratio=keep_ratio, reference="initial")] if keep_ratio else []
 
     single, _ = fit_global_batches("auto", 1, 8, init, data, callbacks())
     ddp, _ = fit_global_batches("ddp_spawn", 2, 4, init, data, callbacks())

@@ -33,7 +33,7 @@ def main(out_dir: str, world: int, callback: str) -> None:
     if callback == "excess_loss":  # rank-global top-k of the excess loss against a frozen reference copy
         from lit_ft.callbacks import ExcessLossSelection
 
-        callbacks.append(ExcessLossSelection(keep_ratio=0.5))
+        callbacks.append(ExcessLossSelection(keep_ratio=0.5, reference="initial"))
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=2, logger=False, enable_checkpointing=False,

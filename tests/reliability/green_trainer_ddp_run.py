@@ -29,7 +29,7 @@ def main(out_dir: str, scorer: str) -> None:
     torch.manual_seed(0)
     module = SGDModule(model_config=tiny_config())
     batches = [random_batch(4, 16, prompt_len=3, seed=s) for s in range(4)]
-    token_cb = (ExcessLossSelection(keep_ratio=0.5) if scorer == "excess_loss"
+    token_cb = (ExcessLossSelection(keep_ratio=0.5, reference="initial") if scorer == "excess_loss"
                 else QTuning(sample_ratio=0.5, scoring="inline", plot_every_n_steps=0))
     green = GreenTrainer(rho=0.5, interval=1, quantization=50, measure_every_n_steps=0)
     trainer = pl.Trainer(

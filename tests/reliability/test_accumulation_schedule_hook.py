@@ -48,7 +48,7 @@ def test_hook_gradient_follows_gradient_accumulation_scheduler():
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0,
-        callbacks=[GradientAccumulationScheduler({1: 2}), ExcessLossSelection(keep_ratio=1.0), rec],
+        callbacks=[GradientAccumulationScheduler({1: 2}), ExcessLossSelection(keep_ratio=1.0, reference="initial"), rec],
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert trainer.accumulate_grad_batches == 2

@@ -42,14 +42,14 @@ def test_reader_listed_before_qtuning_separate_is_refused():
     QTuning removes: formerly a misleading "no reference NLL" error in the loss) fails at setup with the fix."""
     with pytest.raises(ValueError, match=r"ExcessLossSelection is listed before QTuning\(scoring='separate'\).*"
                                          r"Fix: list QTuning\(scoring='separate'\) before ExcessLossSelection"):
-        _fit([ExcessLossSelection(keep_ratio=0.5), _sep()])
+        _fit([ExcessLossSelection(keep_ratio=0.5, reference="initial"), _sep()])
 
 
 @pytest.mark.parametrize("case", ["excess_after", "sstoken_loss_only_after", "inline_with_sstoken"])
 def test_orders_that_work_still_train(case):
     """issue 18 item 9: the check refuses only the broken orders: these train."""
     cbs = {
-        "excess_after": lambda: [_sep(), ExcessLossSelection(keep_ratio=0.5)],
+        "excess_after": lambda: [_sep(), ExcessLossSelection(keep_ratio=0.5, reference="initial")],
         # gamma=1: no prompt keys read, the history NLL of the edited batch is what the loss needs
         "sstoken_loss_only_after": lambda: [_sep(), SSToken(keep_ratio=0.5, gamma=1.0)],
         "inline_with_sstoken": lambda: [SSToken(keep_ratio=0.5), QTuning(sample_ratio=0.5, scoring="inline",
@@ -62,7 +62,7 @@ def test_scorer_without_batch_start_work_may_come_first():
     """KeyTokenWeighting does no per-batch work before the forward (no ``prepare_batch``): any order is fine."""
     check_batch_order([KeyTokenWeighting(), _sep()])
     with pytest.raises(ValueError, match="ExcessLossSelection is listed before"):  # the inferred reader is refused
-        check_batch_order([KeyTokenWeighting(), ExcessLossSelection(), _sep()])
+        check_batch_order([KeyTokenWeighting(), ExcessLossSelection(reference="initial"), _sep()])
 
 
 def test_declared_parts_only():

@@ -54,7 +54,7 @@ def test_steps_without_supervised_tokens_warn_once_with_their_count(module_kind,
     counter says 2; the other steps train."""
     torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config()) if module_kind == "mixin" else PlainHFModule()
-    cb = ExcessLossSelection(keep_ratio=0.5) if scorer == "excess_loss" else KeyTokenWeighting()
+    cb = ExcessLossSelection(keep_ratio=0.5, reference="initial") if scorer == "excess_loss" else KeyTokenWeighting()
     trainer = quiet_trainer([cb], max_steps=6, max_epochs=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -69,7 +69,7 @@ def test_the_count_is_per_optimizer_step_with_accumulation():
     """issue 18 item 10: with accumulate_grad_batches=2 a step is empty only when both its micro-batches are."""
     torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config())
-    trainer = quiet_trainer([ExcessLossSelection(keep_ratio=0.5)], max_steps=3, max_epochs=1,
+    trainer = quiet_trainer([ExcessLossSelection(keep_ratio=0.5, reference="initial")], max_steps=3, max_epochs=1,
                             accumulate_grad_batches=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -85,7 +85,7 @@ def test_an_epoch_without_any_supervised_token_fails(module_kind):
     """issue 18 item 10: every batch of the epoch is empty: fit raises, naming the epoch (it trained loss 0.0)."""
     torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config()) if module_kind == "mixin" else PlainHFModule()
-    trainer = quiet_trainer([ExcessLossSelection(keep_ratio=0.5)], max_steps=-1, max_epochs=2)
+    trainer = quiet_trainer([ExcessLossSelection(keep_ratio=0.5, reference="initial")], max_steps=-1, max_epochs=2)
     with pytest.raises(RuntimeError, match="no batch of epoch 0 has a supervised token"):
         trainer.fit(module, datamodule=_Batches(_batches(3, empty={0, 1, 2})))
 
@@ -94,7 +94,7 @@ def test_a_run_with_supervised_tokens_everywhere_does_not_warn():
     """issue 18 item 10: no false alarm."""
     torch.manual_seed(0)
     module = CausalLMModule(model_config=tiny_config())
-    trainer = quiet_trainer([ExcessLossSelection(keep_ratio=0.5)], max_steps=-1, max_epochs=2)
+    trainer = quiet_trainer([ExcessLossSelection(keep_ratio=0.5, reference="initial")], max_steps=-1, max_epochs=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=_Batches(_batches(3, empty=set())))

@@ -52,7 +52,7 @@ def test_green_trainer_before_a_batch_start_preparer_is_refused_at_setup():
     from helpers import ListDataModule, SGDModule, quiet_trainer, tiny_config
 
     torch.manual_seed(0)
-    trainer = quiet_trainer([GreenTrainer(measure_every_n_steps=0), ExcessLossSelection(keep_ratio=0.5)],
+    trainer = quiet_trainer([GreenTrainer(measure_every_n_steps=0), ExcessLossSelection(keep_ratio=0.5, reference="initial")],
                             max_steps=1, limit_val_batches=0)
     with pytest.raises(ValueError, match=r"ExcessLossSelection is listed after GreenTrainer.*"
                                          r"Fix: list ExcessLossSelection before GreenTrainer"):

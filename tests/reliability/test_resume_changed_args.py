@@ -169,10 +169,10 @@ def test_excess_loss_resumed_with_a_changed_keep_ratio_keeps_the_initial_referen
     """issue 18 item 5 (general rule): the reference "initial weights" survive a changed ``keep_ratio`` (before: the
     state was dropped and the reference copied from the resumed module at setup); the run equals one whose
     keep_ratio changed at step 2."""
-    ckpt = _checkpoint(tmp_path, [ExcessLossSelection(keep_ratio=0.5)])
-    ref_cb = ExcessLossSelection(keep_ratio=0.5)
+    ckpt = _checkpoint(tmp_path, [ExcessLossSelection(keep_ratio=0.5, reference="initial")])
+    ref_cb = ExcessLossSelection(keep_ratio=0.5, reference="initial")
     ref, _ = _fit([_SetAt(ref_cb, "keep_ratio", 0.8), ref_cb], max_steps=4)
-    res_cb = ExcessLossSelection(keep_ratio=0.8)
+    res_cb = ExcessLossSelection(keep_ratio=0.8, reference="initial")
     # the resumed module is built from another seed (the checkpoint replaces its weights): a reference copied at
     # setup from the module, as when the saved state is dropped, would be those other weights
     res, _ = _fit([res_cb], max_steps=4, ckpt_path=ckpt, make_module=lambda: (torch.manual_seed(1), _module())[1])
