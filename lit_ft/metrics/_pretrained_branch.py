@@ -139,6 +139,8 @@ def _cast(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return tuple(_cast(v, device, dtype) for v in value)
     if isinstance(value, list):
         return [_cast(v, device, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast(v, device, dtype) for k, v in value.items()}
     return value
 
 

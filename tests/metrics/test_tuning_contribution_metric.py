@@ -360,3 +360,17 @@ def test_evaluate_tuning_contribution_matches_the_metric():
     torch.testing.assert_close(torch.tensor(out["per_prompt"]), per)
     assert out["tuco"] == pytest.approx(per.mean().item(), rel=1e-5)
     assert len(out["ftc_layer"]) == 2 and sum(out["histogram"]) == 6
+
+
+@pytest.mark.parametrize("ft_dtype, copy_dtype", [(torch.float32, "bfloat16"), (torch.bfloat16, "float32")])
+def test_a_copy_in_another_dtype_gets_every_input_cast(ft_dtype, copy_dtype):
+    """The copy's layer receives the stream, the RoPE cos/sin and the mask in its own dtype (a bfloat16 copy of a
+    float32 run failed in attention before the keyword arguments were cast); the same weights give a TuCo near 0
+    (rounding only)."""
+    from lit_ft.core.frozen import frozen_copy
+
+    model = tiny_hf_model()
+    pt = frozen_copy(model, copy_dtype)
+    ft = copy.deepcopy(model).to(ft_dtype)
+    out = evaluate_tuning_contribution(pt, ft, [random_batch(3, 12)])
+    assert out["prompts"] == 3 and 0.0 <= out["tuco"] < 0.05

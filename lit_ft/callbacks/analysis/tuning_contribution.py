@@ -190,6 +190,10 @@ class TuningContribution(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lit_ft.core.strategy import refuse_sharded_strategies
+
+        refuse_sharded_strategies(trainer, "TuningContribution", "its pre-trained branch calls decoder layers a second "
+                                  "time from a forward hook, where sharded weights are not gathered")
         hf = find_hf_model(pl_module)
         self._resolved = self._resolve_branch(hf)
         num_layers = len(find_decoder_layers(hf))
