@@ -28,10 +28,16 @@ def refuse_sharded_strategies(trainer: Any, who: str, why: str) -> None:
 def require_unused_parameter_tolerance(trainer: Any, who: str, why: str) -> None:
     """Under multi-process DDP, require ``find_unused_parameters=True`` (and no ``static_graph``): a technique that
     leaves parameters without gradients otherwise stalls DDP's gradient buckets, whose all-reduce then never
-    runs, so the ranks' updates silently diverge (or DDP fails steps later)."""
+    runs, so the ranks' updates silently diverge (or DDP fails steps later). ``DeepSpeedStrategy`` (recognised by
+    its class name: deepspeed need not be installed) is refused with the reason instead."""
     from lightning.pytorch.strategies import DDPStrategy
 
     strategy = getattr(trainer, "strategy", None)
+    if "DeepSpeed" in type(strategy).__name__:
+        # Lightning's DeepSpeedStrategy subclasses DDPStrategy, but the DDP advice below does not apply to it
+        raise ValueError(f"{who} does not support {type(strategy).__name__}: it {why}, which is tested only under DDP "
+                         "with find_unused_parameters=True. Use strategy='ddp_find_unused_parameters_true' or a "
+                         "single device.")
     world = getattr(trainer, "world_size", None)  # unknown (a bare strategy holder): checked
     if not isinstance(strategy, DDPStrategy) or (world is not None and world <= 1):
         return
