@@ -469,3 +469,43 @@ def test_rho1_recipe_configs_run_both_stages(tmp_path, tiny_tokenizer_path):
     cb2 = next(c for c in cached.trainer.callbacks if isinstance(c, ExcessLossSelection))
     assert cb2.reference_model is None and cb2._cache is not None and len(cb2._cache) == 24
     assert "lit_ft/excess_loss/kept_fraction" in cached.trainer.callback_metrics
+
+
+def _fit_saving(cb, tmp_path, max_steps=2, ckpt_path=None, seed=0):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(seed)
+    module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False)
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[cb, saver])
+    trainer.fit(module, datamodule=ListDataModule(n_batches=2), ckpt_path=ckpt_path)
+    return module, str(tmp_path / "last.ckpt")
+
+
+def test_resume_into_initial_mode_needs_saved_initial_weights(tmp_path):
+    """A run whose reference was a loaded model cannot resume as reference='initial' (the initial weights were never
+    saved: the reference would silently be the trained weights); a checkpoint written before 'initial' was named
+    (reference None + saved weights) resumes as reference='initial' with those weights."""
+    from lit_ft.core.resume import ARGS_KEY
+
+    folder, _ = _saved_reference(tmp_path)
+    _, ckpt = _fit_saving(ExcessLossSelection(keep_ratio=0.5, reference=str(folder)), tmp_path / "a")
+    with pytest.raises(ValueError, match="holds no initial weights"):
+        _fit_saving(ExcessLossSelection(keep_ratio=0.5, reference="initial"), tmp_path / "b", 4, ckpt)
+
+    _, ckpt = _fit_saving(ExcessLossSelection(keep_ratio=0.5, reference="initial"), tmp_path / "c")
+    old = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in old["callbacks"] if k.startswith("ExcessLossSelection")]
+    state = old["callbacks"].pop(key)
+    state["reference"] = None
+    state[ARGS_KEY]["reference"] = None
+    old["callbacks"]["ExcessLossSelection{'keep_ratio': 0.5, 'reference': None}"] = state
+    torch.save(old, ckpt)
+    cb = ExcessLossSelection(keep_ratio=0.5, reference="initial")
+    # the resumed module starts from other weights (the checkpoint replaces them): a reference copied from the module
+    # at setup, as when the saved state is dropped, would be those
+    _fit_saving(cb, tmp_path / "d", 4, ckpt, seed=1)
+    torch.manual_seed(0)
+    initial = CausalLMModule(model_config=tiny_config()).model.state_dict()
+    assert_state_dicts_equal(initial, cb.reference_model.state_dict())
