@@ -12,7 +12,7 @@ import torch
 from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
 from lit_ft.core.resume import RESTORE
-from lit_ft.core.validate import check_choice, check_int, check_number, check_str
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number, check_str
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.attention import attention_mass_on_keys
 from lit_ft.core.attention import check_attention_layout as _check_attention_layout
@@ -24,12 +24,15 @@ from lit_ft.core.loss import (
     TokenScores,
     causal_lm_token_nll,
     per_response_min_max,
-    per_response_topk_mask,
 )
+from lit_ft.callbacks.token_selection._sstoken_keep import end_of_turn_ids, protected_topk_mask
 
 _HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _HISTORY_DEVICES = ("same", "cpu")
 _NO_ATTENTION_HINT = "set gamma=1.0 to use the loss-based score only"
+#: the release's warm-up: samples with dataset index < 10000 are scored by attention only (``pre_ratio=0``), read
+#: in order (``shuffle=False``) at 3 per GPU x 8 GPUs x 2 accumulation = 48 per optimizer step: 10000 / 48 ≈ 208
+RELEASE_WARMUP_STEPS = 208
 
 
 def check_attention_layout(layer: torch.nn.Module) -> None:
@@ -88,6 +91,12 @@ class SSToken(TokenScorerCallback):
     3. ``score_t = γ·REL'_t + (1 − γ)·a_t``; keep the top ``⌈ρ·n_i⌉`` tokens of each response;
     4. loss = mean NLL over the kept tokens (normalised by the global kept-token count of the accumulation window).
 
+    As the release: the history is the fixed base model (``history="initial"``), and the first ``warmup_steps``
+    optimizer steps score by attention alone (``γ = 0``; the release does this for its first 10000 samples).
+    Added by lit-ft so that selection cannot starve what it drops (a dropped token never improves, so its REL stays
+    low): every response keeps its EOS / end-of-turn tokens and at least ``min_keep_per_response`` tokens, and
+    optionally a random ``explore_ratio`` share of its kept slots.
+
     Alignment: in target space position ``t`` predicts token ``t+1`` from the hidden state at input position ``t``,
     so target ``t`` uses attention row ``t``. (The authors' release pairs attention row ``t`` with the loss of
     token ``t``, i.e. one position off.) Evaluation losses are never filtered.
@@ -98,11 +107,12 @@ class SSToken(TokenScorerCallback):
             ``1.0`` = loss only (no attention work, any decoder layout); ``0.0`` = attention only (no history model).
         attention_layer: index of the decoder layer whose attention is used (negative counts from the end; ``-1`` =
             last layer, as in the paper). Needs a Llama-style layer (Llama, Mistral, Qwen2/3, SmolLM2).
-        history: the history model. ``"ema"`` = exponential moving average of the training weights, updated after
-            every optimizer step (``θ_his ← decay·θ_his + (1 − decay)·θ``); ``"initial"`` = frozen copy of the
-            weights when training starts (what the release approximates with precomputed base-model losses);
-            otherwise a local HF folder or a ``lit_ft.assets`` name (frozen; must share the tokenizer). ``"ema"``
-            and ``"initial"`` weights are stored in the checkpoint.
+        history: the history model. ``"initial"`` (default, the release) = frozen copy of the weights when
+            training starts (the release precomputes the base model's losses; this computes them live);
+            ``"ema"`` = exponential moving average of the training weights, updated after every optimizer step
+            (``θ_his ← decay·θ_his + (1 − decay)·θ``; the paper's optional variant); otherwise a local HF folder or
+            a ``lit_ft.assets`` name (frozen; must share the tokenizer). ``"ema"`` and ``"initial"`` weights are
+            stored in the checkpoint.
         ema_decay: decay of the EMA history, in [0, 1] (only for ``history="ema"``; 0 = the current weights, 1 =
             the initial weights).
         history_device: ``"same"`` (history model on the training device) or ``"cpu"`` (kept in CPU memory between
@@ -113,6 +123,17 @@ class SSToken(TokenScorerCallback):
         integration: ``"auto"`` (best available), ``"mixin"``, ``"hook"`` (HF ``loss_function`` of a plain module)
             or ``"batch"`` (labels of dropped tokens set to -100 before the forward; costs an extra no-grad forward
             of the current model, whose pass through the chosen layer also provides the attention).
+        warmup_steps: optimizer steps (``trainer.global_step < warmup_steps``) scored by attention alone, as the
+            release's first 10000 samples (≈ 208 of its 48-sample steps: the default). With ``gamma=1.0`` (no
+            attention score) the warm-up keeps every token instead. ``0`` = no warm-up.
+        min_keep_per_response: every response keeps at least ``min(n_i, this)`` tokens (short responses: with the
+            default 8 a response of up to 8 tokens is trained whole). ``0`` = only ``⌈ρ·n_i⌉``.
+        always_keep_eos: keep every EOS / end-of-turn target (model config and generation config
+            ``eos_token_id``, the datamodule tokenizer's ``eos_token_id`` and its chat end-of-turn special token)
+            inside the response's budget, so the model learns to stop.
+        explore_ratio: share of each response's non-forced kept slots given to uniformly random tokens not picked
+            by the score (stochastically rounded per response), in [0, 1). Seeded by ``seed`` and the step.
+        seed: seed of the exploration draws.
     """
 
     token_needs = frozenset({"nll"})
@@ -122,6 +143,9 @@ class SSToken(TokenScorerCallback):
     resume_decisions = {
         "keep_ratio": RESTORE, "gamma": _gamma_decision, "attention_layer": RESTORE, "history": _history_decision,
         "ema_decay": RESTORE, "history_device": RESTORE, "history_dtype": RESTORE, "integration": RESTORE,
+        # functions of the restored global step / of each batch: the new value applies from the resumed step
+        "warmup_steps": RESTORE, "min_keep_per_response": RESTORE, "always_keep_eos": RESTORE,
+        "explore_ratio": RESTORE, "seed": RESTORE,
     }
 
     def __init__(
@@ -129,11 +153,16 @@ class SSToken(TokenScorerCallback):
         keep_ratio: float = 0.6,
         gamma: float = 0.5,
         attention_layer: int = -1,
-        history: str = "ema",
+        history: str = "initial",
         ema_decay: float = 0.99,
         history_device: str = "same",
         history_dtype: str = "float32",
         integration: str = "auto",
+        warmup_steps: int = RELEASE_WARMUP_STEPS,
+        min_keep_per_response: int = 8,
+        always_keep_eos: bool = True,
+        explore_ratio: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__(integration=integration)
         owner = type(self).__name__
@@ -144,6 +173,11 @@ class SSToken(TokenScorerCallback):
         check_number(owner, "ema_decay", ema_decay, low=0, high=1)
         check_choice(owner, "history_device", history_device, list(_HISTORY_DEVICES))
         check_choice(owner, "history_dtype", history_dtype, sorted(_HISTORY_DTYPES))
+        check_int(owner, "warmup_steps", warmup_steps, minimum=0)
+        check_int(owner, "min_keep_per_response", min_keep_per_response, minimum=0)
+        check_bool(owner, "always_keep_eos", always_keep_eos)
+        check_number(owner, "explore_ratio", explore_ratio, low=0, high=1, high_open=True)
+        check_int(owner, "seed", seed, minimum=0)
         self.keep_ratio = float(keep_ratio)
         self.gamma = float(gamma)
         self.attention_layer = attention_layer
@@ -151,6 +185,13 @@ class SSToken(TokenScorerCallback):
         self.ema_decay = float(ema_decay)
         self.history_device = history_device
         self.history_dtype = history_dtype
+        self.warmup_steps = warmup_steps
+        self.min_keep_per_response = min_keep_per_response
+        self.always_keep_eos = always_keep_eos
+        self.explore_ratio = float(explore_ratio)
+        self.seed = seed
+        self.eos_ids: frozenset[int] = frozenset()  # resolved at setup (model config + datamodule tokenizer)
+        self._warming_up = False  # this batch is a warm-up step (set in prepare_batch)
 
         # "ema" / "initial": a copy of the weights when training starts (stored in checkpoints); else a loaded model
         self._history = FrozenModel(
@@ -209,6 +250,10 @@ class SSToken(TokenScorerCallback):
         self._trainer_ref = weakref.ref(trainer)
         if stage == "fit" and self.uses_history and self._history.model is None:
             self._history.build(hf_model)
+        if self.always_keep_eos:
+            # the datamodule is set up before the callbacks (Lightning's order), so its tokenizer is loaded here
+            tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+            self.eos_ids = end_of_turn_ids(hf_model, tokenizer)
         super().setup(trainer, pl_module, stage)
         if self.uses_attention and self._hook_handle is None:
             layers = find_decoder_layers(hf_model)
@@ -279,10 +324,13 @@ class SSToken(TokenScorerCallback):
         self._armed = False
         self._history_nll = None
         self._prompt_keys = None
+        self._warming_up = False
         if not training:
             return
         self._sync_history()
-        if self.uses_history:
+        self._warming_up = self._in_warmup()
+        # during the warm-up the score is attention only: the history losses are not needed (nor computed)
+        if self.uses_history and not self._warming_up:
             self._history_nll = self._history_forward(pl_module, batch)
         if self.uses_attention:
             labels = batch["labels"]
@@ -335,9 +383,26 @@ class SSToken(TokenScorerCallback):
         mass = prompt_attention_mass(self._layer, hidden, pos, keys, am)
         return mass[:, n:].to(scores.valid.device)
 
+    def _in_warmup(self) -> bool:
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        return trainer is not None and int(trainer.global_step) < self.warmup_steps
+
     def nominal_keep_ratio(self) -> float:
-        # the loss is averaged over the selected tokens: ρ of each response's supervised tokens
+        # the loss is averaged over the selected tokens: ρ of each response's supervised tokens (the minimum keep
+        # and the forced EOS add a few on short responses; the engine's normaliser counts ρ·N). A loss-only warm-up
+        # step keeps every token.
+        if not self.uses_attention and self._in_warmup():
+            return 1.0
         return self.keep_ratio
+
+    def _generator(self) -> torch.Generator | None:
+        # one stream per (seed, optimizer step, rank): reproducible, different every step and on every rank
+        if self.explore_ratio <= 0.0:
+            return None
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        step = int(trainer.global_step) if trainer is not None else 0
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4099 + rank)
 
     def score_tokens(self, scores: TokenScores) -> TokenDecision:
         if not scores.training:
@@ -346,10 +411,13 @@ class SSToken(TokenScorerCallback):
             raise RuntimeError("SSToken needs the current per-token NLL; the loss path did not provide it")
         valid = scores.valid
         n_valid = valid.sum().clamp_min(1)
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, Any] = {"warmup": float(self._warming_up)}
+        if self._warming_up and not self.uses_attention:
+            return TokenDecision(metrics={**metrics, "kept_fraction": 1.0})  # gamma=1: no attention to warm up with
+        gamma = 0.0 if self._warming_up else self.gamma  # the release's warm-up: attention only
         combined = torch.zeros_like(scores.nll, dtype=torch.float32)
         rel = None
-        if self.uses_history:
+        if self.uses_history and gamma > 0.0:
             if self._history_nll is None or self._history_nll.shape != scores.nll.shape:
                 raise RuntimeError(
                     "SSToken: no history NLL for this batch. Its on_train_batch_start must run before the forward "
@@ -357,14 +425,21 @@ class SSToken(TokenScorerCallback):
                 )
             his = self._history_nll.to(scores.nll.device)
             rel = torch.where(valid, his - scores.nll.float(), torch.zeros_like(his))
-            combined = combined + self.gamma * per_response_min_max(rel, valid)
+            combined = combined + gamma * per_response_min_max(rel, valid)
             metrics["rel_mean"] = rel.sum() / n_valid
             metrics["history_nll"] = (his * valid).sum() / n_valid
         attn = None
         if self.uses_attention:
             attn = self._attention_scores(scores)
-            combined = combined + (1.0 - self.gamma) * torch.where(valid, attn, torch.zeros_like(attn))
-        keep = per_response_topk_mask(combined, valid, self.keep_ratio)
+            combined = combined + (1.0 - gamma) * torch.where(valid, attn, torch.zeros_like(attn))
+        forced = None
+        if self.eos_ids:
+            eos = torch.tensor(sorted(self.eos_ids), device=scores.targets.device)
+            forced = valid & torch.isin(scores.targets, eos)
+            metrics["eos_kept"] = forced.sum().float()
+        keep = protected_topk_mask(combined, valid, self.keep_ratio, forced=forced,
+                                   min_keep=self.min_keep_per_response, explore_ratio=self.explore_ratio,
+                                   generator=self._generator())
         kept = keep.sum().clamp_min(1)
         metrics["kept_fraction"] = (keep.sum() / n_valid).float()
         if rel is not None:
