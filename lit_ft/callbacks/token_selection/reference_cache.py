@@ -42,7 +42,7 @@ from torch import nn
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.loss import causal_lm_token_nll
 
-__all__ = ["FORMAT", "VERSION", "ReferenceLossCache", "build_cache", "digest_ids", "main", "score_batches"]
+__all__ = ["FORMAT", "VERSION", "ReferenceLossCache", "build_cache", "datamodule_meta", "digest_ids", "main", "score_batches"]
 
 FORMAT = "lit_ft.reference_nll"
 VERSION = 1
