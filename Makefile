@@ -28,8 +28,10 @@ assets: install
 bench: install
 	$(PY) benchmarks/token_ce.py
 
-# issue 18's compatibility matrix: every technique under 2-rank DDP and FSDP2 (gloo CPU), cached per cell in
-# runs/matrix/ (MATRIX_ARGS=--force reruns all), then docs/compatibility.md is regenerated
+# issue 18's compatibility matrix: every technique under 2-rank DDP and FSDP2 (gloo CPU) and the single-process
+# settings (bf16, accumulation, checkpointing, torch.compile, PEFT-LoRA, mid-epoch and SIGKILL resume, Hypothesis
+# fuzzing), cached per cell in runs/matrix/ (MATRIX_ARGS=--force reruns all; MATRIX_ARGS="--settings compile" one
+# column), then docs/compatibility.md is regenerated. `make test` runs a fast slice (tests/matrix/test_*.py)
 matrix: install
 	OMP_NUM_THREADS=1 $(PY) tests/matrix/run_matrix.py $(MATRIX_ARGS)
 

@@ -1,13 +1,21 @@
 """The compatibility matrix of issue 18: every registered technique (and ``plain``, the module without one) × each
-distributed setting (``ddp``, ``fsdp2``), 2 training steps on the contract suite's tiny case, each cell in its own
-2-process gloo CPU job (``worker.py``) with a timeout; then ``docs/compatibility.md`` is generated from the cells.
+setting, on the contract suite's tiny case, each cell in its own subprocess(es) with a timeout; then
+``docs/compatibility.md`` is generated from the cells.
+
+- distributed settings (``ddp``, ``fsdp2``): 2 training steps as a 2-process gloo CPU job (``worker.py``) against
+  one process;
+- single-process settings (``bf16``, ``accum``, ``checkpointing``, ``compile``, ``lora``, ``resume_mid_epoch``,
+  ``sigkill``, ``fuzz``): one process (``single_worker.py``) runs the case with and without the setting
+  (``single_settings.py``, whose ``SETTING_DOC`` says how each is judged; ``fuzz``: ``fuzz_cell.py``).
 
 A cell's outcome is one of
 
 - ``works (= 1 process)``: after the steps every weight equals one process's on the same global batches
   (``rtol=1e-4, atol=1e-6``, as ``tests/core/test_tokens_ddp.py``);
 - ``runs but differs (max abs diff X)``: it trains, but not like one process;
-- ``refused: <first line>``: a clear error at setup (before the first training batch) that names the strategy;
+- ``works (...)`` for a single-process setting: the setting's own check passed (e.g. ``works (exact)``);
+- ``refused: <first line>``: a clear error at setup (before the first training batch) that names the strategy (the
+  setting, for a single-process one);
 - ``fails: <type>: <first line>``: any other exception (from the first rank that raised);
 - ``hangs (timeout N s)``: the job was still running after ``--timeout`` seconds and was killed;
 - ``not run: <why>``: the cell could not be built (no case for the technique, the case's factories failed).
@@ -16,7 +24,8 @@ Results are cached as ``<out-dir>/<technique>__<setting>.json`` (default ``runs/
 already there unless ``--force``. The page is regenerated from every cached cell of the current techniques.
 
 Usage: ``python tests/matrix/run_matrix.py [--techniques a,b] [--settings ddp,fsdp2] [--force] [--timeout S]
-[--out-dir DIR] [--page PATH] [--render-only]`` (``make matrix`` runs it with the defaults).
+[--out-dir DIR] [--page PATH] [--render-only]`` (``make matrix`` runs it with the defaults: every cell; ``--timeout``
+overrides every setting's own default).
 """
 
 from __future__ import annotations
@@ -37,13 +46,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 WORKER = HERE / "worker.py"
+SINGLE_WORKER = HERE / "single_worker.py"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
 
-SETTINGS = ("ddp", "fsdp2")
+from single_settings import DEFAULT_TIMEOUTS_S, SETTING_WORDS, SINGLE_SETTINGS  # noqa: E402
+from single_settings import SETTING_DOC as SINGLE_SETTING_DOC  # noqa: E402
+
+DIST_SETTINGS = ("ddp", "fsdp2")
+SETTINGS = DIST_SETTINGS + SINGLE_SETTINGS
 SETTING_DOC = {
     "ddp": '`Trainer(strategy="ddp", devices=2)` (DDPStrategy defaults)',
     "fsdp2": "`Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)` "
              "(FSDP2: `CausalLMModule.configure_model` → `shard_causal_lm`, [core/sharding.md](core/sharding.md))",
+    **SINGLE_SETTING_DOC,
 }
 PLAIN = "plain"
 WORLD = 2
@@ -66,8 +82,58 @@ def cell_name(technique: str, setting: str) -> str:
     return f"{technique}__{setting}"
 
 
+def timeout_for(setting: str, given: float | None) -> float:
+    """``--timeout`` when given, else the setting's own default (compile and fuzz need longer)."""
+    return given if given is not None else DEFAULT_TIMEOUTS_S.get(setting, DEFAULT_TIMEOUT_S)
+
+
+def run_single_cell(technique: str, setting: str, out_dir: Path, timeout: float) -> dict:
+    """Run one single-process cell (``single_worker.py`` in its own session, killed with whatever it started after
+    ``timeout`` seconds) and return its record (also written to ``<out_dir>/<technique>__<setting>.json``)."""
+    work = out_dir / cell_name(technique, setting)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+               TOKENIZERS_PARALLELISM="false")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK"):
+        env.pop(var, None)  # one process: never taken for a rank of someone's job
+    started = time.time()
+    timed_out = False
+    with open(work / "rank0.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(SINGLE_WORKER), technique, setting, str(work)], env=env,
+                                cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    path = work / "rank0.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"rank": 0, "phase": "not started"}
+    state.update(returncode=proc.returncode, killed=timed_out,
+                 log_tail=(work / "rank0.log").read_text(errors="replace")[-3000:])
+    result_path = work / "result.json"
+    record = {
+        "technique": technique, "setting": setting, "steps": 2, "timeout_s": timeout,
+        "seconds": round(time.time() - started, 1),
+        "finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "exit_order": [0], "timed_out": timed_out, "ranks": [state],
+        "result": json.loads(result_path.read_text()) if result_path.is_file() else None,
+    }
+    record.update(classify(record))
+    (out_dir / f"{cell_name(technique, setting)}.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
 def run_cell(technique: str, setting: str, out_dir: Path, timeout: float, steps: int = 2) -> dict:
-    """Run one cell as 2 worker processes (ranks 0 and 1, created here as ``torchrun`` would) and return its record
+    """Run one cell (a single-process setting: :func:`run_single_cell`)"""
+    if setting in SINGLE_SETTINGS:
+        return run_single_cell(technique, setting, out_dir, timeout)
+    return run_dist_cell(technique, setting, out_dir, timeout, steps)
+
+
+def run_dist_cell(technique: str, setting: str, out_dir: Path, timeout: float, steps: int = 2) -> dict:
+    """Run one distributed cell as 2 worker processes (ranks 0 and 1, created here as ``torchrun`` would) and return its record
     (also written to ``<out_dir>/<technique>__<setting>.json``)."""
     work = out_dir / cell_name(technique, setting)
     shutil.rmtree(work, ignore_errors=True)
@@ -155,8 +221,10 @@ def classify(record: dict) -> dict:
         if e["where"] == "build":
             return {"category": "not run", "outcome": f"not run: {e['type']}: {first_line(e['message'])}",
                     "detail": detail}
-        at_setup = e["phase"] == "setup"
-        if at_setup and STRATEGY_WORDS.search(e["message"]):
+        single = record.get("setting") in SINGLE_SETTINGS
+        at_setup = e["phase"].endswith("setup")
+        words = re.compile(SETTING_WORDS[record["setting"]], re.IGNORECASE) if single else STRATEGY_WORDS
+        if at_setup and words.search(e["message"]):
             return {"category": "refused", "outcome": f"refused: {first_line(e['message'])}", "detail": detail}
         where = "" if at_setup else f" ({e['phase']})"
         return {"category": "fails", "outcome": f"fails{where}: {e['type']}: {first_line(e['message'])}",
@@ -167,6 +235,8 @@ def classify(record: dict) -> dict:
         return {"category": "fails", "outcome": f"fails: rank {r['rank']} exited with code {r['returncode']} "
                                                 f"at {r['phase']}",
                 "detail": {"log_tail": r["log_tail"][-1500:]}}
+    if record.get("setting") in SINGLE_SETTINGS:  # the setting judged itself (single_settings.py)
+        return {k: result[k] for k in ("category", "outcome", "detail")}
     if ref_error is not None:
         return {"category": "fails", "outcome": f"fails on 1 process too: {ref_error['type']}: "
                                                 f"{first_line(ref_error['message'])}",
@@ -213,7 +283,7 @@ def md_cell(text: str) -> str:
 
 def render(out_dir: Path, page: Path, rows: list[tuple[str, str]], settings: tuple[str, ...], command: str) -> str:
     """Write ``page`` from the cached cells in ``out_dir``: one row per ``(technique, family)`` in ``rows``, one
-    column per setting; a cell never run shows ``—``. Returns the page's text."""
+    column per setting; a cell never run shows ``not run``. Returns the page's text."""
     records = {}
     for technique, _ in rows:
         for setting in settings:
@@ -224,13 +294,22 @@ def render(out_dir: Path, page: Path, rows: list[tuple[str, str]], settings: tup
     date = dates[0] if len(dates) == 1 else (f"{dates[0]} to {dates[-1]}" if dates else "never")
     steps = sorted({r["steps"] for r in records.values()}) or [2]
     lines = [
-        "# Compatibility matrix: DDP and FSDP2",
+        "# Compatibility matrix: DDP, FSDP2 and single-process settings",
         "",
         GENERATED_MARK,
         "",
         "> **This page is generated — do not edit it by hand.** `make matrix` runs `tests/matrix/run_matrix.py`, "
         "which reruns the missing cells (`--force`: all) and rewrites this page from the cached results in "
         "`runs/matrix/`.",
+        "",
+        "**DeepSpeed: refused.** Every technique that refuses FSDP2 refuses `DeepSpeedStrategy` at setup with the "
+        "same message (`lit_ft/core/strategy.py` recognises it by class name, so deepspeed need not be installed; "
+        "`tests/core/test_strategy_deepspeed.py`); `LayerwiseLRDecay` refuses it too (it owns the optimizer's "
+        "param groups), and so does `HalfFineTuning` whenever it freezes (the DDP unused-parameter check refuses "
+        "DeepSpeed with its reason instead of advising a DDP flag). The other techniques and the modules are not "
+        "run under DeepSpeed (it is not installed here); [core/sharding.md](core/sharding.md) does not support it.",
+        "",
+        "## Distributed settings",
         "",
         f"Each registered technique trains {'/'.join(map(str, steps))} steps on the tiny model of its contract-suite "
         "case (`tests/contract/cases.py`: its arguments, module and data; `plain` is the case's default "
@@ -239,23 +318,37 @@ def render(out_dir: Path, page: Path, rows: list[tuple[str, str]], settings: tup
         "swapped for SGD (lr 1, no weight decay, its param groups kept) so that a step's update is the gradient "
         "itself: AdamW's near scale-invariance would hide a gradient normalised by the wrong count.",
         "",
-        *[f"- **{s}**: {SETTING_DOC[s]}" for s in settings],
+        *[f"- **{s}**: {SETTING_DOC[s]}" for s in settings if s in DIST_SETTINGS],
+        "",
+        "## Single-process settings",
+        "",
+        "Each cell is one process (`tests/matrix/single_worker.py`, killed after its timeout) that trains the same "
+        "case with and without the setting, the optimizer again swapped for SGD (lr 1); seeds are fixed so that "
+        "both runs start from the same weights and the technique draws the same random numbers.",
+        "",
+        *[f"- **{s}**: {SETTING_DOC[s]}" for s in settings if s in SINGLE_SETTINGS],
+        "",
+        "## The matrix",
         "",
         "Outcomes: **works (= 1 process)** — every weight equals the one-process run's (`rtol=1e-4, atol=1e-6`, "
         "and within 1e-3 of the tensor's own update in the steps, so that prompts with a small learning rate count); "
         "**runs but differs** — it trains, but not like one process (largest absolute weight difference); "
-        "**refused** — a clear error at setup that names the strategy; **fails** — any other error (the first "
-        "rank's, with the phase when it was not setup); **hangs** — killed after the timeout; **not run** — the cell "
-        "could not be built.",
+        "**refused** — a clear error at setup that names the strategy (a single-process setting: the setting); "
+        "**fails** — any other error (the first rank's, with the phase when it was not setup); **hangs** — killed "
+        "after the timeout; **not run** — the cell could not be built, or was never run. A single-process setting's "
+        "**works (…)** and **runs but differs** mean what its line above says.",
         "",
         f"Command: `{command}`" + (" (`make matrix`)" if command.endswith(".py") else "")
-        + f"; run on {date} (UTC); lit-ft `{git_revision()}`; {versions()}.",
+        + f"; run on {date} (UTC); lit-ft `{git_revision()}`; {versions()}. One column (or cell) alone: "
+        "`python tests/matrix/run_matrix.py --settings <setting> [--techniques <name>] --force`, e.g. "
+        + ", ".join(f"`--settings {s}`" for s in settings) + ". A column or cell never run says **not run**.",
         "",
         "| technique | family | " + " | ".join(settings) + " |",
         "|---|---|" + "---|" * len(settings),
     ]
     for technique, family in rows:
-        cells = [md_cell(records[technique, s]["outcome"]) if (technique, s) in records else "—" for s in settings]
+        cells = [md_cell(records[technique, s]["outcome"]) if (technique, s) in records else "not run"
+                 for s in settings]
         lines.append(f"| `{technique}` | {family} | " + " | ".join(cells) + " |")
     details = [(t, s, records[t, s]) for t, _ in rows for s in settings
                if (t, s) in records and records[t, s]["category"] != "works"]
@@ -296,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--techniques", help="comma-separated names (default: plain + every registered technique)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ",".join(SETTINGS))
     p.add_argument("--force", action="store_true", help="rerun cells that already have a cached result")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per cell before 'hangs'")
+    p.add_argument("--timeout", type=float, default=None,
+                   help=f"seconds per cell before 'hangs' (default {DEFAULT_TIMEOUT_S:g}; per setting: "
+                        f"{DEFAULT_TIMEOUTS_S})")
     p.add_argument("--steps", type=int, default=2, help="training steps per run")
     p.add_argument("--out-dir", default=str(REPO / "runs" / "matrix"), help="per-cell JSON cache")
     p.add_argument("--page", default=str(REPO / "docs" / "compatibility.md"), help="the generated page")
@@ -325,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{technique:>20} {setting:<6} cached: {json.loads(cached.read_text())['outcome']}",
                           flush=True)
                     continue
-                r = run_cell(technique, setting, out_dir, a.timeout, a.steps)
+                r = run_cell(technique, setting, out_dir, timeout_for(setting, a.timeout), a.steps)
                 print(f"{technique:>20} {setting:<6} {r['seconds']:6.1f} s  {r['outcome']}", flush=True)
     args = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python tests/matrix/run_matrix.py", *args])

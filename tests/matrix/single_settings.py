@@ -217,7 +217,8 @@ def sigkill(job: SingleJob) -> dict:
     with open(child_log, "w") as log:
         child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("single_worker.py")), job.technique,
                                   "sigkill", str(job.cell), "--child"], stdout=log, stderr=subprocess.STDOUT,
-                                 env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+                                 env=dict(os.environ, OMP_NUM_THREADS="1"))  # our process group: a cell killed
+        # for its timeout takes the child with it
         job.progress.phase("child training")
         deadline = time.time() + 150
         while not (job.cell / READY).is_file():
@@ -225,10 +226,11 @@ def sigkill(job: SingleJob) -> dict:
                 raise RuntimeError(f"the child exited with code {child.returncode} before step {KILL_AT_STEP}: "
                                    + child_log.read_text(errors="replace")[-1500:])
             if time.time() > deadline:
-                os.killpg(child.pid, signal.SIGKILL)
+                child.send_signal(signal.SIGKILL)
+                child.wait()
                 raise TimeoutError(f"the child did not reach step {KILL_AT_STEP} in 150 s")
             time.sleep(0.1)
-        os.killpg(child.pid, signal.SIGKILL)
+        child.send_signal(signal.SIGKILL)
         child.wait()
     saved = sorted(ckpts.glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[-1]))
     if not saved:

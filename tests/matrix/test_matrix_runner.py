@@ -97,3 +97,47 @@ def test_classify_outcomes():
     assert hang["category"] == "hangs" and "rank 0 at step 1, rank 1 at setup" in hang["detail"]["where"]
     not_run = c(_record([_error(0, "build", "no case", where="build", type_="KeyError"), done]))
     assert not_run["outcome"] == "not run: KeyError: no case"
+
+
+@pytest.mark.slow
+def test_single_process_cell_runs_in_its_own_process_and_fills_its_column(tmp_path):
+    """``plain`` under ``accum`` as ``make matrix`` runs it (``single_worker.py`` in a subprocess): exact; the page
+    gets the column, and the columns never run say so."""
+    out, page = tmp_path / "runs", tmp_path / "compatibility.md"
+    assert run_matrix.main(["--techniques", "plain", "--settings", "accum,checkpointing", "--out-dir", str(out),
+                            "--page", str(page), "--timeout", "300"]) in (0,)
+    cell = json.loads((out / "plain__accum.json").read_text())
+    assert cell["outcome"] == "works (exact)" and cell["detail"]["max_abs_diff"] < 1e-5, cell
+    assert cell["ranks"][0]["returncode"] == 0
+    text = page.read_text()
+    assert "| technique | family | accum | checkpointing |" in text
+    assert "| `plain` | — | works (exact) | works (= without" in text
+    assert "`--settings accum`" in text and run_matrix.SETTING_DOC["accum"] in text
+    run_matrix.main(["--techniques", "plain", "--settings", "ddp,accum", "--out-dir", str(out), "--page",
+                     str(page), "--render-only"])
+    assert "| `plain` | — | not run | works (exact) |" in page.read_text()
+
+
+def test_a_single_process_cell_past_its_timeout_is_killed_and_hangs(tmp_path):
+    record = run_matrix.run_single_cell("plain", "sigkill", tmp_path, timeout=2)
+    assert record["category"] == "hangs" and record["ranks"][0]["killed"], record
+    assert record["ranks"][0]["returncode"] == -9
+
+
+def test_classify_single_process_outcomes():
+    c = run_matrix.classify
+
+    def single(setting, ranks=None, result=None):
+        return dict(_record(ranks or [{"rank": 0, "phase": "done", "returncode": 0, "log_tail": ""}], result,
+                            exit_order=(0,)), setting=setting)
+
+    judged = {"category": "works", "outcome": "works (exact)", "detail": {"max_abs_diff": 0.0}}
+    assert c(single("accum", result=judged)) == judged
+    refused = c(single("bf16", [_error(0, "bf16 setup", "X does not support precision='bf16-mixed': ...")]))
+    assert refused["category"] == "refused" and refused["outcome"].startswith("refused: X does not support precision")
+    # a setup error that does not name the setting, or an error in a step, fails
+    assert c(single("bf16", [_error(0, "bf16 setup", "index out of range")]))["category"] == "fails"
+    step = c(single("lora", [_error(0, "lora step 1", "no attribute 'last_hidden_state'", type_="AttributeError")]))
+    assert step["outcome"] == "fails (lora step 1): AttributeError: no attribute 'last_hidden_state'"
+    # the DDP words do not count as a refusal of a single-process setting
+    assert c(single("compile", [_error(0, "compiled setup", "DDP is required")]))["category"] == "fails"
