@@ -176,7 +176,8 @@ def lora(job: SingleJob) -> dict:
         return {"category": "differs", "outcome": f"runs but differs (non-finite: losses {got.losses})",
                 "detail": detail}
     if not adapters:
-        return {"category": "differs", "outcome": "runs but differs (no LoRA adapter moved)", "detail": detail}
+        return {"category": "differs", "outcome": f"runs but differs (no LoRA adapter moved; {len(base)} other "
+                                                  "tensor(s) did)", "detail": detail}
     note = f"; {len(base)} non-adapter tensor(s) moved too" if base else "; base frozen"
     return {"category": "works", "outcome": f"works ({len(adapters)} adapter tensors trained{note})",
             "detail": detail}
