@@ -126,15 +126,16 @@ def run_single_cell(technique: str, setting: str, out_dir: Path, timeout: float)
 
 
 def run_cell(technique: str, setting: str, out_dir: Path, timeout: float, steps: int = 2) -> dict:
-    """Run one cell (a single-process setting: :func:`run_single_cell`)"""
+    """Run one cell: a single-process setting with :func:`run_single_cell`, a distributed one with
+    :func:`run_dist_cell`."""
     if setting in SINGLE_SETTINGS:
         return run_single_cell(technique, setting, out_dir, timeout)
     return run_dist_cell(technique, setting, out_dir, timeout, steps)
 
 
 def run_dist_cell(technique: str, setting: str, out_dir: Path, timeout: float, steps: int = 2) -> dict:
-    """Run one distributed cell as 2 worker processes (ranks 0 and 1, created here as ``torchrun`` would) and return its record
-    (also written to ``<out_dir>/<technique>__<setting>.json``)."""
+    """Run one distributed cell as 2 worker processes (ranks 0 and 1, created here as ``torchrun`` would) and return
+    its record (also written to ``<out_dir>/<technique>__<setting>.json``)."""
     work = out_dir / cell_name(technique, setting)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
