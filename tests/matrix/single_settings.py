@@ -50,7 +50,8 @@ SETTING_DOC = {
                "step 3; this process resumes from the last checkpoint to step 4: **works** = the uninterrupted "
                "run's weights",
     "fuzz": "Hypothesis (derandomized, no shrinking): the technique's constructor with one argument replaced by a "
-            "random typed value must construct or raise ValueError/TypeError naming the argument; one training "
+            "random typed value must construct or raise ValueError/TypeError (FileNotFoundError for a path) naming "
+            "the argument; one training "
             "step on batches of 1-2 rows of 1-2 tokens, with all-ignored rows, fully padded rows or no "
             "`attention_mask`, must give a finite loss or a ValueError/TypeError/RuntimeError from a `raise` in "
             "lit_ft's own code (a step skipped without an error is counted apart): **works** = every example did; "
