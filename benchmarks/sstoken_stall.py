@@ -140,13 +140,13 @@ def run_arm(arm: str, args: argparse.Namespace, data: list[dict[str, torch.Tenso
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=["plain", "old", "defaults", "no_protect", "initial_nowarm", "keep1"],
+    p.add_argument("--arms", nargs="+", default=["plain", "old", "initial_nowarm", "defaults", "no_warmup", "explore25"],
                    choices=sorted(ARMS))
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--every", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rows", type=int, default=1024)
-    p.add_argument("--length", type=int, default=6, help="prompt = response length (without EOS)")
+    p.add_argument("--length", type=int, default=12, help="prompt = response length (without EOS)")
     p.add_argument("--alphabet", type=int, default=16)
     p.add_argument("--noise", type=float, default=0.4)
     p.add_argument("--hidden", type=int, default=64)

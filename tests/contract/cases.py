@@ -184,9 +184,14 @@ CASES: dict[str, Case] = {
                  ("top_up", "yes"), ("scoring", "fused"), ("plot_every_n_steps", -1), ("plot_every_n_steps", 1.5),
                  ("integration", "fused"))),
     "sstoken": Case(
-        kwargs={"keep_ratio": 0.5, "ema_decay": 0.5}, alt_kwargs={"keep_ratio": 0.7, "ema_decay": 0.5},
+        # the resume check crosses the warm-up (step 1) and draws exploration tokens (seeded by step)
+        kwargs={"keep_ratio": 0.5, "history": "ema", "ema_decay": 0.5, "warmup_steps": 1, "min_keep_per_response": 2,
+                "explore_ratio": 0.2},
+        alt_kwargs={"keep_ratio": 0.7, "ema_decay": 0.5},
         invalid=(("keep_ratio", 0.0), ("keep_ratio", "x"), ("gamma", 2.0), ("attention_layer", 1.5), ("history", ""),
-                 ("ema_decay", 1.5), ("history_device", "gpu"), ("history_dtype", "int8"), ("integration", "fused"))),
+                 ("ema_decay", 1.5), ("history_device", "gpu"), ("history_dtype", "int8"), ("integration", "fused"),
+                 ("warmup_steps", -1), ("min_keep_per_response", 1.5), ("always_keep_eos", "yes"),
+                 ("explore_ratio", 1.0), ("seed", -1))),
     "token_elimination": Case(
         kwargs={"min_seq_len": 1, "segment_size": 8, "dense_layers": 1, "calibration_steps": 1,
                 "check_every_n_steps": 1},

@@ -135,11 +135,11 @@ def test_sstoken_resumed_with_a_changed_keep_ratio_keeps_the_ema_history(tmp_pat
     """issue 18 item 5: resumed with another ``keep_ratio``, the EMA history and its step are the checkpoint's, and
     the run equals an uninterrupted run whose keep_ratio changed at step 2 (before: the history restarted from the
     step-2 weights, silently)."""
-    ckpt = _checkpoint(tmp_path, [SSToken(keep_ratio=0.5, ema_decay=0.5)])
+    ckpt = _checkpoint(tmp_path, [SSToken(keep_ratio=0.5, history="ema", ema_decay=0.5)])
     saved = next(iter(torch.load(ckpt, weights_only=False)["callbacks"].values()))
-    ref_cb = SSToken(keep_ratio=0.5, ema_decay=0.5)
+    ref_cb = SSToken(keep_ratio=0.5, history="ema", ema_decay=0.5)
     ref, _ = _fit([_SetAt(ref_cb, "keep_ratio", 0.8), ref_cb], max_steps=4)
-    res_cb = SSToken(keep_ratio=0.8, ema_decay=0.5)
+    res_cb = SSToken(keep_ratio=0.8, history="ema", ema_decay=0.5)
     probe = _AtTrainStart(lambda t, m: (res_cb._ema_step, {k: v.clone() for k, v in res_cb.history_model.state_dict().items()}))
     res, _ = _fit([res_cb, probe], max_steps=4, ckpt_path=ckpt)
     ema_step, history = probe.seen
