@@ -192,6 +192,7 @@ class SSToken(TokenScorerCallback):
         self.seed = seed
         self.eos_ids: frozenset[int] = frozenset()  # resolved at setup (model config + datamodule tokenizer)
         self._warming_up = False  # this batch is a warm-up step (set in prepare_batch)
+        self._explore_micro = (-1, 0)  # (optimizer step, micro-batch index in it) of the last exploration draw
 
         # "ema" / "initial": a copy of the weights when training starts (stored in checkpoints); else a loaded model
         self._history = FrozenModel(
@@ -396,13 +397,16 @@ class SSToken(TokenScorerCallback):
         return self.keep_ratio
 
     def _generator(self) -> torch.Generator | None:
-        # one stream per (seed, optimizer step, rank): reproducible, different every step and on every rank
+        # one stream per (seed, optimizer step, micro-batch of the step, rank): reproducible (a resumed run starts
+        # at a step boundary) and different for every micro-batch of an accumulation window and on every rank
         if self.explore_ratio <= 0.0:
             return None
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
         step = int(trainer.global_step) if trainer is not None else 0
         rank = int(trainer.global_rank) if trainer is not None else 0
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4099 + rank)
+        micro = self._explore_micro[1] + 1 if self._explore_micro[0] == step else 0
+        self._explore_micro = (step, micro)
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 257 + micro) * 4099 + rank)
 
     def score_tokens(self, scores: TokenScores) -> TokenDecision:
         if not scores.training:
