@@ -200,6 +200,19 @@ CASES: dict[str, Case] = {
         invalid=(("keep_ratio", 0.0), ("keep_ratio", 1.5), ("layer_keep_ratios", []), ("dense_layers", -1),
                  ("segment_size", 0), ("min_seq_len", 0), ("score", "norm"), ("calibration_steps", -1),
                  ("predictor_hidden", 0), ("predictor_lr", 0.0), ("predictor", "yes"), ("seed", -1))),
+    # analysis: measure at validation, never change training (the drop-in check asserts unchanged weights)
+    "token_distribution_shift": Case(
+        kwargs={"max_samples": 4, "max_new_tokens": 4, "first_k": 2},
+        alt_kwargs={"max_samples": 2, "max_new_tokens": 3, "first_k": 1},
+        invalid=(("max_samples", 0), ("max_new_tokens", 0), ("batch_size", 0), ("unshifted_max_rank", 0),
+                 ("marginal_max_rank", 0), ("first_k", 99), ("base", ""), ("base_dtype", "int8"),
+                 ("base_offload", "yes"), ("every_n_validations", 0), ("picture_answers", -1),
+                 ("top_tokens", -1), ("pictures", 1))),
+    "tuning_contribution": Case(
+        kwargs={"max_batches": 1, "pictures": False},
+        alt_kwargs={"max_batches": 1, "token": "mean", "pictures": False},
+        invalid=(("max_batches", 0), ("token", "first"), ("norm", 0.5), ("branch", "lora"), ("bins", 0),
+                 ("pre_trained_dtype", "int8"))),
     # tensor selection
     "freeze_layers": Case(
         kwargs={"num_layers": 1}, alt_kwargs={"num_layers": 2},

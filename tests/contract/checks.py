@@ -79,7 +79,12 @@ def resume_equals_uninterrupted(record: TechniqueRecord, case: Case, ctx: Ctx) -
 
 def drop_in_changes_training_and_logs(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
     """In a plain module whose ``training_step`` is ``return self.model(**batch).loss``, the technique changes the
-    weights (against the same run without it) and logs at least one metric under ``lit_ft/<name>/``."""
+    weights (against the same run without it) and logs at least one metric under ``lit_ft/<name>/``.
+
+    The analysis family measures and never trains: there the weights must stay bit-identical to the run without it,
+    and it must log under its prefix once the plain module validates (its ``validation_step`` is the same line)."""
+    if record.family == "analysis":
+        return _drop_in_observes_only(record, case, ctx)
     baseline, _ = _fit_plain(case, [])
     trained, trainer = _fit_plain(case, [record.cls(**case.build(case.kwargs, ctx))])
     common = baseline.keys() & trained.keys()
@@ -89,6 +94,46 @@ def drop_in_changes_training_and_logs(record: TechniqueRecord, case: Case, ctx: 
     prefix = f"lit_ft/{record.name}/"
     logged = sorted(trainer.callback_metrics)
     assert any(k.startswith(prefix) for k in logged), f"nothing logged under {prefix!r}; logged: {logged}"
+
+
+class _PlainValidatingModule(pl.LightningModule):
+    """The drop-in user module with a validation step as plain as its training step."""
+
+    def __init__(self, inner: pl.LightningModule) -> None:
+        super().__init__()
+        self.model = inner.model
+        self._inner = [inner]  # not a submodule: its optimizer configuration is reused, its parameters are ours
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("val/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def _drop_in_observes_only(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
+    def fit(callbacks: list) -> tuple[dict[str, torch.Tensor], pl.Trainer]:
+        torch.manual_seed(0)
+        module = _PlainValidatingModule(case.plain_module())
+        trainer = quiet_trainer(callbacks, max_steps=DROP_IN_STEPS, limit_val_batches=1,
+                                val_check_interval=DROP_IN_STEPS, check_val_every_n_epoch=None,
+                                num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=case.datamodule())
+        return {n: p.detach().clone() for n, p in module.named_parameters()}, trainer
+
+    baseline, _ = fit([])
+    observed, trainer = fit([record.cls(**case.build(case.kwargs, ctx))])
+    assert baseline.keys() == observed.keys()
+    changed = [n for n in baseline if not torch.equal(baseline[n], observed[n])]
+    assert not changed, f"{record.cls.__name__} (analysis: it must only measure) changed the training of {changed[:3]}"
+    prefix = f"lit_ft/{record.name}/"
+    logged = sorted(trainer.callback_metrics)
+    assert any(k.startswith(prefix) for k in logged), f"nothing logged under {prefix!r} at validation; logged: {logged}"
 
 
 def config_runs(record: TechniqueRecord, ctx: Ctx) -> None:

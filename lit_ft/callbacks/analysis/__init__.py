@@ -1,3 +1,11 @@
 """Analysis family: tuning contribution (TuCo), forgetting and conjugate prompting, token-distribution shift —
-callbacks over torchmetrics Metrics (``lit_ft/metrics``) that measure, log under ``lit_ft/<technique>/`` and never
-change training. No technique is in this family yet."""
+monitoring callbacks over the torchmetrics Metrics in :mod:`lit_ft.metrics` that measure at validation time, log
+under ``lit_ft/<technique>/``, draw pictures (:mod:`lit_ft.core.pictures`) and never change training."""
+
+from lit_ft.callbacks.analysis.token_distribution_shift import (
+    TokenDistributionShift,
+    evaluate_token_distribution_shift,
+)
+from lit_ft.callbacks.analysis.tuning_contribution import TuningContribution
+
+__all__ = ["TokenDistributionShift", "TuningContribution", "evaluate_token_distribution_shift"]
