@@ -62,6 +62,15 @@ def two_batches() -> pl.LightningDataModule:
     return ListDataModule(n_batches=2)
 
 
+def _forgetting_kwargs(ctx: Ctx, conjugate: str = "none") -> dict:
+    """ForgettingMonitor on two tiny held-out tasks (one generation, one classification) instead of the real assets."""
+    from lit_ft.testing import write_tiny_classification_jsonl, write_tiny_sft_jsonl
+
+    return {"tasks": [write_tiny_sft_jsonl(ctx.tmp_path / "fm_gen.jsonl", n=4),
+                      write_tiny_classification_jsonl(ctx.tmp_path / "fm_cls.jsonl", n=4)],
+            "max_samples": 2, "tokenizer": ctx.tokenizer, "conjugate": conjugate}
+
+
 @dataclass
 class Case:
     invalid: tuple[tuple[str, Any], ...]
@@ -201,6 +210,9 @@ CASES: dict[str, Case] = {
                  ("segment_size", 0), ("min_seq_len", 0), ("score", "norm"), ("calibration_steps", -1),
                  ("predictor_hidden", 0), ("predictor_lr", 0.0), ("predictor", "yes"), ("seed", -1))),
     # analysis: measure at validation, never change training (the drop-in check asserts unchanged weights)
+    "forgetting_monitor": Case(
+        kwargs=lambda c: _forgetting_kwargs(c), alt_kwargs=lambda c: _forgetting_kwargs(c, "pig_latin"),
+        invalid=(("max_samples", 0), ("conjugate", "french"), ("every_n_val", 0), ("choice_score", "max"))),
     "token_distribution_shift": Case(
         kwargs={"max_samples": 4, "max_new_tokens": 4, "first_k": 2},
         alt_kwargs={"max_samples": 2, "max_new_tokens": 3, "first_k": 1},
