@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import causal_lm_parts, find_input_embeddings, find_lm_head
 from lit_ft.core.loss.primitives import verify_logit_transforms
+from lit_ft.core.validate import check_bool, check_choice, check_int, check_number, check_str
 from lit_ft.kernels.token_ce.reference import label_range_message, out_of_range_labels
 from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
@@ -36,16 +37,29 @@ def load_causal_lm(
         model_type = cfg.pop("model_type", None)
         if model_type is None:
             raise ValueError("CausalLMModule: model_config needs a 'model_type' key (e.g. 'llama')")
-        if num_hidden_layers is not None:
-            cfg["num_hidden_layers"] = num_hidden_layers
         config = AutoConfig.for_model(model_type, **cfg)
+        if num_hidden_layers is not None:
+            _check_kept_layers(num_hidden_layers, config)
+            # rebuilt rather than set: a config derives per-layer fields (layer_types) from the count
+            config = AutoConfig.for_model(model_type, **{**cfg, "num_hidden_layers": num_hidden_layers})
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     from lit_ft.assets import resolve
 
+    path = resolve(model)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if num_hidden_layers is not None:
+        _check_kept_layers(num_hidden_layers, AutoConfig.from_pretrained(path))
         kwargs["num_hidden_layers"] = num_hidden_layers
-    return AutoModelForCausalLM.from_pretrained(resolve(model), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _check_kept_layers(num_hidden_layers: int | None, config: Any) -> None:
+    """``num_hidden_layers`` keeps the first N layers: more than the model has would build random extra layers (a
+    huge N would never finish), so it is refused with the model's count."""
+    have = getattr(config, "num_hidden_layers", None)
+    if num_hidden_layers is not None and isinstance(have, int) and num_hidden_layers > have:
+        raise ValueError(f"CausalLMModule: `num_hidden_layers` keeps the first N of the model's {have} decoder "
+                         f"layers, so it must be an int in [1, {have}] or null (= all), got {num_hidden_layers}")
 
 
 def parse_number(text: str) -> float | None:
@@ -112,23 +126,24 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not learning_rate > 0:
-            raise ValueError(f"CausalLMModule: learning_rate must be > 0, got {learning_rate}")
-        if weight_decay < 0:
-            raise ValueError(f"CausalLMModule: weight_decay must be >= 0, got {weight_decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"CausalLMModule: warmup_steps must be >= 0, got {warmup_steps}")
-        if torch_dtype not in _DTYPES:
-            raise ValueError(f"CausalLMModule: torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
-        if loss_impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"CausalLMModule: loss_impl must be 'auto', 'torch' or 'triton', got {loss_impl!r}")
-        if loss_weight_grad_accumulation not in ("fp32", "input"):
-            raise ValueError("CausalLMModule: loss_weight_grad_accumulation must be 'fp32' or 'input', "
-                             f"got {loss_weight_grad_accumulation!r}")
-        if num_hidden_layers is not None and num_hidden_layers < 1:
-            raise ValueError(f"CausalLMModule: num_hidden_layers must be >= 1, got {num_hidden_layers}")
-        if eval_exact_match < 0 or max_new_tokens < 1:
-            raise ValueError("CausalLMModule: eval_exact_match must be >= 0 and max_new_tokens >= 1")
+        owner = "CausalLMModule"
+        # every argument checked for its type too (a YAML `null` or list must not reach a comparison or a dict
+        # lookup, whose TypeError would not say which argument it was)
+        check_str(owner, "model", model)
+        check_number(owner, "learning_rate", learning_rate, 0, low_open=True)
+        check_number(owner, "weight_decay", weight_decay, 0)
+        check_int(owner, "warmup_steps", warmup_steps, 0)
+        check_bool(owner, "gradient_checkpointing", gradient_checkpointing)
+        check_choice(owner, "torch_dtype", torch_dtype, sorted(_DTYPES))
+        check_choice(owner, "loss_impl", loss_impl, ("auto", "torch", "triton"))
+        check_choice(owner, "loss_weight_grad_accumulation", loss_weight_grad_accumulation, ("fp32", "input"))
+        check_int(owner, "num_hidden_layers", num_hidden_layers, 1, allow_none=True, null_means="all of the model's")
+        check_int(owner, "eval_exact_match", eval_exact_match, 0)
+        check_int(owner, "max_new_tokens", max_new_tokens, 1)
+        check_bool(owner, "eval_before_training", eval_before_training)
+        if model_config is not None and not isinstance(model_config, Mapping):
+            raise ValueError(f"{owner}: `model_config` must be a dict of config fields (with 'model_type') or null, "
+                             f"got {model_config!r:.200}")
         if peft is not None:  # a bad adapter config fails before the model is loaded
             build_peft_config(peft, "CausalLMModule", "CAUSAL_LM")
         self.save_hyperparameters()

@@ -11,6 +11,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_ft.core.validate import check_int, check_number, check_str
 from lit_ft.modules.data_stats import log_data_stats
 from lit_ft.modules.optim import MODULE_NO_DECAY_PATTERNS, adamw_param_groups
 from lit_ft.modules.peft_adapter import apply_peft, build_peft_config, describe_trainable
@@ -54,8 +55,13 @@ class ClassificationModule(pl.LightningModule):
         peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"ClassificationModule: num_labels must be >= 2, got {num_labels}")
+        owner = "ClassificationModule"
+        # types first: a YAML `null` or list must not reach a comparison whose TypeError names no argument
+        check_str(owner, "model", model)
+        check_int(owner, "num_labels", num_labels, 2)
+        if model_config is not None and not isinstance(model_config, Mapping):
+            raise ValueError(f"{owner}: `model_config` must be a dict of config fields (with 'model_type') or null, "
+                             f"got {model_config!r:.200}")
         if not isinstance(multi_label, bool):
             raise ValueError(f"ClassificationModule: multi_label must be true or false, got {multi_label!r}")
         if pos_weight is not None:
@@ -70,10 +76,8 @@ class ClassificationModule(pl.LightningModule):
                 raise ValueError(
                     f"ClassificationModule: pos_weight must be {num_labels} (num_labels) finite numbers > 0, got {pos_weight!r}"
                 )
-        if not learning_rate > 0:
-            raise ValueError(f"ClassificationModule: learning_rate must be > 0, got {learning_rate}")
-        if weight_decay < 0:
-            raise ValueError(f"ClassificationModule: weight_decay must be >= 0, got {weight_decay}")
+        check_number(owner, "learning_rate", learning_rate, 0, low_open=True)
+        check_number(owner, "weight_decay", weight_decay, 0)
         if peft is not None:  # a bad adapter config fails before the model is loaded
             build_peft_config(peft, "ClassificationModule", "SEQ_CLS")
         self.save_hyperparameters()

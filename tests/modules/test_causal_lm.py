@@ -152,6 +152,20 @@ def test_weight_decay_groups_exclude_norms_and_embeddings():
         ({"loss_weight_grad_accumulation": "bf16"}, "loss_weight_grad_accumulation"),
         ({"num_hidden_layers": 0}, "num_hidden_layers"),
         ({"model_config": {"hidden_size": 8}}, "model_type"),
+        # wrong types (found by the matrix's fuzz column): named, not a bare TypeError from a comparison
+        ({"learning_rate": None}, "`learning_rate`"),
+        ({"weight_decay": float("nan")}, "`weight_decay`"),
+        ({"warmup_steps": 1.5}, "`warmup_steps`"),
+        ({"torch_dtype": [-1]}, "`torch_dtype`"),
+        ({"loss_impl": None}, "`loss_impl`"),
+        ({"num_hidden_layers": "2"}, "`num_hidden_layers`"),
+        ({"num_hidden_layers": 2 ** 40}, "`num_hidden_layers` keeps the first N of the model's 2"),
+        ({"eval_exact_match": None}, "`eval_exact_match`"),
+        ({"max_new_tokens": 0}, "`max_new_tokens`"),
+        ({"gradient_checkpointing": 1}, "`gradient_checkpointing`"),
+        ({"eval_before_training": "yes"}, "`eval_before_training`"),
+        ({"model": ""}, "`model`"),
+        ({"model_config": [1]}, "`model_config`"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -201,3 +215,16 @@ def test_classification_module_trains():
     assert float(trainer.callback_metrics["val/acc"]) == 1.0
     with pytest.raises(ValueError, match="num_labels"):
         ClassificationModule(model_config=cfg, num_labels=1)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"learning_rate": None}, "learning_rate"), ({"weight_decay": "0"}, "weight_decay"),
+    ({"num_labels": [2]}, "num_labels"), ({"num_labels": 2.0}, "num_labels"), ({"model": 3}, "model"),
+    ({"model_config": "bert"}, "model_config"),
+])
+def test_classification_module_wrong_types_are_named(kwargs, name):
+    """A wrong type is refused naming the argument, not with a comparison's bare TypeError (the matrix's fuzz rule)."""
+    kwargs.setdefault("model_config", {"model_type": "bert", "vocab_size": 384, "hidden_size": 32,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64})
+    with pytest.raises(ValueError, match=f"ClassificationModule: `{name}` must be"):
+        ClassificationModule(**kwargs)
