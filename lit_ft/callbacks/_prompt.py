@@ -35,7 +35,7 @@ from lit_ft.core.prompts import (
     save_prompt,
     unregister_source,
 )
-from lit_ft.core.validate import check_bool, check_number
+from lit_ft.core.validate import check_bool, check_number, check_str
 
 
 def check_optional_lr(value: float | None, argname: str, owner: str) -> float | None:
@@ -87,7 +87,8 @@ class PromptCallback(ParamPlanCallback):
         if save_dir is not None and not isinstance(save_dir, str):
             raise ValueError(f"{owner}: `save_dir` must be a path string or null, got {save_dir!r}")
         self.save_dir = save_dir
-        self.tokenizer = tokenizer
+        # a tokenizer folder or asset name, loaded at setup: a non-string would fail there without naming it
+        self.tokenizer = check_str(owner, "tokenizer", tokenizer, allow_none=True, null_means="the datamodule's")
         self.source: PromptSource | None = None
         self.injector: PromptInjector | None = None
         self._host: pl.LightningModule | None = None

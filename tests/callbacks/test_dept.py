@@ -275,6 +275,8 @@ def test_setup_errors():
     ({"rank": 0, "match_prompt_tokens": None}, "`rank` must be an int >= 1"),
     ({"match_prompt_tokens": 40}, "must exceed `num_virtual_tokens`"),
     ({"init": "text"}, "needs `init_text`"),
+    ({"seed": None}, "`seed` must be an int"),  # the matrix's fuzz column: was int()'s bare TypeError
+    ({"init_text": [0]}, "`init_text` must be a non-empty string"),
 ])
 def test_bad_argument_combinations(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -479,3 +479,10 @@ def test_kd_objective_exact_under_two_process_ddp(tmp_path, make):
     single = _panda_grads(tmp_path, src, make, 8)
     ddp = _panda_grads(tmp_path, src, make, 4, strategy="ddp_spawn", devices=2)
     _assert_same_grads(ddp, single)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"seed": []}, "seed"), ({"init_text": 1}, "init_text")])
+def test_wrong_argument_types_are_named(kwargs, name):
+    """The matrix's fuzz column found ``seed=[]`` raising int()'s bare TypeError."""
+    with pytest.raises(ValueError, match=f"PANDA: `{name}` must be"):
+        PANDA(**kwargs)

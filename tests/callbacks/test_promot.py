@@ -205,3 +205,9 @@ def test_artifact_and_generate_with_the_trained_model(tmp_path):
     attach_prompt(fresh, str(tmp_path / "art"))  # the stage-1 prompt saved at fit end
     torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
     check_generation(hf, ids[:1], steps=4)
+
+
+def test_wrong_seed_type_names_the_class_and_argument():
+    """The matrix's fuzz column found a text seed raising int()'s ValueError without the argument's name."""
+    with pytest.raises(ValueError, match="ProMoT: `seed` must be an int"):
+        ProMoT(seed="x1")

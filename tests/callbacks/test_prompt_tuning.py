@@ -333,3 +333,20 @@ def test_prefix_refuses_gradient_checkpointing():
     detach_prompt(model)
     attach_prompt(model, make_source("prompt", model))
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("Callback", [PromptTuning, PrefixTuning])
+@pytest.mark.parametrize("kwargs, name", [
+    ({"seed": [-1]}, "seed"), ({"seed": None}, "seed"), ({"seed": "1"}, "seed"), ({"tokenizer": 3}, "tokenizer"),
+])
+def test_wrong_argument_types_are_named(Callback, kwargs, name):
+    """A seed / tokenizer of the wrong type is refused naming the argument (the matrix's fuzz column found
+    ``seed=[-1]`` raising int()'s bare TypeError)."""
+    with pytest.raises(ValueError, match=f"{Callback.__name__}: `{name}` must be"):
+        Callback(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"init_text": 5}, "init_text"), ({"peft_weights": ["x"]}, "peft_weights")])
+def test_prompt_tuning_text_and_weights_must_be_strings(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}` must be a non-empty string or null"):
+        PromptTuning(**kwargs)

@@ -324,3 +324,11 @@ def test_model_without_classification_head(tmp_path):
     cb.setup(trainer([cb]), m, "fit")
     with pytest.raises(PromptError, match="longer than the model's context"):
         m.model(input_ids=torch.randint(3, 300, (1, 10)))
+
+
+@pytest.mark.parametrize("kwargs, name", [({"seed": 0.5}, "seed"), ({"init_text": 3}, "init_text"),
+                                          ({"peft_weights": True}, "peft_weights")])
+def test_wrong_argument_types_are_named(kwargs, name):
+    """Found by the matrix's fuzz column in the sibling prompt techniques: int(seed) raised a bare TypeError."""
+    with pytest.raises(ValueError, match=f"PTEC: `{name}` must be"):
+        PTEC(**kwargs)

@@ -15,7 +15,7 @@ from lit_ft.callbacks._prompt import PromptCallback, check_optional_lr
 from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.prompt_tuning import INITS, PromptEmbedding, build_prompt_embedding
 from lit_ft.core.prompts import ModelGeometry, PromptError
-from lit_ft.core.validate import check_choice, check_int, check_number
+from lit_ft.core.validate import check_choice, check_int, check_number, check_str
 from lit_ft.kernels.prompt_embed import prompt_embed
 
 RANK_SCALINGS = ("sqrt", "linear")
@@ -203,9 +203,10 @@ class DePT(PromptCallback):
         self.lora_alpha = check_number(owner, "lora_alpha", lora_alpha, low=0, low_open=True)
         self.rank_scaling = check_choice(owner, "rank_scaling", rank_scaling, RANK_SCALINGS)
         check_choice(owner, "init", init, INITS)
+        check_str(owner, "init_text", init_text, allow_none=True)
         if init == "text" and not init_text:
             raise ValueError(f"{owner}: init='text' needs `init_text` (the words whose embeddings start the prompt)")
-        self.init, self.init_text, self.seed = init, init_text, int(seed)
+        self.init, self.init_text, self.seed = init, init_text, check_int(owner, "seed", seed)
         self.lowrank_learning_rate = check_optional_lr(lowrank_learning_rate, "lowrank_learning_rate", owner)
         self.chosen_rank: int | None = None  # the rank in use, set when the source is built
 

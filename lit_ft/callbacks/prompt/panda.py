@@ -34,7 +34,7 @@ from lit_ft.core.loss import (
     resolve_level,
     shift_targets,
 )
-from lit_ft.core.validate import check_choice, check_int, check_number
+from lit_ft.core.validate import check_choice, check_int, check_number, check_str
 
 KD_FORMS = ("mse", "kl")
 #: the student prompt's lr: the released code's SuperGLUE-CB recipe (run_cb_bert-panda.sh, lr 7e-3)
@@ -193,6 +193,7 @@ class PANDA(PromptCallback, Objective):
         self.kd_normalisation = check_choice("PANDA", "kd_normalisation", kd_normalisation, KD_NORMALISATIONS)
         self.temperature = check_number("PANDA", "temperature", temperature, low=0, low_open=True)
         self.init = check_choice("PANDA", "init", init, INITS)
+        check_str("PANDA", "init_text", init_text, allow_none=True)
         if init == "text" and not init_text:
             raise ValueError("PANDA: init='text' needs `init_text` (the words whose embeddings start the prompt)")
         self.num_virtual_tokens = check_int("PANDA", "num_virtual_tokens", num_virtual_tokens, minimum=1,
@@ -203,7 +204,7 @@ class PANDA(PromptCallback, Objective):
         self.beta = beta
         self.init_text = init_text
         self.peft_weights = None  # build_prompt_embedding reads it
-        self.seed = int(seed)
+        self.seed = check_int("PANDA", "seed", seed)
         #: the weight in use (``beta``, or the estimate once ``beta="auto"`` has run)
         self.beta_value: float | None = None if beta == "auto" else float(beta)
         #: the teacher prompt (frozen; not a submodule of the LightningModule)

@@ -93,7 +93,7 @@ class PrefixTuning(PromptCallback):
         self.projection_hidden_size = check_int("PrefixTuning", "projection_hidden_size", projection_hidden_size,
                                                 minimum=0)
         self.init_std = check_number("PrefixTuning", "init_std", init_std, low=0, low_open=True)
-        self.seed = int(seed)
+        self.seed = check_int("PrefixTuning", "seed", seed)
 
     def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: nn.Module,
                      geometry: ModelGeometry) -> PrefixEncoder:

@@ -13,7 +13,7 @@ from torch import nn
 from lit_ft.callbacks._prompt import PromptCallback
 from lit_ft.core.registry import technique
 from lit_ft.core.prompts import ModelGeometry, PromptError, PromptInputs, PromptSource, init_token_ids
-from lit_ft.core.validate import check_choice, check_int
+from lit_ft.core.validate import check_choice, check_int, check_str
 
 INITS = ("vocab", "text", "random")
 #: the prompt's lr: Lester et al. (2021) train the prompt at 0.3 (Adafactor, 30k steps)
@@ -110,15 +110,18 @@ class PromptTuning(PromptCallback):
                  learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None,
                  save_dir: str | None = None, tokenizer: str | None = None) -> None:
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
-        check_int("PromptTuning", "num_virtual_tokens", num_virtual_tokens, minimum=1)
-        check_choice("PromptTuning", "init", init, INITS)
+        owner = type(self).__name__  # ProMoT builds on this constructor
+        check_int(owner, "num_virtual_tokens", num_virtual_tokens, minimum=1)
+        check_choice(owner, "init", init, INITS)
+        check_str(owner, "init_text", init_text, allow_none=True)
+        check_str(owner, "peft_weights", peft_weights, allow_none=True, null_means="initialise with `init`")
         if init == "text" and not init_text and peft_weights is None:
             raise ValueError("PromptTuning: init='text' needs `init_text` (the words whose embeddings start the prompt)")
         self.num_virtual_tokens = num_virtual_tokens
         self.init = init
         self.init_text = init_text
         self.peft_weights = peft_weights
-        self.seed = int(seed)
+        self.seed = check_int(owner, "seed", seed)
 
     def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: nn.Module,
                      geometry: ModelGeometry) -> PromptEmbedding:

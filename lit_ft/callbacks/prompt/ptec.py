@@ -17,7 +17,7 @@ from lit_ft.core.registry import technique
 from lit_ft.callbacks.prompt.prompt_tuning import PromptEmbedding, build_prompt_embedding
 from lit_ft.core.introspect import find_hf_model, find_input_embeddings, module_param_names
 from lit_ft.core.prompts import ModelGeometry, PromptError, attach_prompt
-from lit_ft.core.validate import check_choice, check_int
+from lit_ft.core.validate import check_choice, check_int, check_str
 
 INITS = ("labels", "vocab", "text", "random")
 #: attribute names of the classification head on Hugging Face ``*ForSequenceClassification`` models
@@ -93,6 +93,8 @@ class PTEC(PromptCallback):
         super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
         check_int("PTEC", "num_virtual_tokens", num_virtual_tokens, minimum=1)
         check_choice("PTEC", "init", init, INITS)
+        check_str("PTEC", "init_text", init_text, allow_none=True)
+        check_str("PTEC", "peft_weights", peft_weights, allow_none=True, null_means="initialise with `init`")
         if init == "text" and not init_text and peft_weights is None:
             raise ValueError("PTEC: init='text' needs `init_text` (the words whose embeddings start the prompt)")
         if head is not None and (not isinstance(head, str) or not head):
@@ -101,7 +103,7 @@ class PTEC(PromptCallback):
         self.init = init
         self.init_text = init_text
         self.peft_weights = peft_weights
-        self.seed = int(seed)
+        self.seed = check_int("PTEC", "seed", seed)
         self.head = head
         self.head_learning_rate = check_optional_lr(head_learning_rate, "head_learning_rate", "PTEC")
         self.head_weight_decay = check_optional_wd(head_weight_decay, "head_weight_decay", "PTEC")
