@@ -343,6 +343,9 @@ def test_registered_and_constructible_without_arguments():
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(marginal_max_rank=0), "marginal_max_rank"),
     (dict(first_k=33), "first_k"),
+    # a bound set by another argument names both (either may be the one to change)
+    (dict(max_new_tokens=1), r"`first_k` \(5\) must be <= `max_new_tokens` \(1\)"),
+    (dict(unshifted_max_rank=5), r"`marginal_max_rank` \(3\) must be >= `unshifted_max_rank` \(5\)"),
     (dict(base_dtype="int8"), "base_dtype"),
     (dict(base=""), "base"),
     (dict(every_n_validations=0), "every_n_validations"),

@@ -163,8 +163,14 @@ class TokenDistributionShift(Callback):
         check_int(owner, "max_new_tokens", max_new_tokens, minimum=1)
         check_int(owner, "batch_size", batch_size, minimum=1)
         check_int(owner, "unshifted_max_rank", unshifted_max_rank, minimum=1)
-        check_int(owner, "marginal_max_rank", marginal_max_rank, minimum=unshifted_max_rank)
-        check_int(owner, "first_k", first_k, minimum=1, maximum=max_new_tokens)
+        check_int(owner, "marginal_max_rank", marginal_max_rank, minimum=1)
+        if marginal_max_rank < unshifted_max_rank:  # both named: either may be the one to change
+            raise ValueError(f"{owner}: `marginal_max_rank` ({marginal_max_rank}) must be >= `unshifted_max_rank` "
+                             f"({unshifted_max_rank})")
+        check_int(owner, "first_k", first_k, minimum=1)
+        if first_k > max_new_tokens:
+            raise ValueError(f"{owner}: `first_k` ({first_k}) must be <= `max_new_tokens` ({max_new_tokens}): the "
+                             "first-k share counts answer positions 0 .. first_k - 1")
         check_str(owner, "base", base, allow_none=True, null_means="the initial weights / adapters disabled")
         check_choice(owner, "base_dtype", base_dtype, sorted(DTYPES))
         check_bool(owner, "base_offload", base_offload)
