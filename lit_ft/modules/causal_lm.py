@@ -82,7 +82,8 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
             PyPI on first use). Ignored when ``model_config`` is given.
         model_config: a transformers config as a dict with ``model_type`` (e.g. ``{"model_type": "llama",
             "hidden_size": 32, ...}``) for a randomly initialised model — tests and smoke runs.
-        num_hidden_layers: keep only the first N decoder layers (a real-weight trunk for fast runs).
+        num_hidden_layers: keep only the first N decoder layers (a real-weight trunk for fast runs); at most the
+            model's own count.
         learning_rate: AdamW learning rate (> 0).
         weight_decay: AdamW weight decay (≥ 0), not applied to biases, norms and embeddings.
         warmup_steps: linear warm-up steps, then constant (0 = constant).
