@@ -13,6 +13,9 @@ time. Arms: ``base`` (no callback) and ``keep=<r>`` (``TokenElimination(keep_rat
 selecting with the predictors, i.e. the steady state after calibration; the exact score's cost appears only on
 calibration / check steps and is reported separately as ``exact=<r>``).
 
+``gap`` (real weights, no training): held-out loss with elimination active (exact score) for several layer patterns
+over the loss without — where the approximation costs what.
+
 ``quality`` (real weights and text only): news articles (the ``bbcnews`` asset) packed into sequences of ``T`` tokens.
 (1) The approximation at initialisation: held-out loss of the model with elimination active (exact score) over the
 loss without. (2) Fine-tune ``--steps`` steps with and without elimination (same data, order and seed; the
@@ -286,9 +289,61 @@ def run_quality(args: argparse.Namespace) -> dict:
     return out
 
 
+GAP_CONFIGS = {  # name -> (keep ratio of the eliminating layers, first layer, last layer + 1); the rest dense
+    "keep 1.0 from layer 2 (the path only)": (1.0, 2, None),
+    "keep 0.9 from layer 2": (0.9, 2, None),
+    "keep 0.75 from layer 2": (0.75, 2, None),
+    "keep 0.5 from layer 2 (default)": (0.5, 2, None),
+    "keep 0.5, layers 15-29": (0.5, 15, None),
+    "keep 0.5, layers 2-19 (last 10 dense)": (0.5, 2, -10),
+    "keep 0.5, layers 2-21 (last 8 dense)": (0.5, 2, -8),
+    "keep 0.5, layer 10 only": (0.5, 10, 11),
+    "keep 0.5, last layer only": (0.5, -1, None),
+}
+
+
+def run_gap(args: argparse.Namespace) -> dict:
+    """Held-out loss of the real model (no training) with elimination active (exact score) per layer pattern,
+    against the loss without: where the approximation costs what."""
+    import lightning.pytorch as pl
+
+    from lit_ft.callbacks import TokenElimination
+
+    T = args.seq_lens[0]
+    data = packed_news(T, args.eval_seqs)
+    module = build_module(False, "float32", args.layers).eval()
+    n = len(module.model.model.layers)
+
+    def loss(cb) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for x in data:
+                b = lm_batch(x[None])
+                if cb is not None:
+                    cb._arm(b, training=True, step=0)  # a training batch's selection, exact score
+                total += float(module.model(input_ids=b["input_ids"], labels=b["labels"], use_cache=False).loss)
+        return total / len(data)
+
+    out = {"seq_len": T, "eval_seqs": args.eval_seqs, "full": loss(None), "configs": {}}
+    print(f"without elimination: {out['full']:.3f}", flush=True)
+    for name, (ratio, first, last) in GAP_CONFIGS.items():
+        first %= n
+        last = n if last is None else last % n
+        ratios = [ratio if first <= i < last else 1.0 for i in range(n)]
+        cb = TokenElimination(layer_keep_ratios=ratios, min_seq_len=1)
+        trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        cb.setup(trainer, module, "fit")
+        value = loss(cb)
+        cb._active = False
+        cb.teardown(trainer, module, "fit")
+        out["configs"][name] = value
+        print(f"{name}: {value:.3f} ({value / out['full']:.2f}x)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("memory", "quality", "_child"))
+    p.add_argument("mode", choices=("memory", "quality", "gap", "_child"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192])
@@ -309,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "_child":
         print("RESULT " + json.dumps(child_memory(args)), flush=True)
         return
-    result = run_memory(args) if args.mode == "memory" else run_quality(args)
+    result = {"memory": run_memory, "quality": run_quality, "gap": run_gap}[args.mode](args)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
