@@ -30,7 +30,7 @@ def main() -> None:
     import lightning.pytorch as pl
 
     from lit_ft.callbacks import TokenElimination
-    from lit_ft.callbacks.token_selection.token_elimination_parts import segment_topk
+    from lit_ft.callbacks.token_selection._token_elimination_parts import segment_topk
     from lit_ft.core.layer_hooks import ORDER_ELIMINATE, register_layer_hook, register_layer_pre_hook
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

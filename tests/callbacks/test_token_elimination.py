@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lit_ft.callbacks import TokenElimination
-from lit_ft.callbacks.token_selection.token_elimination_parts import (
+from lit_ft.callbacks.token_selection._token_elimination_parts import (
     gather_layer_inputs,
     segment_counts,
     segment_topk,
@@ -288,7 +288,7 @@ def test_trainer_steps_calibrate_then_predict_and_log():
 
 
 def cb_predictor_init(cb, module):
-    from lit_ft.callbacks.token_selection.token_elimination_parts import ScorePredictors
+    from lit_ft.callbacks.token_selection._token_elimination_parts import ScorePredictors
 
     return ScorePredictors([1, 2, 3], module.model.config.hidden_size, cb.predictor_hidden, cb.seed).state_dict()
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_ft.callbacks.token_selection.token_elimination_parts import (
+from lit_ft.callbacks.token_selection._token_elimination_parts import (
     ScorePredictors,
     gather_layer_inputs,
     segment_topk,
