@@ -163,7 +163,11 @@ class SnapshotPrompt(pl.Callback):
 
 
 def quiet_trainer(callbacks, max_steps: int = 3, **kw) -> pl.Trainer:
-    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary; its root dir is a fresh temporary
+    folder unless given (pictures a technique logs must never land in the working directory)."""
+    import tempfile
+
+    kw.setdefault("default_root_dir", tempfile.mkdtemp(prefix="lit_ft_test_"))
     return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kw)
 
@@ -213,7 +217,8 @@ def fit_and_resume(make_module: Callable[[], pl.LightningModule], make_callbacks
         saver = [ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=2, save_top_k=-1)] if checkpoint_dir \
             else []
         kw = dict(max_steps=max_steps, logger=False, enable_checkpointing=bool(checkpoint_dir),
-                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  default_root_dir=str(save_dir))
         kw.update(trainer_kw)
         trainer = pl.Trainer(callbacks=callbacks + saver, **kw)
         trainer.fit(module, datamodule=make_datamodule(), ckpt_path=ckpt_path)
