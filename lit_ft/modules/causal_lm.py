@@ -173,9 +173,11 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
 
     @property
     def causal_lm(self) -> torch.nn.Module:
-        """The transformers causal LM the loss runs: ``self.model``, or under ``peft`` the model PEFT wraps (its
-        layers carry the adapters; the fused loss needs its trunk and lm_head, not the PEFT wrapper)."""
-        return self.model.get_base_model() if self.hparams.get("peft") is not None else self.model
+        """The transformers causal LM the loss runs: ``self.model``, or when it is a PEFT model (``peft=`` or a user's
+        own ``get_peft_model`` on ``module.model``) the model PEFT wraps (its layers carry the adapters; the fused
+        loss needs its trunk and lm_head, not the PEFT wrapper)."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def check_token_ids(self, batch: Mapping[str, Any], stage: str) -> None:

@@ -106,3 +106,21 @@ def test_missing_peft_library_names_the_extra(monkeypatch):
                                           r"pip install 'lit-ft\[peft\]'"):
         lora_module()
     assert isinstance(CausalLMModule(model_config=tiny_config(), peft=None).model, torch.nn.Module)  # no peft needed
+
+
+def test_a_model_the_user_wrapped_with_peft_trains_through_the_fused_loss():
+    """``module.model = peft.get_peft_model(module.model, ...)`` (no ``peft=`` argument): the loss runs the wrapped
+    HF model's trunk and head, equals PEFT's own loss, and only the adapter moves."""
+    torch.manual_seed(0)
+    m = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2)
+    m.model = peft.get_peft_model(m.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    batch = random_batch(2, 12)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        torch.testing.assert_close(m.compute_token_loss(batch, m.causal_lm).loss, m.model(**inputs).loss,
+                                   rtol=1e-5, atol=1e-6)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0).fit(m, datamodule=ListDataModule(n_batches=2))
+    moved = [n for n, p in m.named_parameters() if not torch.equal(before[n], p)]
+    assert moved and all("lora_" in n for n in moved), moved
