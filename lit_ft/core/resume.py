@@ -37,7 +37,7 @@ from typing import Any, Union
 
 __all__ = [
     "ARGS_KEY", "RESTORE", "ResumeArgumentError", "adopt_saved_state", "current_resume_args", "reconcile_resume_args",
-    "record_resume_args",
+    "record_resume_args", "ResumeRecorded",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,3 +216,21 @@ def adopt_saved_state(callback: Any, trainer: Any, checkpoint: dict[str, Any]) -
     if not isinstance(saved, Mapping):
         return {}
     return reconcile_resume_args(owner, state, current_resume_args(callback, list(saved)), decisions)
+
+
+class ResumeRecorded:
+    """Mixin for a Lightning callback that follows the rule above: its ``on_save_checkpoint`` records its arguments
+    and its ``on_load_checkpoint`` adopts its saved state (put it before ``Callback`` in the bases). A subclass that
+    checks more on load calls ``super().on_load_checkpoint(...)`` first and reads its state with
+    :meth:`saved_state`."""
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        record_resume_args(self, checkpoint)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        adopt_saved_state(self, trainer, checkpoint)
+
+    def saved_state(self, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """This callback's state in ``checkpoint`` (after :func:`adopt_saved_state` moved it under the current key)."""
+        state = (checkpoint.get("callbacks") or {}).get(getattr(self, "state_key", None))
+        return state if isinstance(state, Mapping) else None

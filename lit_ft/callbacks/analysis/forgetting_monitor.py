@@ -17,7 +17,7 @@ from lit_ft.callbacks.analysis._forgetting_tasks import (
 )
 from lit_ft.core.pictures import log_figure, new_figure
 from lit_ft.core.registry import technique
-from lit_ft.core.resume import RESTORE, adopt_saved_state, record_resume_args
+from lit_ft.core.resume import RESTORE, ResumeRecorded
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_str, check_str_list
 from lit_ft.metrics.forgetting import CHOICE_SCORES, ForgettingMetric, recovery, retention
 
@@ -64,7 +64,7 @@ def measure(model: nn.Module, encoded: Sequence[Encoded], match_tokens: int, bat
 @technique(name="forgetting_monitor", family="analysis",
            paper="Understanding Catastrophic Forgetting in Language Models via Implicit Inference",
            arxiv="2309.10105")
-class ForgettingMonitor(Callback):
+class ForgettingMonitor(ResumeRecorded, Callback):
     """Forgetting monitor (Kotha, Springer & Raghunathan 2023, "Understanding Catastrophic Forgetting in Language
     Models via Implicit Inference"; code: kothasuhas/understanding-forgetting).
 
@@ -278,16 +278,6 @@ class ForgettingMonitor(Callback):
         self.baseline_step = int(state_dict.get("baseline_step", 0))
         self.history = list(state_dict.get("history", []))
         self._n_val = int(state_dict.get("n_val", 0))
-
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        record_resume_args(self, checkpoint)
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        adopt_saved_state(self, trainer, checkpoint)
 
 
 def evaluate_forgetting(model_before: nn.Module, model_after: nn.Module, data: Sequence[str] | None, tokenizer: Any,

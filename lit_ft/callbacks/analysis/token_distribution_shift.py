@@ -20,7 +20,7 @@ from lit_ft.callbacks.analysis._tds_answers import (
 )
 from lit_ft.core.frozen import DTYPES, FrozenModel, frozen_model_property
 from lit_ft.core.registry import technique
-from lit_ft.core.resume import RESTORE, ResumeArgumentError, adopt_saved_state, record_resume_args
+from lit_ft.core.resume import RESTORE, ResumeArgumentError, ResumeRecorded
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_str
 from lit_ft.metrics.token_distribution_shift import CATEGORIES, TokenDistributionShiftMetric, categorize, base_ranks
 
@@ -81,7 +81,7 @@ def _base_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> str | None
 @technique(name=NAME, family="analysis",
            paper="The Unlocking Spell on Base LLMs: Rethinking Alignment via In-Context Learning",
            arxiv="2312.01552")
-class TokenDistributionShift(Callback):
+class TokenDistributionShift(ResumeRecorded, Callback):
     """Token distribution shift (Lin et al. 2023, URIAL): on which answer positions does the fine-tuned model decode a
     token its base model would not have? Measured at the end of every (``every_n_validations``-th) validation.
 
@@ -386,17 +386,12 @@ class TokenDistributionShift(Callback):
             self._base.load_state_dict(state_dict.get("base_state"))
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        record_resume_args(self, checkpoint)
-
-    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        adopt_saved_state(self, trainer, checkpoint)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if self.base is not None or self._peft(pl_module) is not None:
             return
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        state = self.saved_state(checkpoint)
         if not isinstance(state, Mapping) or "base_state" not in state:
             raise ResumeArgumentError(
                 "TokenDistributionShift: the checkpoint holds no base weights for it (the run that wrote it did not "

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lit_ft.core.frozen import DTYPES, FrozenModel
 from lit_ft.core.introspect import find_decoder_layers, find_hf_model
 from lit_ft.core.registry import technique
-from lit_ft.core.resume import RESTORE, ResumeArgumentError, adopt_saved_state, record_resume_args
+from lit_ft.core.resume import RESTORE, ResumeArgumentError, ResumeRecorded
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_str
 from lit_ft.metrics._pretrained_branch import AdapterDisabledBranch, CopyBranch, adapter_layers
 from lit_ft.metrics.tuning_contribution import (
@@ -76,7 +76,7 @@ def distribution_bars(histogram: torch.Tensor, mean: float) -> Any:
 
 @technique(name=NAME, family="analysis",
            paper="TuCo: Measuring the Contribution of Fine-Tuning to Individual Responses of LLMs", arxiv="2506.23423")
-class TuningContribution(Callback):
+class TuningContribution(ResumeRecorded, Callback):
     """Tuning Contribution (TuCo; Nuti, Franzmeyer & Henriques, ICML 2025) of the model being fine-tuned, measured
     on the validation prompts.
 
@@ -313,17 +313,12 @@ class TuningContribution(Callback):
             self._have_copy = True
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        record_resume_args(self, checkpoint)
-
-    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        adopt_saved_state(self, trainer, checkpoint)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if self.pre_trained is not None or self._resolved != "copy":
             return
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        state = self.saved_state(checkpoint)
         if not isinstance(state, Mapping) or "initial_state" not in state:
             raise ResumeArgumentError(
                 "TuningContribution: the checkpoint holds no copy of the initial weights for it (the run that wrote "

@@ -26,7 +26,7 @@ from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_h
 from lit_ft.core.pictures import log_figure, new_figure
 from lit_ft.core.layer_hooks import ORDER_ELIMINATE, register_layer_hook, register_layer_pre_hook
 from lit_ft.core.registry import technique
-from lit_ft.core.resume import RESTORE, adopt_saved_state, record_resume_args
+from lit_ft.core.resume import RESTORE, ResumeRecorded
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
 from lit_ft.kernels.token_rows import gather_rows, merge_rows
 
@@ -44,7 +44,7 @@ def _predictor_hidden_decision(saved: Any, new: Any, state: Mapping[str, Any]) -
 
 @technique(name="token_elimination", family="token_selection",
            paper="LeMo: Enabling LEss Token Involvement for MOre Context Fine-tuning", arxiv="2501.09767")
-class TokenElimination(Callback):
+class TokenElimination(ResumeRecorded, Callback):
     """Layer-wise token elimination, LeMo (Wang et al. 2025, "LeMo: Enabling LEss Token Involvement for MOre Context
     Fine-tuning"; no public code).
 
@@ -514,14 +514,6 @@ class TokenElimination(Callback):
             for group in self._opt.param_groups:
                 group["lr"] = self.predictor_lr  # a changed predictor_lr applies from the resumed step on
         self._updates = int(state.get("updates", 0))
-
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        record_resume_args(self, checkpoint)
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        adopt_saved_state(self, trainer, checkpoint)
 
 
 def _cached_tokens(cache: Any, layer: torch.nn.Module) -> int:
