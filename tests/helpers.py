@@ -294,3 +294,20 @@ def check_generation(model, ids: torch.Tensor, steps: int = 5, left_pad: int = 0
         out = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=steps, **GREEDY)
         assert out[:, left_pad:].tolist() == gen.tolist()
     return gen
+
+
+def _one_thread_worker(rank: int, fn: Callable, *args) -> None:
+    # A forked child inherits the parent's OpenMP state but not its thread pool: the first parallel region in the
+    # child waits forever on threads that do not exist (seen as a CI hang whenever OMP_NUM_THREADS > 1). One
+    # intra-op thread keeps the child out of parallel regions.
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def run_forked(fn: Callable, nprocs: int, args: tuple = ()) -> None:
+    """``torch.multiprocessing.start_processes`` with fork (no re-import of torch / lightning in the children:
+    spawn costs tens of seconds on two cores), each child single-threaded so it cannot hang on the parent's
+    OpenMP pool. ``fn(rank, *args)`` as with ``start_processes``."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_one_thread_worker, args=(fn, *args), nprocs=nprocs, join=True, start_method="fork")

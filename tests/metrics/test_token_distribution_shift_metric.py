@@ -10,11 +10,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import SumMetric
 
 from lit_ft.metrics.token_distribution_shift import TokenDistributionShiftMetric, base_ranks
+from helpers import run_forked
 
 V = 10
 
@@ -165,8 +165,7 @@ def _free_port() -> int:
 
 
 def test_two_gloo_processes_sync_to_the_single_process_result(tmp_path):
-    # fork: the children start from this process's imports (spawn re-imports torch and lightning: 30 s+ here)
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    run_forked(_worker, nprocs=2, args=(_free_port(), str(tmp_path)))
     single = TokenDistributionShiftMetric(max_positions=3, first_k=1, vocab_size=V)
     for rank in (0, 1):
         tokens, _, logits = _rank_data(rank)

@@ -5,7 +5,6 @@ fine-tuning-component scaling."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from lit_ft.metrics.tuning_contribution import (
     tuco_from_components, tuning_components,
 )
 
-from helpers import random_batch, tiny_hf_model
+from helpers import random_batch, run_forked, tiny_hf_model
 
 
 def _tuco(ft, pt, batch, token="last", prompt_only=True, norm=2.0):
@@ -288,19 +287,13 @@ def _ddp_worker(rank: int, init_file: str, ptc: torch.Tensor, ftc: torch.Tensor,
 
 
 def test_two_gloo_processes_compute_what_one_process_computes(tmp_path):
-    import torch.multiprocessing as mp
-
     g = torch.Generator().manual_seed(0)
     ptc, ftc = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
     single = TuningContributionMetric(num_layers=3, bins=7)
     single.update(ptc, ftc)
     expected = single.compute()
     out_file = str(tmp_path / "out.pt")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # fork: the children need no re-import of torch / transformers (spawn costs tens of seconds on a loaded machine)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), ptc, ftc, out_file), nprocs=2, join=True,
-                       start_method=method)
+    run_forked(_ddp_worker, nprocs=2, args=(str(tmp_path / "init"), ptc, ftc, out_file))
     got = torch.load(out_file)
     assert got.keys() == expected.keys()
     for k in expected:
