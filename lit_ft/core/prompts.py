@@ -153,6 +153,11 @@ class PromptSource(nn.Module):
         Called at prefill and at every decode step; ``position_ids`` are the tokens' own positions."""
         return None
 
+    def peft_export(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """``(peft_type, tensors, extra config)`` of the same prompt as a HF PEFT adapter, or ``None`` (default)
+        where PEFT has no module that computes what this source does. See :mod:`lit_ft.core.prompt_peft`."""
+        return None
+
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def on_install(self, injector: PromptInjector) -> None:
         """Called when the source becomes active in ``injector`` (register extra hooks here)."""
@@ -493,7 +498,10 @@ def _class_path(obj: Any) -> str:
 
 def save_prompt(source: PromptSource, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``source`` as ``prompt.safetensors`` + ``prompt_config.json`` in ``directory`` (created). The base
-    model's weights are not included; ``metadata`` (e.g. the base model's name) is stored in the JSON."""
+    model's weights are not included; ``metadata`` (e.g. the base model's name) is stored in the JSON. A source
+    PEFT can run (its :meth:`PromptSource.peft_export`) is also written as a PEFT adapter in the same folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``; ``metadata["base_model"]`` becomes
+    ``base_model_name_or_path``)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -514,6 +522,13 @@ def save_prompt(source: PromptSource, directory: str | Path, metadata: Mapping[s
 
     cfg["lit_ft_version"] = __version__
     (d / PROMPT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    exported = source.peft_export()
+    if exported is not None:  # the same prompt, loadable by PeftModel.from_pretrained (core/prompt_peft.py)
+        from lit_ft.core.prompt_peft import write_peft_adapter
+
+        peft_type, peft_tensors, extra = exported
+        write_peft_adapter(peft_type, peft_tensors, source.num_virtual_tokens, d,
+                           base_model=str((metadata or {}).get("base_model", "")), extra=extra)
     return d
 
 

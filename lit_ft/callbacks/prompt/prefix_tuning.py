@@ -54,6 +54,13 @@ class PrefixEncoder(PromptSource):
     def artifact_config(self) -> dict:
         return {"num_virtual_tokens": self.num_virtual_tokens, "projection_hidden_size": self.projection_hidden_size}
 
+    def peft_export(self) -> tuple[str, dict[str, torch.Tensor], dict]:
+        """PEFT ``PREFIX_TUNING``: the ``[n, 2 L kv]`` table (computed through the MLP when there is one, as PEFT's
+        ``save_pretrained`` does), loadable with ``prefix_projection`` off."""
+        with torch.no_grad():
+            table = self.flat_key_values()
+        return "PREFIX_TUNING", {"prompt_embeddings": table}, {"prefix_projection": False}
+
 
 @technique(name="prefix_tuning", family="prompt",
            paper="Prefix-Tuning: Optimizing Continuous Prompts for Generation",

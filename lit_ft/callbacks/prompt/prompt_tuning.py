@@ -35,6 +35,14 @@ class PromptEmbedding(PromptSource):
     def prompt_embeddings(self, inputs: PromptInputs) -> torch.Tensor:
         return self.embedding.weight
 
+    def peft_export(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """PEFT ``PROMPT_TUNING``: the same ``[n, D]`` table under PEFT's key (``prompt_embeddings``). Subclasses
+        (DePT's embedding update, ...) compute more than PEFT's prompt embedding does: they export nothing unless
+        they override this."""
+        if type(self) is not PromptEmbedding:
+            return None
+        return "PROMPT_TUNING", {"prompt_embeddings": self.embedding.weight}, {"prompt_tuning_init": "RANDOM"}
+
     @torch.no_grad()
     def initialise(self, how: str, word_embeddings: nn.Module, token_ids: torch.Tensor | None,
                    generator: torch.Generator | None = None) -> None:
