@@ -1,7 +1,8 @@
 """``lit-ft``: LightningCLI with lit_ft's callbacks, modules and DataModules importable by short name, CSV logs by
 default, the resolved config saved to every logger (W&B included), and a before/after summary after ``fit``.
 
-``lit-ft techniques`` lists the registered techniques (name, class, family, paper, arXiv id, config, doc page)."""
+``lit-ft techniques`` lists the registered techniques (name, class, family, paper, arXiv id, config, doc page);
+``lit-ft configs`` lists the packaged configs, which ``--config NAME`` runs from any directory (lit_ft.config_files)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+
+from lit_ft.config_files import UnknownConfigError, configs_table, resolve_config_args
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -78,9 +81,18 @@ class LitFtCLI(LightningCLI):
             print(f"logs ({type(logger).__name__}): {where}")
 
 
-def run(args: list[str] | None = None) -> LitFtCLI:
+def run(args: list[str] | dict[str, Any] | None = None) -> LitFtCLI:
     """Run the CLI in-process and return the LightningCLI object (trainer, model, datamodule) — for tests and
-    notebooks. The console script is :func:`main`."""
+    notebooks. The console script is :func:`main`. ``--config NAME`` (a list of arguments, or ``sys.argv``) names
+    a packaged config unless NAME is an existing file (:func:`lit_ft.config_files.resolve_config`).
+
+    Raises:
+        UnknownConfigError: a ``--config`` value is neither a file nor a packaged config's name.
+    """
+    if args is None:  # rewritten in place: LightningCLI warns when given both args and command-line arguments
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    elif isinstance(args, list):
+        args = resolve_config_args(args)
     import lit_ft.callbacks  # noqa: F401  short class names resolve once imported
     import lit_ft.data  # noqa: F401
     import lit_ft.modules  # noqa: F401
@@ -115,20 +127,25 @@ def techniques_table() -> str:
     for record, row in zip(records, rows):
         lines.append(fmt.format(*row).rstrip())
         lines.append(f"    paper: {record.paper}")
-    lines.append(f"{len(records)} techniques; add one with --trainer.callbacks+=CLASS or configs/<name>.yaml")
+    lines.append(f"{len(records)} techniques; add one with --trainer.callbacks+=CLASS or --config <name> (its config)")
     return "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> None:
     """The ``lit-ft`` console script (returns None so that ``sys.exit(main())`` exits 0). ``lit-ft techniques``
-    prints :func:`techniques_table`; everything else goes to LightningCLI."""
+    prints :func:`techniques_table`, ``lit-ft configs`` the packaged configs; everything else goes to LightningCLI
+    (an unknown ``--config`` name exits with a message listing the packaged ones)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["techniques"]:
+    listings = {"techniques": techniques_table, "configs": configs_table}
+    if argv[:1] and argv[0] in listings:
         if len(argv) > 1:
-            raise SystemExit(f"lit-ft techniques takes no arguments, got {argv[1:]}")
-        print(techniques_table())
+            raise SystemExit(f"lit-ft {argv[0]} takes no arguments, got {argv[1:]}")
+        print(listings[argv[0]]())
         return
-    run(args)
+    try:
+        run(args)
+    except UnknownConfigError as e:
+        raise SystemExit(f"lit-ft: {e}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover
