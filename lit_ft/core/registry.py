@@ -170,7 +170,8 @@ def technique(*, name: str, family: str, paper: str, arxiv: str | None, config: 
         family: one of :data:`FAMILIES`.
         paper: the paper's title.
         arxiv: arXiv id (``"2404.07965"``), or ``None`` when none could be confirmed.
-        config / doc: paths relative to the repository root, only where they depart from the convention.
+        config: path of the config relative to the repository root, only where it departs from the convention.
+        doc: path of the doc page relative to the repository root, only where it departs from the convention.
         registry: where to register (default :data:`REGISTRY`; tests pass their own).
     """
     # `registry or REGISTRY` would pick REGISTRY for an empty registry (len 0 is falsy)

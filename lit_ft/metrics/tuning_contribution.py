@@ -152,7 +152,8 @@ def tuning_components(model: nn.Module, branch: PreTrainedBranch, input_ids: Ten
         model: the fine-tuned model (an HF causal LM, a PEFT model, or a module holding one); it runs its trunk only
             (no lm_head), without a KV cache, in whatever train/eval mode it is in.
         branch: the pre-trained layers (:func:`~lit_ft.metrics._pretrained_branch.make_branch`).
-        input_ids / attention_mask: the batch ``[B, T]``.
+        input_ids: the batch's ``[B, T]`` token ids.
+        attention_mask: the batch's ``[B, T]`` attention mask.
         token_mask: ``[B, T]`` the positions a prompt's components are read at (default: the attended positions);
             with ``token="last"`` its last ``True`` position per row, with ``"mean"`` the mean over its ``True``
             positions. Causal attention makes a position's components independent of what follows it, so a full
@@ -220,7 +221,9 @@ def evaluate_tuning_contribution(model_before: nn.Module | None, model_after: nn
         model_after: the fine-tuned model.
         data: batches with ``input_ids`` and optionally ``attention_mask`` / ``labels`` (on the model's device).
         max_batches: stop after this many batches (``None``: all).
-        token / norm / bins: as in :func:`tuning_components` and :class:`TuningContributionMetric`.
+        token: as in :func:`tuning_components`.
+        norm: as in :class:`TuningContributionMetric`.
+        bins: as in :class:`TuningContributionMetric`.
         prompt_only: read the prompt's tokens (positions before the first supervised label); ``False`` = every
             attended token (the sequence's last with ``token="last"``).
 

@@ -133,12 +133,14 @@ class EPT(DePT):
     default is a rank-8 correction of the identity). At initialisation EPT equals DePT with the same ``seed``
     (``V_i = 0``, ``W_o = 0``).
 
+    The arguments ``num_virtual_tokens``, ``rank``, ``match_prompt_tokens``, ``max_length``, ``lora_alpha``,
+    ``rank_scaling``, ``init``, ``init_text``, ``seed``, ``freeze_backbone``, ``learning_rate``,
+    ``lowrank_learning_rate``, ``weight_decay``, ``save_dir`` and ``tokenizer`` are as in :class:`DePT`
+    (``match_prompt_tokens`` budgets ``P``, ``A`` and ``B`` only, not the generator). EPT has no released code and its
+    learning rates could not be read, so the defaults are DePT's (EPT builds on DePT's decomposition): prompt 3e-1,
+    ``A, B`` 5e-3, weight decay 1e-5.
+
     Args:
-        num_virtual_tokens, rank, match_prompt_tokens, max_length, lora_alpha, rank_scaling, init, init_text, seed,
-            freeze_backbone, learning_rate, lowrank_learning_rate, weight_decay, save_dir, tokenizer: as in
-            :class:`DePT` (``match_prompt_tokens`` budgets ``P``, ``A`` and ``B`` only, not the generator). EPT has no
-            released code and its learning rates could not be read, so the defaults are DePT's (EPT builds on DePT's
-            decomposition): prompt 3e-1, ``A, B`` 5e-3, weight decay 1e-5.
         num_subspaces: ``K`` projections mixed by the gate (>= 1).
         projection_rank: rank ``q`` of each ``W_i - I`` (1..hidden size).
         fusion: ``"lowrank"`` (default: the prompt attends over the rows of ``s A B``), ``"joint"`` (over ``[P; s A

@@ -165,13 +165,16 @@ class PANDA(PromptCallback, Objective):
             ``init="vocab"``.
         num_virtual_tokens: the student's length for a fresh init (default: the source's); must equal the source's
             with ``init="source"``.
-        init_text, seed, tokenizer: for ``init="text"`` / ``"vocab"`` / ``"random"``, as in :class:`PromptTuning`.
+        init_text: for ``init="text"``, as in :class:`PromptTuning`.
+        seed: for ``init="vocab"`` / ``"random"``, as in :class:`PromptTuning`.
+        tokenizer: for ``init="text"`` / ``"vocab"``, as in :class:`PromptTuning`.
         auto_beta_batches: training batches used by ``beta="auto"`` (>= 1).
         integration: ``"auto"`` (mixin for ``TokenLossMixin`` modules, else the loss-function hook), ``"mixin"``,
             ``"hook"``.
         learning_rate: the student prompt's lr (own param group). Default 7e-3, the released code's SuperGLUE-CB
             recipe (``WHU-ZQH/PANDA``, ``run_cb_bert-panda.sh``). ``None`` = the optimizer's.
-        weight_decay, save_dir: the student prompt's weight decay / artifact folder, as in :class:`PromptTuning`.
+        weight_decay: the student prompt's weight decay, as in :class:`PromptTuning`.
+        save_dir: the student prompt's artifact folder, as in :class:`PromptTuning`.
     """
 
     technique_name = "panda"

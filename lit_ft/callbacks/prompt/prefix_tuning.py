@@ -87,7 +87,10 @@ class PrefixTuning(PromptCallback):
             ``run_script/run_rte_roberta.sh``: AdamW, a directly trained prefix as with ``projection_hidden_size=0``).
             Li & Liang's own 5e-5 goes with their MLP re-parameterisation and GPT-2 / BART; with a projection, pass
             a smaller rate. ``None`` = the optimizer's.
-        freeze_backbone, weight_decay, save_dir, tokenizer: as in :class:`PromptTuning`.
+        freeze_backbone: as in :class:`PromptTuning`.
+        weight_decay: as in :class:`PromptTuning`.
+        save_dir: as in :class:`PromptTuning`.
+        tokenizer: as in :class:`PromptTuning`.
     """
 
     technique_name = "prefix_tuning"

@@ -42,8 +42,12 @@ class ProMoT(PromptTuning):
          behaviour without the task's format prompt. ``"with"`` evaluates on the fine-tuned task as trained.
 
     Args:
-        num_virtual_tokens, init, init_text, peft_weights, seed, tokenizer: the soft prompt, as in
-            :class:`PromptTuning`.
+        num_virtual_tokens: as in :class:`PromptTuning` (the soft prompt).
+        init: as in :class:`PromptTuning` (the soft prompt).
+        init_text: as in :class:`PromptTuning` (the soft prompt).
+        peft_weights: as in :class:`PromptTuning` (the soft prompt).
+        seed: as in :class:`PromptTuning` (the soft prompt).
+        tokenizer: as in :class:`PromptTuning` (the soft prompt).
         learning_rate: the prompt's lr in stage 1 (own param group). Default 0.3, :class:`PromptTuning`'s (stage 1
             is Lester et al.'s prompt tuning; ProMoT's own stage-1 lr could not be read: no released code).
             ``None`` = the optimizer's.
