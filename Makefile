@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lit_ft_installed
 
-.PHONY: install demo test assets bench matrix clean
+.PHONY: install demo test assets bench matrix docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -37,5 +37,16 @@ bench: install
 matrix: install
 	OMP_NUM_THREADS=1 $(PY) tests/matrix/run_matrix.py $(MATRIX_ARGS)
 
+# the documentation site (mkdocs.yml) into site/; --strict fails on a broken link or #anchor, a page left out of the
+# nav and a docstring that does not render. The docs extra is installed once per change of pyproject.toml.
+DOCS_STAMP := $(VENV)/.lit_ft_docs_installed
+
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install -e '.[docs]'
+	@touch $(DOCS_STAMP)
+
+docs: install $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) lit_ft.egg-info .pytest_cache
+	rm -rf $(VENV) lit_ft.egg-info .pytest_cache site
