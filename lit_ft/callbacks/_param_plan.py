@@ -28,6 +28,7 @@ from lit_ft.core.optim import (
     sync_schedulers,
     unwrap_optimizer,
 )
+from lit_ft.core.pictures import PictureEvery, is_picture_step, log_figure
 from lit_ft.core.resume import adopt_saved_state, record_resume_args
 from lit_ft.core.step_probe import StepFlopsFraction, flops_monitor_of
 from lit_ft.core.params import (
@@ -135,7 +136,7 @@ def selection_plan(
     return ParamPlan(entries, owner, required=keep if required else ()), keep
 
 
-class ParamPlanCallback(Callback):
+class ParamPlanCallback(PictureEvery, Callback):
     """Base class for parameter techniques.
 
     Subclasses implement :meth:`build_plan` (called at ``setup("fit")``, before the optimizer exists) and may call
@@ -153,12 +154,26 @@ class ParamPlanCallback(Callback):
     "lit_ft_param_plans"]``), and :meth:`on_fit_start` of the last parameter callback re-applies it
     (:meth:`restore_optimizer_layout`). A subclass that overrides ``on_fit_start`` restores its own plan there
     (``update_plan``) and then calls ``super().on_fit_start(trainer, pl_module)``.
+
+    Pictures: ``picture_every_n_steps`` (0 = off, the default): after every that many optimizer steps, a layer ×
+    module-kind map of the composed plan (trainable / frozen / element-masked share of each cell),
+    ``<log_dir>/<technique_name>/param_map_step{N}.png`` and a W&B image when a ``WandbLogger`` is attached
+    (:mod:`lit_ft.core.picture_params`; the table drawn is kept as ``last_param_map`` on rank 0). Drawn from the
+    plan already held; nothing runs in between.
     """
 
     technique_name: str = "param_plan"
     #: resuming with changed arguments (:mod:`lit_ft.core.resume`): argument -> ``RESTORE``, a reason to refuse, or
     #: ``(saved, new, state) -> reason | None``; ``None`` = every change of the state key's arguments is refused
     resume_decisions: Any = None
+    #: path of the last picture and the table it drew (rank 0; ``None`` before the first)
+    last_picture: str | None = None
+    last_param_map: Any = None
+    _picture_done: int | None = None  # the last step drawn (one picture per step under accumulation)
+
+    def __init__(self, picture_every_n_steps: int = 0) -> None:
+        super().__init__()
+        self.picture_every_n_steps = picture_every_n_steps  # checked by PictureEvery
 
     def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan | None:
         """The plan to apply before training (``None`` = no constraint yet)."""
@@ -301,6 +316,22 @@ class ParamPlanCallback(Callback):
         pl_module.log(f"lit_ft/{self.technique_name}/trainable_fraction", self.trainable_fraction(),
                       on_step=True, on_epoch=False, batch_size=1)
         self._measure_flops(trainer, pl_module, batch)
+        step = int(trainer.global_step)  # optimizer steps done: the same on every rank
+        if is_picture_step(step, self.picture_every_n_steps) and self._picture_done != step:
+            self._picture_done = step
+            self.draw_pictures(trainer, pl_module, step)
+
+    def draw_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """The family's picture at optimizer step ``step``, called on every rank (the log dir is broadcast; only
+        rank 0 draws and writes): the layer × module-kind map of the composed plan."""
+        fig = None
+        if trainer.is_global_zero:
+            from lit_ft.core.picture_params import param_map_figure, param_map_table
+
+            table = self.last_param_map = param_map_table(pl_module, self.registry(pl_module).summary(pl_module))
+            fig = param_map_figure(table, title=f"{type(self).__name__}: trainable share, step {step} "
+                                                f"({100 * self.trainable_fraction():.2f}% of elements)")
+        self.last_picture = log_figure(trainer, fig, self.technique_name, "param_map", step)
 
     # -- measured FLOPs: lit_ft/<technique>/flops_fraction -----------------------------------------------------------
     #: every how many optimizer steps the FLOPs of the real step are measured against the full step (every tensor

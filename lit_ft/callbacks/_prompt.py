@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
 from lit_ft.core.introspect import find_hf_model
 from lit_ft.core.optim import assign_group_hparams, sync_schedulers
+from lit_ft.core.pictures import log_html
 from lit_ft.core.params import ParamPlan
 from lit_ft.core.prompts import (
     HOST_ATTR,
@@ -68,6 +69,11 @@ class PromptCallback(ParamPlanCallback):
             trainer's ``default_root_dir``; ``None`` = do not.
         tokenizer: tokenizer (local folder or lit_ft asset name) for text initialisation when the DataModule has no
             ``tokenizer`` attribute.
+        picture_every_n_steps: after every that many optimizer steps, an HTML table of each virtual token's nearest
+            vocabulary tokens (cosine similarity to the input embedding matrix), ``<log_dir>/<technique_name>/
+            prompt_tokens_step{N}.html`` and a W&B ``Html`` when a ``WandbLogger`` is attached
+            (:mod:`lit_ft.core.picture_prompts`); 0 = never (default). Only prompts in the input-embedding space
+            that are the same for every input have such neighbours (a prefix source is skipped, with a note).
     """
 
     #: a prompt makes the step cost more, not less (extra positions, a full backward through the frozen trunk):
@@ -78,9 +84,14 @@ class PromptCallback(ParamPlanCallback):
     #: name of the source under ``pl_module.lit_ft_prompts``
     source_name = "prompt"
 
+    #: nearest vocabulary tokens shown per virtual token in the prompt picture
+    picture_top_k: int = 5
+
     def __init__(self, freeze_backbone: bool = True, learning_rate: float | None = None,
-                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
+                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None,
+                 picture_every_n_steps: int = 0) -> None:
         owner = type(self).__name__
+        self.picture_every_n_steps = picture_every_n_steps  # checked by PictureEvery (ParamPlanCallback)
         self.freeze_backbone = check_bool(owner, "freeze_backbone", freeze_backbone)
         self.learning_rate = check_optional_lr(learning_rate, "learning_rate", owner)
         self.weight_decay = check_optional_wd(weight_decay, "weight_decay", owner)
@@ -207,6 +218,34 @@ class PromptCallback(ParamPlanCallback):
         if self.source is not None:
             norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in self.source.parameters()))
             pl_module.log(f"lit_ft/{self.technique_name}/prompt_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+
+    def draw_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """The prompt picture at optimizer step ``step`` (every rank calls; rank 0 computes and writes): each
+        virtual token's nearest vocabulary tokens."""
+        page = None
+        if trainer.is_global_zero and self.source is not None:
+            from lit_ft.core.introspect import find_input_embeddings
+            from lit_ft.core.picture_prompts import nearest_tokens, nearest_tokens_html, static_prompt_embeddings
+            from lit_ft.core.picture_tokens import find_tokenizer
+
+            prompt = static_prompt_embeddings(self.source)
+            if prompt is None:
+                if not getattr(self, "_picture_skip_noted", False):
+                    self._picture_skip_noted = True
+                    rank_zero_info(f"{type(self).__name__}: no prompt picture: its {type(self.source).__name__} "
+                                   f"({self.source.kind}) has no per-token embeddings shared by every input")
+            else:
+                vocab = find_input_embeddings(find_hf_model(pl_module)).weight
+                ids, sims = nearest_tokens(prompt, vocab, k=self.picture_top_k)
+                tok = find_tokenizer(trainer, pl_module)
+                if tok is None and self.tokenizer is not None:  # loaded once, at the first picture
+                    if "_picture_tokenizer" not in self.__dict__:
+                        self._picture_tokenizer = self.tokenizer_for(trainer)
+                    tok = self._picture_tokenizer
+                self.last_nearest_ids = ids.tolist()  # plain ints: no tensor outlives the picture
+                page = nearest_tokens_html(ids, sims, tok, title=f"{type(self).__name__}: nearest vocabulary "
+                                                                  f"tokens of the prompt, step {step}")
+        self.last_picture = log_html(trainer, page, self.technique_name, "prompt_tokens", step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_dir and self.source is not None and trainer.is_global_zero:
