@@ -58,6 +58,24 @@ def require_keys(batch: Any, keys: Iterable[str], who: str, providers: Mapping[s
         )
 
 
+#: the key SFTDataModule(packing=True) adds: which example owns each token of a packed row (-1 on padding)
+PACKED_KEY = "packed_sample_idx"
+
+
+def is_packed(batch: Any) -> bool:
+    """Whether ``batch`` is a padding-free packed batch (several examples per row; :mod:`lit_ft.data.packing`)."""
+    return isinstance(batch, Mapping) and PACKED_KEY in batch
+
+
+def refuse_packed(batch: Any, who: str, why: str) -> None:
+    """Raise :class:`ValueError` for a packed batch: ``who`` treats a row as one example (``why`` says how)."""
+    if is_packed(batch):
+        raise ValueError(
+            f"{who} does not accept packed batches (SFTDataModule(packing=True) puts several examples in one row): "
+            f"{why}. Turn packing off for this technique."
+        )
+
+
 def check_token_tensor(batch: Mapping[str, Any], key: str, like: str, who: str, dtype_kind: str) -> torch.Tensor:
     """Return ``batch[key]`` after checking it is a tensor shaped like ``batch[like]`` with the right dtype kind.
 

@@ -158,6 +158,11 @@ class _TextDataModule(pl.LightningDataModule):
     def _collate_labels(self, examples: list[dict]) -> torch.Tensor:
         raise NotImplementedError
 
+    def _train_collate(self) -> Any:
+        """Hook: the training loader's collate function (SFT packing replaces it); validation always uses
+        :meth:`collate`."""
+        return self.collate
+
     def _examples(self, split: str) -> list[dict]:
         if self._splits is None:
             self.setup()
@@ -183,7 +188,7 @@ class _TextDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             ListDataset(ex),
             batch_sampler=batch_sampler,
-            collate_fn=self.collate,
+            collate_fn=self._train_collate(),
             num_workers=self.num_workers,
             progress=self._train_progress,
             persistent_workers=False,

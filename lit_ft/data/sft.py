@@ -9,6 +9,7 @@ import torch
 
 from lit_ft.data._base import _TextDataModule
 from lit_ft.data._common import KEY_SPAN_PRESETS, check_int, key_spans_in, pad_left, pad_right, tokens_in_spans
+from lit_ft.data.packing import collate_packed
 from lit_ft.data.pkt_spans import pkt_spans, tool_names_in
 from lit_ft.data.sources import DataSource
 
@@ -23,6 +24,28 @@ ACCEPTED_FORMATS = (
 
 #: the row keys SFTDataModule reads -> its argument that renames each
 ROW_KEYS = {"prompt": "prompt_key", "completion": "completion_key", "messages": "messages_key", "answer": "answer_key"}
+
+
+def _train_without_kv_cache(trainer: Any) -> None:
+    """Packed batches: a forward that builds a KV cache skips transformers' packed-sequence mask, so the examples of a
+    row would attend to each other. lit_ft's own loss passes ``use_cache=False``; a plain ``model(**batch)`` reads
+    ``config.use_cache``, which is turned off here (generation keeps its own ``generation_config.use_cache``)."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    if module is None:
+        return
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lit_ft.core.introspect import ModelLayoutError, find_hf_model
+
+    try:
+        hf = find_hf_model(module)
+    except ModelLayoutError:
+        return  # no HF model to configure (a custom module owns its forward)
+    config = getattr(hf, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+        rank_zero_info("SFTDataModule(packing=True): model.config.use_cache set to False for training "
+                       "(packed rows are masked per example only in a forward without a KV cache)")
 
 
 class SFTDataModule(_TextDataModule):
@@ -84,6 +107,13 @@ class SFTDataModule(_TextDataModule):
         completion_key: the row key read as ``"completion"`` (e.g. ``"response"``).
         messages_key: the row key read as ``"messages"`` (e.g. ``"conversations"``).
         answer_key: the row key read as ``"answer"``.
+        packing: padding-free packing of training batches (TRL's padding-free collator, per batch): each batch's
+            examples go end to end into as few rows of ``max_length`` as fit, ``position_ids`` restart per example
+            and the batch has no ``attention_mask``, so transformers masks each example off from the others; the
+            first token of each example is not a target; ``packed_sample_idx`` says which example owns each token
+            (:mod:`lit_ft.data.packing`). The model's ``config.use_cache`` is turned off for training (the packed
+            mask needs a forward without a KV cache). Validation batches stay unpacked. Techniques that treat a row
+            as one sample (prompts, sample selection, attention-based selection) refuse packed batches.
     """
 
     def __init__(
@@ -109,8 +139,11 @@ class SFTDataModule(_TextDataModule):
         completion_key: str = "completion",
         messages_key: str = "messages",
         answer_key: str = "answer",
+        packing: bool = False,
     ) -> None:
         check_int("min_prompt_length", min_prompt_length, 0)
+        if not isinstance(packing, bool):
+            raise ValueError(f"packing must be True or False, got {packing!r}")
         keys = {"prompt": prompt_key, "completion": completion_key, "messages": messages_key, "answer": answer_key}
         for std, key in keys.items():
             if not isinstance(key, str) or not key:
@@ -153,6 +186,7 @@ class SFTDataModule(_TextDataModule):
         self.messages_key, self.answer_key = messages_key, answer_key
         # only the keys that differ from the standard names are renamed (rows are used as they are otherwise)
         self._renames = {std: key for std, key in keys.items() if key != std}
+        self.packing = packing
 
     # ----------------------------------------------------------------------------------------------------------
     _summed_stats = ("truncated_samples", "truncated_tokens", "dropped_samples")
@@ -404,6 +438,25 @@ class SFTDataModule(_TextDataModule):
 
     def _group_by_length(self) -> bool:
         return self.bucket_by_length
+
+    def _train_collate(self) -> Any:
+        return self.collate_packed if self.packing else self.collate
+
+    def collate_packed(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """A padding-free packed training batch (``packing=True``; see :mod:`lit_ft.data.packing`)."""
+        batch = collate_packed(examples, self.max_length, self.tokenizer.pad_token_id,
+                               token_keys=[("key_mask", 0)] if self.marks_key_tokens else [])
+        if self.marks_key_tokens:
+            classes = batch.pop("key_mask")
+            batch["key_token_mask"] = classes == 1
+            if self.key_spans == "tl_training":
+                batch["key_boundary_mask"] = classes == 2
+        return batch
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.packing and stage in (None, "fit"):
+            _train_without_kv_cache(self.trainer)
 
     def generation_batches(
         self, split: str = "val", limit: int | None = None, batch_size: int | None = None
