@@ -30,11 +30,11 @@ from mkdocs.structure.pages import Page
 TECHNIQUES_NAV = ("Techniques", "techniques/index.md")
 API_NAV = ("API reference", "api/index.md")
 
-# (title, module, names) of the non-technique API pages; ``names=None`` means the module's ``__all__``
+# (title, module) of the non-technique API pages: one block per name in the module's ``__all__``
 _OTHER_API = (
-    ("Modules", "lit_ft.modules", None),
-    ("Data modules", "lit_ft.data", None),
-    ("Metrics", "lit_ft.metrics", None),
+    ("Modules", "lit_ft.modules"),
+    ("Data modules", "lit_ft.data"),
+    ("Metrics", "lit_ft.metrics"),
 )
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -108,10 +108,9 @@ def api_pages() -> dict[str, str]:
     lines += [f"::: lit_ft.callbacks.{name}\n" for name in _utilities()]
     pages["api/utilities.md"] = "\n".join(lines)
 
-    for title, module, names in _OTHER_API:
-        names = names if names is not None else importlib.import_module(module).__all__
+    for title, module in _OTHER_API:
         lines = [f"# {title}", "", f"The public API of `{module}`.", ""]
-        lines += [f"::: {module}.{name}\n" for name in names]
+        lines += [f"::: {module}.{name}\n" for name in importlib.import_module(module).__all__]
         pages[f"api/{module.rsplit('.', 1)[1]}.md"] = "\n".join(lines)
 
     pages["api/registry.md"] = "# Technique registry\n\n::: lit_ft.core.registry\n"
