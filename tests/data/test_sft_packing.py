@@ -113,3 +113,14 @@ def test_refuse_packed_names_the_technique_and_the_reason():
     refuse_packed({"input_ids": packed["input_ids"]}, "X", "why")  # unpacked: nothing happens
     with pytest.raises(ValueError, match=r"QTuning does not accept packed batches .*: it keeps whole rows"):
         refuse_packed(packed, "QTuning", "it keeps whole rows")
+
+
+@pytest.mark.parametrize("make", ["QTuning", "SSToken", "TokenElimination"])
+def test_row_as_sample_techniques_refuse_packed_batches(data, tiny_tok, tmp_path, make):
+    import lit_ft.callbacks as cbs
+
+    module = CausalLMModule(model_config=tiny_config())
+    cb = getattr(cbs, make)(**({"min_seq_len": 1, "dense_layers": 0} if make == "TokenElimination" else {}))
+    packed = SFTDataModule(data=data, tokenizer=tiny_tok, val_split=0.0, batch_size=4, max_length=256, packing=True)
+    with pytest.raises(ValueError, match=f"{make} does not accept packed batches"):
+        quiet_trainer([cb], max_steps=1, default_root_dir=str(tmp_path)).fit(module, datamodule=packed)

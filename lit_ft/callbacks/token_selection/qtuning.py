@@ -15,7 +15,7 @@ from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
 from lit_ft.core.step_probe import StepFlopsFraction, flops_monitor_of
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number
-from lit_ft.core.batch import IGNORE_INDEX
+from lit_ft.core.batch import IGNORE_INDEX, refuse_packed
 from lit_ft.core.introspect import find_hf_model
 from lit_ft.core.flops import measured_step
 from lit_ft.core.introspect import causal_lm_parts
@@ -365,6 +365,7 @@ class QTuning(TokenScorerCallback):
     # -- separate: edit the batch ---------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_start = int(trainer.global_step)
+        refuse_packed(batch, "QTuning", "it keeps or drops whole rows as samples, and a packed row holds several")
         if self.scoring == "inline":
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             return

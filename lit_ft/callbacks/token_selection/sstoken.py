@@ -13,7 +13,7 @@ from lit_ft.callbacks._token_scorer import TokenScorerCallback
 from lit_ft.core.registry import technique
 from lit_ft.core.resume import RESTORE
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number, check_str
-from lit_ft.core.batch import IGNORE_INDEX
+from lit_ft.core.batch import IGNORE_INDEX, refuse_packed
 from lit_ft.core.attention import attention_mass_on_keys
 from lit_ft.core.attention import check_attention_layout as _check_attention_layout
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
@@ -328,6 +328,8 @@ class SSToken(TokenScorerCallback):
         self._warming_up = False
         if not training:
             return
+        refuse_packed(batch, "SSToken", "its attention score is recomputed with a row-wide causal mask and its "
+                      "per-response budget counts a row as one response")
         self._sync_history()
         self._warming_up = self._in_warmup()
         # during the warm-up the score is attention only: the history losses are not needed (nor computed)

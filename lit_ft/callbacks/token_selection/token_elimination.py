@@ -21,7 +21,7 @@ from lit_ft.callbacks.token_selection._token_elimination_parts import (
     topk_agreement,
 )
 from lit_ft.core.attention import attention_received, check_attention_layout
-from lit_ft.core.batch import require_keys
+from lit_ft.core.batch import refuse_packed, require_keys
 from lit_ft.core.introspect import ModelLayoutError, find_decoder_layers, find_hf_model
 from lit_ft.core.pictures import log_figure, new_figure
 from lit_ft.core.layer_hooks import ORDER_ELIMINATE, register_layer_hook, register_layer_pre_hook
@@ -276,6 +276,8 @@ class TokenElimination(ResumeRecorded, Callback):
         if not isinstance(batch, Mapping):
             raise TypeError(f"{_WHO}: expected a dict batch, got {type(batch).__name__}")
         require_keys(batch, ("input_ids",), who=_WHO)
+        refuse_packed(batch, _WHO, "its attention scores are recomputed with a row-wide causal mask, which would let "
+                      "the examples of a packed row score each other")
         am = batch.get("attention_mask")
         self._pad = None if am is None else am.bool()
         calibrating = step < self.calibration_steps
