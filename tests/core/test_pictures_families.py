@@ -199,3 +199,19 @@ def test_log_html_writes_the_page_and_logs_wandb_html(tmp_path):
 
     assert kwargs == {"step": 4} and list(metrics) == ["lit_ft/demo/page"]
     assert isinstance(metrics["lit_ft/demo/page"], wandb.Html)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_draw_once_without_deadlock(tmp_path):
+    """2 CPU ranks (gloo): every rank takes part in the broadcast of the log dir at each picture, only rank 0
+    writes; the run ends (a rank skipping the collective would hang it)."""
+    batches = [random_batch(4, 16, seed=s) for s in range(4)]
+    cbs = [EvenKeeper(picture_every_n_steps=1), TrainOnly(preset="patterns", patterns=["*q_proj*"])]
+    cbs[1].picture_every_n_steps = 2
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=cbs, default_root_dir=str(tmp_path), use_distributed_sampler=True)
+    trainer.fit(CausalLMModule(model_config=tiny_config()),
+                train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert [p.relative_to(tmp_path).as_posix() for p in _files(str(tmp_path))] == [
+        "even_keeper/tokens_step1.html", "even_keeper/tokens_step2.html", "train_only/param_map_step2.png"]
