@@ -191,7 +191,9 @@ def test_save_load_same_outputs(tmp_path, kind):
     ids = torch.randint(3, 300, (2, 7))
     ref = model(input_ids=ids).logits
     path = save_prompt(src, tmp_path / "p", metadata={"base_model": "tiny"})
-    assert sorted(p.name for p in path.iterdir()) == ["prompt.safetensors", "prompt_config.json"]
+    # lit_ft's two files, and the same prompt as a PEFT adapter (test_prompt_peft_export.py checks it loads there)
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "prompt.safetensors", "prompt_config.json"]
     assert (path / "prompt.safetensors").stat().st_size < 20_000  # the prompt only, no base weights
     fresh = hf_model()
     attach_prompt(fresh, str(path))
