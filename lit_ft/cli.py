@@ -15,6 +15,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_ft.cli_output import StepProgressBar, quiet_dependencies
+from lit_ft.cli_quick import apply_quick_mode
 from lit_ft.config_files import UnknownConfigError, configs_table, resolve_config_args
 
 
@@ -61,6 +63,29 @@ class LitFtCLI(LightningCLI):
             }
         )
 
+        parser.add_argument(
+            "--quick", type=bool, default=False,
+            help="a few-step run of the same config that still shows something: max_steps <= 5, one validation at "
+                 "the end, metrics logged every step, small held-out and generation sets (lit_ft.cli_quick)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if getattr(cfg, "quick", False):
+            changes = apply_quick_mode(cfg)
+            print("lit-ft --quick: " + ("; ".join(changes) if changes else "the config is already that small"))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        # Lightning's default rich bar prints "Epoch 0/-2" for max_steps runs; ours, unless the user chose a bar
+        from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if (_RICH_AVAILABLE and config.get("enable_progress_bar", True) is not False
+                and not any(isinstance(c, ProgressBar) for c in configured)):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
         if trainer.global_rank != 0:
@@ -89,6 +114,7 @@ def run(args: list[str] | dict[str, Any] | None = None) -> LitFtCLI:
     Raises:
         UnknownConfigError: a ``--config`` value is neither a file nor a packaged config's name.
     """
+    quiet_dependencies()
     if args is None:  # rewritten in place: LightningCLI warns when given both args and command-line arguments
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     elif isinstance(args, list):

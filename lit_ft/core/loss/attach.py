@@ -71,6 +71,7 @@ def attach(trainer: Any, pl_module: Any, participant: Any, integration: str = "a
     engine to run, e.g. a producer of ``batch["token_weights"]``) to ``pl_module``'s token loss."""
     who = who or type(participant).__name__
     level = resolve_level(pl_module, integration, who, allowed)
+    _say_level(who, level, integration, pl_module)
     # batch editors before the readers of what they edit (lit_ft.core.loss.batch_order): one check for every
     # participant, so a misordered pair fails at setup with the fix, not later inside the loss
     check_batch_order(getattr(trainer, "callbacks", None) or ())
@@ -91,6 +92,22 @@ def attach(trainer: Any, pl_module: Any, participant: Any, integration: str = "a
         # read live at every loss, not copied now: GradientAccumulationScheduler changes it between epochs
         hook.bind_trainer(trainer)
     return Attachment(level, pipe, hooked)
+
+
+_LEVEL_WORDS = {
+    "mixin": "level 3 (the module's token loss: fused, no [N, V] logits)",
+    "hook": "level 2 (the HF model's loss_function, for a module that returns model(**batch).loss)",
+    "batch": "level 1 (edits the batch only)",
+}
+
+
+def _say_level(who: str, level: str, integration: str, pl_module: Any) -> None:
+    """One info line per attachment: which integration level the technique runs at, and why (users of a plain
+    module otherwise cannot tell whether the fused path is in use)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    how = "chosen for" if integration == "auto" else "as configured (integration=" + repr(integration) + ") on"
+    rank_zero_info(f"{who}: {_LEVEL_WORDS.get(level, level)}, {how} {type(pl_module).__name__}")
 
 
 def detach(attachment: Attachment | None, participant: Any) -> None:
