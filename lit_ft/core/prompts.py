@@ -332,6 +332,16 @@ class PromptInjector:
                 "or run with `injector.disabled()`."
             )
         mask = kw.get("attention_mask")
+        given_pos = kw.get("position_ids")
+        if (mask is None and prefill and isinstance(given_pos, torch.Tensor) and given_pos.dim() == 2
+                and given_pos.shape[1] > 1 and bool((given_pos[:, 1:] <= given_pos[:, :-1]).any())):
+            # position resets without a mask = padding-free packing (lit_ft.data.packing): the prompt would be
+            # prepended to the row once, and the examples after the first would not see it
+            raise PromptError(
+                "prompt techniques do not accept packed batches (SFTDataModule(packing=True) puts several examples "
+                "in one row; their position_ids restart): a prompt is prepended per row, so only the first example "
+                "would see it. Turn packing off for prompt techniques."
+            )
         real_past = 0 if prefill else past - n
         if mask is None:
             mask = torch.ones(B, real_past + T, dtype=torch.long, device=device)

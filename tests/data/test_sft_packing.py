@@ -124,3 +124,14 @@ def test_row_as_sample_techniques_refuse_packed_batches(data, tiny_tok, tmp_path
     packed = SFTDataModule(data=data, tokenizer=tiny_tok, val_split=0.0, batch_size=4, max_length=256, packing=True)
     with pytest.raises(ValueError, match=f"{make} does not accept packed batches"):
         quiet_trainer([cb], max_steps=1, default_root_dir=str(tmp_path)).fit(module, datamodule=packed)
+
+
+def test_prompt_techniques_refuse_packed_batches(data, tiny_tok, tmp_path):
+    from lit_ft.callbacks import PromptTuning
+    from lit_ft.core.prompts import PromptError
+
+    module = CausalLMModule(model_config=tiny_config())
+    packed = SFTDataModule(data=data, tokenizer=tiny_tok, val_split=0.0, batch_size=4, max_length=256, packing=True)
+    with pytest.raises(PromptError, match="prompt techniques do not accept packed batches"):
+        quiet_trainer([PromptTuning(num_virtual_tokens=2)], max_steps=1,
+                      default_root_dir=str(tmp_path)).fit(module, datamodule=packed)
