@@ -18,11 +18,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ft.callbacks._param_plan import ParamPlanCallback, selection_plan
+from lit_ft.callbacks._owned_tensors import OwnedTensorsCallback
 from lit_ft.core.introspect import find_hf_model
-from lit_ft.core.optim import assign_group_hparams, sync_schedulers
 from lit_ft.core.pictures import log_html
-from lit_ft.core.params import ParamPlan
 from lit_ft.core.prompts import (
     HOST_ATTR,
     ModelGeometry,
@@ -36,20 +34,10 @@ from lit_ft.core.prompts import (
     save_prompt,
     unregister_source,
 )
-from lit_ft.core.validate import check_bool, check_number, check_str
+from lit_ft.core.validate import check_optional_lr, check_optional_wd, check_str  # noqa: F401  (re-exported)
 
 
-def check_optional_lr(value: float | None, argname: str, owner: str) -> float | None:
-    """``None`` or a finite number > 0 (a learning rate); raises naming the argument otherwise."""
-    return check_number(owner, argname, value, low=0, low_open=True, allow_none=True, null_means="the optimizer's")
-
-
-def check_optional_wd(value: float | None, argname: str, owner: str) -> float | None:
-    """``None`` or a finite number >= 0 (a weight decay); raises naming the argument otherwise."""
-    return check_number(owner, argname, value, low=0, allow_none=True, null_means="the optimizer's")
-
-
-class PromptCallback(ParamPlanCallback):
+class PromptCallback(OwnedTensorsCallback):
     """Base class of prompt techniques.
 
     Subclasses implement :meth:`build_source` and may override :meth:`extra_trainable` (tensors of the model that
@@ -87,17 +75,16 @@ class PromptCallback(ParamPlanCallback):
     #: nearest vocabulary tokens shown per virtual token in the prompt picture
     picture_top_k: int = 5
 
+    owned_what = "the prompt"
+    #: the saved prompt is also written as a PEFT adapter when its source can be (PromptTuning, PrefixTuning);
+    #: False where the technique trains more than the prompt (a head, the model), which PEFT's prompt would lack
+    exports_peft: bool = False
+
     def __init__(self, freeze_backbone: bool = True, learning_rate: float | None = None,
                  weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None,
                  picture_every_n_steps: int = 0) -> None:
         owner = type(self).__name__
-        self.picture_every_n_steps = picture_every_n_steps  # checked by PictureEvery (ParamPlanCallback)
-        self.freeze_backbone = check_bool(owner, "freeze_backbone", freeze_backbone)
-        self.learning_rate = check_optional_lr(learning_rate, "learning_rate", owner)
-        self.weight_decay = check_optional_wd(weight_decay, "weight_decay", owner)
-        if save_dir is not None and not isinstance(save_dir, str):
-            raise ValueError(f"{owner}: `save_dir` must be a path string or null, got {save_dir!r}")
-        self.save_dir = save_dir
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, picture_every_n_steps)
         # a tokenizer folder or asset name, loaded at setup: a non-string would fail there without naming it
         self.tokenizer = check_str(owner, "tokenizer", tokenizer, allow_none=True, null_means="the datamodule's")
         self.source: PromptSource | None = None
@@ -108,20 +95,6 @@ class PromptCallback(ParamPlanCallback):
     def build_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hf_model: torch.nn.Module,
                      geometry: ModelGeometry) -> PromptSource:
         raise NotImplementedError
-
-    def extra_trainable(self, pl_module: pl.LightningModule) -> list[str]:
-        """Names of model tensors (not the prompt's) that train with the prompt while the backbone is frozen."""
-        return []
-
-    def group_hparams(self, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
-        """Parameter name -> ``{"lr": .., "weight_decay": ..}`` given at ``on_fit_start`` (default: the prompt's
-        tensors get ``learning_rate`` / ``weight_decay`` when set)."""
-        hp: dict[str, float] = {}
-        if self.learning_rate is not None:
-            hp["lr"] = self.learning_rate
-        if self.weight_decay is not None:
-            hp["weight_decay"] = self.weight_decay
-        return {n: dict(hp) for n in self.source_param_names(pl_module)} if hp else {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def tokenizer_for(self, trainer: pl.Trainer) -> Any:
@@ -135,6 +108,9 @@ class PromptCallback(ParamPlanCallback):
     def source_param_names(self, pl_module: pl.LightningModule, name: str | None = None) -> list[str]:
         prefix = f"{HOST_ATTR}.{name or self.source_name}."
         return [n for n, _ in pl_module.named_parameters() if n.startswith(prefix)]
+
+    def owned_param_names(self, pl_module: pl.LightningModule) -> list[str]:
+        return self.source_param_names(pl_module)
 
     @property
     def installed(self) -> bool:
@@ -183,35 +159,6 @@ class PromptCallback(ParamPlanCallback):
             unregister_source(self._host, self.source_name)
         self.source = self.injector = self._host = None
 
-    def build_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ParamPlan | None:
-        if not self.freeze_backbone:
-            return None
-        names = self.source_param_names(pl_module) + self.extra_trainable(pl_module)
-        plan, _ = selection_plan(pl_module, names, self.registry(pl_module).baseline, type(self).__name__,
-                                 required=False, what="the prompt")
-        return plan
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.apply_group_hparams(trainer, pl_module)
-        super().on_fit_start(trainer, pl_module)  # param-group layout of the checkpoint on resume
-
-    def apply_group_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                            assignments: dict[str, dict[str, float]] | None = None) -> None:
-        """Give the technique's tensors their learning rates (and add any the optimizer does not hold: a
-        ``configure_optimizers`` over ``self.model.parameters()`` would otherwise never train the prompt)."""
-        if assignments is None:
-            assignments = self.group_hparams(pl_module)
-            for n in self.source_param_names(pl_module) + self.extra_trainable(pl_module):
-                assignments.setdefault(n, {})
-        params = dict(pl_module.named_parameters())
-        assignments = {n: hp for n, hp in assignments.items() if params[n].requires_grad}
-        for opt in trainer.optimizers:
-            r = assign_group_hparams(opt, pl_module, assignments)
-            if r.changed and trainer.lr_scheduler_configs:
-                sync_schedulers(trainer, opt, origin=r.origin, scale=r.scale, owner=type(self).__name__)
-            if r.added:
-                rank_zero_info(f"{type(self).__name__}: added {len(r.added)} prompt tensor(s) the optimizer did not hold")
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -249,20 +196,9 @@ class PromptCallback(ParamPlanCallback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_dir and self.source is not None and trainer.is_global_zero:
-            hf = find_hf_model(pl_module)
-            meta = {"technique": type(self).__name__,
-                    "base_model": str(getattr(getattr(hf, "config", None), "_name_or_path", ""))}
             out = self.resolved_save_dir(trainer)
-            save_prompt(self.source, out, metadata=meta)
+            save_prompt(self.source, out, metadata=self.artifact_metadata(pl_module), peft=self.exports_peft)
             rank_zero_info(f"{type(self).__name__}: prompt saved to {out}")
-
-    def resolved_save_dir(self, trainer: pl.Trainer) -> str | None:
-        """``save_dir``; a relative path is taken relative to ``trainer.default_root_dir``."""
-        import os
-
-        if not self.save_dir:
-            return None
-        return self.save_dir if os.path.isabs(self.save_dir) else os.path.join(trainer.default_root_dir, self.save_dir)
 
     @property
     def state_key(self) -> str:

@@ -506,12 +506,14 @@ def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def save_prompt(source: PromptSource, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_prompt(source: PromptSource, directory: str | Path, metadata: Mapping[str, Any] | None = None,
+                peft: bool = True) -> Path:
     """Write ``source`` as ``prompt.safetensors`` + ``prompt_config.json`` in ``directory`` (created). The base
     model's weights are not included; ``metadata`` (e.g. the base model's name) is stored in the JSON. A source
     PEFT can run (its :meth:`PromptSource.peft_export`) is also written as a PEFT adapter in the same folder
     (``adapter_config.json`` + ``adapter_model.safetensors``; ``metadata["base_model"]`` becomes
-    ``base_model_name_or_path``)."""
+    ``base_model_name_or_path``) unless ``peft=False`` (a technique whose trained state is more than the prompt:
+    a PEFT adapter of the prompt alone would not reproduce it)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -532,7 +534,7 @@ def save_prompt(source: PromptSource, directory: str | Path, metadata: Mapping[s
 
     cfg["lit_ft_version"] = __version__
     (d / PROMPT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    exported = source.peft_export()
+    exported = source.peft_export() if peft else None
     if exported is not None:  # the same prompt, loadable by PeftModel.from_pretrained (core/prompt_peft.py)
         from lit_ft.core.prompt_peft import write_peft_adapter
 

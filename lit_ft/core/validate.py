@@ -142,3 +142,13 @@ def check_layer_count(owner: str, name: str, value: int, n_layers: int, minimum:
     if value > n_layers:
         raise ValueError(f"{owner}: `{name}`={value} exceeds the model's {n_layers} layers; allowed: "
                          f"{minimum}..{n_layers}.")
+
+
+def check_optional_lr(value: float | None, argname: str, owner: str) -> float | None:
+    """``None`` or a finite number > 0 (a learning rate); raises naming the argument otherwise."""
+    return check_number(owner, argname, value, low=0, low_open=True, allow_none=True, null_means="the optimizer's")
+
+
+def check_optional_wd(value: float | None, argname: str, owner: str) -> float | None:
+    """``None`` or a finite number >= 0 (a weight decay); raises naming the argument otherwise."""
+    return check_number(owner, argname, value, low=0, allow_none=True, null_means="the optimizer's")

@@ -298,8 +298,10 @@ class CausalLMModule(TokenLossMixin, pl.LightningModule):
         self.eval()
         with torch.no_grad():
             batches = dm.generation_batches(split="val", limit=self.hparams.eval_exact_match)
+            per_batch = int(getattr(dm, "eval_batch_size", 0) or 0)
+            n_batches = -(-self.hparams.eval_exact_match // per_batch) if per_batch > 0 else None  # at most
             for gb in progress(batches, f"lit_ft: generating {self.hparams.eval_exact_match} answers (exact match)",
-                               enabled=self.trainer.is_global_zero):
+                               total=n_batches, enabled=self.trainer.is_global_zero):
                 ids = gb["input_ids"].to(self.device)
                 mask = gb["attention_mask"].to(self.device)
                 gen = self.model.generate(
