@@ -5,6 +5,7 @@ vocabulary tokens (HTML). Content is checked, not pixels."""
 from __future__ import annotations
 
 import html
+import inspect
 import re
 from pathlib import Path
 from unittest import mock
@@ -137,8 +138,7 @@ def test_param_map_counts_element_masks():
 # prompt family
 # ---------------------------------------------------------------------------------------------------------------
 def test_prompt_picture_lists_the_init_tokens_first(tmp_path):
-    cb = PromptTuning(num_virtual_tokens=4, init="vocab", seed=3, learning_rate=1e-6)
-    cb.picture_every_n_steps = 1  # PromptTuning's constructor does not forward the base's argument
+    cb = PromptTuning(num_virtual_tokens=4, init="vocab", seed=3, learning_rate=1e-6, picture_every_n_steps=1)
     quiet_trainer([cb], max_steps=1, default_root_dir=str(tmp_path)).fit(CausalLMModule(model_config=tiny_config()),
                                                                          ListDataModule(n_batches=1))
     expected = init_token_ids("vocab", 4, VOCAB, generator=torch.Generator().manual_seed(3)).tolist()
@@ -178,11 +178,37 @@ def _assign(cb, value):
 @pytest.mark.parametrize("make", [lambda v: EvenKeeper(picture_every_n_steps=v),
                                   lambda v: ParamPlanCallback(picture_every_n_steps=v),
                                   lambda v: PromptCallback(picture_every_n_steps=v),
-                                  lambda v: _assign(PromptTuning(), v), lambda v: _assign(TrainOnly(), v)])
+                                  lambda v: _assign(PromptTuning(), v), lambda v: _assign(TrainOnly(), v),
+                                  lambda v: PromptTuning(picture_every_n_steps=v),
+                                  lambda v: TrainOnly(picture_every_n_steps=v)])
 @pytest.mark.parametrize("value", [-1, 1.5, True])
 def test_picture_every_n_steps_is_checked(make, value):
     with pytest.raises(ValueError, match="picture_every_n_steps"):
         make(value)
+
+
+def _family_techniques() -> list:
+    """The registered techniques whose class subclasses a picture-drawing family base (prompts are parameter
+    plans too)."""
+    from lit_ft.callbacks import techniques
+
+    return [r.cls for r in techniques() if issubclass(r.cls, (TokenScorerCallback, ParamPlanCallback))]
+
+
+def test_every_family_technique_takes_picture_every_n_steps():
+    """A LightningCLI config can only set what the technique's own signature lists (jsonargparse reads it), so each
+    technique of the three families must take the argument, last (positional calls keep working), and forward it."""
+    classes = _family_techniques()
+    names = {c.__name__ for c in classes}
+    # the families' known members: a registry or base change that drops one of them fails here
+    assert {"ExcessLossSelection", "QTuning", "TrainOnly", "LotteryTicketSparseFT", "PromptTuning", "PANDA"} <= names
+    for cls in classes:
+        params = list(inspect.signature(cls.__init__).parameters.values())
+        assert params[-1].name == "picture_every_n_steps", cls.__name__
+        assert params[-1].default == 0 and params[-1].annotation in (int, "int"), cls.__name__
+        assert cls(picture_every_n_steps=3).picture_every_n_steps == 3, cls.__name__
+        assert cls().picture_every_n_steps == 0, cls.__name__
+        assert "picture_every_n_steps:" in (cls.__doc__ or ""), f"{cls.__name__}: not in its docstring's Args"
 
 
 def test_log_html_writes_the_page_and_logs_wandb_html(tmp_path):
@@ -206,8 +232,8 @@ def test_ddp_two_ranks_draw_once_without_deadlock(tmp_path):
     """2 CPU ranks (gloo): every rank takes part in the broadcast of the log dir at each picture, only rank 0
     writes; the run ends (a rank skipping the collective would hang it)."""
     batches = [random_batch(4, 16, seed=s) for s in range(4)]
-    cbs = [EvenKeeper(picture_every_n_steps=1), TrainOnly(preset="patterns", patterns=["*q_proj*"])]
-    cbs[1].picture_every_n_steps = 2
+    cbs = [EvenKeeper(picture_every_n_steps=1),
+           TrainOnly(preset="patterns", patterns=["*q_proj*"], picture_every_n_steps=2)]
     trainer = pl.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=cbs, default_root_dir=str(tmp_path), use_distributed_sampler=True)

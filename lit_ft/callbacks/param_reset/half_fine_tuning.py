@@ -130,6 +130,8 @@ class HalfFineTuning(ParamPlanCallback):
             its embeddings are a large share).
         seed: selection seed. ``None`` = the ``seed_everything`` seed (``PL_GLOBAL_SEED``) if set, else 0. Stored in
             the checkpoint; a resumed run uses the stored one.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
 
     Attributes (for benchmarks): ``stage``, ``resets`` (tensor resets done so far), ``selected_fraction``
     (trainable share of the selectable elements), ``trainable_fraction()`` (trainable share of all parameters),
@@ -159,8 +161,9 @@ class HalfFineTuning(ParamPlanCallback):
         reset_moments_on_thaw: bool = True,
         train_non_layer: bool = False,
         seed: Optional[int] = None,
+        picture_every_n_steps: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_number(owner, "ratio", ratio, low=0, high=1, low_open=True)  # 0.5 = the paper
         check_choice(owner, "granularity", granularity, GRANULARITIES)

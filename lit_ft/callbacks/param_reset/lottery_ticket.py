@@ -248,6 +248,8 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             phases (lit-ft's behaviour before). The optimizer state is cleared either way.
         full_l1_reg: ``λ`` of the L1 pull towards ``θ₀`` in phase 1 (>= 0; 0 = off, the default).
         sparse_l1_reg: ``λ`` of the L1 pull towards ``θ₀`` in phase 2, on the kept entries (>= 0; 0 = off).
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "lottery_ticket"
@@ -280,8 +282,9 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         phase2_schedule: str = "restart",
         full_l1_reg: float = 0.0,
         sparse_l1_reg: float = 0.0,
+        picture_every_n_steps: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_number(owner, "proportion", proportion, low=0, high=1, low_open=True)
         check_int(owner, "num_params", num_params, minimum=1, allow_none=True, null_means="from `proportion`")

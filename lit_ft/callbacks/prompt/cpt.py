@@ -279,6 +279,8 @@ class CPT(PromptCallback):
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends (holds ``delta``,
             ``E0``, the context's tokens and types).
         tokenizer: tokenizer (local folder or lit_ft asset name) when the DataModule has no ``tokenizer``.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "cpt"
@@ -288,8 +290,9 @@ class CPT(PromptCallback):
                  end_with_eos: bool = True, projection_epsilon: float = 0.1, format_epsilon: float = 0.1,
                  weighted_loss: str = "none", decay: float = 1.0, seed: int = 0, freeze_backbone: bool = True,
                  learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None, save_dir: str | None = None,
-                 tokenizer: str | None = None) -> None:
-        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+                 tokenizer: str | None = None, picture_every_n_steps: int = 0) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         owner = "CPT"
         if examples is not None:
             if not isinstance(examples, (list, tuple)) or not examples:

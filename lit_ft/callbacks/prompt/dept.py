@@ -175,6 +175,8 @@ class DePT(PromptCallback):
             the optimizer's.
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends.
         tokenizer: tokenizer for ``init="text"`` when the DataModule has none.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "dept"
@@ -187,8 +189,9 @@ class DePT(PromptCallback):
                  learning_rate: float | None = DEFAULT_LEARNING_RATE,
                  lowrank_learning_rate: float | None = DEFAULT_LOWRANK_LEARNING_RATE,
                  weight_decay: float | None = DEFAULT_WEIGHT_DECAY, save_dir: str | None = None,
-                 tokenizer: str | None = None) -> None:
-        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+                 tokenizer: str | None = None, picture_every_n_steps: int = 0) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         self.num_virtual_tokens = check_int(owner, "num_virtual_tokens", num_virtual_tokens, minimum=1)
         self.rank = check_int(owner, "rank", rank, minimum=1, allow_none=True)

@@ -148,6 +148,8 @@ class EPT(DePT):
         fusion_dim: width of the fusion attention's queries/keys/values.
         generator_learning_rate: lr of the generator (gate, ``U``, ``V``, fusion projections); ``None`` = that of
             ``A, B`` (``lowrank_learning_rate``).
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "ept"
@@ -160,10 +162,10 @@ class EPT(DePT):
                  learning_rate: float | None = DEFAULT_LEARNING_RATE,
                  lowrank_learning_rate: float | None = DEFAULT_LOWRANK_LEARNING_RATE,
                  generator_learning_rate: float | None = None, weight_decay: float | None = DEFAULT_WEIGHT_DECAY,
-                 save_dir: str | None = None, tokenizer: str | None = None) -> None:
+                 save_dir: str | None = None, tokenizer: str | None = None, picture_every_n_steps: int = 0) -> None:
         super().__init__(num_virtual_tokens, rank, match_prompt_tokens, max_length, lora_alpha, rank_scaling, init,
                          init_text, seed, freeze_backbone, learning_rate, lowrank_learning_rate, weight_decay, save_dir,
-                         tokenizer)
+                         tokenizer, picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         self.num_subspaces = check_int(owner, "num_subspaces", num_subspaces, minimum=1)
         self.projection_rank = check_int(owner, "projection_rank", projection_rank, minimum=1)

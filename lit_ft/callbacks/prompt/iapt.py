@@ -331,6 +331,8 @@ class IAPT(PromptCallback):
         weight_decay: the generators' weight decay; ``None`` = the optimizer's.
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends.
         tokenizer: unused by IAPT (kept for the common prompt-callback interface).
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "iapt"
@@ -339,8 +341,10 @@ class IAPT(PromptCallback):
                  prefix_mode: str = "kv", pooling: str = "hidden", input_norm: bool = True,
                  query_init_std: float = 1.0, up_init_std: float = 0.0, rational_impl: str = "auto", seed: int = 0,
                  freeze_backbone: bool = True, learning_rate: float | None = None,
-                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
-        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None,
+                 picture_every_n_steps: int = 0) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         self.num_virtual_tokens = check_int("IAPT", "num_virtual_tokens", num_virtual_tokens, minimum=1)
         self.bottleneck = check_int("IAPT", "bottleneck", bottleneck, minimum=1)
         self.share_generator = check_bool("IAPT", "share_generator", share_generator)

@@ -175,6 +175,8 @@ class PANDA(PromptCallback, Objective):
             recipe (``WHU-ZQH/PANDA``, ``run_cb_bert-panda.sh``). ``None`` = the optimizer's.
         weight_decay: the student prompt's weight decay, as in :class:`PromptTuning`.
         save_dir: the student prompt's artifact folder, as in :class:`PromptTuning`.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "panda"
@@ -185,8 +187,9 @@ class PANDA(PromptCallback, Objective):
                  init_text: str | None = None, seed: int = 0, auto_beta_batches: int = 4, integration: str = "auto",
                  learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None,
                  save_dir: str | None = None, tokenizer: str | None = None,
-                 kd_normalisation: str = "token") -> None:
-        super().__init__(True, learning_rate, weight_decay, save_dir, tokenizer)
+                 kd_normalisation: str = "token", picture_every_n_steps: int = 0) -> None:
+        super().__init__(True, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         if source_prompt is not None and not isinstance(source_prompt, str):
             raise ValueError(f"PANDA: `source_prompt` must be a folder path, got {source_prompt!r}")
         if beta != "auto" and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta)

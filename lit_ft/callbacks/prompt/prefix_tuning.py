@@ -91,14 +91,18 @@ class PrefixTuning(PromptCallback):
         weight_decay: as in :class:`PromptTuning`.
         save_dir: as in :class:`PromptTuning`.
         tokenizer: as in :class:`PromptTuning`.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "prefix_tuning"
 
     def __init__(self, num_virtual_tokens: int = 20, projection_hidden_size: int = 0, init_std: float = 0.02,
                  seed: int = 0, freeze_backbone: bool = True, learning_rate: float | None = DEFAULT_LEARNING_RATE,
-                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None) -> None:
-        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+                 weight_decay: float | None = None, save_dir: str | None = None, tokenizer: str | None = None,
+                 picture_every_n_steps: int = 0) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         self.num_virtual_tokens = check_int("PrefixTuning", "num_virtual_tokens", num_virtual_tokens, minimum=1)
         self.projection_hidden_size = check_int("PrefixTuning", "projection_hidden_size", projection_hidden_size,
                                                 minimum=0)

@@ -63,6 +63,8 @@ class ProMoT(PromptTuning):
             weight decay of the optimizer's groups when fit starts.
         eval_prompt: ``"with"`` (default) or ``"without"`` the prompt in validation and test.
         save_dir: write the stage-1 prompt artifact here when fit ends (the model's weights are in the checkpoint).
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "promot"
@@ -72,10 +74,11 @@ class ProMoT(PromptTuning):
                  weight_decay: float | None = None, prompt_steps: int | None = None, prompt_epochs: int | None = None,
                  train_prompt_in_stage2: bool = False, model_learning_rate: float | None = None,
                  model_weight_decay: float | None = None, eval_prompt: str = "with", save_dir: str | None = None,
-                 tokenizer: str | None = None) -> None:
+                 tokenizer: str | None = None, picture_every_n_steps: int = 0) -> None:
         super().__init__(num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
                          peft_weights=peft_weights, seed=seed, freeze_backbone=True, learning_rate=learning_rate,
-                         weight_decay=weight_decay, save_dir=save_dir, tokenizer=tokenizer)
+                         weight_decay=weight_decay, save_dir=save_dir, tokenizer=tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         self.prompt_steps = check_int("ProMoT", "prompt_steps", prompt_steps, minimum=1, allow_none=True)
         self.prompt_epochs = check_int("ProMoT", "prompt_epochs", prompt_epochs, minimum=1, allow_none=True)
         if self.prompt_steps is not None and self.prompt_epochs is not None:

@@ -109,6 +109,8 @@ class PromptTuning(PromptCallback):
         save_dir: write ``prompt.safetensors`` + ``prompt_config.json`` here when fit ends (relative paths: under
             the trainer's ``default_root_dir``).
         tokenizer: tokenizer for ``init="text"`` when the DataModule has none.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "prompt_tuning"
@@ -116,8 +118,9 @@ class PromptTuning(PromptCallback):
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
                  peft_weights: str | None = None, seed: int = 0, freeze_backbone: bool = True,
                  learning_rate: float | None = DEFAULT_LEARNING_RATE, weight_decay: float | None = None,
-                 save_dir: str | None = None, tokenizer: str | None = None) -> None:
-        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+                 save_dir: str | None = None, tokenizer: str | None = None, picture_every_n_steps: int = 0) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__  # ProMoT builds on this constructor
         check_int(owner, "num_virtual_tokens", num_virtual_tokens, minimum=1)
         check_choice(owner, "init", init, INITS)

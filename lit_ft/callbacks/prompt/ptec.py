@@ -81,6 +81,8 @@ class PTEC(PromptCallback):
         weight_decay: the prompt's weight decay; None = the optimizer's.
         save_dir: write the prompt and head artifacts here when fit ends (relative: under ``default_root_dir``).
         tokenizer: tokenizer for ``init="labels"/"text"`` when the DataModule has none.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "ptec"
@@ -89,8 +91,9 @@ class PTEC(PromptCallback):
                  peft_weights: str | None = None, seed: int = 0, head: str | None = None,
                  head_learning_rate: float | None = 1e-5, head_weight_decay: float | None = None,
                  freeze_backbone: bool = True, learning_rate: float | None = 3e-3, weight_decay: float | None = None,
-                 save_dir: str | None = None, tokenizer: str | None = None) -> None:
-        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer)
+                 save_dir: str | None = None, tokenizer: str | None = None, picture_every_n_steps: int = 0) -> None:
+        super().__init__(freeze_backbone, learning_rate, weight_decay, save_dir, tokenizer,
+                         picture_every_n_steps=picture_every_n_steps)
         check_int("PTEC", "num_virtual_tokens", num_virtual_tokens, minimum=1)
         check_choice("PTEC", "init", init, INITS)
         check_str("PTEC", "init_text", init_text, allow_none=True)

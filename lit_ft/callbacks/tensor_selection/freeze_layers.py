@@ -49,6 +49,8 @@ class FreezeLayers(ParamPlanCallback):
         num_layers: number of lowest layers to freeze (>= 0, at most the model's layer count).
         freeze_embeddings: also freeze the input-embedding module (and, when tied, the lm_head).
         unfreeze_at_epoch: epoch (>= 1) at whose start everything frozen here is unfrozen again; ``None`` = never.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "freeze_layers"
@@ -60,7 +62,9 @@ class FreezeLayers(ParamPlanCallback):
         "unfreeze_at_epoch": RESTORE,
     }
 
-    def __init__(self, num_layers: int = 2, freeze_embeddings: bool = True, unfreeze_at_epoch: Optional[int] = None) -> None:
+    def __init__(self, num_layers: int = 2, freeze_embeddings: bool = True, unfreeze_at_epoch: Optional[int] = None,
+                 picture_every_n_steps: int = 0) -> None:
+        super().__init__(picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         self.num_layers = check_int(owner, "num_layers", num_layers, minimum=0)  # lowest layers to freeze
         check_bool(owner, "freeze_embeddings", freeze_embeddings)

@@ -219,6 +219,8 @@ class GreenTrainer(ParamPlanCallback):
             slower (time and memory are O(number of tensors × quantization)).
         measure_every_n_steps: measure the real step's FLOPs against full backprop every this many optimizer
             steps (0 = never). Costs one extra forward+backward and FlopCounterMode overhead on those steps.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     #: GreenTrainer measures on its own schedule (``measure_every_n_steps``), probing before the step
@@ -235,8 +237,9 @@ class GreenTrainer(ParamPlanCallback):
         interval: int = 2,
         quantization: int = 1000,
         measure_every_n_steps: int = 50,
+        picture_every_n_steps: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_number(owner, "rho", rho, low=0, high=1, low_open=True)  # fraction of full training FLOPs
         check_int(owner, "interval", interval, minimum=1)

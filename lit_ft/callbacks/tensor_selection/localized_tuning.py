@@ -67,6 +67,8 @@ class LocalizedTuning(SelectionPlanCallback):
             disables early stopping. The paper uses 1e-2.
         required: mark the chosen tensors as required, so another parameter callback that freezes them raises
             :class:`~lit_ft.core.params.ParamPlanConflict` at setup.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "localized_tuning"
@@ -85,7 +87,9 @@ class LocalizedTuning(SelectionPlanCallback):
         skip_below: float = 0.01,
         stop_below: Optional[float] = 0.01,
         required: bool = False,
+        picture_every_n_steps: int = 0,
     ) -> None:
+        super().__init__(picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_int(owner, "layer", layer, allow_none=True, null_means="the paper's relative depth, 22/32")
         check_str(owner, "module_pattern", module_pattern)  # 'mlp.down_proj', 'mlp.*', '*' or 're:...'

@@ -55,6 +55,8 @@ class TrainOnly(SelectionPlanCallback):
         include_head: for ``"last_layers"``: also train the final norm and the lm_head.
         required: mark the selected tensors as required, so that another parameter callback freezing one of them
             raises :class:`~lit_ft.core.params.ParamPlanConflict` at setup instead of silently shrinking the set.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     technique_name = "train_only"
@@ -66,7 +68,9 @@ class TrainOnly(SelectionPlanCallback):
         patterns: Optional[list[str]] = None,
         include_head: bool = True,
         required: bool = False,
+        picture_every_n_steps: int = 0,
     ) -> None:
+        super().__init__(picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_choice(owner, "preset", preset, PRESETS)
         check_int(owner, "last_k", last_k, minimum=1)  # number of top decoder layers

@@ -78,6 +78,8 @@ class ExcessLossSelection(TokenScorerCallback):
         integration: ``"auto"`` (best available), ``"mixin"``, ``"hook"`` (HF ``loss_function`` of a plain module)
             or ``"batch"`` (labels of dropped tokens set to -100 before the forward; costs an extra no-grad
             forward of the current model).
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     token_needs = frozenset({"nll"})
@@ -94,8 +96,9 @@ class ExcessLossSelection(TokenScorerCallback):
         reference_dtype: str = "float32",
         integration: str = "auto",
         reference_losses: str | None = None,
+        picture_every_n_steps: int = 0,
     ) -> None:
-        super().__init__(integration=integration)
+        super().__init__(integration=integration, picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_number(owner, "keep_ratio", keep_ratio, low=0, high=1, low_open=True)
         check_choice(owner, "reference_dtype", reference_dtype, sorted(DTYPES))

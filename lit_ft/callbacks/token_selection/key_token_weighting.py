@@ -114,6 +114,8 @@ class KeyTokenWeighting(TokenScorerCallback):
         integration: ``"auto"`` (best available), ``"mixin"``, ``"hook"`` (HF ``loss_function`` of a plain
             module) or ``"batch"`` (``token_weights`` in the batch; needs a ``TokenLossMixin`` module and
             ``normalize="tokens"``).
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     token_needs = frozenset()
@@ -121,8 +123,8 @@ class KeyTokenWeighting(TokenScorerCallback):
     required_batch_keys = ("input_ids", "labels", KEY)
 
     def __init__(self, preset: str = "tl_training", w_max: float = 9.0, normalize: Optional[str] = None,
-                 integration: str = "auto") -> None:
-        super().__init__(integration=integration)
+                 integration: str = "auto", picture_every_n_steps: int = 0) -> None:
+        super().__init__(integration=integration, picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         self.preset = check_choice(owner, "preset", preset, tuple(PRESETS))
         self.w_max = check_number(owner, "w_max", w_max, low=1)

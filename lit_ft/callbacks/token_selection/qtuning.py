@@ -217,6 +217,8 @@ class QTuning(TokenScorerCallback):
             gradient accumulation) and a zero loss for a rank whose samples were all dropped.
         plot_every_n_steps: write the EU-plane scatter every N optimizer steps (0 = never): a W&B image when a
             ``WandbLogger`` is attached, else ``<log_dir>/qtuning/eu_plane_step{N}.png``.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     token_needs = frozenset({"nll", "entropy"})
@@ -232,8 +234,9 @@ class QTuning(TokenScorerCallback):
         scoring: str = "separate",
         integration: str = "auto",
         plot_every_n_steps: int = 100,
+        picture_every_n_steps: int = 0,
     ) -> None:
-        super().__init__(integration=integration)
+        super().__init__(integration=integration, picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_number(owner, "sample_ratio", sample_ratio, low=0, high=1, low_open=True)
         check_number(owner, "token_ratio", token_ratio, low=0, high=1, low_open=True)

@@ -134,6 +134,8 @@ class SSToken(TokenScorerCallback):
         explore_ratio: share of each response's non-forced kept slots given to uniformly random tokens not picked
             by the score (stochastically rounded per response), in [0, 1). Seeded by ``seed`` and the step.
         seed: seed of the exploration draws.
+        picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
+            docs/techniques/index.md, Pictures.
     """
 
     token_needs = frozenset({"nll"})
@@ -163,8 +165,9 @@ class SSToken(TokenScorerCallback):
         always_keep_eos: bool = True,
         explore_ratio: float = 0.0,
         seed: int = 0,
+        picture_every_n_steps: int = 0,
     ) -> None:
-        super().__init__(integration=integration)
+        super().__init__(integration=integration, picture_every_n_steps=picture_every_n_steps)
         owner = type(self).__name__
         check_number(owner, "keep_ratio", keep_ratio, low=0, high=1, low_open=True)
         check_number(owner, "gamma", gamma, low=0, high=1)
