@@ -96,6 +96,7 @@ class PrefixTuning(PromptCallback):
     """
 
     technique_name = "prefix_tuning"
+    exports_peft = True
 
     def __init__(self, num_virtual_tokens: int = 20, projection_hidden_size: int = 0, init_std: float = 0.02,
                  seed: int = 0, freeze_backbone: bool = True, learning_rate: float | None = DEFAULT_LEARNING_RATE,

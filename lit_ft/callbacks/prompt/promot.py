@@ -68,6 +68,7 @@ class ProMoT(PromptTuning):
     """
 
     technique_name = "promot"
+    exports_peft = False  # stage 2 tunes the model too: a PEFT prompt alone would not reproduce the run
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
                  peft_weights: str | None = None, seed: int = 0, learning_rate: float | None = DEFAULT_LEARNING_RATE,

@@ -114,6 +114,7 @@ class PromptTuning(PromptCallback):
     """
 
     technique_name = "prompt_tuning"
+    exports_peft = True  # the prompt is the whole trained state (ProMoT, which also tunes the model, turns it off)
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
                  peft_weights: str | None = None, seed: int = 0, freeze_backbone: bool = True,
