@@ -24,8 +24,8 @@ __all__ = [
 
 
 class PictureEvery:
-    """Mixin of the family bases: ``picture_every_n_steps`` (0 = no pictures, the default), checked when set —
-    by a base's constructor argument or by assignment on a technique whose constructor does not forward it
+    """Mixin of the family bases: ``picture_every_n_steps`` (0 = no pictures, the default), checked whenever it is
+    set — by every technique's constructor argument (so from YAML and the CLI) or by assignment
     (``cb.picture_every_n_steps = 50``)."""
 
     _picture_every: int = 0
