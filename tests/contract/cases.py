@@ -155,6 +155,11 @@ class PlainClassifier(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
 
 
+# -- adapters -----------------------------------------------------------------------------------------------------
+ONE_ADAPTER_SET = "one set of each adapter technique per model: a second instance is refused at setup"
+ADAPTER_INVALID = (("learning_rate", -1.0), ("weight_decay", -0.1), ("freeze_backbone", "yes"),
+                   ("train_task_head", "yes"), ("targets", []))
+
 # -- prompts ------------------------------------------------------------------------------------------------------
 ONE_PROMPT = "one prompt per model: a second prompt technique on the same model is refused at setup"
 CPT_EXAMPLES = [{"input": "3 plus 4", "output": "7"}, {"input": "2 plus 2", "output": "4"}]
@@ -302,4 +307,7 @@ CASES: dict[str, Case] = {
                  datamodule=ClassificationData,
                  invalid=(("num_virtual_tokens", 0), ("init", "zeros"), ("head_learning_rate", -1.0),
                           ("head_weight_decay", -1.0), ("head", ""), ("learning_rate", -1.0), ("learning_rate", 0.0))),
+    # -- adapters ---------------------------------------------------------------------------------------------------
+    "linear_adapters": Case(kwargs={"bottleneck": 4, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
+                            invalid=(*ADAPTER_INVALID, ("bottleneck", 0), ("init", "zeros"), ("init_std", -0.1))),
 }

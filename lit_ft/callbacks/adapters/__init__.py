@@ -1,4 +1,9 @@
-"""Adapters family: LiST linear adapters, parallel / scaled-parallel (MAM), DSEE, bottleneck. Adapters follow the prompt
-life cycle (``docs/architecture.md``, "Prompts"): inserted at setup before the optimizer exists, the backbone frozen
-through the parameter plan registry, their own optimizer groups (:mod:`lit_ft.core.optim`), small safetensors + JSON
-artifacts, merged where exact. No technique is in this family yet."""
+"""Adapters family: LiST linear adapters, parallel / scaled-parallel (MAM), DSEE, approximated prompts, bottleneck.
+Adapters follow the shared life cycle of :class:`lit_ft.callbacks._adapter.AdapterCallback` (``docs/architecture.md``,
+"Adapters"): inserted at setup before the optimizer exists by forward hooks on named modules
+(:mod:`lit_ft.core.adapters`), the backbone frozen through the parameter plan registry, their own optimizer groups,
+small safetensors + JSON artifacts, merged into the base weights where exact."""
+
+from lit_ft.callbacks.adapters.linear import LinearAdapters
+
+__all__ = ["LinearAdapters"]
