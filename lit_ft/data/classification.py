@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lit_ft.data._base import _TextDataModule
-from lit_ft.data._common import check_int
+from lit_ft.data._common import check_int, pad_right
 from lit_ft.data.sources import DataSource
 
 
@@ -59,6 +59,10 @@ class ClassificationDataModule(_TextDataModule):
         template: a pattern with one ``{text}`` placeholder wrapped around every text before tokenisation (PET-style
             prompts for ``VerbalizerClassificationModule``, e.g. ``"{text} Is it sarcastic? Answer:"``); only the
             text is truncated, so the pattern always stays whole. None = the text as is.
+        patterns: several such patterns for PET's pattern ensemble at prediction: validation (and predict) batches
+            then also hold every text under each pattern, ``pattern_input_ids`` / ``pattern_attention_mask`` (long
+            [B, P, T], right-padded), which ``VerbalizerClassificationModule.predict_step`` scores and averages.
+            Training batches are unchanged (they use ``template``). None = no ensemble.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ClassificationDataModule(_TextDataModule):
         seed: int = 0,
         multi_label: bool = False,
         template: str | None = None,
+        patterns: list[str] | None = None,
     ) -> None:
         for name, value in (("text_key", text_key), ("label_key", label_key)):
             if not isinstance(value, str) or not value:
@@ -87,6 +92,10 @@ class ClassificationDataModule(_TextDataModule):
             raise ValueError(f"multi_label must be true or false, got {multi_label!r}")
         if template is not None and (not isinstance(template, str) or template.count("{text}") != 1):
             raise ValueError(f"template must be a string with exactly one '{{text}}' placeholder, got {template!r}")
+        if patterns is not None and (not isinstance(patterns, (list, tuple)) or not patterns or any(
+                not isinstance(p, str) or p.count("{text}") != 1 for p in patterns)):
+            raise ValueError(f"patterns must be a non-empty list of strings with exactly one '{{text}}' placeholder "
+                             f"each, got {patterns!r}")
         check_int("num_labels", num_labels, 2, optional=True)
         super().__init__(
             data=data, val_data=val_data, val_split=val_split, tokenizer=tokenizer, max_length=max_length,
@@ -98,6 +107,7 @@ class ClassificationDataModule(_TextDataModule):
         self.num_labels = num_labels
         self.multi_label = multi_label
         self.template = template
+        self.patterns = None if patterns is None else list(patterns)
         self.label_names: list[str] | None = None
         self._mapping: dict = {}
 
@@ -165,10 +175,11 @@ class ClassificationDataModule(_TextDataModule):
         self._mapping = self._label_mapping(train_rows, val_rows, info)
         self.num_labels = len(self.label_names)
 
-    def _apply_template(self, text: str) -> str:
-        return text if self.template is None else self.template.replace("{text}", text)
+    def _apply_template(self, text: str, template: str | None = None) -> str:
+        template = self.template if template is None else template
+        return text if template is None else template.replace("{text}", text)
 
-    def _fit_template(self, text: str, over: int) -> list[int]:
+    def _fit_template(self, text: str, over: int, template: str | None = None) -> list[int]:
         """Ids of the templated ``text`` cut (in the text only, about ``over`` tokens) to ``max_length`` tokens."""
         tok = self.tokenizer
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -176,33 +187,44 @@ class ClassificationDataModule(_TextDataModule):
         keep = max(0, len(ends) - over) + 1
         while keep > 0:
             keep -= 1
-            ids = tok(self._apply_template(text[: ends[keep - 1]] if keep else ""), add_special_tokens=True)["input_ids"]
+            cut = text[: ends[keep - 1]] if keep else ""
+            ids = tok(self._apply_template(cut, template), add_special_tokens=True)["input_ids"]
             if len(ids) <= self.max_length:
                 return ids
         raise ValueError(
-            f"ClassificationDataModule: the template {self.template!r} alone is longer than max_length="
+            f"ClassificationDataModule: the template {template or self.template!r} alone is longer than max_length="
             f"{self.max_length} tokens; raise max_length or shorten the template"
         )
 
-    def _encode_split(self, rows: list[dict], keep: list[int], split: str) -> tuple[list[dict], dict[str, int]]:
+    def _encode_texts(self, rows: list[dict], keep: list[int], template: str | None) -> tuple[list, list[int], int]:
+        """Ids of ``rows[i]`` (``i`` in ``keep``) under ``template`` cut to ``max_length``, the positions cut and the
+        tokens cut."""
         tok = self.tokenizer
-        texts = [self._apply_template(rows[i][self.text_key]) for i in keep]
+        texts = [self._apply_template(rows[i][self.text_key], template) for i in keep]
         full = tok(texts, add_special_tokens=True, truncation=False)["input_ids"] if texts else []
         long = [j for j, ids in enumerate(full) if len(ids) > self.max_length]
         n_tok = sum(len(full[j]) - self.max_length for j in long)
-        if long and self.template is not None:
+        if long and (template or self.template) is not None:
             for j in long:
-                full[j] = self._fit_template(rows[keep[j]][self.text_key], len(full[j]) - self.max_length)
+                full[j] = self._fit_template(rows[keep[j]][self.text_key], len(full[j]) - self.max_length, template)
         elif long:
             cut = tok([texts[j] for j in long], truncation=True, max_length=self.max_length)["input_ids"]
             for j, ids in zip(long, cut):
                 full[j] = ids
+        return full, long, n_tok
+
+    def _encode_split(self, rows: list[dict], keep: list[int], split: str) -> tuple[list[dict], dict[str, int]]:
+        full, long, n_tok = self._encode_texts(rows, keep, None)
         examples = [
             {"input_ids": ids, "sample_idx": i,
              "label": ([self._mapping[x] for x in rows[i][self.label_key]] if self.multi_label
                        else self._mapping[rows[i][self.label_key]])}
             for i, ids in zip(keep, full)
         ]
+        if self.patterns and split != "train":  # the pattern ensemble is a prediction-time device
+            per_pattern = [self._encode_texts(rows, keep, p)[0] for p in self.patterns]
+            for j, e in enumerate(examples):
+                e["pattern_ids"] = [ids[j] for ids in per_pattern]
         return examples, {"truncated_samples": len(long), "truncated_tokens": n_tok}
 
     def _truncation_warning(self) -> str | None:
@@ -216,6 +238,19 @@ class ClassificationDataModule(_TextDataModule):
         )
 
     # ----------------------------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().collate(examples)
+        if examples and "pattern_ids" in examples[0]:
+            P = len(examples[0]["pattern_ids"])
+            flat = [ids for e in examples for ids in e["pattern_ids"]]  # [B * P] rows, pattern-minor
+            batch["pattern_input_ids"] = pad_right(flat, self.tokenizer.pad_token_id).view(len(examples), P, -1)
+            batch["pattern_attention_mask"] = pad_right([[1] * len(s) for s in flat], 0).view(len(examples), P, -1)
+        return batch
+
+    def predict_dataloader(self) -> Any:
+        """The validation rows (with ``pattern_*`` tensors when ``patterns`` is set) for ``Trainer.predict``."""
+        return self.val_dataloader()
+
     def _collate_labels(self, examples: list[dict]) -> torch.Tensor:
         if self.multi_label:
             hot = torch.zeros(len(examples), self.num_labels)

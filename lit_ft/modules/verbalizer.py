@@ -68,6 +68,12 @@ def calibration_vector(word_logits: torch.Tensor, word_mask: torch.Tensor, avera
     return label_word_log_probs(word_logits, word_mask).exp().mean(0)
 
 
+def ensemble_scores(pattern_scores: torch.Tensor) -> torch.Tensor:
+    """PET's pattern ensemble: the class scores ``[B, P, C]`` of one input under ``P`` patterns averaged over the
+    patterns (uniform weights) -> ``[B, C]``."""
+    return pattern_scores.mean(1)
+
+
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index ``[B]`` of each row's last real token (rightmost 1 of the mask; left or right padding)."""
     T = attention_mask.shape[1]
@@ -114,7 +120,9 @@ class VerbalizerClassificationModule(pl.LightningModule):
     3. ``score_c = sum_{w in V_c} softmax_w(tau * s_w) * log p_w`` with trainable relevance scores ``s_w``
        (``tau = 1`` in training, ``pred_temp`` at evaluation);
     4. loss: cross-entropy of the class scores (as the authors' script; with one word per class the scores are
-       already log-probabilities and this is their NLL); prediction: argmax.
+       already log-probabilities and this is their NLL); prediction: argmax;
+    5. PET's pattern ensemble at prediction: with ``ClassificationDataModule(patterns=[...])`` each input comes under
+       several patterns and ``predict_step`` takes the argmax of the class scores averaged over them.
 
     PET fine-tunes the whole LM (``freeze_backbone=false``, default); with a prompt callback (``PromptTuning``,
     ``DePT``, ...) the callback freezes the backbone (and ``s_w``) and trains its prompt.
@@ -399,7 +407,25 @@ class VerbalizerClassificationModule(pl.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 
+    def pattern_scores(self, pattern_input_ids: torch.Tensor,
+                       pattern_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class scores ``[B, P, C]`` of each input under each of its ``P`` patterns (``pattern_input_ids``
+        ``[B, P, T]``, as ``ClassificationDataModule(patterns=...)`` collates them); one forward over ``B * P`` rows."""
+        if pattern_input_ids.dim() != 3:
+            raise ValueError(f"VerbalizerClassificationModule: pattern_input_ids must be [batch, patterns, tokens], "
+                             f"got shape {tuple(pattern_input_ids.shape)}")
+        B, P, T = pattern_input_ids.shape
+        mask = None if pattern_attention_mask is None else pattern_attention_mask.reshape(B * P, T)
+        return self(pattern_input_ids.reshape(B * P, T), mask).view(B, P, -1)
+
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """Predicted class ids ``[B]``. When the batch holds ``pattern_input_ids`` (several patterns per input), the
+        prediction is the argmax of the class scores averaged over the patterns (PET's ensemble,
+        :func:`ensemble_scores`); else of the single pattern's scores."""
+        if "pattern_input_ids" in batch:
+            scores = ensemble_scores(self.pattern_scores(batch["pattern_input_ids"],
+                                                         batch.get("pattern_attention_mask")))
+            return scores.argmax(-1)
         return self(batch["input_ids"], batch.get("attention_mask")).argmax(-1)
 
     # -- calibration ------------------------------------------------------------------------------------------------
