@@ -4,6 +4,7 @@ The imports stay explicit (IDEs and jsonargparse resolve the short names from th
 registered with ``@technique`` (``lit_ft.core.registry``), so a technique is listed once, where it is defined.
 """
 
+from lit_ft.callbacks.adapters import ApproximatedPrompt
 from lit_ft.callbacks.adapters import LinearAdapters
 from lit_ft.callbacks.analysis import ForgettingMonitor
 from lit_ft.callbacks.analysis import TokenDistributionShift

@@ -4,6 +4,7 @@ Adapters follow the shared life cycle of :class:`lit_ft.callbacks._adapter.Adapt
 (:mod:`lit_ft.core.adapters`), the backbone frozen through the parameter plan registry, their own optimizer groups,
 small safetensors + JSON artifacts, merged into the base weights where exact."""
 
+from lit_ft.callbacks.adapters.approximated_prompt import ApproximatedPrompt
 from lit_ft.callbacks.adapters.linear import LinearAdapters
 
-__all__ = ["LinearAdapters"]
+__all__ = ["ApproximatedPrompt", "LinearAdapters"]
