@@ -104,6 +104,14 @@ class LitFtCLI(LightningCLI):
         for logger in trainer.loggers:
             where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
             print(f"logs ({type(logger).__name__}): {where}")
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "dirpath", None):
+            print(f"checkpoints: {ckpt.dirpath}")
+        for cb in trainer.callbacks:  # what techniques wrote (prompt / adapter artifacts, ...)
+            resolve = getattr(cb, "resolved_save_dir", None)
+            where = resolve(trainer) if callable(resolve) else None
+            if where:
+                print(f"artifact ({type(cb).__name__}): {where}")
 
 
 def run(args: list[str] | dict[str, Any] | None = None) -> LitFtCLI:

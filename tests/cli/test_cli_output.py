@@ -121,3 +121,14 @@ def test_attach_says_which_level(caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "ExcessLossSelection: level 3 (the module's token loss" in text and "chosen for CausalLMModule" in text
     assert "ExcessLossSelection: level 2 (the HF model's loss_function" in text and "chosen for PlainHFModule" in text
+
+
+def test_closing_summary_names_the_artifacts(tmp_path, tiny_tokenizer_path):
+    config = str(ROOT / "configs" / "linear_adapters.yaml")
+    overrides = tiny_overrides(tmp_path, tiny_tokenizer_path, config)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli_run(["fit", f"--config={config}", *overrides, "--trainer.callbacks.save_dir=adapters_out"])
+    printed = out.getvalue()
+    assert f"artifact (LinearAdapters): {tmp_path / 'adapters_out'}" in printed, printed[-1500:]
+    assert (tmp_path / "adapters_out" / "adapters.safetensors").is_file()
