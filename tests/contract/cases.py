@@ -310,6 +310,13 @@ CASES: dict[str, Case] = {
     # -- adapters ---------------------------------------------------------------------------------------------------
     "linear_adapters": Case(kwargs={"bottleneck": 4, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
                             invalid=(*ADAPTER_INVALID, ("bottleneck", 0), ("init", "zeros"), ("init_std", -0.1))),
+    "parallel_adapters": Case(kwargs={"bottleneck": 4, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
+                              invalid=(*ADAPTER_INVALID, ("bottleneck", 0), ("scale", 0.0), ("init", "zeros"),
+                                       ("fused", "yes"))),
+    "mam": Case(kwargs={"num_virtual_tokens": 2, "mid_dim": 8, "bottleneck": 4, "learning_rate": 5e-3},
+                single_instance=ONE_ADAPTER_SET,
+                invalid=(*ADAPTER_INVALID, ("num_virtual_tokens", 0), ("mid_dim", 0), ("prefix_init_std", 0.0),
+                         ("bottleneck", 0), ("scale", -1.0), ("init", "zeros"), ("fused", 1))),
     "approximated_prompt": Case(kwargs={"num_prompts": 8, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
                                 invalid=(*ADAPTER_INVALID, ("num_prompts", 0), ("rank", 0), ("init", "zeros"),
                                          ("prompt_init_std", 0.0), ("key_init_std", -1.0))),

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the 22 classes lit_ft.callbacks exported by hand before the registry built __all__
 EXPORTED_BEFORE = ["ApproximatedPrompt", "CPT", "DePT", "EPT", "ExcessLossSelection", "ForgettingMonitor", "FreezeLayers", "GreenTrainer", "HalfFineTuning",
                    "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LinearAdapters", "LocalizedTuning", "LotteryTicketSparseFT",
-                   "MaskedThought", "PANDA", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning",
+                   "MAM", "MaskedThought", "PANDA", "ParallelAdapters", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning",
                    "ReinitTopLayers", "SSToken", "TokenDistributionShift", "TokenElimination", "TrainOnly",
                    "TuningContribution"]
 

@@ -6,5 +6,7 @@ small safetensors + JSON artifacts, merged into the base weights where exact."""
 
 from lit_ft.callbacks.adapters.approximated_prompt import ApproximatedPrompt
 from lit_ft.callbacks.adapters.linear import LinearAdapters
+from lit_ft.callbacks.adapters.mam import MAM
+from lit_ft.callbacks.adapters.parallel import ParallelAdapters
 
-__all__ = ["ApproximatedPrompt", "LinearAdapters"]
+__all__ = ["ApproximatedPrompt", "LinearAdapters", "MAM", "ParallelAdapters"]
