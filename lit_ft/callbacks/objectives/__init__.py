@@ -1,5 +1,9 @@
 """Objectives family: extra loss terms on the token-loss engine (One-Token Rollout, CAFT multi-token heads,
 critical-token DPO, token relation distillation). Each subclasses :class:`lit_ft.callbacks._objective.ObjectiveCallback`
 (or, where it owns extra modules, is a module mixin over :class:`lit_ft.core.loss.TokenLossHost`) and brings its own
-normaliser; vocabulary-wide work goes through :func:`lit_ft.kernels.chunked_linear_loss`. No technique is in this
-family yet (PANDA's distillation, an objective too, belongs to the prompt family)."""
+normaliser; vocabulary-wide work goes through :func:`lit_ft.kernels.chunked_linear_loss`. (PANDA's distillation, an
+objective too, belongs to the prompt family.)"""
+
+from lit_ft.callbacks.objectives.one_token_rollout import OneTokenRollout
+
+__all__ = ["OneTokenRollout"]
