@@ -115,7 +115,7 @@ def test_zero_init_leaves_outputs_identical():
         s.detach()
 
 
-def test_merge_is_exact_and_equals_the_dense_sparse_diff(tmp_path):
+def test_merge_is_exact():
     model = tiny_hf_model().eval()
     ids = random_batch(2, 9)["input_ids"]
     s = _dsee_set(model)

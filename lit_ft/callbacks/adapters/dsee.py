@@ -300,6 +300,10 @@ class DSEE(AdapterCallback):
                 raise AdapterError(f"{owner}: `num_sparse` is {self.num_sparse} but {target.path} in layer "
                                    f"{target.layer} has only {lin.weight.numel()} weights")
             rows, cols = sparse_mask_indices(lin.weight, self.num_sparse, generator=g, **self.decompose_kwargs)
+            if trainer is not None and trainer.world_size > 1:
+                # every rank computes the same mask from the same weights and seed; rank 0's is taken, as the
+                # authors broadcast it, so floating-point differences between devices cannot split the ranks
+                rows, cols = trainer.strategy.broadcast((rows, cols), src=0)
             a = DSEEAdapter(lin.in_features, lin.out_features, self.rank, self.alpha, self.num_sparse,
                             self.init_std, self.init)
             a.reset(g, rows, cols)
