@@ -5,6 +5,7 @@ registered with ``@technique`` (``lit_ft.core.registry``), so a technique is lis
 """
 
 from lit_ft.callbacks.adapters import ApproximatedPrompt
+from lit_ft.callbacks.adapters import BottleneckAdapters
 from lit_ft.callbacks.adapters import LinearAdapters
 from lit_ft.callbacks.adapters import MAM, ParallelAdapters
 from lit_ft.callbacks.analysis import ForgettingMonitor

@@ -320,4 +320,7 @@ CASES: dict[str, Case] = {
     "approximated_prompt": Case(kwargs={"num_prompts": 8, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
                                 invalid=(*ADAPTER_INVALID, ("num_prompts", 0), ("rank", 0), ("init", "zeros"),
                                          ("prompt_init_std", 0.0), ("key_init_std", -1.0))),
+    "bottleneck_adapters": Case(kwargs={"bottleneck": 4, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
+                                invalid=(*ADAPTER_INVALID, ("config", "lora"), ("reduction_factor", 0),
+                                         ("bottleneck", 0), ("non_linearity", "sigmoid"), ("init", "zeros"))),
 }

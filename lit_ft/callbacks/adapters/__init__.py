@@ -5,8 +5,9 @@ Adapters follow the shared life cycle of :class:`lit_ft.callbacks._adapter.Adapt
 small safetensors + JSON artifacts, merged into the base weights where exact."""
 
 from lit_ft.callbacks.adapters.approximated_prompt import ApproximatedPrompt
+from lit_ft.callbacks.adapters.bottleneck import BottleneckAdapters
 from lit_ft.callbacks.adapters.linear import LinearAdapters
 from lit_ft.callbacks.adapters.mam import MAM
 from lit_ft.callbacks.adapters.parallel import ParallelAdapters
 
-__all__ = ["ApproximatedPrompt", "LinearAdapters", "MAM", "ParallelAdapters"]
+__all__ = ["ApproximatedPrompt", "BottleneckAdapters", "LinearAdapters", "MAM", "ParallelAdapters"]
