@@ -156,7 +156,9 @@ class AdapterSet(nn.Module):
         self.adapters = nn.ModuleDict({t.key: a for t, a in adapters.items()})
         self.enabled = True
         self._handles: list[Any] = []
-        self._model: nn.Module | None = None
+        # the model the hooks are on, kept out of nn.Module's registry: as a submodule it would enter this set's
+        # state_dict (every base weight saved twice in checkpoints) and its parameter count
+        self.__dict__["_model"] = None
 
     def adapter(self, target: AdapterTarget) -> Adapter:
         return self.adapters[target.key]  # type: ignore[return-value]
@@ -176,13 +178,13 @@ class AdapterSet(nn.Module):
                 self.detach()
                 raise AdapterError(f"AdapterSet: the model has no module {t.path!r} in decoder layer {t.layer}")
             self._handles.append(module.register_forward_hook(self._hook(self.adapter(t)), with_kwargs=True))
-        self._model = hf_model
+        self.__dict__["_model"] = hf_model
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._model = None
+        self.__dict__["_model"] = None
 
     def _hook(self, adapter: Adapter):  # noqa: ANN202
         def run(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

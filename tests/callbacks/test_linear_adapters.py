@@ -224,3 +224,12 @@ def test_merge_refuses_adapters_that_are_not_linear():
         s.merge()
     assert s.attached  # nothing changed
     copy.deepcopy(model)  # still a plain model
+
+
+def test_attached_set_holds_only_the_adapter_tensors():
+    model = tiny_hf_model()
+    s = _adapters(model, r=4)
+    keys = set(s.state_dict())
+    s.attach(model)
+    assert set(s.state_dict()) == keys and len(keys) == 8  # the model is not a submodule of the set
+    assert sum(p.numel() for p in s.parameters()) == 4 * 2 * 4 * model.config.hidden_size
