@@ -6,11 +6,13 @@ registered with ``@technique`` (``lit_ft.core.registry``), so a technique is lis
 
 from lit_ft.callbacks.adapters import ApproximatedPrompt
 from lit_ft.callbacks.adapters import BottleneckAdapters
+from lit_ft.callbacks.adapters import DSEE
 from lit_ft.callbacks.adapters import LinearAdapters
 from lit_ft.callbacks.adapters import MAM, ParallelAdapters
 from lit_ft.callbacks.analysis import ForgettingMonitor
 from lit_ft.callbacks.analysis import TokenDistributionShift
 from lit_ft.callbacks.analysis import TuningContribution
+from lit_ft.callbacks.objectives import OneTokenRollout
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
 from lit_ft.callbacks.param_reset import ReinitTopLayers

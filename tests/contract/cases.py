@@ -174,6 +174,12 @@ PROMPT_INVALID = (("num_virtual_tokens", 0), ("learning_rate", -1.0), ("weight_d
                   ("freeze_backbone", "yes"))
 
 CASES: dict[str, Case] = {
+    # objectives
+    "one_token_rollout": Case(
+        kwargs={"num_samples": 4, "seed": 1}, single_instance="one OTR term per model: a second is refused at setup",
+        invalid=(("num_samples", 0), ("temperature", 0.0), ("negative_reward", 0.5), ("ce_weight", -1.0),
+                 ("weight", float("nan")), ("seed", -1), ("vocab_chunk_size", 0), ("baseline", "yes"),
+                 ("integration", "batch"))),
     # token selection
     "excess_loss": Case(
         # the self-reference mode (named, not Rho-1): the checks need no reference file; a loaded reference and the
@@ -323,4 +329,8 @@ CASES: dict[str, Case] = {
     "bottleneck_adapters": Case(kwargs={"bottleneck": 4, "learning_rate": 5e-3}, single_instance=ONE_ADAPTER_SET,
                                 invalid=(*ADAPTER_INVALID, ("config", "lora"), ("reduction_factor", 0),
                                          ("bottleneck", 0), ("non_linearity", "sigmoid"), ("init", "zeros"))),
+    "dsee": Case(kwargs={"rank": 4, "num_sparse": 8, "outer_iters": 3, "learning_rate": 5e-3},
+                 single_instance=ONE_ADAPTER_SET,
+                 invalid=(*ADAPTER_INVALID, ("rank", 0), ("num_sparse", 0), ("alpha", 0.0), ("init", "lora"),
+                          ("prune_ratio", 1.0), ("prune_score", "l2"), ("outer_iters", 0))),
 }

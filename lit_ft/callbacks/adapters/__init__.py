@@ -6,8 +6,9 @@ small safetensors + JSON artifacts, merged into the base weights where exact."""
 
 from lit_ft.callbacks.adapters.approximated_prompt import ApproximatedPrompt
 from lit_ft.callbacks.adapters.bottleneck import BottleneckAdapters
+from lit_ft.callbacks.adapters.dsee import DSEE
 from lit_ft.callbacks.adapters.linear import LinearAdapters
 from lit_ft.callbacks.adapters.mam import MAM
 from lit_ft.callbacks.adapters.parallel import ParallelAdapters
 
-__all__ = ["ApproximatedPrompt", "BottleneckAdapters", "LinearAdapters", "MAM", "ParallelAdapters"]
+__all__ = ["ApproximatedPrompt", "BottleneckAdapters", "DSEE", "LinearAdapters", "MAM", "ParallelAdapters"]
