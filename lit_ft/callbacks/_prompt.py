@@ -23,16 +23,16 @@ from lit_ft.core.introspect import find_hf_model
 from lit_ft.core.pictures import log_html
 from lit_ft.core.prompts import (
     HOST_ATTR,
+    claim_injector,
+    install_source,
+    load_tokenizer,
+    model_geometry,
     ModelGeometry,
     PromptError,
     PromptInjector,
     PromptSource,
-    injector_for,
-    load_tokenizer,
-    model_geometry,
-    register_source,
     save_prompt,
-    unregister_source,
+    uninstall_source,
 )
 from lit_ft.core.validate import check_optional_lr, check_optional_wd, check_str  # noqa: F401  (re-exported)
 
@@ -130,22 +130,10 @@ class PromptCallback(OwnedTensorsCallback):
     def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         owner = type(self).__name__
         hf = find_hf_model(pl_module)
-        try:
-            inj = injector_for(hf)
-        except PromptError as e:
-            raise PromptError(f"{owner}: {e}") from None
-        assert inj is not None
-        if inj.source is not None and inj.source is not self.source:
-            raise PromptError(
-                f"{owner}: the model already runs the prompt of another technique ({type(inj.source).__name__}); "
-                "use one prompt technique per model."
-            )
+        inj = claim_injector(hf, owner, self.source)
         geometry = model_geometry(hf)
         source = self.build_source(trainer, pl_module, hf, geometry)
-        p = next(hf.parameters())
-        source.to(device=p.device)
-        register_source(pl_module, self.source_name, source)
-        inj.activate(source)
+        install_source(pl_module, self.source_name, source, inj, hf)
         self.source, self.injector, self._host = source, inj, pl_module
         n_params = sum(t.numel() for t in source.parameters())
         rank_zero_info(f"{owner}: {type(source).__name__} ({source.kind}, {source.num_virtual_tokens} virtual tokens, "
@@ -153,10 +141,7 @@ class PromptCallback(OwnedTensorsCallback):
 
     def remove(self) -> None:
         """Take the prompt out of the model (its tensors leave the LightningModule)."""
-        if self.injector is not None:
-            self.injector.activate(None)
-        if self._host is not None:
-            unregister_source(self._host, self.source_name)
+        uninstall_source(self._host, self.source_name, self.injector)
         self.source = self.injector = self._host = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

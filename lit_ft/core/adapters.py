@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from lit_ft.core.host_modules import register_child, unregister_child
 from lit_ft.core.introspect import find_decoder_layers
 
 __all__ = [
@@ -227,21 +228,11 @@ class AdapterSet(nn.Module):
 def register_adapters(host: nn.Module, name: str, adapters: AdapterSet) -> None:
     """Make ``adapters`` a submodule of ``host`` (``host.lit_ft_adapters[name]``): in its ``state_dict()`` and
     ``parameters()``."""
-    store = getattr(host, HOST_ATTR, None)
-    if store is None:
-        store = nn.ModuleDict()
-        setattr(host, HOST_ATTR, store)
-    if name in store and store[name] is not adapters:
-        raise AdapterError(f"adapters named {name!r} are already installed on {type(host).__name__}")
-    store[name] = adapters
+    register_child(host, HOST_ATTR, name, adapters, AdapterError, "adapters")
 
 
 def unregister_adapters(host: nn.Module, name: str) -> None:
-    store = getattr(host, HOST_ATTR, None)
-    if store is not None and name in store:
-        del store[name]
-        if not len(store):
-            delattr(host, HOST_ATTR)
+    unregister_child(host, HOST_ATTR, name)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_ft.core.host_modules import register_child, unregister_child
 from lit_ft.core.introspect import ModelLayoutError, find_base_model, find_hf_model, find_input_embeddings
 from lit_ft.core.layer_hooks import ORDER_REWRITE, register_trunk_hook, register_trunk_pre_hook
 
@@ -437,21 +438,42 @@ def injector_for(hf_model: nn.Module, create: bool = True) -> PromptInjector | N
 def register_source(host: nn.Module, name: str, source: PromptSource) -> None:
     """Make ``source`` a submodule of ``host`` (under ``host.lit_ft_prompts[name]``) so it moves with ``.to()``, is
     saved in ``host.state_dict()`` (Lightning checkpoints) and its tensors are ``host.parameters()``."""
-    store = getattr(host, HOST_ATTR, None)
-    if store is None:
-        store = nn.ModuleDict()
-        setattr(host, HOST_ATTR, store)
-    if name in store and store[name] is not source:
-        raise PromptError(f"a prompt named {name!r} is already installed on {type(host).__name__}")
-    store[name] = source
+    register_child(host, HOST_ATTR, name, source, PromptError, "a prompt")
 
 
 def unregister_source(host: nn.Module, name: str) -> None:
-    store = getattr(host, HOST_ATTR, None)
-    if store is not None and name in store:
-        del store[name]
-        if not len(store):
-            delattr(host, HOST_ATTR)
+    unregister_child(host, HOST_ATTR, name)
+
+
+def claim_injector(hf_model: nn.Module, owner: str, mine: PromptSource | None = None,
+                   hint: str = "use one prompt technique per model.") -> PromptInjector:
+    """The model's injector for ``owner``; :class:`PromptError` when the model cannot take a prompt or another
+    technique's prompt (not ``mine``) is active there."""
+    try:
+        inj = injector_for(hf_model)
+    except PromptError as e:
+        raise PromptError(f"{owner}: {e}") from None
+    assert inj is not None
+    if inj.source is not None and inj.source is not mine:
+        raise PromptError(f"{owner}: the model already runs the prompt of another technique "
+                          f"({type(inj.source).__name__}); {hint}")
+    return inj
+
+
+def install_source(host: nn.Module, name: str, source: PromptSource, injector: PromptInjector,
+                   hf_model: nn.Module) -> None:
+    """Move ``source`` to the model's device, register it on ``host`` and make it the injector's active prompt."""
+    source.to(device=next(hf_model.parameters()).device)
+    register_source(host, name, source)
+    injector.activate(source)
+
+
+def uninstall_source(host: nn.Module | None, name: str, injector: PromptInjector | None) -> None:
+    """Deactivate the injector's prompt and take the source off ``host``."""
+    if injector is not None:
+        injector.activate(None)
+    if host is not None:
+        unregister_source(host, name)
 
 
 # ------------------------------------------------------------------------------------------------------------------

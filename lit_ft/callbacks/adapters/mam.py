@@ -17,14 +17,13 @@ from lit_ft.core.parallel_adapter import PA_INITS
 from lit_ft.core.prefix import PrefixEncoder
 from lit_ft.core.prompts import (
     HOST_ATTR as PROMPT_HOST_ATTR,
-    PromptError,
-    PromptInjector,
     attach_prompt,
-    injector_for,
+    claim_injector,
+    install_source,
     model_geometry,
-    register_source,
+    PromptInjector,
     save_prompt,
-    unregister_source,
+    uninstall_source,
 )
 from lit_ft.core.registry import technique
 from lit_ft.core.validate import check_bool, check_choice, check_int, check_number, check_str_list
@@ -116,19 +115,10 @@ class MAM(AdapterCallback):
     def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         owner = type(self).__name__
         hf = find_hf_model(pl_module)
-        try:
-            inj = injector_for(hf)
-        except PromptError as e:
-            raise PromptError(f"{owner}: {e}") from None
-        assert inj is not None
-        if inj.source is not None and inj.source is not self.prefix:
-            raise PromptError(f"{owner}: the model already runs the prompt of another technique "
-                              f"({type(inj.source).__name__}); MAM brings its own prefix: use one prompt per model")
+        inj = claim_injector(hf, owner, self.prefix, "MAM brings its own prefix: use one prompt per model")
         super().install(trainer, pl_module)  # the parallel adapters (refuses a second MAM on the model)
         prefix = self.build_prefix(hf)
-        prefix.to(device=next(hf.parameters()).device)
-        register_source(pl_module, self.technique_name, prefix)
-        inj.activate(prefix)
+        install_source(pl_module, self.technique_name, prefix, inj, hf)
         self.prefix, self.injector = prefix, inj
         n = sum(p.numel() for p in prefix.parameters())
         rank_zero_info(f"{owner}: prefix of {self.num_virtual_tokens} virtual tokens at every attention layer "
@@ -136,10 +126,7 @@ class MAM(AdapterCallback):
 
     def remove(self) -> None:
         """Take the prefix and the adapters out of the model."""
-        if self.injector is not None:
-            self.injector.activate(None)
-        if self._host is not None:
-            unregister_source(self._host, self.technique_name)
+        uninstall_source(self._host, self.technique_name, self.injector)
         self.prefix = self.injector = None
         super().remove()
 
