@@ -30,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +37,8 @@ sys.path.insert(0, REPO)
 
 import lightning.pytorch as pl  # noqa: E402
 
-from benchmarks._rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from benchmarks._rss import peak_rss_bytes  # noqa: E402
+from benchmarks._step_meter import StepMeter  # noqa: E402
 
 MAX_LENGTH = 256
 CLS_MAX_LENGTH = 64
@@ -55,24 +55,6 @@ ADAPTER_ARMS = {
     "bottleneck_adapters": "BottleneckAdapters",
 }
 ARMS = ("full", "lora", *ADAPTER_ARMS)
-
-
-class _StepMeter(pl.Callback):
-    """Step times after ``skip`` warm-up steps and the peak RSS increase from the start of training."""
-
-    def __init__(self, skip: int = 2) -> None:
-        self.skip, self.times, self.base_rss, self._t0 = skip, [], 0, 0.0
-
-    def on_train_start(self, trainer, pl_module):  # noqa: ANN001
-        self.base_rss = rss_bytes()
-        reset_peak_rss()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-        if batch_idx >= self.skip:
-            self.times.append(time.perf_counter() - self._t0)
 
 
 def _callback(arm: str, args: argparse.Namespace) -> pl.Callback | None:
@@ -115,7 +97,7 @@ def worker(task: str, arm: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     module = _module(task, arm, args)
-    meter = _StepMeter(skip=2)
+    meter = StepMeter(skip=2)
     cb = _callback(arm, args)
     trainer = pl.Trainer(max_steps=2 + args.steps, val_check_interval=2 + args.steps, num_sanity_val_steps=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -32,7 +32,8 @@ sys.path.insert(0, REPO)
 import lightning.pytorch as pl  # noqa: E402
 
 import lit_ft.callbacks as cbs  # noqa: E402
-from benchmarks._rss import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from benchmarks._rss import peak_rss_bytes  # noqa: E402
+from benchmarks._step_meter import StepMeter  # noqa: E402
 
 MAX_LENGTH = 256
 
@@ -54,29 +55,6 @@ PAIRS = [
 ]
 
 
-class _StepMeter(pl.Callback):
-    """Times training steps after ``skip`` warm-up steps; tracks the peak RSS increase over all training steps."""
-
-    def __init__(self, skip: int = 2) -> None:
-        self.skip = skip
-        self.times: list[float] = []
-        self.base_rss = 0
-        self._t0 = 0.0
-
-    def on_train_start(self, trainer, pl_module):  # noqa: ANN001
-        # freed activations stay resident (the allocator keeps them), so the peak is taken over the whole run from
-        # here: model and data loaded, no step taken yet
-        self.base_rss = rss_bytes()
-        reset_peak_rss()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-        if batch_idx >= self.skip:
-            self.times.append(time.perf_counter() - self._t0)
-
-
 def _sft_data(args: argparse.Namespace):
     from lit_ft.data import SFTDataModule
 
@@ -92,7 +70,7 @@ def efficiency_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     module = CausalLMModule(model="smollm2-135m-instruct", num_hidden_layers=args.layers, learning_rate=1e-2)
-    meter = _StepMeter(skip=2)
+    meter = StepMeter(skip=2)
     cb = EFFICIENCY[name]()
     trainer = pl.Trainer(max_steps=2 + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -212,7 +190,7 @@ def accuracy_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         trainer = pl.Trainer(**common)
         metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
         return {"name": name, "acc": metrics["val/acc"], "loss": metrics["val/loss"], "wall_s": 0.0, "trainable": 0}
-    callbacks: list[pl.Callback] = [_StepMeter(skip=1)]
+    callbacks: list[pl.Callback] = [StepMeter(skip=1)]
     if factory is not None:
         callbacks.append(factory(args))
     trainer = pl.Trainer(max_steps=args.steps, val_check_interval=args.steps, callbacks=callbacks, **common)
