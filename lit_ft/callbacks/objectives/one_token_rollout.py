@@ -13,13 +13,33 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lit_ft.callbacks._objective import ObjectiveCallback
-from lit_ft.callbacks.objectives.gumbel_sampler import gumbel_max_sample
+from lit_ft.callbacks.objectives.gumbel_sampler import gumbel_max_sample, mix32
 from lit_ft.core.loss import ObjectiveInputs
 from lit_ft.core.loss.primitives import supervised_count
 from lit_ft.core.registry import technique
 
-#: the seed of evaluation forwards: a fixed draw, so validation never consumes the training generator
+#: the seed of evaluation forwards: a fixed draw, unlike any training step's
 _EVAL_SEED_SALT = 0x0E7A1
+_M32, _GOLDEN = 0xFFFFFFFF, 0x9E3779B9
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The draw's seed at optimizer step ``step``: every micro-batch and rank of one step shares it."""
+    return int(mix32(torch.tensor([(seed * 1_000_003 + step) & _M32], dtype=torch.int64))[0])
+
+
+def position_keys(batch: Mapping[str, Any], shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """A 32-bit key per ``(sample, position)``: the sample is ``batch["sample_idx"]`` when the batch has it (the same
+    sample draws the same tokens whichever rank or micro-batch it lands in: DDP and gradient accumulation then train
+    exactly like one process on the whole batch), else the row's index in this batch."""
+    rows, cols = shape
+    sidx = batch.get("sample_idx") if isinstance(batch, Mapping) else None
+    if isinstance(sidx, torch.Tensor) and tuple(sidx.shape) == (rows,):
+        sample = sidx.to(device=device, dtype=torch.int64)
+    else:
+        sample = torch.arange(rows, device=device, dtype=torch.int64)
+    pos = torch.arange(cols, device=device, dtype=torch.int64)
+    return mix32((mix32(sample & _M32)[:, None] + pos[None, :] * _GOLDEN) & _M32)
 
 
 def otr_chunk_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, row_ids: torch.Tensor, *,
@@ -88,9 +108,9 @@ class OneTokenRollout(ObjectiveCallback):
     the HF loss hook) on the model's logits. The term covers the pipeline's kept tokens, times their weights (token
     selection callbacks compose), and is normalised exactly like the token loss (its count, over the accumulation
     window and ranks), so ``ce_weight`` mixes or replaces the cross-entropy exactly. The draws are a hash of
-    ``(seed of the forward, position)``; the per-forward seed comes from a generator seeded with ``seed`` whose
-    state is checkpointed, so a resumed run draws the same tokens. Evaluation forwards use a fixed seed (the
-    generator does not advance). Logs ``lit_ft/one_token_rollout/loss`` (the term, weight included) and
+    ``(seed, optimizer step, sample, position)`` (the sample: ``batch["sample_idx"]``, which lit_ft's DataModules
+    add; else the row), so a resumed run draws the same tokens, and 2-process DDP and gradient accumulation draw
+    what one process draws on the whole batch. Evaluation forwards use a fixed seed. Logs ``lit_ft/one_token_rollout/loss`` (the term, weight included) and
     ``lit_ft/one_token_rollout/hit_rate`` (share of the samples equal to the gold token).
 
     Args:
@@ -102,7 +122,7 @@ class OneTokenRollout(ObjectiveCallback):
         ce_weight: weight of the token cross-entropy left in the loss (>= 0): ``0`` replaces it with OTR, ``1``
             keeps it in full (OTR added to SFT).
         weight: weight of the OTR term (>= 0).
-        seed: seed of the sampling generator (int >= 0).
+        seed: seed of the draws (int >= 0).
         vocab_chunk_size: vocabulary columns per Gumbel noise block (int >= 1), or ``None`` for a block of about
             4M ``(row, sample, token)`` entries.
         integration: ``"auto"`` (level 3 for ``TokenLossMixin`` modules, else level 2), ``"mixin"`` or ``"hook"``.
@@ -135,7 +155,7 @@ class OneTokenRollout(ObjectiveCallback):
         self.weight = _number("weight", weight, 0.0)
         self.seed = seed
         self.vocab_chunk_size = vocab_chunk_size
-        self._generator = torch.Generator().manual_seed(seed)
+        self._step = 0  # the optimizer step of the current training batch (on_train_batch_start)
         self.last_hit_rate: torch.Tensor | None = None
 
     # -- the term ---------------------------------------------------------------------------------------------------
@@ -158,16 +178,20 @@ class OneTokenRollout(ObjectiveCallback):
         return (totals["tokens"] * ratio).clamp_min(1.0)
 
     def _draw_seed(self, training: bool) -> int:
-        if not training:
-            return self.seed ^ _EVAL_SEED_SALT
-        return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self._generator))
+        return step_seed(self.seed, self._step) if training else self.seed ^ _EVAL_SEED_SALT
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step = int(trainer.global_step)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
     def objective_loss(self, inputs: ObjectiveInputs) -> torch.Tensor | None:
         keep = inputs.keep
         targets = inputs.targets.to(keep.device)
         weights = torch.ones(keep.shape, device=keep.device) if inputs.weights is None else inputs.weights
-        row_ids = torch.arange(keep.numel(), device=keep.device).view(keep.shape)
+        row_ids = position_keys(inputs.batch, tuple(keep.shape), keep.device)
         if self.weight == 0.0 and self.ce_weight == 1.0:
             return None
         seed = self._draw_seed(inputs.training)
@@ -198,9 +222,11 @@ class OneTokenRollout(ObjectiveCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._generator.get_state(), "seed": self.seed}
+        # the draws depend on (seed, step, sample, position) only: the restored step is all a resume needs
+        return {"seed": self.seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "generator" in state_dict:
-            self._generator.set_state(state_dict["generator"])
+        # nothing to restore: the draws follow this run's seed and the restored optimizer step (a checkpoint of the
+        # earlier generator-based version carries a "generator" entry, which no longer matters)
+        return None
