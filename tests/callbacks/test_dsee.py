@@ -89,6 +89,17 @@ def test_adapter_math_matches_a_dense_reference_and_the_gradient_is_sparse():
     assert a.sparse_values.grad.shape == (5,)
 
 
+def test_adapter_runs_under_bf16_autocast():
+    """bf16-mixed: the low-rank matmuls come out bf16, the sparse product float32 (an index_add dtype clash once)."""
+    a = DSEEAdapter(12, 10, rank=3, alpha=32.0, num_sparse=5)
+    a.reset(torch.Generator().manual_seed(1), torch.tensor([0, 2, 2, 7, 9]), torch.tensor([1, 0, 11, 5, 3]))
+    x = torch.randn(2, 4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.nn.Linear(12, 10)(x)
+        out = a(x, y)
+    assert out.dtype == y.dtype and out.shape == y.shape and torch.isfinite(out).all()
+
+
 def _dsee_set(model, seed=0, moved=True, **kw):
     g = torch.Generator().manual_seed(seed)
     built = {}

@@ -130,7 +130,8 @@ class DSEEAdapter(Adapter):
         xs = x.to(self.lora_a.dtype)
         low_rank = (xs @ self.lora_a.T) @ self.lora_b.T
         picked = xs.index_select(-1, self.sparse_cols) * self.sparse_values  # [..., k]: value · x[col]
-        sparse = torch.zeros_like(low_rank).index_add(-1, self.sparse_rows, picked)
+        # in picked's dtype: under bf16 autocast the matmuls above come out bf16 while the product stays float32
+        sparse = torch.zeros_like(low_rank, dtype=picked.dtype).index_add(-1, self.sparse_rows, picked)
         return self.scale * (low_rank + sparse)
 
     def forward(self, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
