@@ -13,13 +13,14 @@ from lit_ft.callbacks import ApproximatedPrompt, PrefixTuning
 from lit_ft.callbacks.adapters.approximated_prompt import ApproximatedPromptAdapter
 from lit_ft.core.adapters import AdapterError, AdapterSet, AdapterTarget, load_adapters, resolve_targets, save_adapters
 from lit_ft.modules import CausalLMModule
+from tests.callbacks.adapter_checks import (
+    assert_plain_module_backbone_untouched,
+    assert_resume_equals_uninterrupted,
+    fit_on_peft_lora,
+)
 from tests.helpers import (
     ListDataModule,
-    LoraModule,
-    PlainHFModule,
-    assert_state_dicts_equal,
     check_generation,
-    fit_and_resume,
     quiet_trainer,
     random_batch,
     tiny_config,
@@ -206,10 +207,8 @@ def test_trainer_trains_only_apt_backbone_bit_identical_under_weight_decay(tmp_p
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),
-                       lambda: [ApproximatedPrompt(num_prompts=8, learning_rate=5e-3)], tmp_path)
-    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
-    assert any(k.startswith("lit_ft_adapters.approximated_prompt.") for k in r.resumed.state_dict())
+    assert_resume_equals_uninterrupted(lambda: ApproximatedPrompt(num_prompts=8, learning_rate=5e-3), tmp_path,
+                                       key=lambda k: k.startswith("lit_ft_adapters.approximated_prompt."))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_trains_where_prefix_tuning_refuses():
@@ -249,14 +248,8 @@ def cb_params(module, cb, before: bool):
 
 
 def test_drop_in_on_plain_and_peft_modules():
-    plain = PlainHFModule()
-    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    quiet_trainer([ApproximatedPrompt(num_prompts=4)], max_steps=2).fit(plain, datamodule=ListDataModule(n_batches=2))
-    moved = {n for n, p in plain.named_parameters() if n in before and not torch.equal(p, before[n])}
-    assert not moved and any(n.startswith("lit_ft_adapters.") for n, _ in plain.named_parameters())
-    lora = LoraModule()
-    cb = ApproximatedPrompt(num_prompts=4)
-    quiet_trainer([cb], max_steps=2).fit(lora, datamodule=ListDataModule(n_batches=2))
+    assert_plain_module_backbone_untouched(lambda: ApproximatedPrompt(num_prompts=4))
+    cb = fit_on_peft_lora(lambda: ApproximatedPrompt(num_prompts=4))
     assert [t.path for t in cb.adapters.targets] == ["self_attn", "self_attn"]  # found through the PEFT wrapper
     assert all(p.grad is not None for p in cb.adapters.adapters.parameters())
 

@@ -12,12 +12,13 @@ from lit_ft.callbacks import BottleneckAdapters
 from lit_ft.callbacks.adapters.bottleneck import BottleneckAdapter
 from lit_ft.core.adapters import AdapterError, AdapterSet, AdapterTarget, load_adapters, save_adapters
 from lit_ft.modules import CausalLMModule
+from tests.callbacks.adapter_checks import (
+    assert_plain_module_backbone_untouched,
+    assert_resume_equals_uninterrupted,
+    fit_on_peft_lora,
+)
 from tests.helpers import (
     ListDataModule,
-    LoraModule,
-    PlainHFModule,
-    assert_state_dicts_equal,
-    fit_and_resume,
     quiet_trainer,
     random_batch,
     tiny_config,
@@ -148,21 +149,13 @@ def test_trainer_trains_only_the_adapters_backbone_bit_identical_under_weight_de
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),
-                       lambda: [BottleneckAdapters(bottleneck=4, learning_rate=5e-3)], tmp_path)
-    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
-    assert any(k.startswith("lit_ft_adapters.bottleneck_adapters.") for k in r.resumed.state_dict())
+    assert_resume_equals_uninterrupted(lambda: BottleneckAdapters(bottleneck=4, learning_rate=5e-3), tmp_path,
+                                       key=lambda k: k.startswith("lit_ft_adapters.bottleneck_adapters."))
 
 
 def test_drop_in_on_plain_and_peft_modules():
-    plain = PlainHFModule()
-    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    quiet_trainer([BottleneckAdapters(bottleneck=4)], max_steps=2).fit(plain, datamodule=ListDataModule(n_batches=2))
-    moved = {n for n, p in plain.named_parameters() if n in before and not torch.equal(p, before[n])}
-    assert not moved and any(n.startswith("lit_ft_adapters.") for n, _ in plain.named_parameters())
-    lora = LoraModule()
-    cb = BottleneckAdapters(config="houlsby", bottleneck=4)
-    quiet_trainer([cb], max_steps=2).fit(lora, datamodule=ListDataModule(n_batches=2))
+    assert_plain_module_backbone_untouched(lambda: BottleneckAdapters(bottleneck=4))
+    cb = fit_on_peft_lora(lambda: BottleneckAdapters(config="houlsby", bottleneck=4))
     assert len(cb.adapters.targets) == 4  # found through the PEFT wrapper
     assert all(p.grad is not None for p in cb.adapters.adapters.parameters())
 

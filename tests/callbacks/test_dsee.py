@@ -13,10 +13,13 @@ from lit_ft.callbacks.adapters.dsee import PRUNE_ATTR, DSEEAdapter, grebsmo_deco
 from lit_ft.core.adapters import AdapterError, AdapterSet, load_adapters, resolve_targets, save_adapters
 from lit_ft.core.sparse_diff import compose_sparse_diffs, load_sparse_diff
 from lit_ft.modules import CausalLMModule
+from tests.callbacks.adapter_checks import (
+    assert_plain_module_backbone_untouched,
+    assert_resume_equals_uninterrupted,
+    fit_on_peft_lora,
+)
 from tests.helpers import (
     ListDataModule,
-    LoraModule,
-    PlainHFModule,
     assert_state_dicts_equal,
     fit_and_resume,
     quiet_trainer,
@@ -206,10 +209,8 @@ def test_sparse_diff_export_composes_onto_the_base(tmp_path):
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),
-                       lambda: [DSEE(**FAST, learning_rate=5e-3)], tmp_path)
-    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
-    assert any(k.endswith("sparse_rows") for k in r.resumed.state_dict())
+    assert_resume_equals_uninterrupted(lambda: DSEE(**FAST, learning_rate=5e-3), tmp_path,
+                                       key=lambda k: k.endswith("sparse_rows"))
 
 
 def test_pruning_at_a_step_keeps_pruned_weights_zero_and_resumes(tmp_path):
@@ -254,14 +255,8 @@ def test_prune_method_scores_on_the_merged_weights(tmp_path):
 
 
 def test_drop_in_on_plain_and_peft_modules():
-    plain = PlainHFModule()
-    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    quiet_trainer([DSEE(**FAST)], max_steps=2).fit(plain, datamodule=ListDataModule(n_batches=2))
-    moved = {n for n, p in plain.named_parameters() if n in before and not torch.equal(p, before[n])}
-    assert not moved and any(n.startswith("lit_ft_adapters.") for n, _ in plain.named_parameters())
-    lora = LoraModule()
-    cb = DSEE(**FAST)
-    quiet_trainer([cb], max_steps=2).fit(lora, datamodule=ListDataModule(n_batches=2))
+    assert_plain_module_backbone_untouched(lambda: DSEE(**FAST))
+    cb = fit_on_peft_lora(lambda: DSEE(**FAST))
     assert len(cb.adapters.targets) == 4  # q/v found through the PEFT wrappers; W read from their base layers
     assert all(p.grad is not None or not p.requires_grad for p in cb.adapters.parameters())
     diff = cb.sparse_diff()

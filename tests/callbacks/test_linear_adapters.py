@@ -20,12 +20,13 @@ from lit_ft.core.adapters import (
     save_adapters,
 )
 from lit_ft.modules import CausalLMModule
+from tests.callbacks.adapter_checks import (
+    assert_plain_module_backbone_untouched,
+    assert_resume_equals_uninterrupted,
+    fit_on_peft_lora,
+)
 from tests.helpers import (
     ListDataModule,
-    LoraModule,
-    PlainHFModule,
-    assert_state_dicts_equal,
-    fit_and_resume,
     quiet_trainer,
     random_batch,
     tiny_config,
@@ -158,21 +159,12 @@ def test_trainer_trains_only_the_adapters_backbone_bit_identical_under_weight_de
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
-    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),
-                       lambda: [LinearAdapters(bottleneck=4, learning_rate=5e-3)], tmp_path)
-    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
-    assert any(k.startswith("lit_ft_adapters.") for k in r.resumed.state_dict())
+    assert_resume_equals_uninterrupted(lambda: LinearAdapters(bottleneck=4, learning_rate=5e-3), tmp_path)
 
 
-def test_drop_in_on_plain_and_peft_modules(tmp_path):
-    plain = PlainHFModule()
-    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    quiet_trainer([LinearAdapters(bottleneck=4)], max_steps=2).fit(plain, datamodule=ListDataModule(n_batches=2))
-    moved = {n for n, p in plain.named_parameters() if n in before and not torch.equal(p, before[n])}
-    assert not moved and any(n.startswith("lit_ft_adapters.") for n, _ in plain.named_parameters())
-    lora = LoraModule()
-    cb = LinearAdapters(bottleneck=4)
-    quiet_trainer([cb], max_steps=2).fit(lora, datamodule=ListDataModule(n_batches=2))
+def test_drop_in_on_plain_and_peft_modules():
+    assert_plain_module_backbone_untouched(lambda: LinearAdapters(bottleneck=4))
+    cb = fit_on_peft_lora(lambda: LinearAdapters(bottleneck=4))
     assert len(cb.adapters.targets) == 4  # found through the PEFT wrapper
     assert all(p.grad is not None or not p.requires_grad for p in cb.adapters.parameters())
 

@@ -19,12 +19,13 @@ from lit_ft.core.parallel_adapter import FusedParallelAdapterSet, ParallelAdapte
 from lit_ft.core.prefix import PrefixEncoder
 from lit_ft.core.prompts import PromptError, attach_prompt, injector_for, model_geometry
 from lit_ft.modules import CausalLMModule
+from tests.callbacks.adapter_checks import (
+    assert_plain_module_backbone_untouched,
+    assert_resume_equals_uninterrupted,
+    fit_on_peft_lora,
+)
 from tests.helpers import (
     ListDataModule,
-    LoraModule,
-    PlainHFModule,
-    assert_state_dicts_equal,
-    fit_and_resume,
     quiet_trainer,
     random_batch,
     tiny_config,
@@ -240,23 +241,14 @@ def test_save_load_gives_the_same_outputs(tmp_path):
                                      lambda: MAM(num_virtual_tokens=3, mid_dim=8, bottleneck=4, learning_rate=5e-3)],
                          ids=["parallel_fused", "mam"])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, make_cb):
-    r = fit_and_resume(lambda: CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1),
-                       lambda: [make_cb()], tmp_path)
-    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
-    assert any(k.startswith("lit_ft_adapters.") for k in r.resumed.state_dict())
+    assert_resume_equals_uninterrupted(make_cb, tmp_path)
 
 
 @pytest.mark.parametrize("Callback, kwargs", [(ParallelAdapters, {"bottleneck": 4}),
                                               (MAM, {"num_virtual_tokens": 2, "mid_dim": 8, "bottleneck": 4})])
 def test_drop_in_on_plain_and_peft_modules(Callback, kwargs):
-    plain = PlainHFModule()
-    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    quiet_trainer([Callback(**kwargs)], max_steps=2).fit(plain, datamodule=ListDataModule(n_batches=2))
-    moved = {n for n, p in plain.named_parameters() if n in before and not torch.equal(p, before[n])}
-    assert not moved and any(n.startswith("lit_ft_adapters.") for n, _ in plain.named_parameters())
-    lora = LoraModule()
-    cb = Callback(**kwargs)
-    quiet_trainer([cb], max_steps=2).fit(lora, datamodule=ListDataModule(n_batches=2))
+    assert_plain_module_backbone_untouched(lambda: Callback(**kwargs))
+    cb = fit_on_peft_lora(lambda: Callback(**kwargs))
     assert len(cb.adapters.targets) == 2  # found through the PEFT wrapper
     assert all(a.up.weight.abs().sum() > 0 for a in cb.adapters.adapters.values())  # trained from their zero init
 
