@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import torch
 
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
+from lit_ft.core.counter_hash import GOLDEN, M32, lowbias32
+
+_M32 = M32
+_GOLDEN = GOLDEN
 #: elements of one [rows, K, vocab chunk] noise block when the vocabulary chunk is chosen automatically (~32 MB int64)
 AUTO_BLOCK_ELEMENTS = 1 << 22
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64: the constant split in 16-bit halves (no overflow)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """``lowbias32``: a bijective 32-bit mixer on int64 tensors holding values in ``[0, 2**32)``."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """``lowbias32`` (:mod:`lit_ft.core.counter_hash`): the mixer of every key below."""
+    return lowbias32(x)
 
 
 def sample_keys(seed: int, row_ids: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

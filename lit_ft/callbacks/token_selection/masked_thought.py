@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_ft.core.counter_hash import M32, fmix32
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
 from lit_ft.core.registry import technique
 from lit_ft.core.resume import RESTORE, adopt_saved_state, record_resume_args
@@ -20,7 +21,7 @@ from lit_ft.core.validate import check_choice, check_int, check_number
 MODES = ("mask", "random")
 RATE_SAMPLINGS = ("fixed", "uniform")
 
-_M32 = 0xFFFFFFFF
+_M32 = M32
 _SAMPLE_IDX_HINT = {
     "sample_idx": "lit_ft.data.SFTDataModule / ClassificationDataModule (always added), or add a long [B] "
     "'sample_idx' tensor in your collate_fn. MaskedThought derives each sample's noise from it so that masks do "
@@ -30,26 +31,11 @@ _SAMPLE_IDX_HINT = {
 
 
 # -- counter-based hash: uint32 values held in int64 tensors (exact on every device, no overflow) ---------------
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for uint32 ``x`` (int64 tensor) without leaving int64's range."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser (a bijection with full avalanche)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 def _mix(h: torch.Tensor, v: torch.Tensor | int) -> torch.Tensor:
     """Fold the (non-negative, up to 64-bit) value ``v`` into the running hash ``h``."""
     v = torch.as_tensor(v, dtype=torch.int64, device=h.device)
     for word in (v & _M32, (v >> 32) & _M32):
-        h = _fmix32(h ^ _fmix32((word + 0x9E3779B9) & _M32))
+        h = fmix32(h ^ fmix32((word + 0x9E3779B9) & _M32))
     return h
 
 
