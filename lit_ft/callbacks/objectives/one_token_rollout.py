@@ -14,13 +14,14 @@ from typing_extensions import override
 
 from lit_ft.callbacks._objective import ObjectiveCallback
 from lit_ft.callbacks.objectives.gumbel_sampler import gumbel_max_sample, mix32
+from lit_ft.core.counter_hash import GOLDEN, M32
 from lit_ft.core.loss import ObjectiveInputs
 from lit_ft.core.loss.primitives import supervised_count
 from lit_ft.core.registry import technique
 
 #: the seed of evaluation forwards: a fixed draw, unlike any training step's
 _EVAL_SEED_SALT = 0x0E7A1
-_M32, _GOLDEN = 0xFFFFFFFF, 0x9E3779B9
+_M32, _GOLDEN = M32, GOLDEN
 
 
 def step_seed(seed: int, step: int) -> int:
