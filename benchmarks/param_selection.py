@@ -6,7 +6,8 @@ tiny enough for 2 CPU cores, realistic in shapes. Data: ASDiv (lit_ft assets). E
 order; AdamW. Reported per technique, as ratios to full fine-tuning where it makes sense:
 
 * step time (mean over the training steps, callbacks' own work included);
-* forward+backward FLOPs of one training step with the final trainability (``torch.utils.flop_counter``), and the
+* forward+backward FLOPs of one training step with the final trainability, on the path the run trained (the
+  module's ``training_step`` through lit_ft's fused loss, counted by ``lit_ft.core.flops.measured_step``), and the
   backward part alone (total - forward);
 * optimizer-state memory (bytes of every optimizer state tensor after training);
 * trainable fraction (parameters with ``requires_grad``; element masks counted by their kept entries);
@@ -23,10 +24,11 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import lit_ft.callbacks as cbs
 from lit_ft.callbacks._param_plan import param_plans_for
+from lit_ft.core.flops import measured_step
+from lit_ft.core.step_probe import probe_loss
 from lit_ft.data import SFTDataModule
 from lit_ft.modules import CausalLMModule
 
@@ -36,14 +38,14 @@ def _techniques(steps: int) -> dict[str, Callable[[], list[pl.Callback]]]:
     t: dict[str, Callable[[], list[pl.Callback]]] = {"full fine-tuning": lambda: []}
     optional = {
         "GreenTrainer(rho=0.5)": lambda: [cbs.GreenTrainer(rho=0.5)],
-        "HalfFineTuning(ratio=0.5)": lambda: [cbs.HalfFineTuning()],
+        "HalfFineTuning(defaults: ratio 0.5 of each layer's matrices)": lambda: [cbs.HalfFineTuning()],
         f"LotteryTicketSparseFT(1%, phase 1 = {half} steps)": lambda: [cbs.LotteryTicketSparseFT(phase1_steps=half)],
         "FreezeLayers(2 lower + embeddings)": lambda: [cbs.FreezeLayers(num_layers=2)],
         "LayerwiseLRDecay(0.9)": lambda: [cbs.LayerwiseLRDecay(decay=0.9)],
         "ReinitTopLayers(1)": lambda: [cbs.ReinitTopLayers(num_layers=1)],
         "TrainOnly(embeddings_and_head)": lambda: [cbs.TrainOnly(preset="embeddings_and_head")],
         "TrainOnly(last_layers, k=1)": lambda: [cbs.TrainOnly(preset="last_layers", last_k=1)],
-        "LocalizedTuning(last layer down_proj)": lambda: [cbs.LocalizedTuning(layer=-1)],
+        "LocalizedTuning(defaults: one mid/upper layer's down_proj)": lambda: [cbs.LocalizedTuning()],
     }
     for name, make in optional.items():
         cls = name.split("(")[0]
@@ -68,17 +70,18 @@ class _StepTimer(pl.Callback):
         self.n += 1
 
 
-def _flops(module: CausalLMModule, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(forward, forward+backward) FLOPs of one step through the HF model's own loss (plain matmuls, so
-    FlopCounterMode sees the lm_head too), with the trainability the technique left in place."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+def _flops(trainer: pl.Trainer, module: CausalLMModule, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs of one step on the path the run trained: the module's own
+    ``training_step`` (lit_ft's fused loss, which skips the lm_head rows of unsupervised tokens, counted by the
+    shared FLOPs service's formulas for the fused op), with the trainability the technique left in place."""
+    batch = module.transfer_batch_to_device(batch, module.device, 0)
     module.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as fwd:
-        loss = module.model(**inputs).loss
-    with FlopCounterMode(display=False) as bwd:
+    with measured_step() as fwd:
+        loss = probe_loss(trainer, module, batch, "benchmarks/param_selection.py")
+    with measured_step() as bwd:
         loss.backward()
     module.zero_grad(set_to_none=True)
-    return fwd.get_total_flops(), fwd.get_total_flops() + bwd.get_total_flops()
+    return fwd.total, fwd.total + bwd.total
 
 
 def _trainable_fraction(module: torch.nn.Module) -> float:
@@ -113,7 +116,7 @@ def run(name: str, make: Callable[[], list[pl.Callback]], args: argparse.Namespa
                          callbacks=[timer, *make()])
     trainer.fit(module, datamodule=dm)
     batch = next(iter(dm.train_dataloader()))
-    fwd, total = _flops(module, batch)
+    fwd, total = _flops(trainer, module, batch)
     row = {
         "name": name,
         "step_s": timer.total / max(timer.n, 1),
@@ -142,7 +145,8 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M-Instruct, first {args.layers} decoder layers (real weights), on ASDiv: {args.steps} steps x "
         f"batch {args.batch_size}, AdamW lr {args.lr}, weight decay 0.01, seed {args.seed}; held-out loss on "
-        f"{args.eval_samples} asdiv-val rows. FLOPs: one forward+backward at the final trainability.",
+        f"{args.eval_samples} asdiv-val rows. FLOPs: one forward+backward of the trained path (fused loss) at the final "
+        "trainability.",
         "",
         "| technique | trainable | step time (x full) | fwd+bwd FLOPs (x full) | backward FLOPs (x full) | optimizer state | val loss |",
         "|---|---|---|---|---|---|---|",
