@@ -225,3 +225,16 @@ def test_attached_set_holds_only_the_adapter_tensors():
     s.attach(model)
     assert set(s.state_dict()) == keys and len(keys) == 8  # the model is not a submodule of the set
     assert sum(p.numel() for p in s.parameters()) == 4 * 2 * 4 * model.config.hidden_size
+
+
+def test_parameter_picture_shows_only_the_adapters_trainable(tmp_path):
+    """The adapters family draws the parameter family's map (ParamPlanCallback): the backbone cells at 0, the
+    adapter tensors (outside the HF model: the "extra" row) fully trainable."""
+    module = CausalLMModule(model_config=tiny_config())
+    cb = LinearAdapters(bottleneck=4, picture_every_n_steps=1)
+    quiet_trainer([cb], max_steps=1, default_root_dir=str(tmp_path)).fit(module, datamodule=ListDataModule(n_batches=1))
+    table = cb.last_param_map
+    assert table is not None and cb.last_picture is not None and cb.last_picture.endswith("param_map_step1.png")
+    assert table.trainable == set(cb.owned_param_names(module))
+    assert all(table.share(r, k) == 0.0 for (r, k) in table.cells if r != "extra")
+    assert {table.share(r, k) for (r, k) in table.cells if r == "extra"} == {1.0}
