@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_ft.callbacks import OneTokenRollout
-from lit_ft.callbacks.objectives.gumbel_sampler import gumbel_max_sample
+from lit_ft.kernels.gumbel_sampler import gumbel_max_sample
 from lit_ft.callbacks.objectives.one_token_rollout import otr_chunk_sum
 from lit_ft.kernels import chunked_linear_loss
 from lit_ft.modules import CausalLMModule

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lit_ft.callbacks._objective import ObjectiveCallback
-from lit_ft.callbacks.objectives.gumbel_sampler import gumbel_max_sample, mix32
+from lit_ft.kernels.gumbel_sampler import gumbel_max_sample, mix32
 from lit_ft.core.counter_hash import GOLDEN, M32
 from lit_ft.core.loss import ObjectiveInputs
 from lit_ft.core.loss.primitives import supervised_count
