@@ -19,13 +19,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks._rss import peak_rss_bytes, reset_peak_rss, rss_bytes, run_worker  # noqa: E402
+from benchmarks._rss import peak_rss_bytes, run_worker  # noqa: E402
+from benchmarks._step_meter import StepMeter  # noqa: E402
 
 OUT = os.path.join(REPO, "benchmarks", "results", "apt_vs_prefix.json")
 MODELS = {"tiny": "tiny Llama (lit_ft.testing, 2 layers, d=32)",
@@ -61,21 +61,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     cb = (cbs.ApproximatedPrompt(num_prompts=args.k) if args.method == "apt"
           else cbs.PrefixTuning(num_virtual_tokens=args.k))
-    times: list[float] = []
-
-    class Meter(pl.Callback):
-        def on_train_start(self, trainer, pl_module):  # noqa: ANN001
-            self.base = rss_bytes()
-            reset_peak_rss()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            if batch_idx >= 2:
-                times.append(time.perf_counter() - self.t0)
-
-    meter = Meter()
+    meter = StepMeter(skip=2)
     trainer = pl.Trainer(max_steps=2 + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, accelerator="cpu", callbacks=[meter, cb])
@@ -84,7 +70,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - the refusal is the measurement
         return {"refused": f"{type(err).__name__}: {str(err)[:200]}"}
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"step_s": statistics.median(times), "peak_bytes": peak_rss_bytes() - meter.base, "trainable": trainable}
+    return {"step_s": statistics.median(meter.times), "peak_bytes": peak_rss_bytes() - meter.base_rss, "trainable": trainable}
 
 
 def main(argv: list[str] | None = None) -> None:
