@@ -486,3 +486,126 @@ def test_ddp_two_ranks_select_identical_masks(tmp_path):
         assert torch.equal(r0["masks"][n]["bits"], r1["masks"][n]["bits"]), n
     for n in r0["params"]:
         assert torch.equal(r0["params"][n], r1["params"][n]), n
+
+
+# -- several iterations (the reference's n_ft_iterations) ----------------------------------------------------------
+
+
+def test_topk_exclude_selects_among_the_allowed_entries_only():
+    g = torch.Generator().manual_seed(3)
+    params = {"a": torch.randn(23, 3, generator=g), "b": torch.randn(41, generator=g)}
+    theta0 = {k: v + (torch.randn(v.shape, generator=g) * 0.1).round(decimals=2) for k, v in params.items()}
+    exclude = {"a": torch.rand(23, 3, generator=g) < 0.5}  # "b": nothing excluded
+    flat = torch.cat([(params[k] - theta0[k]).abs().reshape(-1) for k in params])
+    allowed = torch.cat([~exclude["a"].reshape(-1), torch.ones(41, dtype=torch.bool)])
+    order = [i for i in flat.sort(descending=True, stable=True).indices.tolist() if allowed[i]]
+    for k in (1, 9, len(order)):
+        masks, thr = topk_abs_delta_masks(params, theta0, k, chunk=8, exclude=exclude)
+        sel = torch.cat([masks[n].reshape(-1) for n in params])
+        expected = torch.zeros_like(sel)
+        expected[order[:k]] = True
+        assert torch.equal(sel, expected), k
+        assert not bool((masks["a"] & exclude["a"]).any())
+    with pytest.raises(ValueError, match=rf"\[1, {len(order)}\] \(the number of maskable entries not selected yet\)"):
+        topk_abs_delta_masks(params, theta0, len(order) + 1, exclude=exclude)
+
+
+class _BeforeSwitch(pl.Callback):
+    """Listed before LT-SFT: the weights at every batch end before LT-SFT acts on them, and what LT-SFT left."""
+
+    def __init__(self):
+        self.before, self.masks, self.phase = {}, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.before[trainer.global_step] = _params(pl_module)
+
+
+class _AfterSwitch(pl.Callback):
+    def __init__(self, cb, before):
+        self.cb, self.b = cb, before
+        self.after, self.trainable = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        s = trainer.global_step
+        self.after[s] = _params(pl_module)
+        self.b.masks[s] = {n: m.clone() for n, m in self.cb.masks.items()}
+        self.b.phase[s] = (self.cb.iteration, self.cb.phase)
+        self.trainable[s] = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def test_two_iterations_follow_the_reference_loop():
+    """iterations=2 over 8 steps, 2 full steps per iteration: select K//2 at step 2 and reset to θ₀; lift the masks
+    at step 4 (all maskable tensors train again); at step 6 select K//2 *more* entries (largest |θ − θ₀| among the
+    rest, θ₀ = the weights at fit start), reset to the weights of step 4; entries never selected end at θ₀."""
+    module = _module(weight_decay=0.0, warmup_steps=2)
+    theta0 = _params(module)
+    cb = LotteryTicketSparseFT(num_params=40, iterations=2, phase1_steps=2, export=False, always_train=[])
+    before = _BeforeSwitch()
+    after = _AfterSwitch(cb, before)
+    rec = _LrRecorder()
+    _trainer([before, cb, after, rec], max_steps=8).fit(module, datamodule=ListDataModule(n_batches=2))
+    assert cb.iteration_starts == [0, 4] and cb.k_per_iteration == 20
+    assert [before.phase[s] for s in range(1, 9)] == [(0, 1), (0, 2), (0, 2), (1, 1), (1, 1), (1, 2), (1, 2), (1, 2)]
+    maskable = cb.maskable
+    # the first selection: the top 20 of |θ − θ₀| at step 2, then θ = θ₀
+    m1, _ = topk_abs_delta_masks({n: before.before[2][n] for n in maskable}, theta0, 20)
+    assert all(torch.equal(before.masks[2][n], m1[n]) for n in maskable)
+    assert all(torch.equal(after.after[2][n], theta0[n]) for n in maskable)
+    # step 4: the masks are lifted: every maskable tensor trains, the selected entries stay recorded
+    assert set(maskable) <= after.trainable[4]
+    assert all(torch.equal(before.masks[4][n], m1[n]) for n in maskable)
+    snapshot = after.after[4]
+    assert all(torch.equal(snapshot[n], before.before[4][n]) for n in maskable)  # no reset at the lift
+    # the second selection excludes the first 20, measured against the fit-start θ₀; then θ = the step-4 weights
+    m2, _ = topk_abs_delta_masks({n: before.before[6][n] for n in maskable}, theta0, 20, exclude=m1)
+    union = {n: m1[n] | m2[n] for n in maskable}
+    assert cb.kept == 40 and all(torch.equal(before.masks[6][n], union[n]) for n in maskable)
+    assert all(torch.equal(after.after[6][n], snapshot[n]) for n in maskable)
+    # entries never selected end exactly at θ₀ (they were θ₀ at step 4 and stay frozen); the selected ones moved
+    final = after.after[8]
+    for n in maskable:
+        assert torch.equal(final[n][~union[n]], theta0[n][~union[n]]), n
+    assert sum(int((final[n] != theta0[n]).sum()) for n in maskable) > 20
+    # every phase starts a fresh schedule: the 2-step warm-up runs four times
+    warm = [1e-2 * min(1.0, (s + 1) / 2) for s in range(2)]
+    assert rec.lrs == pytest.approx(warm * 4)
+    # the exported diff (θ₀ at the kept entries) rebuilds the final weights
+    theta0_kept, masks = cb.sparse_diff_inputs()
+    for n, m in masks.items():
+        assert torch.equal(theta0_kept[n].reshape(-1), theta0[n].reshape(-1)[m.reshape(-1)]), n
+
+
+@pytest.mark.parametrize("ckpt_step", [2, 4, 6], ids=["iter0_sparse", "iter1_full", "iter1_sparse"])
+def test_two_iterations_resume_equals_uninterrupted(tmp_path, ckpt_step):
+    r = fit_and_resume(
+        lambda: _module(warmup_steps=2),
+        lambda: [LotteryTicketSparseFT(num_params=40, iterations=2, phase1_steps=1, export=False)], tmp_path,
+        max_steps=8, ckpt_name=f"epoch={ckpt_step // 2 - 1}-step={ckpt_step}.ckpt")
+    (cb_full,), (cb_res,) = r.callbacks_full, r.callbacks_resumed
+    saved = torch.load(r.ckpt, weights_only=True)["callbacks"][cb_full.state_key]
+    assert (saved["iteration"], saved["phase"]) == {2: (0, 2), 4: (1, 1), 6: (1, 2)}[ckpt_step]
+    if ckpt_step == 4:
+        assert "snapshot" in saved and saved["plan"]["entries"]  # the step-4 weights and the first selection
+    assert (cb_res.iteration, cb_res.phase, cb_res.kept) == (cb_full.iteration, cb_full.phase, cb_full.kept) == (1, 2, 40)
+    for n, m in cb_full.masks.items():
+        assert torch.equal(cb_res.masks[n], m), n
+    assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"iterations": 0}, r"`iterations` must be an int >= 1, got 0"),
+        ({"iterations": 2, "phase1_epochs": 1}, r"`phase1_epochs` \(1\) applies to one iteration only"),
+    ],
+)
+def test_iterations_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LotteryTicketSparseFT(**kw)
+
+
+def test_iterations_run_time_errors():
+    with pytest.raises(ValueError, match=r"K // iterations = 0 entries per iteration \(K = 3\)"):
+        _trainer([LotteryTicketSparseFT(num_params=3, iterations=4)], max_steps=8).fit(_module(), datamodule=ListDataModule(2))
+    with pytest.raises(ValueError, match="a full phase of 4 steps leaves no sparse phase"):
+        _trainer([LotteryTicketSparseFT(iterations=2, phase1_steps=4)], max_steps=8).fit(_module(), datamodule=ListDataModule(2))

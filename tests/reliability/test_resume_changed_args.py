@@ -98,7 +98,7 @@ def test_lottery_ticket_resumed_in_phase1_with_a_changed_argument_keeps_theta0(t
 
 
 @pytest.mark.parametrize("changed, name", [(dict(proportion=0.1), "proportion"), (dict(phase1_steps=2), "phase1_steps"),
-                                           (dict(always_train=[]), "always_train")])
+                                           (dict(always_train=[]), "always_train"), (dict(iterations=2), "iterations")])
 def test_lottery_ticket_resumed_in_phase2_with_a_changed_argument_is_refused(tmp_path, changed, name):
     """issue 18 item 1: after the switch the kept entries were chosen with the saved values and θ₀ outside them is
     gone: a changed selection / phase-1 argument is refused with an error naming it and both values."""
@@ -106,7 +106,7 @@ def test_lottery_ticket_resumed_in_phase2_with_a_changed_argument_is_refused(tmp
     ckpt = _checkpoint(tmp_path, [LotteryTicketSparseFT(**base)])
     saved = torch.load(ckpt, weights_only=False)["callbacks"]
     assert next(iter(saved.values()))["phase"] == 2
-    old = {"proportion": 0.05, "phase1_steps": 1, "always_train": None}[name]
+    old = {"proportion": 0.05, "phase1_steps": 1, "always_train": None, "iterations": 1}[name]
     with pytest.raises(ValueError, match=rf"(?s){re.escape(f'{name}={changed[name]!r}')}.*checkpoint was made with "
                                          rf"{re.escape(f'{name}={old!r}')}.*switch to phase 2 already happened"):
         _fit([LotteryTicketSparseFT(**{**base, **changed})], max_steps=4, ckpt_path=ckpt)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 
 from lit_ft.callbacks._param_plan import ParamPlanCallback
+from lit_ft.callbacks.param_reset._topk_delta import topk_abs_delta_masks
 from lit_ft.core.registry import technique
 from lit_ft.core.validate import check_choice, check_int, check_number, check_str, check_str_list
 from lit_ft.core.sparse_diff import export_sparse_diff
@@ -28,92 +29,6 @@ _THETA0_DTYPES = ("exact", "bfloat16")
 _DIFF_DTYPES = ("float64", "float32")
 #: phase 2's LR schedule: "restart" (a fresh schedule, as the reference's new Trainer per phase) or "continue"
 _PHASE2_SCHEDULES = ("restart", "continue")
-_CHUNK = 1 << 22  # elements per chunk of the threshold passes: extra memory ~ 5 * 4 MiB * 4 bytes, whatever the model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Top-K of |θ − θ₀| over many tensors without materialising them together
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _abs_delta_bits(p: torch.Tensor, base: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
-    """int64 bit patterns of |p − base| (float32) in flat row-major chunks (non-negative floats order as their bits)."""
-    flat_p = p.detach().reshape(-1)
-    flat_b = base.reshape(-1)
-    for s in range(0, flat_p.numel(), chunk):
-        d = (flat_p[s : s + chunk].float() - flat_b[s : s + chunk].to(flat_p.device).float()).abs_()
-        yield d.view(torch.int32).to(torch.int64)
-
-
-def topk_abs_delta_masks(
-    params: Mapping[str, torch.Tensor],
-    theta0: Mapping[str, torch.Tensor],
-    k: int,
-    chunk: int = _CHUNK,
-) -> tuple[dict[str, torch.Tensor], float]:
-    """Boolean masks of the ``k`` entries with the largest ``|θ − θ₀|`` over all tensors of ``params``.
-
-    The k-th largest value is found exactly by a 4-pass radix select over the float32 bit patterns (a 256-bin
-    ``bincount`` per byte, chunk by chunk), so the extra memory is O(``chunk``) however large the model, and no list
-    of all values is ever built. Ties at the threshold are broken by model order then flat index, so exactly ``k``
-    entries are kept and the result depends only on the values (identical on every DDP rank).
-
-    Args:
-        params: name -> tensor ``θ`` (model order is the mapping's order).
-        theta0: name -> tensor ``θ₀`` of the same shape (any device / dtype; compared in float32).
-        k: number of entries to keep, ``1 <= k <= total``.
-        chunk: elements per pass chunk.
-
-    Returns:
-        ``(masks, threshold)``: name -> ``torch.bool`` mask on the parameter's device, and the k-th largest ``|Δ|``.
-
-    Raises:
-        ValueError: ``k`` out of range, or a non-finite difference.
-    """
-    names = list(params)
-    total = sum(params[n].numel() for n in names)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
-        raise ValueError(f"`k` must be an int in [1, {total}] (the number of maskable entries), got {k!r}.")
-    inf_bits = 0x7F800000
-
-    def chunks() -> Iterator[torch.Tensor]:
-        for n in names:
-            yield from _abs_delta_bits(params[n], theta0[n], chunk)
-
-    prefix, prefix_mask, need = 0, 0, k
-    for shift in (24, 16, 8, 0):
-        hist = None
-        for bits in chunks():
-            if shift == 24 and bool((bits > inf_bits).any()):
-                bad = next(n for n in names if not torch.isfinite(params[n].detach().float() - theta0[n].to(params[n].device).float()).all())
-                raise ValueError(f"LotteryTicketSparseFT: |θ − θ₀| of {bad!r} is not finite (NaN); cannot rank entries.")
-            sel = bits if prefix_mask == 0 else bits[(bits & prefix_mask) == prefix]
-            h = torch.bincount((sel >> shift) & 0xFF, minlength=256)
-            hist = h if hist is None else hist + h
-        counts = hist.cpu().tolist()  # type: ignore[union-attr]
-        above = 0
-        for b in range(255, -1, -1):
-            if above + counts[b] >= need:
-                need -= above
-                prefix |= b << shift
-                prefix_mask |= 0xFF << shift
-                break
-            above += counts[b]
-    threshold_bits, ties = prefix, need  # keep every entry above, and the first `ties` entries equal to it
-    masks: dict[str, torch.Tensor] = {}
-    for n in names:
-        parts = []
-        for bits in _abs_delta_bits(params[n], theta0[n], chunk):
-            m = bits > threshold_bits
-            if ties > 0:
-                eq = bits == threshold_bits
-                take = eq & (torch.cumsum(eq, 0) <= ties)
-                ties -= int(take.sum())
-                m |= take
-            parts.append(m)
-        masks[n] = torch.cat(parts).view(params[n].shape) if parts else torch.zeros(params[n].shape, dtype=torch.bool)
-    threshold = float(torch.tensor([threshold_bits], dtype=torch.int32).view(torch.float32))
-    return masks, threshold
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,10 +71,10 @@ def _module_prefix(pl_module: torch.nn.Module) -> str:
 # kept entries were chosen with the old values and θ₀ outside them is gone, so a change is refused.
 def _refuse_after_switch(what: str) -> Any:
     def decide(saved: Any, new: Any, state: Mapping[str, Any]) -> Optional[str]:
-        if int(state.get("phase", 1)) != 2:
+        if int(state.get("phase", 1)) != 2 and int(state.get("iteration", 0)) == 0:
             return None
-        return (f"the switch to phase 2 already happened at step {state.get('switched_at')} and {what}, so the new "
-                "value cannot apply")
+        return (f"the switch to phase 2 already happened at step "
+                f"{state.get('first_switch_at') or state.get('switched_at')} and {what}, so the new value cannot apply")
     return decide
 
 
@@ -170,7 +85,7 @@ def _theta0_dtype_decision(saved: Any, new: Any, state: Mapping[str, Any]) -> Op
 
 
 _SELECTION_ARGS = ("proportion", "num_params", "always_train")
-_PHASE1_ARGS = ("phase1_steps", "phase1_epochs", "phase1_fraction")
+_PHASE1_ARGS = ("phase1_steps", "phase1_epochs", "phase1_fraction", "iterations")
 
 
 @technique(name="lottery_ticket", family="param_reset",
@@ -206,8 +121,18 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     (one extra pass over the trainable weights per step, and a transfer of ``θ₀`` per step with
     ``theta0_device="cpu"``); phase 2 only the kept entries.
 
-    Not implemented: ``n_ft_iterations > 1`` of the reference (unfreezing K/n more entries per iteration). The
-    restarted schedule keeps the length it was built with: the reference's phase
+    Several iterations (``iterations`` = the reference's ``n_ft_iterations``, 1 by default as there): the run is cut
+    into ``iterations`` equal spans, each a full phase then a sparse phase. Iteration ``i`` snapshots the weights
+    at its start, fine-tunes every trainable tensor in full (the earlier masks lifted), unfreezes the ``K // n``
+    entries with the largest ``|θ − θ₀|`` among those not unfrozen yet (``θ₀``: the weights at fit start, as the
+    reference's ``_original_params``), resets every trainable tensor to the snapshot, and trains the union of the
+    unfrozen entries sparsely; every phase starts with a cleared optimizer state and (``phase2_schedule="restart"``)
+    a restarted schedule, as the reference builds a fresh optimizer and schedule per phase. Until the last selection
+    the full ``θ₀`` copy is kept, and during a later iteration's full phase also the snapshot (a second copy of the
+    trainable weights). The reference's separate min/max step and epoch limits per phase are expressed here as
+    the run length split into equal iterations and ``phase1_steps`` / ``phase1_fraction`` of each; ``phase1_epochs``
+    applies to one iteration only.
+    The restarted schedule keeps the length it was built with: the reference's phase
     schedule spans one phase, so build the module's scheduler over one phase's steps to match it (a warm-up-only
     schedule, as ``CausalLMModule``'s, matches as is). Phase-2 resume
     needs a strategy that restores callback state before ``on_fit_start`` (single device, DDP; not DeepSpeed).
@@ -224,11 +149,11 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         proportion: ``K`` as a fraction of all maskable entries, ``0 < proportion <= 1`` (reference default 0.01);
             ignored when ``num_params`` is set.
         num_params: ``K`` as an absolute number of entries (``>= 1``, at most the number of maskable entries).
-        phase1_steps: optimizer steps of phase 1. Exclusive with ``phase1_epochs``.
+        phase1_steps: optimizer steps of phase 1 (of each iteration's full phase). Exclusive with ``phase1_epochs``.
         phase1_epochs: epochs of phase 1 (the switch happens at the end of that epoch).
         phase1_fraction: when neither ``phase1_steps`` nor ``phase1_epochs`` is given, phase 1 lasts this fraction
-            of ``trainer.estimated_stepping_batches`` (``0 < phase1_fraction < 1``; the reference recipes use equal
-            phases).
+            of ``trainer.estimated_stepping_batches`` (of one iteration's span with ``iterations > 1``;
+            ``0 < phase1_fraction < 1``; the reference recipes use equal phases).
         always_train: name patterns (fnmatch globs or ``"re:"`` regexes over the LightningModule's parameter names)
             of tensors excluded from masking and trained in full in both phases (e.g. a task head; they are still
             reset to ``θ₀`` at the boundary, as in the reference). ``None``: the output head when it is not tied to
@@ -242,12 +167,15 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         export: write the sparse diff at the end of training (rank 0).
         export_path: file to write; ``None``: ``<trainer.log_dir or default_root_dir>/sparse_diff.safetensors``.
         diff_dtype: dtype of the exported values: ``"float64"`` (exact reconstruction) or ``"float32"``.
-        phase2_schedule: ``"restart"`` (default, as the reference): every LR scheduler goes back to step 0 at the
+        phase2_schedule: ``"restart"`` (default, as the reference): every LR scheduler goes back to step 0 at every
             switch (a warm-up runs again; each group restarts from its base lr), through
             :func:`lit_ft.core.optim.restart_schedulers`. ``"continue"``: the run keeps one schedule across both
             phases (lit-ft's behaviour before). The optimizer state is cleared either way.
         full_l1_reg: ``λ`` of the L1 pull towards ``θ₀`` in phase 1 (>= 0; 0 = off, the default).
         sparse_l1_reg: ``λ`` of the L1 pull towards ``θ₀`` in phase 2, on the kept entries (>= 0; 0 = off).
+        iterations: full/sparse iterations (the reference's ``n_ft_iterations``, >= 1; default 1 as there); each
+            unfreezes ``K // iterations`` more entries. More than 1 needs a known run length (``max_steps`` or a
+            sized data loader) and refuses ``phase1_epochs``.
         picture_every_n_steps: draw the family's picture every N optimizer steps (0 = off, default); see
             docs/techniques/index.md, Pictures.
     """
@@ -282,6 +210,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         phase2_schedule: str = "restart",
         full_l1_reg: float = 0.0,
         sparse_l1_reg: float = 0.0,
+        iterations: int = 1,
         picture_every_n_steps: int = 0,
     ) -> None:
         super().__init__(picture_every_n_steps=picture_every_n_steps)
@@ -303,6 +232,13 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self.full_l1_reg = check_number(owner, "full_l1_reg", full_l1_reg, low=0)
         self.sparse_l1_reg = check_number(owner, "sparse_l1_reg", sparse_l1_reg, low=0)
         check_str(owner, "export_path", export_path, allow_none=True, null_means="next to the checkpoints")
+        check_int(owner, "iterations", iterations, minimum=1)
+        if iterations > 1 and phase1_epochs is not None:
+            raise ValueError(
+                f"`phase1_epochs` ({phase1_epochs}) applies to one iteration only; with `iterations`={iterations} set "
+                "`phase1_steps` or `phase1_fraction` (of each iteration's span) instead."
+            )
+        self.iterations = int(iterations)
         self.proportion = float(proportion)
         self.num_params = num_params
         self.phase1_steps = phase1_steps
@@ -317,8 +253,10 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self.phase2_schedule = phase2_schedule
         # run state
         self.phase = 1
-        self.boundary_step: Optional[int] = None
-        self.k: Optional[int] = None
+        self.iteration = 0  # 0-based; the current iteration's full phase is phase 1, its sparse phase phase 2
+        self.boundary_step: Optional[int] = None  # end of the current iteration's full phase (step-based)
+        self.iteration_starts: list[int] = []  # iterations > 1: the first step of each iteration
+        self.k: Optional[int] = None  # entries unfrozen in all (K); K // iterations per iteration
         self.threshold: Optional[float] = None
         self.kept = 0
         self.num_maskable = 0
@@ -328,6 +266,9 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         self.last_export_path: Optional[str] = None
         self.last_l1_distance: Optional[float] = None
         self._theta0: dict[str, torch.Tensor] = {}
+        self._theta0_compact = False  # after the last selection: θ₀ only at the kept entries (flat)
+        self._snapshot: dict[str, torch.Tensor] = {}  # iteration >= 1's full phase: the weights at its start
+        self._first_switch_at: Optional[int] = None
         self._loaded: Optional[dict[str, Any]] = None
         self._switched_at: Optional[int] = None
 
@@ -406,11 +347,45 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                     f"`proportion`={self.proportion} keeps no entry of the {self.num_maskable} maskable ones; use at "
                     f"least {1 / self.num_maskable:.3g} or set `num_params`."
                 )
+        if self.k // self.iterations < 1:
+            raise ValueError(
+                f"`iterations`={self.iterations} unfreezes K // iterations = 0 entries per iteration (K = {self.k}); "
+                f"allowed range [1, {self.k}]."
+            )
+        self.iteration, self.phase = 0, 1
         self.boundary_step = self._boundary(trainer)
         self._theta0 = {n: self._copy_theta0(params[n]) for n in self.maskable + self.always_trained}
-        self.phase = 1
+        self._theta0_compact, self._snapshot, self.masks = False, {}, {}
+
+    @property
+    def k_per_iteration(self) -> int:
+        """Entries unfrozen at each selection: ``K // iterations`` (the reference's integer division)."""
+        return int(self.k or 0) // self.iterations
+
+    def _iteration_schedule(self, trainer: pl.Trainer) -> int:
+        """``iterations > 1``: sets ``iteration_starts`` (equal spans of the run) and returns the end of the first
+        full phase."""
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                f"LotteryTicketSparseFT: `iterations`={self.iterations} splits the run into equal spans, but the run "
+                "length is unknown (trainer.estimated_stepping_batches is infinite); set max_steps."
+            )
+        n = self.iterations
+        self.iteration_starts = [round(i * total / n) for i in range(n)]
+        span = min(round((i + 1) * total / n) - s for i, s in enumerate(self.iteration_starts))
+        full = self.phase1_steps if self.phase1_steps is not None else max(1, round(self.phase1_fraction * total / n))
+        if full >= span:
+            raise ValueError(
+                f"LotteryTicketSparseFT: each of the {n} iterations spans {span} steps of the {int(total)}, so a full "
+                f"phase of {full} steps leaves no sparse phase; lower `phase1_steps` / `phase1_fraction` or "
+                "`iterations`, or train longer."
+            )
+        return full
 
     def _boundary(self, trainer: pl.Trainer) -> Optional[int]:
+        if self.iterations > 1:
+            return self._iteration_schedule(trainer)
         if self.phase1_epochs is not None:
             return None
         if self.phase1_steps is not None:
@@ -439,24 +414,51 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                          required=self.always_trained if self.always_train else ())
 
     def switch_to_phase2(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at_epoch_end: bool = False) -> None:
-        """Select the top-K entries, reset to ``θ₀``, clear the optimizer state and start sparse fine-tuning."""
+        """Select the top-K entries (``K // iterations`` more, among those not selected yet), reset to ``θ₀`` (a
+        later iteration: to the weights at its start), clear the optimizer state and start sparse fine-tuning."""
         params = dict(pl_module.named_parameters())
         maskable = {n: params[n] for n in self.maskable}
-        masks, self.threshold = topk_abs_delta_masks(maskable, {n: self._theta0[n] for n in self.maskable}, self.k)  # type: ignore[arg-type]
-        self.masks = {n: m.cpu() for n, m in masks.items()}
+        earlier = self.masks if self.iteration > 0 else None
+        masks, self.threshold = topk_abs_delta_masks(  # type: ignore[arg-type]
+            maskable, {n: self._theta0[n] for n in self.maskable}, self.k_per_iteration, exclude=earlier)
+        self.masks = {n: m.cpu() | earlier[n] if earlier else m.cpu() for n, m in masks.items()}
         self.kept = int(sum(int(m.sum()) for m in self.masks.values()))
+        reset_to = self._snapshot if self.iteration > 0 else self._theta0
         with torch.no_grad():
-            for n, base in self._theta0.items():
-                params[n].copy_(base.to(device=params[n].device, dtype=params[n].dtype))
-        # keep θ₀ only where it can still differ from θ: the kept entries and the always-trained tensors
-        self._theta0 = {
-            **{n: self._theta0[n].reshape(-1)[self.masks[n].reshape(-1).to(self._theta0[n].device)].clone()
-               for n in self.maskable},
-            **{n: self._theta0[n] for n in self.always_trained},
-        }
+            for n in self.maskable + self.always_trained:
+                params[n].copy_(reset_to[n].to(device=params[n].device, dtype=params[n].dtype))
+        self._snapshot = {}
+        if self.iteration == self.iterations - 1:
+            # the last selection: keep θ₀ only where it can still differ from θ (the kept entries and the
+            # always-trained tensors)
+            self._theta0 = {
+                **{n: self._theta0[n].reshape(-1)[self.masks[n].reshape(-1).to(self._theta0[n].device)].clone()
+                   for n in self.maskable},
+                **{n: self._theta0[n] for n in self.always_trained},
+            }
+            self._theta0_compact = True
         self.phase = 2
         self._switched_at = trainer.global_step
+        if self._first_switch_at is None:
+            self._first_switch_at = trainer.global_step
         self.rebuild_report = self.update_plan(trainer, pl_module, self._phase2_plan(pl_module))
+        self._fresh_optimization(trainer)
+        self._log_switch(pl_module, at_epoch_end)
+
+    def switch_to_full(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The next iteration's full phase: snapshot the weights, lift the masks (the entries selected so far stay
+        recorded), clear the optimizer state and restart the schedule."""
+        params = dict(pl_module.named_parameters())
+        self.iteration += 1
+        self._snapshot = {n: self._copy_theta0(params[n]) for n in self.maskable + self.always_trained}
+        self.phase = 1
+        self.boundary_step = self.iteration_starts[self.iteration] + (self.boundary_step - self.iteration_starts[0])  # type: ignore[operator]
+        self.rebuild_report = self.update_plan(trainer, pl_module, self.build_plan(trainer, pl_module))
+        self._fresh_optimization(trainer)
+
+    def _fresh_optimization(self, trainer: pl.Trainer) -> None:
+        """Clear every optimizer's state and (``phase2_schedule="restart"``) restart the schedules, as the
+        reference's fresh optimizer and schedule per phase."""
         self.optimizer_states_cleared = 0
         for opt in trainer.optimizers:
             inner = getattr(opt, "_optimizer", opt)
@@ -465,9 +467,8 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                 self.optimizer_states_cleared += reset_optimizer_state(inner, ps)
             if self.phase2_schedule == "restart":
                 # after the boundary step's scheduler step (Lightning steps schedulers before on_train_batch_end):
-                # the first phase-2 step runs at the schedule's step-0 rate, as with a fresh scheduler
+                # the first step of the new phase runs at the schedule's step-0 rate, as with a fresh scheduler
                 restart_schedulers(trainer, opt, owner=type(self).__name__)
-        self._log_switch(pl_module, at_epoch_end)
 
     # -- the optional L1 pull towards θ₀ -------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -495,6 +496,8 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                 grad = torch.sign(delta).mul_(lam / n_total).to(p.dtype)
             else:
                 mask = self.masks[n].to(p.device)
+                if not self._theta0_compact:  # an earlier iteration's sparse phase: θ₀ is still whole
+                    base = base.reshape(-1)[mask.reshape(-1)]
                 delta = p.detach().float()[mask] - base
                 grad = torch.zeros_like(p)
                 grad[mask] = torch.sign(delta).mul_(lam / n_total).to(p.dtype)
@@ -517,6 +520,9 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         if (self.phase == 1 and self.boundary_step is not None and trainer.global_step >= self.boundary_step
                 and not self._run_is_over(trainer)):
             self.switch_to_phase2(trainer, pl_module)
+        elif (self.phase == 2 and self.iteration + 1 < self.iterations
+              and trainer.global_step >= self.iteration_starts[self.iteration + 1] and not self._run_is_over(trainer)):
+            self.switch_to_full(trainer, pl_module)
         pl_module.log(f"lit_ft/{self.technique_name}/phase", float(self.phase), on_step=True, on_epoch=False,
                       batch_size=1)
 
@@ -539,9 +545,12 @@ class LotteryTicketSparseFT(ParamPlanCallback):
     def sparse_diff_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(theta0, masks)`` for :func:`~lit_ft.core.sparse_diff.export_sparse_diff` (phase 2)."""
         if self.phase != 2:
-            raise RuntimeError("LotteryTicketSparseFT: the sparse diff exists only in phase 2.")
+            raise RuntimeError("LotteryTicketSparseFT: the sparse diff exists only in a sparse phase (phase 2).")
         masks = {n: m for n, m in self.masks.items() if bool(m.any())}
         theta0 = {n: self._theta0[n] for n in list(masks) + self.always_trained}
+        if not self._theta0_compact:  # stopped before the last iteration's selection: θ₀ at the kept entries
+            theta0.update({n: self._theta0[n].reshape(-1)[masks[n].reshape(-1).to(self._theta0[n].device)]
+                           for n in masks})
         return theta0, masks
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -561,7 +570,7 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             pl_module, theta0, masks, path, diff_dtype=self.diff_dtype, module_prefix=_module_prefix(pl_module),
             metadata={"technique": "LT-SFT", "k": self.k, "kept": self.kept, "threshold": self.threshold,
                       "switch_step": self._switched_at, "always_train": self.always_trained,
-                      "theta0_dtype": self.theta0_dtype},
+                      "theta0_dtype": self.theta0_dtype, "iterations": self.iterations},
         )
         self.last_export_path = path
 
@@ -579,9 +588,16 @@ class LotteryTicketSparseFT(ParamPlanCallback):
             "maskable": list(self.maskable),
             "always_trained": list(self.always_trained),
             "theta0": {n: t.detach().cpu() for n, t in self._theta0.items()},
+            # several iterations (absent from checkpoints written before them: iteration 0, θ₀ compact in phase 2)
+            "iteration": self.iteration,
+            "iteration_starts": list(self.iteration_starts),
+            "theta0_compact": self._theta0_compact,
+            "first_switch_at": self._first_switch_at,
         }
-        if self.phase == 2:
+        if self.masks:  # phase 2; or a later iteration's full phase: the entries selected so far
             sd["plan"] = ParamPlan(dict(self.masks), owner=type(self).__name__).state_dict()
+        if self._snapshot:
+            sd["snapshot"] = {n: t.detach().cpu() for n, t in self._snapshot.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -613,11 +629,29 @@ class LotteryTicketSparseFT(ParamPlanCallback):
         if all(saved_args.get(a, getattr(self, a)) == getattr(self, a) for a in _PHASE1_ARGS):
             self.boundary_step = sd["boundary_step"]  # unchanged arguments: the boundary of the original run
 
+    def _restore_masks(self, sd: dict[str, Any], params: Mapping[str, torch.Tensor]) -> None:
+        plan = ParamPlan.from_state_dict(sd["plan"])
+        self.masks = {}
+        for n in self.maskable:
+            e = plan.get(n)
+            shape = params[n].shape
+            if e is None or e.state == "trainable":
+                self.masks[n] = torch.ones(shape, dtype=torch.bool)
+            elif e.state == "frozen":
+                self.masks[n] = torch.zeros(shape, dtype=torch.bool)
+            else:
+                self.masks[n] = e.mask.cpu()  # type: ignore[union-attr]
+
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sd: dict[str, Any],
                  params: Mapping[str, torch.Tensor]) -> None:
-        if int(sd["phase"]) == 1:
+        if int(sd["phase"]) == 1 and int(sd.get("iteration", 0)) == 0:
             self._restore_phase1(trainer, pl_module, sd, params)
             return
+        # after the first selection every argument the state depends on is unchanged (resume_decisions refuse)
+        self.iteration = int(sd.get("iteration", 0))
+        self.iteration_starts = list(sd.get("iteration_starts", []))
+        self._theta0_compact = bool(sd.get("theta0_compact", int(sd["phase"]) == 2))
+        self._first_switch_at = sd.get("first_switch_at", sd["switched_at"])
         self.phase = int(sd["phase"])
         self.boundary_step = sd["boundary_step"]
         self._switched_at = sd["switched_at"]
@@ -630,18 +664,9 @@ class LotteryTicketSparseFT(ParamPlanCallback):
                 f"LotteryTicketSparseFT: the checkpoint names parameters this module does not have: {missing[:5]}."
             )
         self._theta0 = {n: self._restore_theta0(t, params[n]) for n, t in sd["theta0"].items()}
+        self._snapshot = {n: self._restore_theta0(t, params[n]) for n, t in sd.get("snapshot", {}).items()}
+        self._restore_masks(sd, params)
         if self.phase == 2:
-            plan = ParamPlan.from_state_dict(sd["plan"])
-            self.masks = {}
-            for n in self.maskable:
-                e = plan.get(n)
-                shape = params[n].shape
-                if e is None or e.state == "trainable":
-                    self.masks[n] = torch.ones(shape, dtype=torch.bool)
-                elif e.state == "frozen":
-                    self.masks[n] = torch.zeros(shape, dtype=torch.bool)
-                else:
-                    self.masks[n] = e.mask.cpu()  # type: ignore[union-attr]
             # recompose, apply and rebuild the optimizer groups as at the switch (the base then orders them like the
             # checkpoint's); Lightning restores the optimizer state (saved with the phase-2 groups) after on_fit_start
             self.update_plan(trainer, pl_module, self._phase2_plan(pl_module))
