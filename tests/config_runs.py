@@ -66,6 +66,11 @@ def config_extras(config: str, tmp_path: Path) -> list[str]:
         return ["--data.init_args.text_key=completion", "--data.init_args.seq_len=32",
                 "--trainer.callbacks.init_args.min_seq_len=1", "--trainer.callbacks.init_args.segment_size=8",
                 "--trainer.callbacks.init_args.dense_layers=1", "--trainer.callbacks.init_args.plot_every_n_steps=1"]
+    if "lit_ft.callbacks.TokenRelationDistillation" in text:  # a tiny teacher instead of the MiniLM asset
+        from tests.callbacks.trd_teacher import make_tiny_teacher
+
+        return [f"--trainer.callbacks.init_args.teacher={make_tiny_teacher(tmp_path / 'trd_teacher')}",
+                "--trainer.callbacks.init_args.projector_dim=16"]
     if "lit_ft.callbacks.ProMoT" in text:
         return ["--trainer.callbacks.init_args.prompt_steps=1",
                 f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]

@@ -53,6 +53,13 @@ class Ctx:
 Kwargs = Union[dict, Callable[[Ctx], dict]]
 
 
+def _trd_teacher(ctx: Ctx) -> str:
+    """A tiny BERT teacher with its own WordPiece tokenizer (TokenRelationDistillation)."""
+    from tests.callbacks.trd_teacher import make_tiny_teacher
+
+    return make_tiny_teacher(ctx.tmp_path / "trd_teacher")
+
+
 def causal_module() -> pl.LightningModule:
     return CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, weight_decay=0.1, warmup_steps=3)
 
@@ -180,6 +187,12 @@ CASES: dict[str, Case] = {
         invalid=(("num_samples", 0), ("temperature", 0.0), ("negative_reward", 0.5), ("ce_weight", -1.0),
                  ("weight", float("nan")), ("seed", -1), ("vocab_chunk_size", 0), ("baseline", "yes"),
                  ("integration", "batch"))),
+    "token_relation_distillation": Case(
+        kwargs=lambda ctx: {"teacher": _trd_teacher(ctx), "tokenizer": ctx.tokenizer, "projector_dim": 16},
+        single_instance="one relation term per model: the projector has one slot, a second is refused at setup",
+        invalid=(("margin", -0.1), ("weight", float("nan")), ("tokens", "prompt"), ("projector_dim", 0),
+                 ("layer", 1.5), ("teacher_layer", "last"), ("tile_size", 0), ("projector_lr", -1.0),
+                 ("teacher", ""), ("integration", "batch"))),
     # token selection
     "excess_loss": Case(
         # the self-reference mode (named, not Rho-1): the checks need no reference file; a loaded reference and the

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPORTED_BEFORE = ["ApproximatedPrompt", "BottleneckAdapters", "CPT", "DePT", "DSEE", "EPT", "ExcessLossSelection", "ForgettingMonitor", "FreezeLayers", "GreenTrainer", "HalfFineTuning",
                    "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LinearAdapters", "LocalizedTuning", "LotteryTicketSparseFT",
                    "MAM", "MaskedThought", "OneTokenRollout", "PANDA", "ParallelAdapters", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning",
-                   "ReinitTopLayers", "SSToken", "TokenDistributionShift", "TokenElimination", "TrainOnly",
+                   "ReinitTopLayers", "SSToken", "TokenDistributionShift", "TokenElimination", "TokenRelationDistillation", "TrainOnly",
                    "TuningContribution"]
 
 

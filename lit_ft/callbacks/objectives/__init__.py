@@ -5,5 +5,6 @@ normaliser; vocabulary-wide work goes through :func:`lit_ft.kernels.chunked_line
 objective too, belongs to the prompt family.)"""
 
 from lit_ft.callbacks.objectives.one_token_rollout import OneTokenRollout
+from lit_ft.callbacks.objectives.token_relation_distillation import TokenRelationDistillation
 
-__all__ = ["OneTokenRollout"]
+__all__ = ["OneTokenRollout", "TokenRelationDistillation"]
