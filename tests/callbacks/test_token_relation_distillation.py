@@ -73,6 +73,35 @@ def test_alignment_across_tokenizers(tiny_tokenizer_path, teacher):
     assert 0 not in row.teacher_pos and len(row.teacher_ids) - 1 not in row.teacher_pos
 
 
+def test_offset_fast_path_equals_prefix_decoding(tiny_tokenizer_path, teacher, monkeypatch):
+    """The tokenizer's own offsets (a row that is its encoding of the text) and the prefix-decoding fallback (any
+    row, e.g. random ids) give the same word alignment."""
+    from transformers import AutoTokenizer
+
+    from lit_ft.callbacks.objectives import _word_alignment as wa
+
+    st, tt = AutoTokenizer.from_pretrained(tiny_tokenizer_path), AutoTokenizer.from_pretrained(teacher)
+    def both(ids):
+        args = (st, tt, ids, np.arange(len(ids)), np.ones(len(ids), bool), 64)
+        fast = align_row(*args)
+        monkeypatch.setattr(wa, "student_spans", wa.prefix_spans)
+        slow = align_row(*args)
+        monkeypatch.undo()
+        assert fast.text == slow.text and fast.num_words == slow.num_words > 0
+        return fast, slow
+
+    canonical = st("<|im_start|>The 3 apples, 12 pears; and cafe.<|im_end|>")["input_ids"]
+    random_ids = random_batch(1, 24, seed=3)["input_ids"][0].tolist()
+    for ids in (canonical, random_ids):
+        fast, slow = both(ids)
+        assert np.array_equal(fast.student_pos, slow.student_pos)
+        assert np.array_equal(fast.student_word, slow.student_word)
+    # a character split over two byte tokens: the offsets give it to both, the prefixes only to the last one
+    fast, slow = both(st("and café.")["input_ids"])
+    pairs = lambda r: set(zip(r.student_pos.tolist(), r.student_word.tolist()))  # noqa: E731
+    assert pairs(slow) < pairs(fast)
+
+
 def test_response_tokens_select_only_the_supervised_words(tiny_tokenizer_path, teacher):
     from transformers import AutoTokenizer
 

@@ -1,8 +1,9 @@
 """Word-level alignment of two tokenisations of one text (token relation distillation between models whose
 tokenizers differ).
 
-The student's row is decoded to text with the student's tokenizer, each student token gets its character span (from
-the lengths of the decoded prefixes: tokenizer-agnostic, special tokens decode to nothing and cover no character),
+The student's row is decoded to text with the student's tokenizer, each student token gets its character span (the
+tokenizer's own offsets when re-encoding the text gives back the row's ids, else the lengths of the decoded prefixes;
+special tokens decode to nothing and cover no character),
 the teacher's tokenizer encodes the same text with ``return_offsets_mapping``, and both sides' tokens are mapped to
 the **words** of the text (``\\w+`` runs and single punctuation characters, :data:`WORD_RE`) whose characters they
 overlap. A word takes part when at least one selected student token and one teacher token overlap it; each side's
@@ -37,9 +38,29 @@ class RowAlignment:
 
 
 def student_spans(tokenizer: Any, ids: list[int]) -> tuple[str, np.ndarray, np.ndarray]:
-    """The decoded text of ``ids`` and each token's character span ``[start, end)`` in it: ``end`` is the length of
-    the decoded prefix up to that token (non-decreasing, clipped to the text), ``start`` the previous token's end.
-    Special tokens (skipped in decoding) get empty spans."""
+    """The decoded text of ``ids`` (special tokens skipped) and each token's character span ``[start, end)`` in it;
+    special tokens get empty spans.
+
+    Fast path: a fast tokenizer re-encodes the text with offsets; when that gives back exactly the row's non-special
+    ids, its offsets are the spans (linear time). Otherwise (a row that is not the tokenizer's own encoding of its
+    text, or a slow tokenizer): :func:`prefix_spans`."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    kept = [i for i, t in enumerate(ids) if t not in special]
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) if ids else ""
+    if kept and getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == [ids[i] for i in kept]:
+            starts = np.zeros(len(ids), dtype=np.int64)
+            ends = np.zeros(len(ids), dtype=np.int64)
+            offsets = np.array(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            starts[kept], ends[kept] = offsets[:, 0], offsets[:, 1]
+            return text, starts, ends
+    return prefix_spans(tokenizer, ids)
+
+
+def prefix_spans(tokenizer: Any, ids: list[int]) -> tuple[str, np.ndarray, np.ndarray]:
+    """Spans for any tokenizer: ``end`` of a token is the length of the decoded prefix up to it (non-decreasing,
+    clipped to the text), ``start`` the previous token's end. Quadratic in the row length (one decode per prefix)."""
     n = len(ids)
     if n == 0:
         return "", np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
