@@ -71,6 +71,12 @@ def config_extras(config: str, tmp_path: Path) -> list[str]:
 
         return [f"--trainer.callbacks.init_args.teacher={make_tiny_teacher(tmp_path / 'trd_teacher')}",
                 "--trainer.callbacks.init_args.projector_dim=16"]
+    if "lit_ft.callbacks.OTDataSelection" in text:  # a tiny random encoder and target instead of MiniLM and ASDiv
+        from tests.callbacks.got_d_helpers import files
+
+        return [f"--trainer.callbacks.init_args.target={files()['target']}",
+                f"--trainer.callbacks.init_args.encoder={files()['encoder']}", "--trainer.callbacks.init_args.k=12",
+                f"--trainer.callbacks.init_args.cache_dir={tmp_path / 'got_d'}"]
     if "lit_ft.callbacks.ProMoT" in text:
         return ["--trainer.callbacks.init_args.prompt_steps=1",
                 f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]

@@ -180,6 +180,20 @@ def cpt_kwargs(ctx: Ctx) -> dict:
 PROMPT_INVALID = (("num_virtual_tokens", 0), ("learning_rate", -1.0), ("weight_decay", -0.1),
                   ("freeze_backbone", "yes"))
 
+def _got_d_kwargs(ctx: Ctx, k: int) -> dict:
+    """OTDataSelection on a tiny random BERT encoder and a tiny arithmetic target; caches in the test's tmp_path."""
+    from tests.callbacks.got_d_helpers import selection_kwargs
+
+    return selection_kwargs(ctx.tmp_path / "got_d", k=k)
+
+
+def _got_d_pool() -> pl.LightningDataModule:
+    """The candidate pool: an SFTDataModule over 8 arithmetic + 8 weather rows (OTDataSelection selects its rows)."""
+    from tests.callbacks.got_d_helpers import pool_datamodule
+
+    return pool_datamodule()
+
+
 CASES: dict[str, Case] = {
     # objectives
     "one_token_rollout": Case(
@@ -346,4 +360,10 @@ CASES: dict[str, Case] = {
                  single_instance=ONE_ADAPTER_SET,
                  invalid=(*ADAPTER_INVALID, ("rank", 0), ("num_sparse", 0), ("alpha", 0.0), ("init", "lora"),
                           ("prune_ratio", 1.0), ("prune_score", "l2"), ("outer_iters", 0))),
+    # -- data selection (GOT-D: a tiny random BERT encoder, a two-domain SFT pool, caches in the test's tmp_path) -----
+    "ot_data_selection": Case(
+        kwargs=lambda ctx: _got_d_kwargs(ctx, k=8), alt_kwargs=lambda ctx: _got_d_kwargs(ctx, k=6),
+        datamodule=lambda: _got_d_pool(),
+        invalid=(("k", 0), ("epsilon", 0.0), ("momentum", 2.0), ("threshold", 0.0), ("max_iterations", 0),
+                 ("text_fields", []), ("target", []), ("tile_size", 0))),
 }
