@@ -196,6 +196,24 @@ def _got_d_pool() -> pl.LightningDataModule:
 
 CASES: dict[str, Case] = {
     # objectives
+    "critical_token_scoring": Case(
+        # preference-pair batches and a user's own pair step that reads the weights (critical_token_checks.py);
+        # the contrastive models are trained for 1 step on the tiny model
+        kwargs={"contrastive_max_steps": 1, "contrastive_batch_size": 4, "score_batch_size": 4},
+        alt_kwargs={"contrastive_max_steps": 1, "contrastive_batch_size": 4, "beta": 2.0},
+        module=lambda: __import__("tests.callbacks.critical_token_checks", fromlist=["_"]).WeightedPairModule(),
+        plain_module=lambda: __import__("tests.callbacks.critical_token_checks", fromlist=["_"]).WeightedPairModule(),
+        datamodule=lambda: __import__("tests.callbacks.critical_token_checks", fromlist=["_"]).PairData(),
+        invalid=(("beta", -1.0), ("only_neg", "yes"), ("score_batch_size", 0), ("train_contrastive", False),
+                 ("positive_model", ""), ("contrastive_rank", 0), ("contrastive_dropout", 1.0),
+                 ("contrastive_learning_rate", 0.0), ("model_dtype", "int8"), ("cache_path", ""),
+                 ("vocab_chunk", 0), ("seed", -1))),
+    "multi_token_heads": Case(
+        kwargs={"num_heads": 2, "heads_coefficient": 0.5},
+        single_instance="one head set per model (lit_ft_heads.multi_token_heads): a second is refused at setup",
+        invalid=(("num_heads", 0), ("head_arch", "mlp"), ("init_layer", 1.5), ("heads_coefficient", -1.0),
+                 ("decay", 0.0), ("schedule", "cosine"), ("heads_only", "yes"), ("chunk_size", 0),
+                 ("integration", "batch"))),
     "one_token_rollout": Case(
         kwargs={"num_samples": 4, "seed": 1}, single_instance="one OTR term per model: a second is refused at setup",
         invalid=(("num_samples", 0), ("temperature", 0.0), ("negative_reward", 0.5), ("ce_weight", -1.0),

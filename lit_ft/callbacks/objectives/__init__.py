@@ -4,7 +4,8 @@ critical-token DPO, token relation distillation). Each subclasses :class:`lit_ft
 normaliser; vocabulary-wide work goes through :func:`lit_ft.kernels.chunked_linear_loss`. (PANDA's distillation, an
 objective too, belongs to the prompt family.)"""
 
+from lit_ft.callbacks.objectives.critical_token_scoring import CriticalTokenScoring
 from lit_ft.callbacks.objectives.one_token_rollout import OneTokenRollout
 from lit_ft.callbacks.objectives.token_relation_distillation import TokenRelationDistillation
 
-__all__ = ["OneTokenRollout", "TokenRelationDistillation"]
+__all__ = ["CriticalTokenScoring", "OneTokenRollout", "TokenRelationDistillation"]
