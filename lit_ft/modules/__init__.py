@@ -2,9 +2,10 @@
 
 from lit_ft.modules.causal_lm import CausalLMModule
 from lit_ft.modules.classification import ClassificationModule
+from lit_ft.modules.self_training import SelfTrainingModule
 from lit_ft.modules.token_loss import TokenLossMixin
 from lit_ft.modules.verbalizer import VerbalizerClassificationModule
 
 __all__ = [
-    "CausalLMModule", "ClassificationModule", "TokenLossMixin", "VerbalizerClassificationModule",
+    "CausalLMModule", "ClassificationModule", "SelfTrainingModule", "TokenLossMixin", "VerbalizerClassificationModule",
 ]

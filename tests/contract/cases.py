@@ -384,4 +384,13 @@ CASES: dict[str, Case] = {
         datamodule=lambda: _got_d_pool(),
         invalid=(("k", 0), ("epsilon", 0.0), ("momentum", 2.0), ("threshold", 0.0), ("max_iterations", 0),
                  ("text_fields", []), ("target", []), ("tile_size", 0))),
+    # LiST self-training drives its own loop: SelfTrainingModule on FewShotDataModule (tests/self_training_case.py)
+    "self_training": Case(
+        kwargs=lambda ctx: dict(__import__("tests.self_training_case", fromlist=["*"]).TINY_SCHEDULE),
+        module=lambda: __import__("tests.self_training_case", fromlist=["*"]).few_shot_module(),
+        plain_module=lambda: __import__("tests.self_training_case", fromlist=["*"]).few_shot_module(),
+        datamodule=lambda: __import__("tests.self_training_case", fromlist=["*"]).few_shot_data(),
+        single_instance="one self-training loop per model: a second SelfTraining is refused at setup",
+        invalid=(("teacher_steps", -1), ("student_steps", 0), ("meta_warmup", 1.5), ("temperature", 0.0),
+                 ("lr_schedule", "cosine"), ("soft_labels", "yes"), ("bottleneck", 0))),
 }
