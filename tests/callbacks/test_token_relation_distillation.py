@@ -341,3 +341,18 @@ def test_packed_batches_are_refused(tiny_tokenizer_path, teacher):
     cb = make_cb(teacher, tiny_tokenizer_path)
     with pytest.raises(ValueError, match="packed"):
         trainer([cb]).fit(causal_module(), train_dataloaders=DataLoader([batch], batch_size=None))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_tokenizer_path, teacher):
+    """The layer output is captured in the forward; the recomputation in backward does not capture again."""
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        module = CausalLMModule(model_config=tiny_config(), learning_rate=1e-2, gradient_checkpointing=ckpt)
+        path = tmp_path / f"ckpt{ckpt}.pt"
+        t = trainer([make_cb(teacher, tiny_tokenizer_path, weight=5.0), _GradCapture(path)])
+        t.fit(module, train_dataloaders=DataLoader([random_batch(4, 16, seed=7)], batch_size=None))
+        grads.append(torch.load(path))
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
