@@ -6,6 +6,7 @@ Data and tokenizers are local paths or asset names from :mod:`lit_ft.assets` (pi
 
 from lit_ft.data._common import DataWarning
 from lit_ft.data.classification import ClassificationDataModule
+from lit_ft.data.feedback_loop import FeedbackLoopDataModule
 from lit_ft.data.few_shot import FewShotDataModule
 from lit_ft.data.packed import PackedTextDataModule
 from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
@@ -13,5 +14,5 @@ from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
 
 __all__ = [
     "SFTDataModule", "ClassificationDataModule", "FewShotDataModule", "PackedTextDataModule", "LengthGroupedSampler",
-    "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX",
+    "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX", "FeedbackLoopDataModule",
 ]
