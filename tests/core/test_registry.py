@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the 22 classes lit_ft.callbacks exported by hand before the registry built __all__
 EXPORTED_BEFORE = ["ApproximatedPrompt", "BlackBoxPromptLearning", "BottleneckAdapters", "CPT", "CriticalTokenScoring", "DePT", "DSEE", "EPT", "ExcessLossSelection", "FeedbackLoop", "ForgettingMonitor", "FreezeLayers", "GreenTrainer", "HalfFineTuning",
                    "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LinearAdapters", "LocalizedTuning", "LotteryTicketSparseFT",
-                   "MAM", "MaskedThought", "OneTokenRollout", "OTDataSelection", "PANDA", "ParallelAdapters", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning",
+                   "MAM", "MaskedThought", "MultiTokenHeads", "OneTokenRollout", "OTDataSelection", "PANDA", "ParallelAdapters", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning",
                    "ReinitTopLayers", "SelfTraining", "SSToken", "TokenDistributionShift", "TokenElimination", "TokenRelationDistillation", "TrainOnly",
                    "TuningContribution"]
 

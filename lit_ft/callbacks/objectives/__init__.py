@@ -5,7 +5,8 @@ normaliser; vocabulary-wide work goes through :func:`lit_ft.kernels.chunked_line
 objective too, belongs to the prompt family.)"""
 
 from lit_ft.callbacks.objectives.critical_token_scoring import CriticalTokenScoring
+from lit_ft.callbacks.objectives.multi_token_heads import MultiTokenHeads
 from lit_ft.callbacks.objectives.one_token_rollout import OneTokenRollout
 from lit_ft.callbacks.objectives.token_relation_distillation import TokenRelationDistillation
 
-__all__ = ["CriticalTokenScoring", "OneTokenRollout", "TokenRelationDistillation"]
+__all__ = ["CriticalTokenScoring", "MultiTokenHeads", "OneTokenRollout", "TokenRelationDistillation"]
