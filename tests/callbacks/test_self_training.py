@@ -258,3 +258,19 @@ def test_a_module_or_datamodule_it_cannot_drive_is_refused_naming_what_to_use():
 def test_bad_arguments_name_the_argument(arg, value):
     with pytest.raises(ValueError, match=rf"SelfTraining: `{arg}`"):
         SelfTraining(**{arg: value})
+
+
+def test_pool_labelling_shows_progress(monkeypatch):
+    import lit_ft.callbacks.data_selection.self_training as st
+
+    seen: list[tuple[str, int]] = []
+
+    def recording(iterable, desc, total=None, enabled=True, unit="batch"):
+        seen.append((desc, total))
+        yield from iterable
+
+    monkeypatch.setattr(st, "progress", recording)
+    quiet_trainer([SelfTraining(**TINY_SCHEDULE)], max_steps=50, limit_val_batches=0).fit(
+        few_shot_module(), datamodule=few_shot_data(eval_batch_size=16))
+    assert seen == [("SelfTraining: teacher labels the unlabelled pool (session 1)", 3),
+                    ("SelfTraining: teacher labels the unlabelled pool (session 2)", 3)]

@@ -343,6 +343,9 @@ class SelfTraining(pl.Callback):
             raise TypeError(f"{owner} drives its own loop (teacher phase, sessions, meta-reweighted unlabelled steps) "
                             f"and needs lit_ft.modules.SelfTrainingModule (the verbalizer classifier with manual "
                             f"optimisation); got {type(pl_module).__name__}")
+        if trainer.world_size > 1:
+            raise ValueError(f"{owner} runs in one process: its unlabelled and meta streams and the pool labelling are "
+                             f"not sharded across ranks (world size {trainer.world_size}); use one device")
         dm = getattr(trainer, "datamodule", None)
         if not all(callable(getattr(dm, m, None)) for m in ("stream_loader", "pool_loader", "check_unlabelled")):
             raise TypeError(f"{owner} needs a DataModule with labelled, unlabelled and meta batches: "
