@@ -121,3 +121,19 @@ def write_tiny_classification_jsonl(path: str | Path, n: int = 32, seed: int = 0
             noun = "apples" if label else rng.choice(["books", "pens", "cars"])
             f.write(json.dumps({"text": f"{rng.choice(_WORDS)} {noun} {rng.choice(_WORDS)}", "label": label}) + "\n")
     return str(path)
+
+
+def write_tiny_preference_jsonl(path: str | Path, n: int = 32, seed: int = 0) -> str:
+    """Write ``n`` arithmetic preference rows ``{"prompt", "chosen", "rejected"}`` (the chosen answer is right, the
+    rejected one off by one) and return the path."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            row = {"prompt": f"Tom has {a} apples and buys {b} more. How many apples are there?",
+                   "chosen": f"{a} plus {b} equals {a + b}. The answer is {a + b}.",
+                   "rejected": f"{a} plus {b} equals {a + b + 1}. The answer is {a + b + 1}."}
+            f.write(json.dumps(row) + "\n")
+    return str(path)

@@ -77,6 +77,11 @@ def config_extras(config: str, tmp_path: Path) -> list[str]:
         return [f"--trainer.callbacks.init_args.target={files()['target']}",
                 f"--trainer.callbacks.init_args.encoder={files()['encoder']}", "--trainer.callbacks.init_args.k=12",
                 f"--trainer.callbacks.init_args.cache_dir={tmp_path / 'got_d'}"]
+    if "lit_ft.data.PreferenceDataModule" in text:  # preference pairs instead of prompt/completion rows
+        from lit_ft.testing import write_tiny_preference_jsonl
+
+        return [f"--data.init_args.data={write_tiny_preference_jsonl(tmp_path / 'pairs.jsonl', n=24)}",
+                f"--data.init_args.val_data={write_tiny_preference_jsonl(tmp_path / 'pairs_val.jsonl', n=8, seed=1)}"]
     if "lit_ft.callbacks.ProMoT" in text:
         return ["--trainer.callbacks.init_args.prompt_steps=1",
                 f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]

@@ -18,6 +18,7 @@ from lit_ft.callbacks.objectives import CriticalTokenScoring
 from lit_ft.callbacks.data_selection import FeedbackLoop
 from lit_ft.callbacks.objectives import MultiTokenHeads
 from lit_ft.callbacks.objectives import OneTokenRollout
+from lit_ft.callbacks.objectives import TokenDPO
 from lit_ft.callbacks.objectives import TokenRelationDistillation
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT

@@ -9,10 +9,11 @@ from lit_ft.data.classification import ClassificationDataModule
 from lit_ft.data.feedback_loop import FeedbackLoopDataModule
 from lit_ft.data.few_shot import FewShotDataModule
 from lit_ft.data.packed import PackedTextDataModule
+from lit_ft.data.preference import PreferenceDataModule
 from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
 from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
 
 __all__ = [
-    "SFTDataModule", "ClassificationDataModule", "FewShotDataModule", "PackedTextDataModule", "LengthGroupedSampler",
+    "SFTDataModule", "ClassificationDataModule", "FewShotDataModule", "PackedTextDataModule", "PreferenceDataModule", "LengthGroupedSampler",
     "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX", "FeedbackLoopDataModule",
 ]

@@ -219,6 +219,16 @@ CASES: dict[str, Case] = {
         invalid=(("num_samples", 0), ("temperature", 0.0), ("negative_reward", 0.5), ("ce_weight", -1.0),
                  ("weight", float("nan")), ("seed", -1), ("vocab_chunk_size", 0), ("baseline", "yes"),
                  ("integration", "batch"))),
+    "token_dpo": Case(
+        # TokenDPO replaces the whole step (two sequences per pair, a reference policy), which a
+        # `self.model(**batch).loss` module cannot express: it is refused there naming PreferenceModule
+        # (tests/callbacks/test_token_dpo.py), so the drop-in check runs PreferenceModule, which without TokenDPO
+        # trains the chosen responses' cross-entropy
+        kwargs={"beta": 0.5}, alt_kwargs={"beta": 0.2, "aggregation": "sequence"},
+        module=lambda: __import__("tests.pairs", fromlist=["_"]).preference_module(),
+        plain_module=lambda: __import__("tests.pairs", fromlist=["_"]).preference_module(),
+        datamodule=lambda: __import__("tests.pairs", fromlist=["_"]).PairData(),
+        invalid=(("beta", 0.0), ("aggregation", "token"), ("reference", ""), ("use_chosen_weights", "yes"))),
     "token_relation_distillation": Case(
         kwargs=lambda ctx: {"teacher": _trd_teacher(ctx), "tokenizer": ctx.tokenizer, "projector_dim": 16},
         single_instance="one relation term per model: the projector has one slot, a second is refused at setup",

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPORTED_BEFORE = ["ApproximatedPrompt", "BlackBoxPromptLearning", "BottleneckAdapters", "CPT", "CriticalTokenScoring", "DePT", "DSEE", "EPT", "ExcessLossSelection", "FeedbackLoop", "ForgettingMonitor", "FreezeLayers", "GreenTrainer", "HalfFineTuning",
                    "IAPT", "KeyTokenWeighting", "LayerwiseLRDecay", "LinearAdapters", "LocalizedTuning", "LotteryTicketSparseFT",
                    "MAM", "MaskedThought", "MultiTokenHeads", "OneTokenRollout", "OTDataSelection", "PANDA", "ParallelAdapters", "PrefixTuning", "ProMoT", "PromptTuning", "PTEC", "QTuning",
-                   "ReinitTopLayers", "SelfTraining", "SSToken", "TokenDistributionShift", "TokenElimination", "TokenRelationDistillation", "TrainOnly",
+                   "ReinitTopLayers", "SelfTraining", "SSToken", "TokenDistributionShift", "TokenDPO", "TokenElimination", "TokenRelationDistillation", "TrainOnly",
                    "TuningContribution"]
 
 

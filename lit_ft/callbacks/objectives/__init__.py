@@ -7,6 +7,7 @@ objective too, belongs to the prompt family.)"""
 from lit_ft.callbacks.objectives.critical_token_scoring import CriticalTokenScoring
 from lit_ft.callbacks.objectives.multi_token_heads import MultiTokenHeads
 from lit_ft.callbacks.objectives.one_token_rollout import OneTokenRollout
+from lit_ft.callbacks.objectives.token_dpo import TokenDPO
 from lit_ft.callbacks.objectives.token_relation_distillation import TokenRelationDistillation
 
-__all__ = ["CriticalTokenScoring", "MultiTokenHeads", "OneTokenRollout", "TokenRelationDistillation"]
+__all__ = ["CriticalTokenScoring", "MultiTokenHeads", "OneTokenRollout", "TokenDPO", "TokenRelationDistillation"]
