@@ -211,3 +211,39 @@ def test_a_trainer_run_with_token_dpo_trains_on_the_weights(models, tmp_path):
     sup[:, 0] = False
     torch.testing.assert_close(mean, rejected[sup].mean())
     assert 0 < float(mean) < 1
+
+
+def test_scoring_leaves_the_trainers_loader_alone(models, tmp_path):
+    """The split is read through a loader of the callback's own: the Trainer's batch sampler (whose position a
+    checkpoint records) is iterated exactly as often as without the callback."""
+    from torch.utils.data import DataLoader
+
+    from torch.utils.data import default_collate
+
+    class Counting:  # batches of 4 rows in a fixed order; counts its passes
+        def __init__(self, n):
+            self.n, self.iters = n, 0
+
+        def __iter__(self):
+            self.iters += 1
+            return iter([list(range(i, min(i + 4, self.n))) for i in range(0, self.n, 4)])
+
+        def __len__(self):
+            return (self.n + 3) // 4
+
+    class SampledPairs(PairData):
+        def train_dataloader(self):
+            rows = [{k: v[b] for k, v in batch.items()} for batch in self.batches for b in range(4)]
+            self.sampler = Counting(len(rows))
+            return DataLoader(rows, batch_sampler=self.sampler, collate_fn=default_collate)
+
+    pos_dir, neg_dir = models
+    counts = []
+    for callbacks in ([], [CriticalTokenScoring(positive_model=pos_dir, negative_model=neg_dir,
+                                                cache_path=str(tmp_path / "w.pt"))]):
+        data = SampledPairs()
+        module = WeightedPairModule()
+        quiet_trainer(callbacks, max_steps=2).fit(module, datamodule=data)
+        counts.append(data.sampler.iters)
+    assert counts[0] == counts[1] == 1
+    assert "rejected_token_weights" in module.seen[-1]

@@ -168,13 +168,20 @@ class CriticalTokenScoring(pl.Callback):
         return h.hexdigest(), desc
 
     def _train_batches(self, trainer: pl.Trainer) -> Any:
-        dm = getattr(trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "train_dataloader"):
-            return dm.train_dataloader()
-        if trainer.train_dataloader is not None:
-            return trainer.train_dataloader
-        raise RuntimeError("CriticalTokenScoring: no training data to score (pass a datamodule, e.g. "
-                           "lit_ft.data.PreferenceDataModule, or train_dataloaders to Trainer.fit)")
+        """The whole train split in order, collated as the Trainer's loader collates it, through a loader of our own:
+        the Trainer's loader (its sampler's position, which a checkpoint records, and its rank's shard under DDP) and
+        the DataModule are left untouched."""
+        from torch.utils.data import DataLoader, IterableDataset
+
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise TypeError("CriticalTokenScoring: the training data must be one torch DataLoader (e.g. "
+                            f"lit_ft.data.PreferenceDataModule's), got {type(loader).__name__}")
+        if isinstance(loader.dataset, IterableDataset):
+            return loader  # no random access: one pass of the loader itself
+        pre_batched = loader.batch_size is None and loader.batch_sampler is None
+        return DataLoader(loader.dataset, batch_size=None if pre_batched else self.score_batch_size, shuffle=False,
+                          collate_fn=loader.collate_fn, num_workers=0)
 
     def _build(self, trained: torch.nn.Module, device: torch.device, records: list[PairRecord], fingerprint: str,
                data: str, desc: str, path: Path) -> CriticalWeightsCache:
