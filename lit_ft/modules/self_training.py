@@ -89,10 +89,11 @@ class SelfTrainingModule(VerbalizerClassificationModule):
             return driver.self_training_step(self, batch, batch_idx)
         loss, scores = self.labelled_loss(batch)
         self.optimizer_step_with(loss)
-        self._log_train(loss, scores, batch["labels"])
+        self.log_train_step(loss, scores, batch["labels"])
         return loss.detach()
 
-    def _log_train(self, loss: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    def log_train_step(self, loss: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """Log a labelled step's ``train/loss`` and ``train/acc``."""
         assert self.train_acc is not None
         self.train_acc(scores.detach().argmax(-1), labels)
         bs = labels.shape[0]

@@ -274,3 +274,14 @@ def test_pool_labelling_shows_progress(monkeypatch):
         few_shot_module(), datamodule=few_shot_data(eval_batch_size=16))
     assert seen == [("SelfTraining: teacher labels the unlabelled pool (session 1)", 3),
                     ("SelfTraining: teacher labels the unlabelled pool (session 2)", 3)]
+
+
+def test_the_module_alone_is_plain_prompt_fine_tuning():
+    module = few_shot_module()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = quiet_trainer([], max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=few_shot_data())
+    assert trainer.global_step == 2 and "train/loss" in trainer.callback_metrics
+    assert any(not torch.equal(p, before[n]) for n, p in module.model.named_parameters())
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        few_shot_module(max_grad_norm=-1.0)

@@ -289,6 +289,7 @@ class SelfTraining(pl.Callback):
         self._session_started = 0
         self._resolved_finetune_steps: int | None = finetune_steps
         self._teacher_scores: torch.Tensor | None = None  # [pool, C]: the current teacher's class scores
+        self._last_batch_size = 1
 
     @property
     def state_key(self) -> str:
@@ -413,7 +414,7 @@ class SelfTraining(pl.Callback):
         else:
             loss, scores = module.labelled_loss(batch)
             module.optimizer_step_with(loss, lr, self.max_grad_norm)
-            module._log_train(loss, scores, batch["labels"])
+            module.log_train_step(loss, scores, batch["labels"])
             bs = int(batch["labels"].shape[0])
             module.log(prefix + "labelled_loss", loss.detach(), batch_size=bs)
         if phase == "student":
