@@ -85,6 +85,9 @@ def config_extras(config: str, tmp_path: Path) -> list[str]:
     if "lit_ft.callbacks.ProMoT" in text:
         return ["--trainer.callbacks.init_args.prompt_steps=1",
                 f"--trainer.callbacks.init_args.save_dir={tmp_path / 'prompt'}"]
+    if "lit_ft.callbacks.BlackBoxPromptLearning" in text:  # candidates and reliable set sized to 24 tiny texts
+        return ["--model.init_args.num_candidates=6", "--model.init_args.num_samples=2",
+                "--model.init_args.prompt_length=3", "--model.init_args.reliable_per_class=2"]
     return []
 
 

@@ -84,9 +84,21 @@ def test_no_import_cycle():
             visit(m)
 
 
+def _module_techniques() -> set[str]:
+    """The files of registered techniques that are LightningModules themselves (BlackBoxPromptLearning runs its own
+    loop): the registry addresses every technique as ``lit_ft.callbacks.<Name>``, so a callbacks package re-exports
+    them."""
+    import lightning.pytorch as pl
+
+    import lit_ft
+
+    return {r.cls.__module__ for r in lit_ft.techniques() if issubclass(r.cls, pl.LightningModule)}
+
+
 def test_callbacks_never_import_modules():
+    exempt = _module_techniques()
     bad = [(m, t) for m, ts in GRAPH.items() if m.startswith("lit_ft.callbacks") for t in ts
-           if t.startswith("lit_ft.modules")]
+           if t.startswith("lit_ft.modules") and not (FILES[m].name == "__init__.py" and t in exempt)]
     assert not bad, bad
 
 

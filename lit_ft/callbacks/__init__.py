@@ -23,6 +23,7 @@ from lit_ft.callbacks.objectives import TokenRelationDistillation
 from lit_ft.callbacks.param_reset import HalfFineTuning
 from lit_ft.callbacks.param_reset import LotteryTicketSparseFT
 from lit_ft.callbacks.param_reset import ReinitTopLayers
+from lit_ft.callbacks.prompt import BlackBoxPromptLearning
 from lit_ft.callbacks.prompt import CPT
 from lit_ft.callbacks.prompt import DePT
 from lit_ft.callbacks.prompt import EPT

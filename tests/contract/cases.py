@@ -337,6 +337,16 @@ CASES: dict[str, Case] = {
         invalid=(("num_layers", 0), ("num_layers", 1.0), ("std", -1.0), ("std", 0.0), ("seed", -1),
                  ("include_frozen", "yes"), ("include_frozen", 1))),
     # prompts
+    # BlackBoxPromptLearning is the LightningModule itself (its own loop; checks.is_module_technique): the tiny random
+    # Llama as the black box, tiny {text, label} data (tests/modules/black_box_data.py)
+    "black_box_prompt": Case(
+        kwargs=lambda ctx: dict(__import__("tests.modules.black_box_data", fromlist=["_"]).TINY_KWARGS),
+        alt_kwargs=lambda ctx: {**__import__("tests.modules.black_box_data", fromlist=["_"]).TINY_KWARGS, "seed": 2},
+        datamodule=lambda: __import__("tests.modules.black_box_data", fromlist=["_"]).two_batch_data(),
+        invalid=(("num_samples", 1), ("prompt_length", 0), ("num_candidates", 1), ("candidates", ["a", "a"]),
+                 ("learning_rate", 0.0), ("optimizer", "lbfgs"), ("clip_grad_norm", -1.0), ("reliable_per_class", 0),
+                 ("demonstrations_per_class", 9), ("prompt_position", "end"), ("label_words", [["yes"]]),
+                 ("prior_correction", "yes"), ("seed", -1))),
     "prompt_tuning": Case(kwargs={"num_virtual_tokens": 4, "learning_rate": 0.05}, single_instance=ONE_PROMPT,
                           invalid=(*PROMPT_INVALID, ("init", "zeros"))),
     "prefix_tuning": Case(kwargs={"num_virtual_tokens": 4, "learning_rate": 0.05}, single_instance=ONE_PROMPT,

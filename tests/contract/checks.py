@@ -44,10 +44,23 @@ def rejects_invalid_arguments(record: TechniqueRecord, case: Case) -> None:
             raise AssertionError(f"{name}({arg}={value!r}) was accepted; it must raise an error naming `{arg}`")
 
 
+def is_module_technique(record: TechniqueRecord) -> bool:
+    """A technique that is the LightningModule itself (it runs its own loop, e.g. BlackBoxPromptLearning), not a
+    callback on the user's module: the checks build it as the module, with no callbacks."""
+    return isinstance(record.cls, type) and issubclass(record.cls, pl.LightningModule)
+
+
 def instances_coexist(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
     """Two instances with different arguments get distinct ``state_key``s and fit together in one Trainer; or, for
-    a technique that is one per model (``case.single_instance``), the second is refused at setup, clearly."""
+    a technique that is one per model (``case.single_instance``), the second is refused at setup, clearly. A module
+    technique: two instances share no tensor (each trains its own state)."""
     name = record.cls.__name__
+    if is_module_technique(record):
+        a, b = record.cls(**case.build(case.kwargs, ctx)), record.cls(**case.build(case.alt_kwargs, ctx))
+        ptrs = {t.data_ptr() for t in list(a.parameters()) + list(a.buffers()) if t.numel()}
+        shared = [n for n, t in list(b.named_parameters()) + list(b.named_buffers()) if t.numel() and t.data_ptr() in ptrs]
+        assert not shared, f"two {name} modules share tensors {shared[:3]}"
+        return
     if case.single_instance is not None:
         first, second = record.cls(**case.build(case.kwargs, ctx)), record.cls(**case.build(case.kwargs, ctx))
         try:
@@ -66,6 +79,15 @@ def instances_coexist(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
 def resume_equals_uninterrupted(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
     """Checkpoint at step 2 and resume to step 4: weights and the callback's state equal the uninterrupted run's."""
     kwargs = case.build(case.kwargs, ctx)
+    if is_module_technique(record):  # the technique is the module; its state is the module's state_dict
+        r = fit_and_resume(lambda: record.cls(**kwargs), lambda: [], ctx.tmp_path / "resume",
+                           make_datamodule=case.datamodule)
+        try:
+            assert_state_dicts_equal(r.full.state_dict(), r.resumed.state_dict())
+        except AssertionError as e:
+            raise AssertionError(f"{record.cls.__name__}: the resumed run's state differs from the uninterrupted "
+                                 f"run's: {e}") from e
+        return
     r = fit_and_resume(case.module, lambda: [record.cls(**kwargs)], ctx.tmp_path / "resume",
                        make_datamodule=case.datamodule)
     try:
@@ -85,6 +107,8 @@ def drop_in_changes_training_and_logs(record: TechniqueRecord, case: Case, ctx: 
     and it must log under its prefix once the plain module validates (its ``validation_step`` is the same line)."""
     if record.family == "analysis":
         return _drop_in_observes_only(record, case, ctx)
+    if is_module_technique(record):
+        return _module_trains_and_logs(record, case, ctx)
     baseline, _ = _fit_plain(case, [])
     trained, trainer = _fit_plain(case, [record.cls(**case.build(case.kwargs, ctx))])
     common = baseline.keys() & trained.keys()
@@ -114,6 +138,23 @@ class _PlainValidatingModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def _module_trains_and_logs(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
+    """A module technique has no plain module to drop into (it is the module): training must move its trainable
+    parameters and log under ``lit_ft/<name>/``."""
+    torch.manual_seed(0)
+    module = record.cls(**case.build(case.kwargs, ctx))
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert before, f"{record.cls.__name__} has no trainable parameter"
+    trainer = quiet_trainer([], max_steps=DROP_IN_STEPS, limit_val_batches=0)
+    trainer.fit(module, datamodule=case.datamodule())
+    after = dict(module.named_parameters())
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before), \
+        f"{record.cls.__name__}: {DROP_IN_STEPS} training steps left every trainable parameter as it was"
+    prefix = f"lit_ft/{record.name}/"
+    logged = sorted(trainer.callback_metrics)
+    assert any(k.startswith(prefix) for k in logged), f"nothing logged under {prefix!r}; logged: {logged}"
 
 
 def _drop_in_observes_only(record: TechniqueRecord, case: Case, ctx: Ctx) -> None:
