@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -248,6 +249,10 @@ class Sandbox:
             self.interpreter, readable = interpreter, True
         # drop to nobody only where we are root and the interpreter is readable by nobody
         self._drop_to = _UNPRIVILEGED if (os.geteuid() == 0 and readable) else None
+        if os.geteuid() == 0 and self._drop_to is None:
+            warnings.warn(f"{owner}: running as root and no interpreter is readable by uid {_UNPRIVILEGED} (pass "
+                          "`interpreter`): programs run as root, without the process-count and file-permission "
+                          "guards", RuntimeWarning, stacklevel=2)
         self._caps: dict[str, Any] | None = None
 
     def capabilities(self) -> dict[str, Any]:

@@ -21,9 +21,11 @@ from lit_ft.core.sandbox import STATUSES, Sandbox, SandboxResult
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="the sandbox needs Linux")
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Sandbox:
-    return Sandbox(cpu_seconds=1, wall_seconds=2.0, memory_mb=256, file_size_mb=1, max_processes=32)
+@pytest.fixture(scope="module", params=[True, False], ids=["namespaces", "no_namespaces"])
+def sandbox(request) -> Sandbox:
+    """With the kernel namespaces where available, and without them (what a machine that refuses unshare gets)."""
+    return Sandbox(cpu_seconds=1, wall_seconds=2.0, memory_mb=256, file_size_mb=1, max_processes=32,
+                   namespaces=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +99,10 @@ def test_a_sleeping_program_hits_the_wall_clock(sandbox, clean):
 
 
 def test_a_fork_bomb_is_contained(sandbox, caps, clean):
+    if not caps["nproc_enforced"]:  # root without a uid drop: nothing would bound it but the wall clock
+        pytest.skip("RLIMIT_NPROC is not enforced here (root and no readable interpreter for uid 65534)")
     r = sandbox.run("import os\nwhile True:\n    os.fork()\n")
-    if caps["nproc_enforced"]:
-        assert r.status == "error" and "BlockingIOError" in r.error, r
-    else:  # root without a uid drop: only the wall clock and the PID namespace / process group stop it
-        assert r.status in ("timeout", "error"), r
+    assert r.status == "error" and "BlockingIOError" in r.error, r
     assert r.wall_seconds < 4.0
 
 
@@ -169,10 +170,10 @@ def test_environment_secrets_do_not_reach_the_program(sandbox, caps, clean, monk
 
 
 def test_a_daemonised_child_does_not_outlive_the_run(sandbox, caps, clean):
-    r = sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n")
-    assert r.status == "passed"
     if not caps["pid_namespace"]:
         pytest.skip("no PID namespace here: a child that calls setsid() escapes the process-group kill")
+    r = sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n")
+    assert r.status == "passed"
     # `clean` checks that nothing with our bootstrap is alive
 
 
