@@ -17,7 +17,6 @@ from lit_ft.callbacks.data_selection import SelfTraining
 from lit_ft.callbacks.objectives import CriticalTokenScoring
 from lit_ft.callbacks.data_selection import FeedbackLoop
 from lit_ft.callbacks.objectives import MultiTokenHeads
-from lit_ft.callbacks.data_selection import FeedbackLoop
 from lit_ft.callbacks.objectives import OneTokenRollout
 from lit_ft.callbacks.objectives import TokenDPO
 from lit_ft.callbacks.objectives import TokenRelationDistillation
