@@ -263,3 +263,27 @@ def test_without_the_loop_the_datamodule_is_plain_sft():
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) >= {"input_ids", "labels", "attention_mask", "sample_idx"}
     assert isinstance(dm, FeedbackLoopDataModule) and len(dm.train_problems) == 4 and len(dm.eval_problems) == 2
+
+
+def test_feedback_rows_are_all_targets_and_plain_rows_keep_their_sft_labels(monkeypatch):
+    monkeypatch.setattr(fl, "sample_completions", _canonical_half)
+    dm = feedback_datamodule(max_length=256)
+    cb = FeedbackLoop(**SMALL)
+    quiet_trainer([cb], max_steps=1, limit_val_batches=0).fit(module(), datamodule=dm)
+    batch = next(iter(dm.train_dataloader()))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+    fb, plain = slice(0, None, 2), slice(1, None, 2)
+    assert torch.equal(labels[fb][mask[fb]], ids[fb][mask[fb]])  # every token of a feedback text is a target
+    assert (labels[fb][~mask[fb]] == -100).all()
+    assert (labels[plain][mask[plain]] == -100).any()  # SFT rows: the prompt is not a target
+    assert ids[fb][:, 0].tolist() == [cb.token_ids[1] if ok else cb.token_ids[0] for ok in cb.passed[:2]]
+
+
+def test_without_plain_data_the_set_is_feedback_only(monkeypatch):
+    monkeypatch.setattr(fl, "sample_completions", _canonical_half)
+    dm = feedback_datamodule()
+    cb = FeedbackLoop(**{**SMALL, "num_samples": 2, "mix_plain_data": False})
+    trainer = quiet_trainer([cb], max_steps=2, limit_val_batches=0)
+    trainer.fit(module(), datamodule=dm)
+    assert len(dm.train_dataloader().dataset) == 8 and cb.plain_indices is None
+    assert all(t.startswith(("<|good|>", "<|bad|>")) for t in cb.texts)
