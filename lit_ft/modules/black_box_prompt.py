@@ -188,6 +188,9 @@ class BlackBoxPromptLearning(pl.LightningModule):
         return tok
 
     def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise ValueError(f"{OWNER}: runs in one process (the pseudo-labels and the prompt distributions are not "
+                             f"synchronised across ranks); got world_size={self.trainer.world_size}")
         dm = self._datamodule()
         if self.label_words is None:
             names = getattr(dm, "label_names", None)
@@ -206,6 +209,11 @@ class BlackBoxPromptLearning(pl.LightningModule):
                                      torch_dtype=self.hparams.torch_dtype, batch_size=self.hparams.query_batch_size)
         self.decode_tokenizer = getattr(dm, "tokenizer", None) or tok
         self._build_pool(dm)
+        if stage == "fit":
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"{OWNER}: {len(self.pool_texts)} training texts used as unlabelled data (their labels are "
+                           "not read); the validation labels only measure accuracy")
         if self.candidates is None:
             self.candidates = candidate_vocabulary(self.pool_texts, self.hparams.num_candidates)
         if self.val_acc is None:

@@ -284,3 +284,12 @@ def test_a_batch_without_sample_idx_names_the_key():
     quiet_trainer([], max_steps=1, limit_val_batches=0).fit(m, datamodule=tiny_data())
     with pytest.raises(BatchKeyError, match="sample_idx"):
         m.training_step({"input_ids": torch.ones(2, 3, dtype=torch.long)}, 0)
+
+
+def test_more_than_one_process_is_refused():
+    from types import SimpleNamespace
+
+    m = make()
+    m._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="world_size=2"):
+        m.setup("fit")
