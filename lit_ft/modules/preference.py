@@ -30,9 +30,11 @@ class PreferenceModule(CausalLMModule):
     used: preference pairs have no answers to match).
     """
 
+    #: the TokenDPO callback that runs this module's pair step (set at its setup; None = SFT on the chosen side)
+    token_dpo: Any = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.token_dpo: Any = None  # set by TokenDPO.setup
         self._said_sft = False
 
     # -- steps --------------------------------------------------------------------------------------------------

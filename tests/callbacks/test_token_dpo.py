@@ -259,3 +259,19 @@ def test_without_token_dpo_the_module_trains_the_chosen_responses():
     logits = module.model(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]).logits
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["chosen_labels"][:, 1:].reshape(-1))
     torch.testing.assert_close(loss, ce, rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_with_another_beta_keeps_the_reference_and_another_reference_is_refused(tmp_path):
+    from lit_ft.core.resume import ResumeArgumentError
+
+    r = fit_and_resume(preference_module, lambda: [TokenDPO(beta=0.3)], tmp_path / "a", make_datamodule=PairData)
+    ckpt = r.ckpt
+    torch.manual_seed(5)  # another initial model: the reference must come from the checkpoint, not from it
+    cb = TokenDPO(beta=0.5)
+    quiet_trainer([cb], max_steps=3).fit(preference_module(), datamodule=PairData(), ckpt_path=str(ckpt))
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("TokenDPO")]
+    assert_state_dicts_equal(cb.state_dict()["reference"], state["reference"])
+    with pytest.raises(ResumeArgumentError, match="reference"):
+        quiet_trainer([TokenDPO(beta=0.3, reference="frozen_copy")], max_steps=3).fit(
+            preference_module(), datamodule=PairData(), ckpt_path=str(ckpt))

@@ -20,6 +20,7 @@ from lit_ft.core.frozen import FrozenModel
 from lit_ft.core.loss.primitives import causal_lm_token_nll, final_hidden_states, shift_targets
 from lit_ft.core.loss.window import WindowCounter
 from lit_ft.core.registry import technique
+from lit_ft.core.resume import RESTORE, ResumeRecorded
 
 AGGREGATIONS = ("position", "sequence")
 #: reference policies by name; any other non-empty string is a local folder or lit_ft asset name
@@ -140,7 +141,7 @@ def is_peft_model(model: Any) -> bool:
 @technique(name="token_dpo", family="objectives",
            paper="Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning Capability",
            arxiv="2411.19943")
-class TokenDPO(Callback):
+class TokenDPO(ResumeRecorded, Callback):
     """Token-level DPO: the objective of cDPO, DPO on chosen/rejected pairs with per-token weights.
 
     Paper: Lin, Liang, Xu et al., *Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's
@@ -181,6 +182,13 @@ class TokenDPO(Callback):
     """
 
     technique_name = "token_dpo"
+    #: resumed with a changed argument: the objective's arguments apply from then on; the saved reference policy is
+    #: what the run trained against, so another reference is refused
+    resume_decisions = {
+        "beta": RESTORE, "aggregation": RESTORE, "use_chosen_weights": RESTORE,
+        "reference": "the checkpoint holds the reference policy the run started with; resume with the saved "
+                     "`reference` (or start a new run)",
+    }
 
     def __init__(self, beta: float = 0.1, aggregation: str = "position", reference: str = "auto",
                  use_chosen_weights: bool = False) -> None:
@@ -214,9 +222,9 @@ class TokenDPO(Callback):
     # -- life cycle ---------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lit_ft.modules.preference import PreferenceModule
-
-        if not isinstance(pl_module, PreferenceModule):
+        # a module that runs the pair step declares the `token_dpo` slot (lit_ft.modules.PreferenceModule does; the
+        # callbacks never import lit_ft.modules)
+        if not hasattr(type(pl_module), "token_dpo"):
             raise TypeError(
                 f"TokenDPO trains preference pairs with a reference policy, a step that {type(pl_module).__name__} "
                 "(whose training_step is its own) cannot express: use lit_ft.modules.PreferenceModule with "
