@@ -71,7 +71,8 @@ def main() -> None:
     with open(RESULTS, "w") as f:
         json.dump({"D": D, "V": V, "K": K, "rows": rows}, f, indent=2)
     print(f"\nK={K} heads, D={D}, V={V}, fp32, forward + backward\n")
-    print("| B × T | stacked [K, B, T, V] peak | time | fused peak | time | memory | time |\n|---|---|---|---|---|---|---|")
+    print("| B × T | stacked [K, B, T, V] peak | time | fused peak | time | memory | time |")
+    print("|---|---|---|---|---|---|---|")
     for i in range(0, len(rows), 2):
         s, f_ = rows[i], rows[i + 1]
         print(f"| {s['B']} × {s['T']} | {fmt_bytes(s['peak_bytes'])} | {s['seconds']:.2f} s | "

@@ -6,10 +6,10 @@ authors' code stacks every head's logits into one ``[K, B, T, V]`` tensor. Here 
 to end (``[K·N, D]``, a copy of ``K·N·D`` elements) and go through the fused linear cross-entropy op
 (:func:`lit_ft.kernels.fused_linear_token_ce`, the ``lit_ft::token_ce`` custom op) in **one** call: it walks row
 chunks of ``[c, V]`` logits across all heads, computes every head's loss and the gradients of the hidden states
-and of the lm_head in the same pass, and never builds ``[N, V]`` or ``[K, N, V]`` logits. Each head's coefficient
-rides in the per-row weights, so the returned total is already ``Σ_k scale_k · Σ_t w_kt · ℓ_kt``; the per-head sums
-(detached) come from the op's per-row NLL. On CUDA the op runs its Triton path; everywhere else its chunked torch
-path. See ``docs/kernels/chunked_linear.md`` for the memory argument.
+and of the lm_head in the same pass, and never builds ``[N, V]`` or ``[K, N, V]`` logits. Each head's
+coefficient rides in the per-row weights, so the returned total is already ``Σ_k scale_k · Σ_t w_kt · ℓ_kt``;
+the per-head sums (detached) come from the op's per-row NLL. On CUDA the op runs its Triton path; everywhere else
+its chunked torch path. Measured memory: ``docs/techniques/multi_token_heads.md``.
 """
 
 from __future__ import annotations

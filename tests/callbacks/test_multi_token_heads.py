@@ -98,7 +98,7 @@ def test_level_three_never_builds_full_logits():
     cb.install(module)
     batch = random_batch(batch_size=2, seq_len=16, prompt_len=0, seed=1)
     inputs, _ = _inputs(module, batch)
-    vocab, n = module.model.config.vocab_size, 2 * 16
+    vocab = module.model.config.vocab_size
     vocab_wide, ops = [], []
 
     class Record(TorchDispatchMode):

@@ -96,13 +96,14 @@ class MultiTokenHeads(ObjectiveCallback):
     How it runs: an :class:`~lit_ft.core.loss.Objective` on the token-loss engine. The heads are modules this
     callback owns, registered on the LightningModule at ``setup`` (``lit_ft_heads.multi_token_heads``: checkpointed,
     moved, DDP-synchronised with it, in the optimizer). All heads' cross-entropies go through one call of the fused
-    linear cross-entropy op (:func:`lit_ft.kernels.multi_head_ce`): no ``[N, V]`` or ``[K, N, V]`` logits. Each head's
-    mean is over its own supervised targets of the whole accumulation window and all ranks, so gradient
-    accumulation and DDP train exactly like one large batch. Token-selection callbacks compose: head ``k`` at ``t``
-    takes the keep-mask and weight of the token it predicts (the next-token term's entry at ``t + k``). Level 3 for
-    :class:`lit_ft.modules.TokenLossMixin` modules; level 2 (a plain ``self.model(**batch).loss``) captures the
-    trunk's output with a forward hook. Packed batches are refused (a shifted target would cross into the next
-    example). Evaluation forwards leave the heads out (the validation loss is the model's own, as at inference).
+    linear cross-entropy op (:func:`lit_ft.kernels.multi_head_ce.multi_head_ce`): no ``[N, V]`` or ``[K, N, V]``
+    logits. Each head's mean is over its own supervised targets of the whole accumulation window and all ranks, so
+    gradient accumulation and DDP train exactly like one large batch. Token-selection callbacks compose: head ``k``
+    at ``t`` takes the keep-mask and weight of the token it predicts (the next-token term's entry at ``t + k``).
+    Level 3 for :class:`lit_ft.modules.TokenLossMixin` modules; level 2 (a plain ``self.model(**batch).loss``)
+    captures the trunk's output with a forward hook. Packed batches are refused (a shifted target would cross into
+    the next example). Evaluation forwards leave the heads out (the validation loss is the model's own, as at
+    inference).
     Logs ``lit_ft/multi_token_heads/loss`` (the term), ``.../coefficient`` (``hcoef · c``) and ``.../ce_head<k>``.
 
     The authors' heads-only pre-training feeds the second-to-last hidden state while fine-tuning feeds the final
