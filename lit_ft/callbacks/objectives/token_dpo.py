@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,7 +291,7 @@ class TokenDPO(ResumeRecorded, Callback):
         if self._mode == "adapter_off":
             with pl_module.model.disable_adapter():
                 return -causal_lm_token_nll(pl_module.causal_lm, cat, impl=pl_module.token_loss_impl)
-        ref = self._frozen.ensure(pl_module)
+        self._frozen.ensure(pl_module)
         with self._frozen.on(cat["input_ids"].device) as model:
             return -causal_lm_token_nll(model, cat, impl=pl_module.token_loss_impl)
 
