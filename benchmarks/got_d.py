@@ -130,12 +130,17 @@ def main() -> None:
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in args.arms.split(","):
-            r = run_arm(arm, seed, str(pool), args, root)
+            try:
+                r = run_arm(arm, seed, str(pool), args, root)
+            except Exception as e:  # noqa: BLE001  one failed arm must not lose the others' results
+                r = {"arm": arm, "seed": seed, "error": f"{type(e).__name__}: {e}"}
             if "selected" in r:
                 r["domain_shares"] = {d: c / len(r["selected"]) for d, c in
                                       sorted(Counter(domains[i] for i in r["selected"]).items())}
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "selected"}), flush=True)
+            with open(args.out + ".partial", "w") as fh:  # what is done so far, should the run be cut short
+                json.dump(rows, fh)
     pool_shares = {d: c / len(domains) for d, c in sorted(Counter(domains).items())}
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "pool": {"rows": len(domains), "shares": pool_shares, "sources": SOURCES}, "rows": rows}
@@ -147,6 +152,9 @@ def main() -> None:
     print("| arm | seed | loss after pre-fine-tuning | loss after ASDiv fine-tuning | domain shares of the selection |")
     print("|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['arm']} | {r['seed']} | failed: {r['error'][:120]} | | |")
+            continue
         shares = ", ".join(f"{d} {s:.0%}" for d, s in r.get("domain_shares", {}).items()) or "-"
         pre = f"{r['loss_after_pre']:.4f}" if "loss_after_pre" in r else "-"
         print(f"| {r['arm']} | {r['seed']} | {pre} | {r['loss_after_ft']:.4f} | {shares} |")
