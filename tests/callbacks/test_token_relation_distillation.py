@@ -356,3 +356,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_tokenize
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_a_tokenizer_that_did_not_make_the_batch_is_named(tiny_tokenizer_path, teacher):
+    batch = random_batch(2, 8)
+    batch["input_ids"][0, 3] = 5000  # beyond the tiny tokenizer's 384 tokens
+    cb = make_cb(teacher, tiny_tokenizer_path)
+    with pytest.raises(ValueError, match="token id 5000.*`tokenizer`"):
+        trainer([cb]).fit(causal_module(), train_dataloaders=DataLoader([batch], batch_size=None))

@@ -265,6 +265,17 @@ class TokenRelationDistillation(ObjectiveCallback):
             if r.added:
                 rank_zero_info(f"{type(self).__name__}: added the projector ({len(r.added)} tensors) to the optimizer")
 
+    @override
+    def _check(self, batch: Any) -> None:
+        first = not self._checked_batch
+        super()._check(batch)
+        if first and self.student_tokenizer is not None:
+            # the rows are decoded with this tokenizer: ids it does not know mean it is not the data's tokenizer
+            size, top = len(self.student_tokenizer), int(batch["input_ids"].max())
+            if top >= size:
+                raise ValueError(f"{type(self).__name__}: input_ids hold token id {top}, but the student tokenizer has "
+                                 f"{size} tokens; `tokenizer` (or the DataModule's) must be the one that made the batch")
+
     # -- the alignment ---------------------------------------------------------------------------------------------
     def _rows(self, batch: Mapping[str, Any]) -> list[RowAlignment]:
         ids = batch["input_ids"].detach().cpu().numpy()
