@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     p.add_argument("--d", default="384,576", help="comma-separated feature widths")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--out", default=RESULTS, help="where the JSON results go")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.t.split(",")]
@@ -88,8 +89,8 @@ def main(argv=None) -> None:
             print(f"| {t} | {d} | {fmt_bytes(dense['peak_bytes'])} | {dense['time_s']:.3f} s | "
                   f"{fmt_bytes(tiled['peak_bytes'])} | {tiled['time_s']:.3f} s | {mem:.3f}x | {secs:.2f}x |",
                   flush=True)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump({"device": args.device, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
 
 
