@@ -29,6 +29,22 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 
+@torch.no_grad()
+def base_surprise(base, batches, cache) -> torch.Tensor:
+    """``1 − p_base(y_t)`` at the same rejected tokens, in the same order as the weights are gathered in ``main``."""
+    out = []
+    for batch in batches:
+        logp = torch.log_softmax(base(input_ids=batch["rejected_input_ids"],
+                                      attention_mask=batch["rejected_attention_mask"]).logits.float(), -1)
+        labels = batch["rejected_labels"]
+        p = logp[:, :-1].gather(-1, labels[:, 1:].clamp_min(0)[..., None]).squeeze(-1).exp()
+        for b in range(labels.shape[0]):
+            sup = labels[b] != -100
+            sup[0] = False
+            out.append(1 - p[b][sup[1:]])
+    return torch.cat(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=12, help="training batches whose pairs are scored (the DPO "
@@ -70,13 +86,17 @@ def main() -> None:
             sup[0] = False
             rejected_w.append(rejected[b][sup])
     w = torch.cat(rejected_w)
+    # how much of the weight is the contrast, and how much the base's own surprise 1 - p_base(y_t)
+    surprise = base_surprise(base, batches, cache)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     torch.save(export, args.out)
     summary = {"config": vars(args), "scored_now": cb.scored_now, "seconds": round(seconds, 1),
                "pairs": len(cache), "rejected_tokens": int(w.numel()),
                "rejected_weight_mean": float(w.mean()), "rejected_weight_median": float(w.median()),
                "critical_fraction_w_gt_0.5": float((w > 0.5).float().mean()),
-               "w_gt_0.9": float((w > 0.9).float().mean()), "w_lt_0.1": float((w < 0.1).float().mean())}
+               "w_gt_0.9": float((w > 0.9).float().mean()), "w_lt_0.1": float((w < 0.1).float().mean()),
+               "corr_w_vs_base_surprise": float(torch.corrcoef(torch.stack([w, surprise]))[0, 1]),
+               "mean_abs_w_minus_base_surprise": float((w - surprise).abs().mean())}
     os.makedirs(os.path.dirname(args.summary), exist_ok=True)
     with open(args.summary, "w") as f:
         json.dump(summary, f, indent=1)
@@ -85,6 +105,8 @@ def main() -> None:
           f"---|---|---|---|\n| {summary['pairs']} | {summary['rejected_tokens']} | {summary['rejected_weight_mean']:.3f} "
           f"| {summary['rejected_weight_median']:.3f} | {summary['critical_fraction_w_gt_0.5']:.3f} | "
           f"{summary['w_gt_0.9']:.3f} | {summary['w_lt_0.1']:.3f} | {summary['seconds']} |")
+    print(f"\ncorrelation of w with the base model's own 1 - p(y_t): {summary['corr_w_vs_base_surprise']:.4f}, "
+          f"mean |difference| {summary['mean_abs_w_minus_base_surprise']:.4f}")
     print(f"\nweights for token_dpo_quality.py: --weights {args.out}")
 
 
