@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-SAME = ("steps", "batch_size", "max_length", "val_pairs", "lr", "beta", "aggregation")
+SAME = ("steps", "batch_size", "max_length", "val_pairs", "lr", "layers", "beta", "aggregation")
 
 
 def main() -> None:
@@ -32,10 +33,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--val-pairs", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (smoke runs)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--aggregation", default="position", choices=("position", "sequence"))
     p.add_argument("--weights", default=os.path.join(REPO, "runs", "critical_token_scoring", "dpo_weights.pt"))
     p.add_argument("--plain", default=os.path.join(REPO, "benchmarks", "results", "token_dpo_quality.json"))
+    p.add_argument("--budget-s", type=float, default=540.0, help="start no seed whose runs would end after this")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "critical_token_dpo_quality.json"))
     args = p.parse_args()
 
@@ -48,18 +51,24 @@ def main() -> None:
             saved = json.load(f)
         if all(saved["config"].get(k) == getattr(args, k) for k in SAME):
             plain = {r["seed"]: r for r in saved["rows"] if r["row"] == "plain DPO" and r["seed"] in seeds}
-    rows = []
-    for seed in seeds:
-        if seed not in plain:
-            plain[seed] = q.run(seed, args, None)
-            plain[seed]["row"] = "plain DPO"
-            print(json.dumps(plain[seed]), flush=True)
+    rows, weighted, start, longest = [], [], time.perf_counter(), 0.0
+    for seed in seeds:  # seed by seed (plain, then weighted), so a cut by --budget-s leaves whole pairs of rows
+        todo = ([] if seed in plain else [("plain DPO", None)]) + [("critical-token weights", args.weights)]
+        if time.perf_counter() - start + longest * len(todo) > args.budget_s:
+            print(f"budget: seed {seed} skipped ({args.budget_s} s)", flush=True)
+            break
+        for label, weights in todo:
+            t0 = time.perf_counter()
+            r = q.run(seed, args, weights)
+            longest = max(longest, time.perf_counter() - t0)
+            r["row"] = label
+            print(json.dumps(r), flush=True)
+            if weights is None:
+                plain[seed] = r
+            else:
+                weighted.append(r)
         rows.append(plain[seed])
-    for seed in seeds:
-        r = q.run(seed, args, args.weights)
-        r["row"] = "critical-token weights"
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+    rows += weighted
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=1)
