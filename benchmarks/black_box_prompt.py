@@ -12,6 +12,9 @@ held-out headlines (``sarcasm-val``) for every row:
   (PET), both through ``VerbalizerClassificationModule``, ``--fs-steps`` steps.
 
     OMP_NUM_THREADS=2 flock /tmp/lit_ft_heavy.lock .venv/bin/python benchmarks/black_box_prompt.py
+    OMP_NUM_THREADS=2 flock /tmp/lit_ft_heavy.lock .venv/bin/python benchmarks/black_box_prompt.py --dataset bbcnews \
+        --steps 25 --batch-size 4 --samples 4 --reliable 4 --pool 128 --eval-samples 150 --seeds 0 --k-shot 4 \
+        --fs-steps 20 --out benchmarks/results/black_box_prompt_bbcnews.json
 
 Writes ``benchmarks/results/black_box_prompt.json`` and prints a markdown table.
 """
@@ -35,17 +38,40 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-TEMPLATE = "Headline: {text}\nIs this headline sarcastic? Answer:"
-WORDS = [["no", "No"], ["yes", "Yes"]]
-MAX_LENGTH = 64
+#: dataset -> (pattern, label words, max_length); sarcasm as in benchmarks/prompts.py; bbcnews: 5 topics, the article
+#: cut to its first tokens (its title leads)
+TASKS = {
+    "sarcasm": ("Headline: {text}\nIs this headline sarcastic? Answer:", [["no", "No"], ["yes", "Yes"]], 64),
+    "bbcnews": ("Article: {text}\nTopic:", [["business"], ["entertainment"], ["politics"], ["sports", "sport"],
+                                             ["tech", "technology"]], 40),
+}
 
 
-def _data(args: argparse.Namespace, data: str = "sarcasm", max_train: int | None = None, batch_size: int = 8):
+def _splits(args: argparse.Namespace) -> tuple[str, str]:
+    """(training file, validation file): sarcasm has both assets; bbcnews one file, split here (seeded, the first
+    ``--eval-samples`` shuffled rows held out) so every arm sees the same held-out rows."""
+    from lit_ft.assets import resolve
+
+    if args.dataset == "sarcasm":
+        return "sarcasm", "sarcasm-val"
+    src = Path(resolve("bbcnews"))
+    rows = [x for x in src.read_text().splitlines() if x.strip()]
+    random.Random(0).shuffle(rows)
+    out = Path(tempfile.mkdtemp(prefix="bbpl_bbc_"))
+    (out / "val.jsonl").write_text("\n".join(rows[: args.eval_samples]) + "\n")
+    (out / "train.jsonl").write_text("\n".join(rows[args.eval_samples:]) + "\n")
+    (out / "label_names.json").write_text((src.parent / "label_names.json").read_text())
+    return str(out / "train.jsonl"), str(out / "val.jsonl")
+
+
+def _data(args: argparse.Namespace, data: str | None = None, max_train: int | None = None, batch_size: int = 8):
     from lit_ft.data import ClassificationDataModule
 
-    return ClassificationDataModule(data=data, val_data="sarcasm-val", tokenizer=MODEL, template=TEMPLATE,
-                                    max_length=MAX_LENGTH, batch_size=batch_size, eval_batch_size=32,
-                                    max_train_samples=max_train, max_val_samples=args.eval_samples, seed=0)
+    template, _, max_length = TASKS[args.dataset]
+    return ClassificationDataModule(data=data or args.train_file, val_data=args.val_file, tokenizer=MODEL,
+                                    template=template, max_length=max_length, batch_size=batch_size,
+                                    eval_batch_size=32, max_train_samples=max_train,
+                                    max_val_samples=args.eval_samples, seed=0)
 
 
 def _trainer(**kw) -> pl.Trainer:
@@ -58,7 +84,7 @@ def _bbpl(args: argparse.Namespace, seed: int, steps: int):
 
     pl.seed_everything(seed, verbose=False)
     return BlackBoxPromptLearning(
-        model=MODEL, label_words=WORDS, prompt_length=args.prompt_length, num_candidates=args.candidates,
+        model=MODEL, label_words=TASKS[args.dataset][1], prompt_length=args.prompt_length, num_candidates=args.candidates,
         num_samples=args.samples, learning_rate=args.lr, reliable_per_class=args.reliable,
         demonstrations_per_class=1, query_batch_size=32, seed=seed)
 
@@ -93,7 +119,7 @@ def zero_shot_row(args: argparse.Namespace) -> dict[str, Any]:
     from lit_ft.modules import VerbalizerClassificationModule
 
     pl.seed_everything(0, verbose=False)
-    module = VerbalizerClassificationModule(model=MODEL, label_words=WORDS, freeze_backbone=True,
+    module = VerbalizerClassificationModule(model=MODEL, label_words=TASKS[args.dataset][1], freeze_backbone=True,
                                             trainable_word_weights=False)
     m = _trainer().validate(module, datamodule=_data(args), verbose=False)[0]
     return {"name": "zero-shot (plain pattern, label words)", "acc": m["val/acc"], "loss": m["val/loss"], "labels": 0}
@@ -102,12 +128,16 @@ def zero_shot_row(args: argparse.Namespace) -> dict[str, Any]:
 def _k_shot_file(args: argparse.Namespace, seed: int) -> str:
     from lit_ft.assets import resolve
 
-    rows = [json.loads(x) for x in Path(resolve("sarcasm")).read_text().splitlines() if x.strip()]
+    train = resolve(args.train_file) if args.dataset == "sarcasm" else args.train_file
+    rows = [json.loads(x) for x in Path(train).read_text().splitlines() if x.strip()]
     rng = random.Random(seed)
     rng.shuffle(rows)
-    picked = [r for c in (0, 1) for r in [r for r in rows if r["label"] == c][: args.k_shot]]
+    classes = range(len(TASKS[args.dataset][1]))
+    picked = [r for c in classes for r in [r for r in rows if r["label"] == c][: args.k_shot]]
     path = Path(tempfile.mkdtemp(prefix="bbpl_kshot_")) / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    if args.dataset != "sarcasm":
+        (path.parent / "label_names.json").write_text((Path(train).parent / "label_names.json").read_text())
     return str(path)
 
 
@@ -116,7 +146,8 @@ def few_shot_row(args: argparse.Namespace, seed: int, prompt_tuning: bool) -> di
     from lit_ft.modules import VerbalizerClassificationModule
 
     pl.seed_everything(seed, verbose=False)
-    module = VerbalizerClassificationModule(model=MODEL, label_words=WORDS, freeze_backbone=prompt_tuning,
+    module = VerbalizerClassificationModule(model=MODEL, label_words=TASKS[args.dataset][1],
+                                            freeze_backbone=prompt_tuning,
                                             trainable_word_weights=False, learning_rate=3e-5)
     callbacks = [cbs.PromptTuning(num_virtual_tokens=20, learning_rate=3e-2)] if prompt_tuning else []
     dm = _data(args, data=_k_shot_file(args, seed), batch_size=8)
@@ -126,12 +157,14 @@ def few_shot_row(args: argparse.Namespace, seed: int, prompt_tuning: bool) -> di
     wall = time.perf_counter() - t0
     m = _trainer(callbacks=[]).validate(module, datamodule=dm, verbose=False)[0]
     what = "PromptTuning(n=20, lr 3e-2), frozen LM" if prompt_tuning else "whole LM fine-tuned (PET, lr 3e-5)"
-    return {"name": f"few-shot {what}, {2 * args.k_shot} labels (seed {seed}, {args.fs_steps} steps)",
-            "acc": m["val/acc"], "loss": m["val/loss"], "labels": 2 * args.k_shot, "wall_s": wall}
+    n_labels = len(TASKS[args.dataset][1]) * args.k_shot
+    return {"name": f"few-shot {what}, {n_labels} labels (seed {seed}, {args.fs_steps} steps)",
+            "acc": m["val/acc"], "loss": m["val/loss"], "labels": n_labels, "wall_s": wall}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(TASKS), default="sarcasm")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=6, help="prompts drawn per step (num_samples)")
@@ -149,6 +182,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "black_box_prompt.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.train_file, args.val_file = _splits(args)
     only = set(filter(None, args.only.split(","))) or {"zero", "bbpl", "fewshot"}
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict[str, Any]] = []
@@ -173,8 +207,9 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 save()
     base = next((r["acc"] for r in rows if r["name"].startswith("zero-shot")), None)
-    print(f"\nSmolLM2-135M-Instruct, sarcasm, pattern {TEMPLATE!r}, label words no/No vs yes/Yes; accuracy on "
-          f"{args.eval_samples} sarcasm-val headlines.\n")
+    template, words, _ = TASKS[args.dataset]
+    print(f"\nSmolLM2-135M-Instruct, {args.dataset}, pattern {template!r}, label words {words}; accuracy on "
+          f"{args.eval_samples} held-out rows.\n")
     print("| method | labels used | held-out accuracy | × zero-shot | held-out loss | pseudo-label acc (all / reliable) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
