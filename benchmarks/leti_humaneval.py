@@ -41,12 +41,14 @@ class History(pl.Callback):
     """The loop's per-iteration execution outcomes (its own state only keeps the current iteration's)."""
 
     def __init__(self, loop: FeedbackLoop) -> None:
-        self.loop, self.rows = loop, []
+        self.loop, self.rows, self.started = loop, [], time.time()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.rows.append({"iteration": self.loop.iteration, "statuses": dict(self.loop.statuses),
                           "train_pass_rate": sum(self.loop.passed) / max(1, len(self.loop.passed)),
-                          "step": trainer.global_step})
+                          "step": trainer.global_step, "eval_history": [list(e) for e in self.loop.eval_history],
+                          "seconds": round(time.time() - self.started, 1)})
+        print(f"[leti] {self.rows[-1]}", flush=True)  # a partial result survives a killed run
 
 
 def datamodule(args) -> FeedbackLoopDataModule:
@@ -91,6 +93,12 @@ def main() -> None:
     tr.fit(module, datamodule=datamodule(args))
     loop_seconds, steps = time.time() - t0, tr.global_step
     evals = loop.eval_history  # [[0, before], [1, after iteration 0], ..., ["end", after the last]]
+
+    partial = {"model": MODEL, "args": vars(args), "steps": steps, "pass_at_1_held_out": {str(k): v for k, v in evals},
+               "iterations": history.rows, "plain_baseline_pass_at_1": None, "seconds": {"loop": round(loop_seconds, 1)}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")  # kept if the baseline does not finish
+    print(f"[leti] loop done: {partial}", flush=True)
 
     # -- the plain baseline: the same steps on the plain rows only ----------------------------------------------------
     torch.manual_seed(0)
