@@ -11,7 +11,7 @@ pool. Evaluation: accuracy on ``--eval-samples`` rows of ``sarcasm-val``. Arms, 
   then ``--sessions`` sessions (pool pseudo-labelled by the teacher, ``--student-steps`` meta-reweighted unlabelled
   steps of 16 rows, ``--finetune-steps`` labelled steps). Its teacher accuracy on the pool is reported per session.
 
-Baselines get as many labelled steps as LiST takes in all (teacher + every session's labelled steps), batch 4.
+Baselines get as many labelled steps as LiST takes in all (teacher + every session's labelled steps) plus one, batch 4.
 The regime is scaled down for 2 CPU cores (short phases, ``identity`` adapter init and larger learning rates than
 LiST's RoBERTa-large runs); see the docs page for what that means.
 
