@@ -64,7 +64,8 @@ class LitFtCLI(LightningCLI):
         )
 
         parser.add_argument(
-            "--quick", type=bool, default=False,
+            # nargs="?": a bare `--quick` (as the README writes it) means true; `--quick=false` still parses
+            "--quick", type=bool, nargs="?", const=True, default=False,
             help="a few-step run of the same config that still shows something: max_steps <= 5, one validation at "
                  "the end, metrics logged every step, small held-out and generation sets (lit_ft.cli_quick)",
         )

@@ -60,7 +60,7 @@ def test_quick_flag_runs_a_technique_config_and_logs_its_metrics(tmp_path, tiny_
     overrides = [o for o in tiny_overrides(tmp_path, tiny_tokenizer_path, config) if not o.startswith(_SIZE_FLAGS)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli = cli_run(["fit", f"--config={config}", *overrides, "--trainer.enable_progress_bar=false", "--quick=true"])
+        cli = cli_run(["fit", f"--config={config}", *overrides, "--trainer.enable_progress_bar=false", "--quick"])  # bare, as the README
     printed = out.getvalue()
     assert "lit-ft --quick: trainer.max_steps:" in printed and "lit-ft fit finished" in printed, printed[-1500:]
     assert cli.trainer.global_step == QUICK_STEPS
