@@ -147,6 +147,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
+    if os.path.exists(args.out + ".partial"):
+        os.remove(args.out + ".partial")
     print(f"\npool {len(domains)} rows, k {args.k}; pre-fine-tuning {args.pre_steps} steps, ASDiv fine-tuning "
           f"{args.ft_steps} steps (batch {args.batch_size}); held-out ASDiv loss on {args.eval_samples} asdiv-val rows\n")
     print("| arm | seed | loss after pre-fine-tuning | loss after ASDiv fine-tuning | domain shares of the selection |")
