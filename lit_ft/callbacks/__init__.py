@@ -13,9 +13,9 @@ from lit_ft.callbacks.analysis import ForgettingMonitor
 from lit_ft.callbacks.analysis import TokenDistributionShift
 from lit_ft.callbacks.analysis import TuningContribution
 from lit_ft.callbacks.data_selection import OTDataSelection
+from lit_ft.callbacks.data_selection import FeedbackLoop
 from lit_ft.callbacks.data_selection import SelfTraining
 from lit_ft.callbacks.objectives import CriticalTokenScoring
-from lit_ft.callbacks.data_selection import FeedbackLoop
 from lit_ft.callbacks.objectives import MultiTokenHeads
 from lit_ft.callbacks.objectives import OneTokenRollout
 from lit_ft.callbacks.objectives import TokenDPO

@@ -14,6 +14,6 @@ from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
 from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
 
 __all__ = [
-    "SFTDataModule", "ClassificationDataModule", "FewShotDataModule", "PackedTextDataModule", "PreferenceDataModule", "LengthGroupedSampler",
-    "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX", "FeedbackLoopDataModule",
+    "SFTDataModule", "ClassificationDataModule", "PackedTextDataModule", "PreferenceDataModule", "LengthGroupedSampler",
+    "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX", "FeedbackLoopDataModule", "FewShotDataModule",
 ]

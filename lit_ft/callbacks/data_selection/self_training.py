@@ -337,10 +337,10 @@ class SelfTraining(pl.Callback):
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lit_ft.modules.self_training import SelfTrainingModule
-
         owner = type(self).__name__
-        if not isinstance(pl_module, SelfTrainingModule):
+        # duck-typed (callbacks do not import lit_ft.modules): the methods SelfTrainingModule offers its driver
+        if not all(callable(getattr(pl_module, m, None)) for m in ("labelled_loss", "optimizer_step_with", "log_train_step")) \
+                or getattr(pl_module, "automatic_optimization", True):
             raise TypeError(f"{owner} drives its own loop (teacher phase, sessions, meta-reweighted unlabelled steps) "
                             f"and needs lit_ft.modules.SelfTrainingModule (the verbalizer classifier with manual "
                             f"optimisation); got {type(pl_module).__name__}")
