@@ -54,6 +54,8 @@ def test_every_technique_refusing_fsdp2_refuses_deepspeed_with_the_same_message(
     ctx = Ctx(tmp_path, tiny_tokenizer_path)
     refusing = []
     for record in lit_ft.techniques():
+        if issubclass(record.cls, pl.LightningModule):
+            continue  # a technique that is the module (BlackBoxPromptLearning) refuses >1 process in its own tests
         fsdp2 = _setup_refusal(record, ModelParallelStrategy, ctx)
         if fsdp2 is None or "ModelParallelStrategy" not in fsdp2:
             continue
