@@ -1,0 +1,225 @@
+"""Token selection under label noise, Rho-1's setting (a benchmark, not a test; issue 12's first study).
+
+ASDiv math word problems ("The answer is N.") with a known share of corrupted answers in the training rows (the
+number replaced by a wrong one), a small *clean* split kept apart, and the clean held-out asdiv-val rows:
+
+1. the reference: plain SFT of SmolLM2-135M-Instruct on the clean split (Rho-1's recipe: a reference trained on
+   high-quality data), saved once as a weights-only checkpoint;
+2. per arm and seed, full fine-tuning on the noisy rows with the same steps, data order and evaluation: plain SFT,
+   ExcessLossSelection against that reference (Rho-1), SSToken and QTuning at their defaults, and KeyTokenWeighting
+   (its whole_spans preset, key = the answer's digits);
+3. clean held-out completion loss and exact match (greedy, last number of a 16-token answer).
+
+Every row (and the reference) is cached under ``--cache`` (default ``runs/bench/token_selection_noise/``) as soon as
+it finishes, keyed by the arguments that change it, so an interrupted study resumes and a rerun only renders the
+table (``--force`` reruns). Writes ``benchmarks/results/token_selection_noise.json``, prints the markdown table for
+docs/benchmarks.md and, with ``--plot``, a PNG.
+
+    python benchmarks/token_selection_noise.py --seeds 0,1 --plot docs/img/token_selection_noise.png
+    python benchmarks/token_selection_noise.py --steps 3 --ref-steps 2 --eval-samples 8 --seeds 0 \\
+        --cache /tmp/tsn --no-results   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import lightning.pytorch as pl  # noqa: E402
+
+import lit_ft.callbacks as cbs  # noqa: E402
+from lit_ft.data import SFTDataModule  # noqa: E402
+from lit_ft.modules import CausalLMModule  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+#: arm -> (callbacks factory given the reference folder, extra SFTDataModule options)
+ARMS: dict[str, tuple[Callable[[str], list[pl.Callback]], dict[str, Any]]] = {
+    "plain SFT": (lambda ref: [], {}),
+    "ExcessLossSelection (Rho-1, clean reference)": (lambda ref: [cbs.ExcessLossSelection(reference=ref)], {}),
+    "SSToken": (lambda ref: [cbs.SSToken()], {}),
+    "QTuning": (lambda ref: [cbs.QTuning()], {}),
+    # the default preset (TL-Training) needs tool-call parameter boundaries; ASDiv's key spans are the answer digits
+    "KeyTokenWeighting (whole_spans, key = answer digits)": (
+        lambda ref: [cbs.KeyTokenWeighting(preset="whole_spans")], {"key_span_patterns": [r"\d+"]}),
+}
+
+
+def _rows(name: str) -> list[dict[str, Any]]:
+    from lit_ft.assets import get
+
+    with open(get(name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _corrupt(row: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The same question with a wrong answer: the number moved by a non-zero offset (never negative)."""
+    answer = int(float(row["answer"]))
+    wrong = answer
+    while wrong == answer or wrong < 0:
+        wrong = answer + rng.choice([-1, 1]) * rng.randint(1, max(3, abs(answer)))
+    completion = re.sub(re.escape(str(row["answer"])) + r"(?!.*\d)", str(wrong), row["completion"])
+    return {**row, "completion": completion, "answer": str(wrong), "corrupted": True}
+
+
+def make_splits(args: argparse.Namespace, cache: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """The clean reference split and the noisy training split as JSONL files in ``cache`` (seeded: the same files
+    for every arm and seed)."""
+    rows = [r for r in _rows("asdiv") if re.fullmatch(r"\d+", str(r["answer"]).strip())]
+    rng = random.Random(args.data_seed)
+    rng.shuffle(rows)
+    clean, train = rows[: args.clean_rows], rows[args.clean_rows : args.clean_rows + args.train_rows]
+    noisy_ids = set(rng.sample(range(len(train)), round(args.noise * len(train))))
+    train = [_corrupt(r, rng) if i in noisy_ids else {**r, "corrupted": False} for i, r in enumerate(train)]
+    clean_path, train_path = cache / "clean.jsonl", cache / "noisy_train.jsonl"
+    for path, data in ((clean_path, clean), (train_path, train)):
+        with open(path, "w") as f:
+            for r in data:
+                f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
+    info = {"clean_rows": len(clean), "train_rows": len(train), "corrupted": len(noisy_ids),
+            "example": next(r for r in train if r["corrupted"])}
+    return clean_path, train_path, info
+
+
+def _datamodule(data: str, args: argparse.Namespace, seed: int, **extra: Any) -> SFTDataModule:
+    return SFTDataModule(data=data, val_data="asdiv-val", tokenizer=MODEL, max_length=256, batch_size=args.batch_size,
+                         eval_batch_size=16, max_val_samples=args.eval_samples, seed=seed, **extra)
+
+
+def _trainer(steps: int, callbacks: list[pl.Callback], validate: bool) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, val_check_interval=steps if validate else None, limit_val_batches=None if validate else 0,
+                      num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks)
+
+
+def train_reference(clean: Path, args: argparse.Namespace, folder: Path) -> Path:
+    """Plain SFT on the clean split, saved as a weights-only Lightning checkpoint (ExcessLossSelection loads it)."""
+    if folder.is_file() and not args.force:
+        return folder
+    pl.seed_everything(args.data_seed, verbose=False)
+    module = CausalLMModule(model=MODEL, learning_rate=args.lr, warmup_steps=5)
+    trainer = _trainer(args.ref_steps, [], validate=False)
+    trainer.fit(module, datamodule=_datamodule(str(clean), args, args.data_seed))
+    trainer.save_checkpoint(folder, weights_only=True)  # the Rho-1 recipe's reference.ckpt
+    return folder
+
+
+def run_arm(name: str, train: Path, reference: Path, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    make, data_options = ARMS[name]
+    pl.seed_everything(seed, verbose=False)
+    module = CausalLMModule(model=MODEL, learning_rate=args.lr, warmup_steps=5, eval_exact_match=args.eval_samples,
+                            max_new_tokens=16, eval_before_training=False)
+    trainer = _trainer(args.steps, make(str(reference)), validate=True)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=_datamodule(str(train), args, seed, **data_options))
+    m = trainer.callback_metrics
+    return {"name": name, "seed": seed, "loss": float(m["val/loss"]),
+            "exact_match": float(m.get("val/exact_match", float("nan"))), "wall_s": time.perf_counter() - t0}
+
+
+def _key(args: argparse.Namespace, *extra: Any) -> str:
+    fields = (args.steps, args.ref_steps, args.batch_size, args.lr, args.eval_samples, args.noise, args.clean_rows,
+              args.train_rows, args.data_seed, *extra)
+    return hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> str:
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_arm.setdefault(r["name"], []).append(r)
+    base = by_arm.get("plain SFT")
+    base_loss = statistics.mean(r["loss"] for r in base) if base else float("nan")
+    lines = [
+        f"SmolLM2-135M-Instruct, full fine-tuning on {info['train_rows']} ASDiv rows of which {info['corrupted']} "
+        f"({args.noise:.0%}) have a wrong answer; the reference: plain SFT on {info['clean_rows']} other, clean rows "
+        f"for {args.ref_steps} steps. {args.steps} steps x batch {args.batch_size}, AdamW lr {args.lr}, seeds "
+        f"{args.seeds}; held-out: {args.eval_samples} clean asdiv-val rows.",
+        "",
+        "| arm | clean held-out loss (mean over seeds) | vs plain | exact match (mean) | per seed (loss / EM) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rs in by_arm.items():
+        loss = statistics.mean(r["loss"] for r in rs)
+        em = statistics.mean(r["exact_match"] for r in rs)
+        per = ", ".join(f"{r['loss']:.4f} / {r['exact_match']:.3f}" for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {name} | {loss:.4f} | {loss / base_loss:.3f}x | {em:.3f} | {per} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    fig = Figure(figsize=(9, 3.2))
+    FigureCanvasAgg(fig)
+    for i, (key, title) in enumerate((("loss", "clean held-out loss (lower is better)"), ("exact_match", "exact match"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for j, n in enumerate(names):
+            vals = [r[key] for r in rows if r["name"] == n]
+            ax.bar(j, statistics.mean(vals), color="#888" if n == "plain SFT" else "#3a7")
+            ax.plot([j] * len(vals), vals, "k.", markersize=4)
+        ax.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--ref-steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--noise", type=float, default=0.4, help="share of training rows with a wrong answer")
+    p.add_argument("--clean-rows", type=int, default=300)
+    p.add_argument("--train-rows", type=int, default=1200)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--seeds", type=str, default="0,1")
+    p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
+    p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "token_selection_noise"))
+    p.add_argument("--force", action="store_true", help="rerun cached rows and the reference")
+    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
+    p.add_argument("--plot", type=str, default=None)
+    args = p.parse_args()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    clean, train, info = make_splits(args, cache)
+    reference = train_reference(clean, args, cache / f"reference_{_key(args)}.ckpt")
+    names = [n for n in ARMS if not args.only or any(n.startswith(w.strip()) for w in args.only.split(","))]
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in names:
+            path = cache / f"row_{_key(args, name, seed)}.json"
+            if path.is_file() and not args.force:
+                rows.append(json.loads(path.read_text()))
+                continue
+            row = run_arm(name, train, reference, args, seed)
+            path.write_text(json.dumps(row))
+            print(f"[{name}, seed {seed}] {row}", flush=True)
+            rows.append(row)
+    md = table(rows, args, info)
+    print(md)
+    if not args.no_results:
+        out = Path(REPO) / "benchmarks" / "results" / "token_selection_noise.json"
+        out.write_text(json.dumps({"args": vars(args), "data": info, "rows": rows, "table": md}, indent=1) + "\n")
+    if args.plot:
+        _plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
