@@ -98,8 +98,9 @@ def _datamodule(data: str, args: argparse.Namespace, seed: int, **extra: Any) ->
                          eval_batch_size=16, max_val_samples=args.eval_samples, seed=seed, **extra)
 
 
-def _trainer(steps: int, callbacks: list[pl.Callback], validate: bool) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, val_check_interval=steps if validate else None, limit_val_batches=None if validate else 0,
+def _trainer(steps: int, callbacks: list[pl.Callback], validate: bool, root: Path) -> pl.Trainer:
+    # root: where techniques draw their pictures (QTuning's EU plane), never the working directory
+    return pl.Trainer(default_root_dir=str(root), max_steps=steps, val_check_interval=steps if validate else None, limit_val_batches=None if validate else 0,
                       num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, log_every_n_steps=1, callbacks=callbacks)
 
@@ -110,7 +111,7 @@ def train_reference(clean: Path, args: argparse.Namespace, folder: Path) -> Path
         return folder
     pl.seed_everything(args.data_seed, verbose=False)
     module = CausalLMModule(model=MODEL, learning_rate=args.lr, warmup_steps=5)
-    trainer = _trainer(args.ref_steps, [], validate=False)
+    trainer = _trainer(args.ref_steps, [], validate=False, root=folder.parent)
     trainer.fit(module, datamodule=_datamodule(str(clean), args, args.data_seed))
     trainer.save_checkpoint(folder, weights_only=True)  # the Rho-1 recipe's reference.ckpt
     return folder
@@ -121,7 +122,7 @@ def run_arm(name: str, train: Path, reference: Path, args: argparse.Namespace, s
     pl.seed_everything(seed, verbose=False)
     module = CausalLMModule(model=MODEL, learning_rate=args.lr, warmup_steps=5, eval_exact_match=args.eval_samples,
                             max_new_tokens=16, eval_before_training=False)
-    trainer = _trainer(args.steps, make(str(reference)), validate=True)
+    trainer = _trainer(args.steps, make(str(reference)), validate=True, root=Path(args.cache))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=_datamodule(str(train), args, seed, **data_options))
     m = trainer.callback_metrics
