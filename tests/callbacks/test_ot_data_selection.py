@@ -11,7 +11,7 @@ import torch
 
 import lit_ft.callbacks.data_selection.ot_data_selection as ods
 from lit_ft.callbacks.data_selection.ot_data_selection import OTDataSelection, calibrated_gradient, row_text
-from lit_ft.callbacks.data_selection.text_embedding import TextEmbedder
+from lit_ft.callbacks.data_selection._text_embedding import TextEmbedder
 from tests.callbacks.got_d_helpers import files, pool_datamodule, selection_kwargs
 from tests.helpers import ListDataModule, PlainHFModule, quiet_trainer
 

@@ -190,7 +190,7 @@ class OTDataSelection(pl.Callback):
 
     def rank(self, pool_texts: Sequence[str], target_texts: Sequence[str]) -> list[int]:
         """Pool indices ordered by calibrated gradient, most negative first (the selection is a prefix)."""
-        from lit_ft.callbacks.data_selection.text_embedding import TextEmbedder
+        from lit_ft.callbacks.data_selection._text_embedding import TextEmbedder
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         root = Path(self.cache_dir) if self.cache_dir else _default_cache()
