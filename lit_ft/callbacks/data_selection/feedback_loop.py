@@ -18,7 +18,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lit_ft.callbacks.data_selection._initial_kl import InitialModelKL
+from lit_ft.core.batch import require_keys
 from lit_ft.core.introspect import find_hf_model
+from lit_ft.core.loss import Attachment, attach, detach
 from lit_ft.core.progress import progress
 from lit_ft.core.registry import technique
 from lit_ft.core.sandbox import Sandbox, SandboxResult
@@ -175,15 +178,22 @@ class FeedbackLoop(Callback):
     3. write each as ``<|good|>`` / ``<|bad|>`` + ``<|lang_feedback|>`` feedback ``<|/lang_feedback|>`` + problem +
        program (:func:`feedback_text`), shuffle them with the iteration's seed and pair each with one plain row
        (1:1, LeTI's pre-training regulariser);
-    4. the iteration's epochs train the plain LM loss on that set. Inference conditions on ``<|good|>``
+    4. the iteration's epochs train the plain LM loss on that set (+ ``kl_coefficient`` × the KL to the initial
+       model on the feedback texts' problem + program tokens, when set). Inference conditions on ``<|good|>``
        (:func:`pass_at_1`).
 
     The four special tokens are added to the tokenizer and the model's embeddings at setup (new rows = the mean
     embedding), before the optimizer is built and before a checkpoint is restored, so a resumed run has the same
     shapes. The checkpointed state is the iteration counter and the iteration's texts and pairing; the sampling
     seed of iteration ``i`` is derived from ``seed`` and ``i``, so nothing else is needed to resume identically.
-    The authors' optional KL term to the initial model (``kl_divergence``, unset in all their training scripts) is
-    not implemented.
+    The optional KL term (the authors' ``kl_divergence``, unset in all their training scripts, so off by default):
+    at each position whose input token is a problem or program token of a feedback text (after the
+    ``<|/lang_feedback|>``, or after ``<|good|>`` / ``<|bad|>`` with coarse feedback; plain rows have none),
+    ``KL(p_initial ‖ p_current)`` over the whole vocabulary, averaged over those positions of the accumulation
+    window (all ranks), times ``kl_coefficient``; logged as ``lit_ft/feedback_loop/kl`` (the unweighted mean). The
+    initial model is a frozen copy of the weights at the first fit's setup (with the new embedding rows); a resumed
+    run copies them again before the checkpoint is restored, and the checkpoint holds only their digest: a resumed
+    run built from other weights is refused.
 
     Args:
         num_samples: programs sampled per problem and iteration (paper: 128 on MBPP; >= 1).
@@ -203,6 +213,9 @@ class FeedbackLoop(Callback):
         evaluate_each_iteration: log greedy pass@1 on the DataModule's held-out problems at each iteration's start
             and after the last epoch (``lit_ft/feedback_loop/eval_pass_at_1``).
         seed: seed of the sampling, the feedback phrase choice, the shuffle and the plain rows of each iteration.
+        kl_coefficient: weight of the KL to the initial model on the feedback texts' non-feedback tokens (>= 0;
+            authors' default: off = 0). It needs a module on lit-ft's token-loss engine (lit_ft.modules.
+            CausalLMModule, or one that returns ``model(**batch).loss``) and keeps a frozen copy of the model.
     """
 
     def __init__(self, num_samples: int = 128, epochs_per_iteration: int = 3, max_new_tokens: int = 512,
@@ -210,7 +223,7 @@ class FeedbackLoop(Callback):
                  stop_sequences: list[str] | None = None, coarse_feedback_only: bool = False,
                  mix_plain_data: bool = True, timeout_seconds: float = 5.0, cpu_seconds: int = 5,
                  memory_mb: int = 1024, execution_workers: int = 2, evaluate_each_iteration: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, kl_coefficient: float = 0.0) -> None:
         owner = type(self).__name__
         self.num_samples = check_int(owner, "num_samples", num_samples, 1)
         self.epochs_per_iteration = check_int(owner, "epochs_per_iteration", epochs_per_iteration, 1)
@@ -233,6 +246,11 @@ class FeedbackLoop(Callback):
         self.execution_workers = check_int(owner, "execution_workers", execution_workers, 1)
         self.evaluate_each_iteration = check_bool(owner, "evaluate_each_iteration", evaluate_each_iteration)
         self.seed = check_int(owner, "seed", seed, 0)
+        self.kl_coefficient = check_number(owner, "kl_coefficient", kl_coefficient, 0.0)
+        #: the KL term (None when off: then the loss is exactly the plain LM loss)
+        self._kl = InitialModelKL(self.kl_coefficient, owner) if self.kl_coefficient > 0 else None
+        self._attachment: Attachment | None = None
+        self._checked_batch = False
         self.sandbox: Sandbox | None = None
         self.token_ids: list[int] = []
         # checkpointed: the iteration whose data is current (-1 = none yet), its texts, pairing and outcomes
@@ -283,6 +301,17 @@ class FeedbackLoop(Callback):
         if self.sandbox is None:
             self.sandbox = Sandbox(cpu_seconds=self.cpu_seconds, wall_seconds=self.timeout_seconds,
                                    memory_mb=self.memory_mb)
+        if self._kl is not None:
+            # the fit-start weights (new rows included), copied before a checkpoint is restored
+            self._kl.build(find_hf_model(pl_module, require_lm_head=True), self.token_ids)
+            if self._attachment is None:
+                self._attachment = attach(trainer, pl_module, self._kl, "auto", who=type(self).__name__,
+                                          allowed=("auto",))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        detach(self._attachment, self._kl)
+        self._attachment = None
 
     # -- the outer loop ----------------------------------------------------------------------------------------------
     def iteration_seed(self, iteration: int) -> int:
@@ -346,9 +375,39 @@ class FeedbackLoop(Callback):
                                         workers=self.execution_workers, stop_sequences=self.stop_sequences)
         self.eval_history.append([when, self._eval_score])
 
+    # -- the KL term on the loss engine ---------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._attachment is None:
+            return
+        if not self._checked_batch:
+            require_keys(batch, ("input_ids", "attention_mask"), who="FeedbackLoop(kl_coefficient > 0)")
+            self._checked_batch = True
+        self._attachment.begin_batch(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._attachment is not None:
+            self._attachment.bind(batch)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self._attachment is not None:
+            self._attachment.end_window()
+
+    @property
+    def initial_model(self) -> torch.nn.Module | None:
+        """The frozen initial model of the KL term (``None`` when ``kl_coefficient`` is 0 or before setup)."""
+        return None if self._kl is None else self._kl.frozen.model
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._kl is not None and self._kl.last_kl is not None:
+            pl_module.log("lit_ft/feedback_loop/kl", self._kl.last_kl, on_step=True, on_epoch=False, batch_size=1)
         rate = sum(self.passed) / len(self.passed) if self.passed else 0.0
         pl_module.log("lit_ft/feedback_loop/iteration", float(self.iteration), on_step=True, on_epoch=False,
                       batch_size=1)
@@ -368,7 +427,8 @@ class FeedbackLoop(Callback):
         return {"iteration": self.iteration, "texts": list(self.texts),
                 "plain_indices": None if self.plain_indices is None else list(self.plain_indices),
                 "passed": list(self.passed), "statuses": dict(self.statuses), "seed": self.seed,
-                "num_samples": self.num_samples, "eval_history": [list(e) for e in self.eval_history]}
+                "num_samples": self.num_samples, "eval_history": [list(e) for e in self.eval_history],
+                **(self._kl.state_dict() if self._kl is not None else {})}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -386,3 +446,5 @@ class FeedbackLoop(Callback):
         self.eval_history = [list(e) for e in state_dict.get("eval_history", [])]
         self._eval_score = self.eval_history[-1][1] if self.eval_history else None
         self._pushed = -1
+        if self._kl is not None:
+            self._kl.load_state_dict(state_dict)
