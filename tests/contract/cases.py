@@ -238,11 +238,12 @@ CASES: dict[str, Case] = {
     # data selection
     "feedback_loop": Case(  # a tiny FeedbackLoopDataModule: 6 problems (2 held out), n=1: 2 batches per epoch
         kwargs={"num_samples": 1, "epochs_per_iteration": 1, "max_new_tokens": 4, "timeout_seconds": 2.0},
-        alt_kwargs={"num_samples": 1, "epochs_per_iteration": 1, "max_new_tokens": 4, "seed": 1},
+        alt_kwargs={"num_samples": 1, "epochs_per_iteration": 1, "max_new_tokens": 4, "seed": 1,
+                    "kl_coefficient": 0.1},
         datamodule=lambda: __import__("tests.data.feedback_problems", fromlist=["_"]).feedback_datamodule(),
         invalid=(("num_samples", 0), ("epochs_per_iteration", 0), ("max_new_tokens", 0), ("temperature", 0.0),
                  ("top_p", 1.5), ("stop_sequences", "\ndef"), ("timeout_seconds", 0), ("execution_workers", 0),
-                 ("coarse_feedback_only", 1), ("seed", -1))),
+                 ("coarse_feedback_only", 1), ("seed", -1), ("kl_coefficient", -1.0))),
     # token selection
     "excess_loss": Case(
         # the self-reference mode (named, not Rho-1): the checks need no reference file; a loaded reference and the
