@@ -27,8 +27,11 @@ test: install
 assets: install
 	$(PY) -m lit_ft.assets fetch --all
 
+# issue 12's studies (one per family), each resuming from its per-row cache in runs/bench/, then their tables in
+# docs/benchmarks.md and pictures in docs/img/ regenerated (BENCH_ARGS=--render-only: no training, from
+# benchmarks/results/). Kernel timings: python benchmarks/token_ce.py and the other scripts, commands in the docs.
 bench: install
-	$(PY) benchmarks/token_ce.py
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 # issue 18's compatibility matrix: every technique under 2-rank DDP and FSDP2 (gloo CPU) and the single-process
 # settings (bf16, accumulation, checkpointing, torch.compile, PEFT-LoRA, mid-epoch and SIGKILL resume, Hypothesis
