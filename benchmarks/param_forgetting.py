@@ -192,16 +192,18 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--train-rows", type=int, default=320, help="ASDiv training rows (steps x batch / rows = epochs)")
+    p.add_argument("--train-rows", type=int, default=240, help="ASDiv training rows (steps x batch / rows = epochs)")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--exact-match", type=int, default=100, help="held-out rows scored by greedy exact match (0 = off)")
     p.add_argument("--forget-samples", type=int, default=64)
     p.add_argument("--seeds", type=str, default="0")
     p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
     p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "param_forgetting"))
+    p.add_argument("--cached-only", action="store_true",
+                   help="no training: the table from the rows already cached (missing rows are left out)")
     p.add_argument("--force", action="store_true", help="rerun cached rows")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
     p.add_argument("--plot", type=str, default=None)
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             path = cache / f"row_{_key(args, name, seed)}.json"
             if path.is_file() and not args.force:
                 rows.append(json.loads(path.read_text()))
+                continue
+            if args.cached_only:
                 continue
             row = run_arm(name, args, seed)
             path.write_text(json.dumps(row))

@@ -142,12 +142,14 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-samples", type=int, default=300)
     p.add_argument("--seeds", type=str, default="0,1")
     p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
     p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "prompt_rates"))
+    p.add_argument("--cached-only", action="store_true",
+                   help="no training: the table from the rows already cached (missing rows are left out)")
     p.add_argument("--force", action="store_true", help="rerun cached rows")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
     p.add_argument("--plot", type=str, default=None)
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             path = cache / f"row_{_key(args, name, seed)}.json"
             if path.is_file() and not args.force:
                 rows.append(json.loads(path.read_text()))
+                continue
+            if args.cached_only:
                 continue
             row = run_arm(name, args, seed)
             path.write_text(json.dumps(row))

@@ -89,7 +89,7 @@ def make_splits(args: argparse.Namespace, cache: Path) -> tuple[Path, Path, dict
             for r in data:
                 f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
     info = {"clean_rows": len(clean), "train_rows": len(train), "corrupted": len(noisy_ids),
-            "example": next(r for r in train if r["corrupted"])}
+            "example": next(r for r in train if r["corrupted"]), "corrupted_ids": sorted(noisy_ids)}
     return clean_path, train_path, info
 
 
@@ -130,6 +130,60 @@ def run_arm(name: str, train: Path, reference: Path, args: argparse.Namespace, s
             "exact_match": float(m.get("val/exact_match", float("nan"))), "wall_s": time.perf_counter() - t0}
 
 
+def diagnose(train: Path, reference: Path, args: argparse.Namespace, corrupted: set[int]) -> dict[str, Any]:
+    """What Rho-1's score does with the noise at step 0: score ``--diagnose`` training rows with the starting model
+    and the clean reference, keep the top ``keep_ratio`` of all their supervised tokens by excess loss
+    (ℓ_θ − ℓ_ref; ExcessLossSelection's default 0.6, ranked over the rows together as over one step's batch), and
+    report the kept share of three kinds of tokens: the answer number of a corrupted row (the noise), the answer
+    number of a clean row, and every other supervised token (the wording, "The answer is", end of turn)."""
+    import torch
+
+    from lit_ft.callbacks import ExcessLossSelection
+
+    keep_ratio = ExcessLossSelection().keep_ratio
+    dm = _datamodule(str(train), args, args.data_seed)
+    dm.setup("fit")
+    base = CausalLMModule(model=MODEL).eval()
+    ref = CausalLMModule(model=MODEL).eval()  # the checkpoint holds weights only: load them into a fresh module
+    state = torch.load(reference, map_location="cpu", weights_only=True)["state_dict"]
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    if unexpected or any("lm_head" not in k for k in missing):  # the tied lm_head may be left out
+        raise SystemExit(f"{reference}: not a reference of {MODEL} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tok = dm.tokenizer
+    scores, kinds = [], []
+    seen = 0
+    with torch.no_grad():
+        for batch in dm.train_dataloader():
+            labels = batch["labels"][:, 1:]
+            nll = []
+            for m in (base, ref):
+                logits = m.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels.clamp_min(0),
+                                                             reduction="none"))
+            excess = nll[0] - nll[1]
+            for row in range(labels.shape[0]):
+                idx = int(batch["sample_idx"][row])
+                sup = (labels[row] >= 0).nonzero().flatten().tolist()
+                # the answer number: the supervised tokens that decode to digits, the last run of them
+                digits = [t for t in sup if tok.decode([int(labels[row, t])]).strip().isdigit()]
+                last_run = [t for t in digits if all(u in digits for u in range(t, max(digits) + 1))]
+                for t in sup:
+                    kind = ("corrupted answer" if idx in corrupted else "clean answer") if t in last_run else "other"
+                    scores.append(float(excess[row, t]))
+                    kinds.append(kind)
+            seen += labels.shape[0]
+            if seen >= args.diagnose:
+                break
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    kept = set(order[: int(round(keep_ratio * len(scores)))])
+    out: dict[str, Any] = {"rows": seen, "keep_ratio": keep_ratio, "tokens": len(scores)}
+    for kind in ("corrupted answer", "clean answer", "other"):
+        ids = [i for i, k in enumerate(kinds) if k == kind]
+        out[kind] = {"tokens": len(ids), "kept_share": sum(i in kept for i in ids) / max(len(ids), 1),
+                     "mean_excess": statistics.mean(scores[i] for i in ids) if ids else float("nan")}
+    return out
+
+
 def _key(args: argparse.Namespace, *extra: Any) -> str:
     fields = (args.steps, args.ref_steps, args.batch_size, args.lr, args.eval_samples, args.noise, args.clean_rows,
               args.train_rows, args.data_seed, *extra)
@@ -156,6 +210,18 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, 
         em = statistics.mean(r["exact_match"] for r in rs)
         per = ", ".join(f"{r['loss']:.4f} / {r['exact_match']:.3f}" for r in sorted(rs, key=lambda r: r["seed"]))
         lines.append(f"| {name} | {loss:.4f} | {loss / base_loss:.3f}x | {em:.3f} | {per} |")
+    return "\n".join(lines)
+
+
+def diagnosis_table(d: dict[str, Any]) -> str:
+    lines = [f"Step 0, {d['rows']} training rows ({d['tokens']} supervised tokens): ExcessLossSelection's score "
+             f"(starting model minus the clean reference), top {d['keep_ratio']:.0%} kept over all of them.", "",
+             "| supervised tokens | count | kept share | mean excess loss |", "|---|---|---|---|"]
+    for kind in ("corrupted answer", "clean answer", "other"):
+        k = d[kind]
+        lines.append(f"| {kind} number tokens | {k['tokens']} | {k['kept_share']:.3f} | {k['mean_excess']:.3f} |"
+                     if kind != "other" else
+                     f"| every other supervised token | {k['tokens']} | {k['kept_share']:.3f} | {k['mean_excess']:.3f} |")
     return "\n".join(lines)
 
 
@@ -193,9 +259,13 @@ def main() -> None:
     p.add_argument("--seeds", type=str, default="0,1")
     p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
     p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "token_selection_noise"))
+    p.add_argument("--cached-only", action="store_true",
+                   help="no training: the table from the rows already cached (missing rows are left out)")
     p.add_argument("--force", action="store_true", help="rerun cached rows and the reference")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
     p.add_argument("--plot", type=str, default=None)
+    p.add_argument("--diagnose", type=int, default=0,
+                   help="also score this many training rows at step 0: the kept share of corrupted answer tokens")
     args = p.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -209,11 +279,17 @@ def main() -> None:
             if path.is_file() and not args.force:
                 rows.append(json.loads(path.read_text()))
                 continue
+            if args.cached_only:
+                continue
             row = run_arm(name, train, reference, args, seed)
             path.write_text(json.dumps(row))
             print(f"[{name}, seed {seed}] {row}", flush=True)
             rows.append(row)
     md = table(rows, args, info)
+    if args.diagnose:
+        diag = diagnose(train, reference, args, set(info["corrupted_ids"]))
+        info["diagnosis"] = diag
+        md += "\n\n" + diagnosis_table(diag)
     print(md)
     if not args.no_results:
         out = Path(REPO) / "benchmarks" / "results" / "token_selection_noise.json"
