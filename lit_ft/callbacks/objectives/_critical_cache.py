@@ -14,7 +14,8 @@ File format (``torch.save`` of a plain dict, read with ``weights_only=True``)::
     meta         dict of str: how it was made (sources, β, contrastive training arguments)
 
 A file whose fingerprint, data digest or split differs from the run's is refused, never silently reused; a batch row
-whose tokens differ from the pair's digest is refused too.
+whose tokens differ from the pair's digest is refused too. The file is a :mod:`lit_ft.core.sample_store` layout
+(``LAYOUT``): that module writes, reads and checks it.
 """
 
 from __future__ import annotations
@@ -28,21 +29,28 @@ from typing import Any
 import torch
 
 from lit_ft.callbacks.objectives._critical_data import PairRecord, batch_records
+from lit_ft.core.sample_store import (
+    PerSampleStore,
+    Ragged,
+    SampleMismatch,
+    StoreFormatError,
+    StoreLayout,
+    StoreText,
+)
 
 FORMAT = "lit_ft.critical_token_weights"
 VERSION = 1
 WHO = "CriticalTokenScoring"
+LAYOUT = StoreLayout(FORMAT, VERSION, ragged={"rejected_p": "rejected_offsets", "chosen_p": "chosen_offsets"},
+                     fields=("split", "fingerprint", "data"))
+_TEXT = StoreText(who=WHO, argument="cache_path", kind="weights file", digest_of="tokens or labels",
+                  remedy="delete it to re-score, or set cache_path to another file",
+                  mismatch="or list callbacks that edit the batch after CriticalTokenScoring",
+                  make="CriticalTokenScoring writes it at the start of training when cache_path does not exist")
 
 
 class StaleCacheError(ValueError):
     """A weights file made from other models, data or arguments than this run's."""
-
-
-def _offsets(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    off = torch.zeros(len(values) + 1, dtype=torch.long)
-    if values:
-        off[1:] = torch.cumsum(torch.tensor([v.numel() for v in values], dtype=torch.long), 0)
-    return off
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -54,7 +62,8 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CriticalWeightsCache:
-    """Per-pair contrastive probabilities keyed by ``sample_idx`` (see the module docstring)."""
+    """Per-pair contrastive probabilities keyed by ``sample_idx`` (see the module docstring); the file, the row
+    lookup and the digest check are :class:`lit_ft.core.sample_store.PerSampleStore`'s."""
 
     split: str
     fingerprint: str
@@ -69,59 +78,55 @@ class CriticalWeightsCache:
     path: str | None = None
 
     def __post_init__(self) -> None:
-        self._row = {int(s): i for i, s in enumerate(self.sample_idx.tolist())}
+        columns = {"rejected_p": Ragged(self.rejected_offsets, self.rejected_p),
+                   "chosen_p": Ragged(self.chosen_offsets, self.chosen_p)}
+        fields = {"split": self.split, "fingerprint": self.fingerprint, "data": self.data}
+        try:
+            self._store = PerSampleStore(LAYOUT, self.sample_idx, self.digest, columns, fields, self.meta, _TEXT,
+                                         self.path)
+        except StoreFormatError as e:
+            raise StaleCacheError(str(e)) from e
+
+    @classmethod
+    def _of(cls, store: PerSampleStore) -> CriticalWeightsCache:
+        rej, cho = store.columns["rejected_p"], store.columns["chosen_p"]
+        return cls(split=store.fields["split"], fingerprint=store.fields["fingerprint"], data=store.fields["data"],
+                   sample_idx=store.sample_idx, digest=store.digest, rejected_offsets=rej.offsets,
+                   rejected_p=rej.values, chosen_offsets=cho.offsets, chosen_p=cho.values, meta=store.meta,
+                   path=store.path)
 
     def __len__(self) -> int:
-        return len(self._row)
+        return len(self._store)
 
     @property
     def has_chosen(self) -> bool:
-        return int(self.chosen_offsets.numel()) == len(self) + 1
+        return self._store.columns["chosen_p"].present
 
     @classmethod
     def from_scores(cls, records: Sequence[PairRecord], rejected: Sequence[torch.Tensor],
                     chosen: Sequence[torch.Tensor] | None, *, split: str, fingerprint: str, data: str,
                     meta: Mapping[str, Any] | None = None) -> CriticalWeightsCache:
-        """The cache of ``records`` (sorted by ``sample_idx``) with their scores (one tensor per pair and side)."""
-        empty = torch.zeros(0, dtype=torch.float32)
-        return cls(split=split, fingerprint=fingerprint, data=data,
-                   sample_idx=torch.tensor([r.sample_idx for r in records], dtype=torch.long),
-                   digest=torch.tensor([r.digest for r in records], dtype=torch.long),
-                   rejected_offsets=_offsets(rejected), rejected_p=torch.cat(list(rejected)) if rejected else empty,
-                   chosen_offsets=_offsets(chosen) if chosen is not None else torch.zeros(0, dtype=torch.long),
-                   chosen_p=torch.cat(list(chosen)) if chosen else empty,
-                   meta={k: str(v) for k, v in (meta or {}).items()})
+        """The cache of ``records`` with their scores (one tensor per pair and side, in the order of ``records``)."""
+        columns = {"rejected_p": list(rejected), "chosen_p": None if chosen is None else list(chosen)}
+        store = PerSampleStore.build(LAYOUT, [r.sample_idx for r in records], [r.digest for r in records], columns,
+                                     fields={"split": split, "fingerprint": fingerprint, "data": data}, meta=meta,
+                                     text=_TEXT)
+        return cls._of(store)
 
     # -- file ----------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (parent folders created; written under a temporary name, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": FORMAT, "version": VERSION, "split": self.split, "fingerprint": self.fingerprint,
-                    "data": self.data, "sample_idx": self.sample_idx, "digest": self.digest,
-                    "rejected_offsets": self.rejected_offsets, "rejected_p": self.rejected_p,
-                    "chosen_offsets": self.chosen_offsets, "chosen_p": self.chosen_p, "meta": dict(self.meta)}, tmp)
-        os.replace(tmp, path)
-        self.path = str(path)
+        path = self._store.save(path)
+        self.path = self._store.path
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CriticalWeightsCache:
         """Read a file written by :meth:`save`; another format or version is an error naming the path."""
-        p = Path(os.path.expanduser(os.fspath(path)))
-        if not p.is_file():
-            raise FileNotFoundError(f"{WHO}: cache_path={os.fspath(path)!r} is not a file")
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise StaleCacheError(f"{WHO}: cache_path={os.fspath(path)!r} is not a critical-token weights file "
-                                  f"(format {FORMAT!r}); point cache_path elsewhere or delete the file")
-        if raw.get("version") != VERSION:
-            raise StaleCacheError(f"{WHO}: cache_path={os.fspath(path)!r} has format version {raw.get('version')!r};"
-                                  f" this lit-ft reads version {VERSION}: delete it to re-score")
-        keys = ("split", "fingerprint", "data", "sample_idx", "digest", "rejected_offsets", "rejected_p",
-                "chosen_offsets", "chosen_p", "meta")
-        return cls(**{k: raw[k] for k in keys}, path=str(p))
+        try:
+            return cls._of(PerSampleStore.load(path, LAYOUT, _TEXT))
+        except StoreFormatError as e:
+            raise StaleCacheError(str(e)) from e
 
     def check(self, *, split: str, fingerprint: str, data: str | None, need_chosen: bool) -> None:
         """Refuse (:class:`StaleCacheError`) a file made for another split, other models / β, other data, or
@@ -152,21 +157,16 @@ class CriticalWeightsCache:
         shape = tuple(batch["rejected_labels"].shape)
         weights = {"chosen": torch.ones(tuple(batch["chosen_labels"].shape), dtype=torch.float32),
                    "rejected": torch.ones(shape, dtype=torch.float32)}
-        for b, (rec, positions) in enumerate(batch_records(batch)):
-            row = self._row.get(rec.sample_idx)
-            if row is None:
-                raise KeyError(f"{WHO}: sample_idx {rec.sample_idx} is not in the weights file{where}, which holds "
-                               f"{len(self)} pairs of split {self.split!r}; it was made for other data: delete it "
-                               "to re-score")
-            if int(self.digest[row]) != rec.digest:
-                raise StaleCacheError(f"{WHO}: sample_idx {rec.sample_idx} has other tokens or labels here than in "
-                                      f"the weights file{where}; delete it to re-score (or list callbacks that edit "
-                                      "the batch after CriticalTokenScoring)")
-            sides = ("rejected",) if only_neg else ("rejected", "chosen")
+        records = batch_records(batch)
+        try:
+            rows = self._store.rows([rec.sample_idx for rec, _ in records], [rec.digest for rec, _ in records],
+                                    context=f" of split {self.split!r}")
+        except SampleMismatch as e:
+            raise StaleCacheError(str(e)) from e
+        sides = ("rejected",) if only_neg else ("rejected", "chosen")
+        for b, ((rec, positions), row) in enumerate(zip(records, rows)):
             for side in sides:
-                offsets, values = (self.rejected_offsets, self.rejected_p) if side == "rejected" \
-                    else (self.chosen_offsets, self.chosen_p)
-                p = values[int(offsets[row]):int(offsets[row + 1])]
+                p = self._store.values(f"{side}_p", row)
                 sup = supervised_positions(getattr(rec, side).labels)
                 if sup.numel() != p.numel():  # the digest matched: only a corrupt file gets here
                     raise StaleCacheError(f"{WHO}: the weights file{where} holds {p.numel()} scores for sample_idx "

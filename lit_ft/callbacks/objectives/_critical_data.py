@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
+from lit_ft.core.sample_store import digest_tokens
 
 SIDES = ("chosen", "rejected")
 PREFERENCE_KEYS = tuple(f"{s}_{k}" for s in SIDES for k in ("input_ids", "attention_mask", "labels")) + ("sample_idx",)
@@ -55,12 +56,7 @@ def trim(ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor) -> 
 
 def pair_digest(chosen: Row, rejected: Row) -> int:
     """A signed 64-bit hash of a pair's token ids and labels (blake2b: the same on every process and machine)."""
-    h = hashlib.blake2b(digest_size=8)
-    for row in (chosen, rejected):
-        for t in (row.ids, row.labels):
-            h.update(t.to(torch.int64).numpy().tobytes())
-            h.update(b"|")
-    return int.from_bytes(h.digest(), "little", signed=True)
+    return digest_tokens(chosen.ids, chosen.labels, rejected.ids, rejected.labels, separator=b"|")
 
 
 def batch_records(batch: Mapping[str, Any]) -> list[tuple[PairRecord, dict[str, torch.Tensor]]]:

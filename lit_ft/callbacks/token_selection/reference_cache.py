@@ -16,6 +16,8 @@ File format (``torch.save`` of a plain dict, loaded with ``weights_only=True``):
                 max_length, a callback that edited input_ids first) is refused, not silently mis-scored
     meta        dict of str: reference, tokenizer, max_length, data (what it was made with; checked at setup)
 
+(the :mod:`lit_ft.core.sample_store` layout ``LAYOUT``: that module writes, reads and checks the file).
+
 Make one from a config (the DataModule of its ``data:`` section is set up and its whole training set scored)::
 
     python -m lit_ft.callbacks.token_selection.reference_cache --config configs/rho1/excess_loss.yaml \\
@@ -27,7 +29,6 @@ or from Python with :func:`score_batches` / :func:`build_cache`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import os
 import sys
@@ -42,18 +43,25 @@ from torch import nn
 from lit_ft.core.batch import IGNORE_INDEX
 from lit_ft.core.loss import causal_lm_token_nll
 from lit_ft.core.progress import progress
+from lit_ft.core.sample_store import PerSampleStore, Ragged, StoreLayout, StoreText, digest_tokens
 
-__all__ = ["FORMAT", "VERSION", "ReferenceLossCache", "build_cache", "datamodule_meta", "digest_ids", "main", "score_batches"]
+__all__ = ["FORMAT", "LAYOUT", "VERSION", "ReferenceLossCache", "build_cache", "datamodule_meta", "digest_ids", "main",
+           "score_batches"]
 
 FORMAT = "lit_ft.reference_nll"
 VERSION = 1
 _WHO = "ExcessLossSelection(reference_losses=...)"
+_MAKE = ("`python -m lit_ft.callbacks.token_selection.reference_cache --config <your config> --reference <reference "
+         "model> --out <file>`")
+LAYOUT = StoreLayout(FORMAT, VERSION, ragged={"nll": "offsets"})
+_TEXT = StoreText(who=_WHO, argument="reference_losses", kind="reference-loss cache", digest_of="token ids",
+                  remedy=f"make it for this DataModule with {_MAKE}",
+                  mismatch="or list callbacks that edit input_ids after ExcessLossSelection")
 
 
 def digest_ids(ids: Iterable[int]) -> int:
     """A signed 64-bit hash of a sample's token ids (blake2b; stable across processes and machines)."""
-    raw = torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
+    return digest_tokens(ids)
 
 
 def _row_lengths(batch: Mapping[str, Any]) -> list[int]:
@@ -76,7 +84,8 @@ def _sample_idx(batch: Mapping[str, Any]) -> list[int]:
 
 @dataclass
 class ReferenceLossCache:
-    """Per-sample reference NLLs keyed by ``sample_idx`` (see the module docstring for the file format)."""
+    """Per-sample reference NLLs keyed by ``sample_idx`` (see the module docstring for the file format); the file,
+    the row lookup and the digest check are :class:`lit_ft.core.sample_store.PerSampleStore`'s."""
 
     sample_idx: torch.Tensor
     offsets: torch.Tensor
@@ -86,38 +95,25 @@ class ReferenceLossCache:
     path: str | None = None
 
     def __post_init__(self) -> None:
-        self._row: dict[int, int] = {int(s): i for i, s in enumerate(self.sample_idx.tolist())}
+        self._store = PerSampleStore(LAYOUT, self.sample_idx, self.digest, {"nll": Ragged(self.offsets, self.nll)},
+                                     meta=self.meta, text=_TEXT, path=self.path)
 
     def __len__(self) -> int:
-        return len(self._row)
+        return len(self._store)
 
     # -- file ------------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the cache to ``path`` (parent folders created); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": FORMAT, "version": VERSION, "sample_idx": self.sample_idx, "offsets": self.offsets,
-                    "nll": self.nll, "digest": self.digest, "meta": dict(self.meta)}, tmp)
-        os.replace(tmp, path)  # never a half-written cache under the final name
+        """Write the cache to ``path`` (parent folders created; never half-written under that name); returns it."""
+        path = self._store.save(path)
+        self.path = self._store.path
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceLossCache:
         """Read a cache written by :meth:`save`; a missing file or another format is an error naming the path."""
-        p = Path(os.path.expanduser(os.fspath(path)))
-        if not p.is_file():
-            raise FileNotFoundError(f"{_WHO}: reference_losses={os.fspath(path)!r} is not a file; make it with "
-                                    "`python -m lit_ft.callbacks.token_selection.reference_cache --config <your "
-                                    "config> --reference <reference model> --out <file>`")
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"{_WHO}: reference_losses={os.fspath(path)!r} is not a lit-ft reference-loss cache "
-                             f"(format {FORMAT!r})")
-        if raw.get("version") != VERSION:
-            raise ValueError(f"{_WHO}: reference_losses={os.fspath(path)!r} has format version "
-                             f"{raw.get('version')!r}; this lit-ft reads version {VERSION}: re-make the cache")
-        return cls(raw["sample_idx"], raw["offsets"], raw["nll"], raw["digest"], dict(raw["meta"]), str(p))
+        store = PerSampleStore.load(path, LAYOUT, _TEXT)
+        nll = store.columns["nll"]
+        return cls(store.sample_idx, nll.offsets, nll.values, store.digest, store.meta, store.path)
 
     # -- use -------------------------------------------------------------------------------------------------------
     def lookup(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -128,30 +124,24 @@ class ReferenceLossCache:
         ones the cache was scored on."""
         ids = batch["input_ids"]
         B, T = ids.shape
-        where = f" ({self.path})" if self.path else ""
-        out = torch.zeros(B, T, dtype=torch.float32)
+        made = (f" (made with tokenizer {self.meta.get('tokenizer', '?')!r}, max_length "
+                f"{self.meta.get('max_length', '?')}, data {self.meta.get('data', '?')!r})")
+        sidx, lengths = _sample_idx(batch), _row_lengths(batch)
+        rows = self._store.rows(sidx, context=made)
+        for s, n, row in zip(sidx, lengths, rows):  # a length change is the clearer message; the digest sees it too
+            stored = self._store.columns["nll"].length(row)
+            if stored != max(n - 1, 0):
+                where = f" ({self.path})" if self.path else ""
+                raise ValueError(f"{_WHO}: sample_idx {s} has {n} tokens here but {stored + 1} in the cache{where}"
+                                 f"{made}. Re-make the cache for this DataModule, or list callbacks that edit "
+                                 "input_ids after ExcessLossSelection")
         ids_cpu = ids.detach().cpu()
-        for b, (s, n) in enumerate(zip(_sample_idx(batch), _row_lengths(batch))):
-            row = self._row.get(s)
-            if row is None:
-                raise KeyError(f"{_WHO}: sample_idx {s} is not in the reference-loss cache{where}, which holds "
-                               f"{len(self)} samples (sample_idx {int(self.sample_idx.min())}.."
-                               f"{int(self.sample_idx.max())}); it was made for other data "
-                               f"({self.meta.get('data', '?')!r}): re-make it for this DataModule")
-            lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])
-            if hi - lo != max(n - 1, 0):
-                problem = f"has {n} tokens here but {hi - lo + 1} in the cache{where}"
-            elif digest_ids(ids_cpu[b, :n].tolist()) != int(self.digest[row]):
-                problem = f"has other token ids here than in the cache{where}"
-            else:
-                problem = ""
-            if problem:
-                raise ValueError(
-                    f"{_WHO}: sample_idx {s} {problem} (made with tokenizer {self.meta.get('tokenizer', '?')!r}, "
-                    f"max_length {self.meta.get('max_length', '?')}, data {self.meta.get('data', '?')!r}). Re-make "
-                    "the cache for this DataModule, or list callbacks that edit input_ids after "
-                    "ExcessLossSelection")
-            out[b, : hi - lo] = self.nll[lo:hi]
+        self._store.check_digests(sidx, rows, [digest_tokens(ids_cpu[b, :n]) for b, n in enumerate(lengths)],
+                                  context=made)
+        out = torch.zeros(B, T, dtype=torch.float32)
+        for b, row in enumerate(rows):
+            values = self._store.values("nll", row)
+            out[b, : values.numel()] = values
         return out.to(ids.device)
 
 
@@ -179,22 +169,17 @@ def score_batches(reference: nn.Module, batches: Iterable[Mapping[str, Any]], me
         nll = causal_lm_token_nll(reference, _all_tokens_supervised(moved)).float().cpu()
         ids = batch["input_ids"].detach().cpu()
         for b, (s, n) in enumerate(zip(_sample_idx(batch), _row_lengths(batch))):
-            d = digest_ids(ids[b, :n].tolist())
+            d = digest_tokens(ids[b, :n])
             if s in rows and rows[s][1] != d:
                 raise ValueError(f"{_WHO}: sample_idx {s} occurs twice with different tokens; sample_idx must "
                                  "identify a sample")
             rows[s] = (nll[b, : max(n - 1, 0)].clone(), d)
     if not rows:
         raise ValueError(f"{_WHO}: no batch to score (the training set is empty)")
-    keys = sorted(rows)
-    lengths = torch.tensor([rows[s][0].numel() for s in keys], dtype=torch.long)
-    offsets = torch.zeros(len(keys) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    return ReferenceLossCache(
-        sample_idx=torch.tensor(keys, dtype=torch.long), offsets=offsets,
-        nll=torch.cat([rows[s][0] for s in keys]), digest=torch.tensor([rows[s][1] for s in keys], dtype=torch.long),
-        meta={k: str(v) for k, v in (meta or {}).items()},
-    )
+    store = PerSampleStore.build(LAYOUT, list(rows), [d for _, d in rows.values()],
+                                 {"nll": [v for v, _ in rows.values()]}, meta=meta, text=_TEXT)
+    nll = store.columns["nll"]
+    return ReferenceLossCache(store.sample_idx, nll.offsets, nll.values, store.digest, store.meta)
 
 
 def datamodule_meta(datamodule: Any, reference: str) -> dict[str, str]:
