@@ -20,17 +20,32 @@ the ``g`` update of the tile needs only ``f`` (a logsumexp over ``i``), and the 
 ``j`` that combines across tiles, so the tile's part of it is taken right after its ``g`` entries are updated.
 The marginal error of the current potentials comes from the same logsumexp as the ``g`` update (``P^T 1 = exp((g
 + eps LSE_i((f_i - C_ij)/eps)) / eps)``). Memory: ``O(n * tile_size)`` besides the inputs.
+
+Resume: with ``checkpoint_path`` the potentials and the iteration count are written every ``checkpoint_every``
+iterations (to a temporary name, then renamed: a killed run never leaves a half-written file). A later call with
+the same path continues from them; since an iteration is a deterministic function of ``(f, g)``, the result is
+bit-identical to an uninterrupted solve. The file records a fingerprint of the problem (both clouds' values, dtype,
+device type, every solver setting and ``tile_size``, which fixes the summation order); a file written for another
+problem, or one that cannot be read, is ignored with a warning and the solve starts from zero potentials.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["SinkhornResult", "sinkhorn_potentials"]
+__all__ = ["SinkhornCheckpointWarning", "SinkhornResult", "sinkhorn_potentials"]
+
+
+class SinkhornCheckpointWarning(RuntimeWarning):
+    """A Sinkhorn checkpoint file was ignored (unreadable, or written for another problem)."""
 
 
 @dataclass
@@ -55,7 +70,7 @@ class SinkhornResult:
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, epsilon: float, threshold: float, max_iterations: int,
-           momentum: float, tile_size: int) -> None:
+           momentum: float, tile_size: int, checkpoint_every: int) -> None:
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"sinkhorn_potentials: `{name}` must be a 2-D tensor [points, dim], got "
@@ -75,6 +90,8 @@ def _check(x: torch.Tensor, y: torch.Tensor, epsilon: float, threshold: float, m
         raise ValueError(f"sinkhorn_potentials: `momentum` must be in (0, 2), got {momentum!r}")
     if tile_size < 1:
         raise ValueError(f"sinkhorn_potentials: `tile_size` must be >= 1, got {tile_size!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"sinkhorn_potentials: `checkpoint_every` must be an int >= 1, got {checkpoint_every!r}")
 
 
 def _cost_tile(x: torch.Tensor, x_sq: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor) -> torch.Tensor:
@@ -91,6 +108,8 @@ def sinkhorn_potentials(
     momentum: float = 1.3,
     tile_size: int = 2000,
     iterations: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> SinkhornResult:
     """Entropic OT potentials between uniform clouds ``x`` [n, d] and ``y`` [m, d] (OTT-JAX's Sinkhorn, lse mode).
 
@@ -102,12 +121,17 @@ def sinkhorn_potentials(
         max_iterations: at most this many iterations, >= 1.
         momentum: over-relaxation weight of every update, in (0, 2); 1 = plain Sinkhorn.
         tile_size: rows of ``y`` per cost tile, >= 1 (memory ``n * tile_size`` elements).
-        iterations: wraps the iteration counter (a progress bar); None = a plain range.
+        iterations: wraps the iteration counter (a progress bar; it is given the passes still to run); None = a
+            plain range.
+        checkpoint_path: a file where ``(f, g, iterations)`` are saved every ``checkpoint_every`` iterations and
+            from which a later call with the same problem resumes (see the module docstring); the file is left in
+            place on return (remove it once the result is stored). None = no checkpoint.
+        checkpoint_every: iterations between two checkpoint writes, >= 1.
 
     Returns:
         A :class:`SinkhornResult` (potentials in ``x``'s dtype and device).
     """
-    _check(x, y, epsilon, threshold, max_iterations, momentum, tile_size)
+    _check(x, y, epsilon, threshold, max_iterations, momentum, tile_size, checkpoint_every)
     n, m = x.shape[0], y.shape[0]
     dtype = x.dtype
     y = y.to(dtype=dtype, device=x.device)
@@ -115,15 +139,22 @@ def sinkhorn_potentials(
     log_a, log_b = -math.log(n), -math.log(m)
     f = torch.zeros(n, dtype=dtype, device=x.device)
     g = torch.zeros(m, dtype=dtype, device=x.device)
+    start, problem = 0, None
+    if checkpoint_path is not None:
+        checkpoint_path = Path(checkpoint_path)
+        problem = _problem_fingerprint(x, y, epsilon, threshold, max_iterations, momentum, tile_size)
+        saved = _load_checkpoint(checkpoint_path, problem, n, m, max_iterations)
+        if saved is not None:
+            f, g, start = saved[0].to(x.device, dtype), saved[1].to(x.device, dtype), saved[2]
     tiles = [(s, min(s + tile_size, m)) for s in range(0, m, tile_size)]
     w, eps = float(momentum), float(epsilon)
     # pass p measures the marginal error of the iterate after p iterations while computing iteration p + 1 from
     # it; OTT stops after the first iteration (p >= 1) whose error is below the threshold, so that pass's updates are
     # discarded. The pass after the last iteration only measures.
-    counter: Iterable[int] = range(max_iterations + 1)
+    counter: Iterable[int] = range(start, max_iterations + 1)
     if iterations is not None:
         counter = iterations(counter)
-    error, done = math.inf, 0
+    error, done = math.inf, start
     for p in counter:
         g_next = torch.empty_like(g)
         f_parts = []  # per tile: LSE_j over the tile of (g_next_j - C_ij)/eps, [n]
@@ -143,8 +174,50 @@ def sinkhorn_potentials(
         f = (1.0 - w) * f + w * (eps * log_a - eps * torch.logsumexp(torch.stack(f_parts, 1), dim=1))
         g = g_next
         done = p + 1
+        if problem is not None and done % checkpoint_every == 0:
+            _save_checkpoint(checkpoint_path, problem, f, g, done)
     return SinkhornResult(f=f, g=g, iterations=done, error=float(error), converged=bool(error < threshold),
                           cost=_transport_cost(x, x_sq, y, y_sq, f, g, eps, tiles))
+
+
+def _problem_fingerprint(x: torch.Tensor, y: torch.Tensor, *settings: float) -> str:
+    """sha256 of both clouds' bytes, shapes, dtype, device type and the solver settings: what makes a saved iterate
+    continue the very same sequence of iterations."""
+    h = hashlib.sha256(repr((tuple(x.shape), tuple(y.shape), str(x.dtype), x.device.type, settings)).encode())
+    for t in (x, y):
+        h.update(t.detach().to(x.dtype).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_checkpoint(path: Path, problem: str, n: int, m: int,
+                     max_iterations: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``(f, g, iterations)`` saved at ``path`` for this ``problem``; None (with a warning) when the file is absent,
+    unreadable or belongs to another problem: the solve then starts from zero potentials, which is always correct."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        f, g, done, owner = saved["f"], saved["g"], int(saved["iterations"]), saved["problem"]
+    except Exception as e:  # noqa: BLE001 - any damage to a cache file means "start over", never a failed run
+        reason = f"it cannot be read ({type(e).__name__}: {e})"
+    else:
+        if owner != problem:
+            reason = "it was written for another problem (other points, dtype, device or solver settings)"
+        elif tuple(f.shape) != (n,) or tuple(g.shape) != (m,) or not 0 <= done <= max_iterations:
+            reason = f"its potentials have shapes {tuple(f.shape)} / {tuple(g.shape)} at iteration {done}"
+        else:
+            return f, g, done
+    warnings.warn(f"sinkhorn_potentials: ignoring the checkpoint {path}: {reason}; starting from zero potentials "
+                  "(it will be overwritten)", SinkhornCheckpointWarning, stacklevel=3)
+    return None
+
+
+def _save_checkpoint(path: Path, problem: str, f: torch.Tensor, g: torch.Tensor, done: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"f": f.detach().cpu().clone(), "g": g.detach().cpu().clone(), "iterations": torch.tensor(done),
+                "problem": problem}, tmp)
+    os.replace(tmp, path)
 
 
 def _transport_cost(x, x_sq, y, y_sq, f, g, eps, tiles) -> float:

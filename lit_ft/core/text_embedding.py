@@ -8,6 +8,9 @@ Cache layout: ``<cache_dir>/embeddings/<key>/<shard>.npy`` (float32, ``shard_siz
 ``meta.json``; ``key`` hashes the texts, the encoder folder's files, ``max_length`` and ``normalize``, so any change
 of those lands in a new folder. A shard is written to a temporary name and renamed, so a killed run never leaves
 a half-written shard behind.
+
+Used by GOT-D's selection (lit_ft/data/ot_selection.py), which both ``OTDataSelection`` and
+``OTSelectedDataModule`` run.
 """
 
 from __future__ import annotations

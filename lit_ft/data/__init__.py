@@ -8,6 +8,7 @@ from lit_ft.data._common import DataWarning
 from lit_ft.data.classification import ClassificationDataModule
 from lit_ft.data.feedback_loop import FeedbackLoopDataModule
 from lit_ft.data.few_shot import FewShotDataModule
+from lit_ft.data.ot_selected import OTSelectedDataModule
 from lit_ft.data.packed import PackedTextDataModule
 from lit_ft.data.preference import PreferenceDataModule
 from lit_ft.data.sampler import LengthGroupedSampler, ResumableBatchSampler
@@ -16,4 +17,5 @@ from lit_ft.data.sft import IGNORE_INDEX, SFTDataModule
 __all__ = [
     "SFTDataModule", "ClassificationDataModule", "PackedTextDataModule", "PreferenceDataModule", "LengthGroupedSampler",
     "ResumableBatchSampler", "DataWarning", "IGNORE_INDEX", "FeedbackLoopDataModule", "FewShotDataModule",
+    "OTSelectedDataModule",
 ]

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-import lit_ft.callbacks.data_selection.ot_data_selection as ods
+import lit_ft.data.ot_selection as ots
 from lit_ft.callbacks.data_selection.ot_data_selection import OTDataSelection, calibrated_gradient, row_text
-from lit_ft.callbacks.data_selection._text_embedding import TextEmbedder
+from lit_ft.core.text_embedding import TextEmbedder
 from tests.callbacks.got_d_helpers import files, pool_datamodule, selection_kwargs
 from tests.helpers import ListDataModule, PlainHFModule, quiet_trainer
 
@@ -38,7 +38,7 @@ def test_a_second_run_with_the_same_inputs_does_no_work(tmp_path, monkeypatch):
     def no_solve(*a, **k):
         raise AssertionError("the OT was solved again")
 
-    monkeypatch.setattr(ods, "sinkhorn_potentials", no_solve)
+    monkeypatch.setattr(ots, "sinkhorn_potentials", no_solve)
     monkeypatch.setattr(TextEmbedder, "encode_batch", lambda self, texts: pytest.fail("re-embedded"))
     again = OTDataSelection(**selection_kwargs(tmp_path, k=5))
     fit(again)
