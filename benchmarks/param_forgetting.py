@@ -49,7 +49,9 @@ from lit_ft.data import SFTDataModule  # noqa: E402
 from lit_ft.modules import CausalLMModule  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-FORGET_TASK = "alpaca-en-demo"
+#: the forgetting tasks: a general instruction set (the study's main measure) and ForgettingMonitor's two other
+#: default tasks, which the analysis-family study found more sensitive (benchmarks/analysis_family.py)
+FORGET_TASKS = ("alpaca-en-demo", "sarcasm-val", "bbcnews")
 LORA = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 #: arm -> (callbacks factory, module options besides the shared ones; "lr" overrides --lr)
@@ -64,7 +66,6 @@ ARMS: dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]] = {
     "LocalizedTuning": (lambda: [cbs.LocalizedTuning()], {}),
     "FreezeLayers": (lambda: [cbs.FreezeLayers()], {}),
 }
-_FORGET = f"lit_ft/forgetting_monitor/{FORGET_TASK}/loss"
 
 
 def _datamodule(args: argparse.Namespace, seed: int) -> SFTDataModule:
@@ -80,7 +81,7 @@ def _trainer(steps: int, callbacks: list[pl.Callback], root: str) -> pl.Trainer:
 
 
 def _monitor(args: argparse.Namespace) -> pl.Callback:
-    return cbs.ForgettingMonitor(tasks=[FORGET_TASK], max_samples=args.forget_samples, plot=False)
+    return cbs.ForgettingMonitor(tasks=list(FORGET_TASKS), max_samples=args.forget_samples, plot=False)
 
 
 def _module(args: argparse.Namespace, options: dict[str, Any]) -> CausalLMModule:
@@ -115,8 +116,9 @@ def run_arm(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     fwd, total = _flops(trainer, module, next(iter(dm.train_dataloader())))
     return {"name": name, "seed": seed, "loss": float(m["val/loss"]),
             "exact_match": float(m.get("val/exact_match", float("nan"))),
-            "forget_before": float(monitor.baseline["plain"][f"{FORGET_TASK}/loss"]),
-            "forget_after": float(m[_FORGET]), "trainable": _trainable_fraction(module),
+            "forget_before": {t: float(monitor.baseline["plain"][f"{t}/loss"]) for t in FORGET_TASKS},
+            "forget_after": {t: float(m[f"lit_ft/forgetting_monitor/{t}/loss"]) for t in FORGET_TASKS},
+            "trainable": _trainable_fraction(module),
             "step_s": timer.total / max(timer.n, 1), "flops_total": total, "flops_bwd": total - fwd,
             "opt_bytes": _optimizer_bytes(trainer), "wall_s": wall}
 
@@ -143,27 +145,31 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"SmolLM2-135M-Instruct, all 30 layers, real weights; {args.train_rows} ASDiv rows, {args.steps} steps x batch "
         f"{args.batch_size} ({epochs:.1f} epochs), AdamW lr {args.lr} (LoRA 2e-4), weight decay 0.01, 5 warm-up steps, "
         f"seeds {args.seeds}. ASDiv: {args.eval_samples} held-out asdiv-val rows (loss; exact match on the first "
-        f"{args.exact_match}). Forgetting: ForgettingMonitor on {args.forget_samples} {FORGET_TASK} rows, held-out loss "
-        "after / before (> 1 = forgetting). FLOPs: one forward + backward of the trained path at the final "
-        "trainability. Every technique at its defaults.",
+        f"{args.exact_match}). Forgetting: ForgettingMonitor, {args.forget_samples} rows of each of "
+        f"{', '.join(FORGET_TASKS)}: held-out loss after / before (> 1 = forgetting; Alpaca's "
+        "loss itself shown). FLOPs: one forward + backward of the trained path at the final trainability. Every "
+        "technique at its defaults.",
         "",
-        "| arm | trainable | ASDiv loss | ASDiv exact match | Alpaca loss after / before | step time (x full) "
-        "| fwd+bwd FLOPs (x full) | optimizer state |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | trainable | ASDiv loss | ASDiv exact match | Alpaca loss (after / before) | sarcasm loss ratio "
+        "| BBC loss ratio | step time (x full) | fwd+bwd FLOPs (x full) | optimizer state |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    before = [r["forget_before"] for r in rows if "forget_before" in r]
+    arms = [r for r in rows if "forget_before" in r]
     for r in by_arm.get("base model (no training)", []):  # the arms' fit-start measurement of the same weights
-        r["forget_before"] = r["forget_after"] = statistics.mean(before) if before else float("nan")
+        r["forget_before"] = r["forget_after"] = {
+            t: statistics.mean(a["forget_before"][t] for a in arms) if arms else float("nan") for t in FORGET_TASKS}
     for name, rs in by_arm.items():
         per = ", ".join(f"{r['loss']:.3f}" for r in sorted(rs, key=lambda r: r["seed"]))
-        forget = mean(rs, "forget_after") / mean(rs, "forget_before")
+        ratio = {t: statistics.mean(r["forget_after"][t] / r["forget_before"][t] for r in rs) for t in FORGET_TASKS}
+        alpaca = statistics.mean(r["forget_after"][FORGET_TASKS[0]] for r in rs)
         step = mean(rs, "step_s")
         cost = (f"{step:.2f} s ({step / full_step:.2f}x) | {mean(rs, 'flops_total') / 1e9:.1f} G "
                 f"({mean(rs, 'flops_total') / full_flops:.2f}x) | {mean(rs, 'opt_bytes') / 2**20:.0f} MiB"
                 if step > 0 else "— | — | —")
         lines.append(f"| {name} | {mean(rs, 'trainable'):.1%} | {mean(rs, 'loss'):.4f}"
                      f"{f' ({per})' if len(rs) > 1 else ''} | {mean(rs, 'exact_match'):.3f} | "
-                     f"{mean(rs, 'forget_after'):.4f} ({forget:.3f}x) | {cost} |")
+                     f"{alpaca:.4f} ({ratio[FORGET_TASKS[0]]:.3f}x) | {ratio[FORGET_TASKS[1]]:.3f}x | "
+                     f"{ratio[FORGET_TASKS[2]]:.3f}x | {cost} |")
     return "\n".join(lines)
 
 
@@ -177,12 +183,13 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     ax = fig.add_subplot(1, 1, 1)
     for n in names:
         rs = [r for r in rows if r["name"] == n]
-        x = statistics.mean(r["forget_after"] / r["forget_before"] for r in rs)
+        x = statistics.mean(r["forget_after"][t] / r["forget_before"][t] for r in rs for t in FORGET_TASKS)
         y = statistics.mean(r["loss"] for r in rs)
         ax.plot(x, y, "o", color="#888" if n.startswith(("full", "base")) else "#3a7")
         ax.annotate(n.split(" (")[0] if "GreenTrainer" not in n else n, (x, y), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel(f"forgetting: {FORGET_TASK} held-out loss after / before (lower is better)", fontsize=8)
+    ax.set_xlabel("forgetting: held-out loss after / before, mean over Alpaca, sarcasm, BBC (lower is better)",
+                  fontsize=8)
     ax.set_ylabel("ASDiv held-out loss (lower is better)", fontsize=8)
     ax.set_title("Parameter techniques, whole SmolLM2-135M: gain vs forgetting", fontsize=9)
     fig.tight_layout()
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-rows", type=int, default=240, help="ASDiv training rows (steps x batch / rows = epochs)")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--exact-match", type=int, default=100, help="held-out rows scored by greedy exact match (0 = off)")
-    p.add_argument("--forget-samples", type=int, default=64)
+    p.add_argument("--forget-samples", type=int, default=48, help="rows of each forgetting task")
     p.add_argument("--seeds", type=str, default="0")
     p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
     p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "param_forgetting"))
