@@ -7,9 +7,11 @@ shapes one training step meets.
   ``CausalLMModule``'s arguments (with the tiny ``model_config``).
 - Batch shapes: 1-2 rows of 1-2 tokens cut from the case's first batch, each row normal (every token supervised),
   all-ignored (labels -100) or fully padded (attention mask 0, labels -100), with or without the
-  ``attention_mask`` key. Good: one training step with a finite loss, or a ``ValueError`` / ``TypeError`` /
-  ``RuntimeError`` from a ``raise`` statement in lit_ft's own code (a check, not a crash inside torch or a
-  shape error of a torch op called from lit_ft). A step the module or technique skipped (no optimizer step, no
+  ``attention_mask`` key (every ``<side>_`` sequence of a preference pair alike). Good: one training step with a
+  finite loss, or a ``ValueError`` / ``TypeError`` / ``RuntimeError`` — or lit_ft's ``BatchKeyError``, the
+  first-batch check that names a missing key and what provides it (a pair's attention masks are required) — from a
+  ``raise`` statement in lit_ft's own code (a check, not a crash inside torch or a shape error of a torch op called
+  from lit_ft). A step the module or technique skipped (no optimizer step, no
   error) is counted apart.
 
 Examples are derandomized (the same every run) and not shrunk (each batch example is a fit: shrinking would
@@ -27,11 +29,13 @@ from typing import Any
 from single_job import SingleJob
 from worker import innermost_frame
 
+from lit_ft.core.batch import BatchKeyError
+
 MAX_CTOR, MAX_BATCH = 40, 10
 CLEAR_CTOR_ERRORS = (ValueError, TypeError, FileNotFoundError)
 NOT_FUZZED = {"self", "model", "model_config"}  # plain: the tiny model stays (a random path would load a model)
 MAX_REPORTED = 5
-CLEAR_BATCH_ERRORS = (ValueError, TypeError, RuntimeError)
+CLEAR_BATCH_ERRORS = (ValueError, TypeError, RuntimeError, BatchKeyError)
 
 
 def raised_by_lit_ft(e: BaseException) -> bool:
@@ -107,34 +111,44 @@ def fuzz_constructor(job: SingleJob) -> dict:
 def shaped_batch(template: dict, rows: list[str], length: int, with_mask: bool) -> dict:
     """The first ``len(rows)`` rows and ``length`` tokens of ``template``; row kinds ``normal`` (labels = ids:
     every token supervised), ``ignored`` (labels -100) or ``padded`` (mask 0, labels -100); a bool per-token
-    mask (key tokens) keeps only supervised positions; ``with_mask=False`` drops ``attention_mask``."""
+    mask (key tokens) keeps only supervised positions; ``with_mask=False`` drops ``attention_mask``. A batch of
+    several sequences per row (a preference pair's ``chosen_input_ids`` / ``rejected_input_ids``) has each
+    sequence ``<side>_`` shaped alike, with its own ``<side>_labels`` / ``<side>_attention_mask``."""
     import torch
 
-    ids = template["input_ids"]
-    b, t = ids.shape
-    n = len(rows)
+    from case_data import batch_rows
+
+    b, n = batch_rows(template), len(rows)
+    # each sequence's prefix ("" for input_ids) and width: a tensor [b, width, ...] under that prefix is per token
+    widths = {k[: -len("input_ids")]: template[k].shape[1] for k in template
+              if k.endswith("input_ids") and isinstance(template[k], torch.Tensor)}
+
+    def per_token(k: str, v: torch.Tensor) -> bool:
+        return v.dim() >= 2 and v.shape[0] == b and any(k.startswith(p) and v.shape[1] == t for p, t in widths.items())
+
     out = {}
     for k, v in template.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, t):
+        if isinstance(v, torch.Tensor) and per_token(k, v):
             out[k] = v[:n, :length].clone()
         elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
             out[k] = v[:n].clone()
         else:
             out[k] = v
-    token_labels = "labels" in out and out["labels"].shape == out["input_ids"].shape
-    mask = out.get("attention_mask")
-    for i, kind in enumerate(rows):
+    for p in widths:
+        ids, labels, mask = out[p + "input_ids"], out.get(p + "labels"), out.get(p + "attention_mask")
+        token_labels = labels is not None and labels.shape == ids.shape
+        for i, kind in enumerate(rows):
+            if token_labels:
+                labels[i] = ids[i] if kind == "normal" else -100
+            if mask is not None:
+                mask[i] = 0 if kind == "padded" else 1
         if token_labels:
-            out["labels"][i] = out["input_ids"][i] if kind == "normal" else -100
-        if mask is not None:
-            mask[i] = 0 if kind == "padded" else 1
-    if token_labels:
-        for k, v in out.items():
-            if k != "attention_mask" and isinstance(v, torch.Tensor) and v.dtype == torch.bool \
-                    and v.shape == out["labels"].shape:
-                out[k] = v & (out["labels"] != -100)
-    if not with_mask:
-        out.pop("attention_mask", None)
+            for k, v in out.items():
+                if k.startswith(p) and k != p + "attention_mask" and isinstance(v, torch.Tensor) \
+                        and v.dtype == torch.bool and v.shape == labels.shape:
+                    out[k] = v & (labels != -100)
+        if not with_mask:
+            out.pop(p + "attention_mask", None)
     return out
 
 
@@ -142,7 +156,7 @@ def fuzz_batches(job: SingleJob) -> dict:
     from hypothesis import given
     from hypothesis import strategies as st
 
-    template = job.batches[0]
+    template = job.template
     seen = {"examples": 0, "trained": 0, "refused": 0, "skipped": 0, "bad": []}
     kinds = st.sampled_from(["normal", "ignored", "padded"])
 

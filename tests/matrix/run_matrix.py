@@ -20,8 +20,11 @@ A cell's outcome is one of
 - ``hangs (timeout N s)``: the job was still running after ``--timeout`` seconds and was killed;
 - ``not run: <why>``: the cell could not be built (no case for the technique, the case's factories failed).
 
-Results are cached as ``<out-dir>/<technique>__<setting>.json`` (default ``runs/matrix/``); a rerun skips cells
-already there unless ``--force``. The page is regenerated from every cached cell of the current techniques.
+Each cell runs with its own folder ``<out-dir>/<technique>__<setting>/`` as the working directory, so that what a
+technique writes to a relative default path (a cache file) stays in the cell: no cell finds another's, and nothing
+lands in the repository. Results are cached as ``<out-dir>/<technique>__<setting>.json`` (default ``runs/matrix/``);
+a rerun skips cells already there unless ``--force``. The page is regenerated from every cached cell of the current
+techniques.
 
 Usage: ``python tests/matrix/run_matrix.py [--techniques a,b] [--settings ddp,fsdp2] [--force] [--timeout S]
 [--out-dir DIR] [--page PATH] [--render-only]`` (``make matrix`` runs it with the defaults: every cell; ``--timeout``
@@ -90,7 +93,7 @@ def timeout_for(setting: str, given: float | None) -> float:
 def run_single_cell(technique: str, setting: str, out_dir: Path, timeout: float) -> dict:
     """Run one single-process cell (``single_worker.py`` in its own session, killed with whatever it started after
     ``timeout`` seconds) and return its record (also written to ``<out_dir>/<technique>__<setting>.json``)."""
-    work = out_dir / cell_name(technique, setting)
+    work = (out_dir / cell_name(technique, setting)).resolve()  # absolute: it is also the job's working directory
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline",
@@ -101,7 +104,7 @@ def run_single_cell(technique: str, setting: str, out_dir: Path, timeout: float)
     timed_out = False
     with open(work / "rank0.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(SINGLE_WORKER), technique, setting, str(work)], env=env,
-                                cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=str(work), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -136,7 +139,7 @@ def run_cell(technique: str, setting: str, out_dir: Path, timeout: float, steps:
 def run_dist_cell(technique: str, setting: str, out_dir: Path, timeout: float, steps: int = 2) -> dict:
     """Run one distributed cell as 2 worker processes (ranks 0 and 1, created here as ``torchrun`` would) and return
     its record (also written to ``<out_dir>/<technique>__<setting>.json``)."""
-    work = out_dir / cell_name(technique, setting)
+    work = (out_dir / cell_name(technique, setting)).resolve()  # absolute: it is also the job's working directory
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
@@ -150,7 +153,7 @@ def run_dist_cell(technique: str, setting: str, out_dir: Path, timeout: float, s
         logs.append(log)
         # own session per rank: a hung rank and whatever it started are killed as one process group
         procs.append(subprocess.Popen([sys.executable, str(WORKER), technique, setting, str(work), "--steps",
-                                       str(steps)], env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
+                                       str(steps)], env=env, cwd=str(work), stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     exit_order: list[int] = []
     first_failure_at, timed_out, killed = None, False, []
@@ -317,7 +320,12 @@ def render(out_dir: Path, page: Path, rows: list[tuple[str, str]], settings: tup
         "`CausalLMModule` without a technique) on 2 gloo CPU processes, each on its half of every global batch, and "
         "is compared with one process on the same global batches (`tests/matrix/worker.py`). The module's optimizer is "
         "swapped for SGD (lr 1, no weight decay, its param groups kept) so that a step's update is the gradient "
-        "itself: AdamW's near scale-invariance would hide a gradient normalised by the wrong count.",
+        "itself: AdamW's near scale-invariance would hide a gradient normalised by the wrong count. The batches are "
+        "the case DataModule's first two (a preference pair's rows counted and cut on its `chosen_` / `rejected_` "
+        "sequences); a lit-ft text DataModule (OTDataSelection's pool, SelfTraining's `FewShotDataModule`) instead "
+        "collates ranges of its training rows itself when the Trainer asks for the loader, after the technique's "
+        "setup, so that the rows a selection kept are the ones that train (`tests/matrix/case_data.py`). Every cell "
+        "runs in its own folder, so a technique's relative default paths (a cache) are not shared between cells.",
         "",
         *[f"- **{s}**: {SETTING_DOC[s]}" for s in settings if s in DIST_SETTINGS],
         "",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from case_data import concat_rows, plan_for
 from worker import PLAIN, Progress, use_sgd
 
 
@@ -36,7 +37,9 @@ class Run:
 class SingleJob:
     """The case of ``technique`` (``plain``: the default module without a technique) and its first two batches
     (``batches``) plus their row halves (``halves``: four batches of half the size, for accumulation and the
-    mid-epoch resume settings)."""
+    mid-epoch resume settings). ``plan`` (``case_data.plan_for``) says what they are: the batches themselves, or
+    ranges of the DataModule's rows that it collates when the Trainer asks for the loader; ``template`` is the
+    first batch as a dict (the fuzz setting reshapes it)."""
 
     technique: str
     cell: Path
@@ -47,6 +50,8 @@ class SingleJob:
     ctx: Any = None
     batches: list = field(default_factory=list)
     halves: list = field(default_factory=list)
+    plan: Any = None
+    template: Any = None
 
     def __post_init__(self) -> None:
         import lit_ft
@@ -66,10 +71,10 @@ class SingleJob:
         files.mkdir(parents=True, exist_ok=True)
         self.ctx = Ctx(files, make_tiny_tokenizer(files / "tok"))
         self.kwargs = self.case.build(self.case.kwargs, self.ctx) if self.cls is not None else {}
-        self.batches = list(self.case.datamodule().train_dataloader())[:2]
-        if len(self.batches) < 2:
-            raise ValueError(f"the case's datamodule gives {len(self.batches)} batch(es); the matrix needs 2")
-        self.halves = [half for b in self.batches for half in split_rows(b)]
+        self.plan = plan_for(self.case)
+        self.batches = self.plan.batches()
+        self.halves = [half for b in self.batches for half in self.plan.halves(b)]
+        self.template = self.plan.template(self.batches[0])
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def module(self, init: dict | None = None):
@@ -99,9 +104,11 @@ class SingleJob:
         from lit_ft.data.sampler import ResumableBatchSampler
 
         dm = self.case.datamodule()
-        data = list(batches)
+        specs, plan = list(batches), self.plan
+        # made when the Trainer asks for the loader: after the technique's setup (a row selection applies)
+        data = lambda: [plan.materialize(dm, s) for s in specs]  # noqa: E731
         if not resumable:
-            dm.train_dataloader = lambda: DataLoader(data, batch_size=None, shuffle=False)
+            dm.train_dataloader = lambda: DataLoader(data(), batch_size=None, shuffle=False)
             return dm
 
         def progress() -> int | None:
@@ -110,9 +117,12 @@ class SingleJob:
             except (AttributeError, RuntimeError):
                 return None
 
-        dm.train_dataloader = lambda: ResumableDataLoader(
-            data, batch_sampler=ResumableBatchSampler(SequentialSampler(data), 1), collate_fn=lambda xs: xs[0],
-            progress=progress)
+        def loader() -> ResumableDataLoader:
+            rows = data()
+            return ResumableDataLoader(rows, batch_sampler=ResumableBatchSampler(SequentialSampler(rows), 1),
+                                       collate_fn=collate_batches, progress=progress)
+
+        dm.train_dataloader = loader
         return dm
 
     def fit(self, batches: list, steps: int, *, module: Any = None, init: dict | None = None,
@@ -137,6 +147,8 @@ class SingleJob:
                   enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=False,
                   enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
         kw.update(trainer_kw)
+        if phase:  # from here: an error Lightning raises before the callbacks' setup (its own checks) is at setup
+            self.progress.phase(f"{phase} setup")
         trainer = pl.Trainer(callbacks=cbs, **kw)
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=datamodule if datamodule is not None else self.datamodule(batches),
@@ -147,16 +159,11 @@ class SingleJob:
         return Run(weights(module), start, losses, trainer, module, seconds)
 
 
-def split_rows(batch: dict) -> list[dict]:
-    """``batch`` cut into its first and second half of rows (every tensor with the batch's row count is cut)."""
-    import torch
-
-    n = batch["input_ids"].shape[0]
-    h = n // 2
-    if h < 1:
-        raise ValueError(f"the case's batches have {n} row(s); splitting them in halves needs >= 2")
-    cut = lambda v, s: v[s] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v  # noqa: E731
-    return [{k: cut(v, slice(0, h)) for k, v in batch.items()}, {k: cut(v, slice(h, n)) for k, v in batch.items()}]
+def collate_batches(batches: list[dict]) -> dict:
+    """The resumable loader's collate function: its dataset's items are whole batches and its sampler deals one a
+    step; a technique that re-reads the loader's dataset with a batch size of its own (CriticalTokenScoring scores
+    the whole split ahead) gets their rows concatenated, as a DataModule's collate of examples would give them."""
+    return batches[0] if len(batches) == 1 else concat_rows(batches)
 
 
 def weights(module) -> dict:

@@ -53,8 +53,9 @@ SETTING_DOC = {
             "random typed value must construct or raise ValueError/TypeError (FileNotFoundError for a path) naming "
             "the argument; one training "
             "step on batches of 1-2 rows of 1-2 tokens, with all-ignored rows, fully padded rows or no "
-            "`attention_mask`, must give a finite loss or a ValueError/TypeError/RuntimeError from a `raise` in "
-            "lit_ft's own code (a step skipped without an error is counted apart): **works** = every example did; "
+            "`attention_mask`, must give a finite loss or a ValueError/TypeError/RuntimeError (or lit_ft's "
+            "`BatchKeyError` naming a missing key) from a `raise` in lit_ft's own code (a step skipped without an "
+            "error is counted apart): **works** = every example did; "
             "else **fails** with the first bad example ([tests/matrix/fuzz_cell.py](../tests/matrix/fuzz_cell.py))",
 }
 

@@ -124,6 +124,32 @@ def test_a_single_process_cell_past_its_timeout_is_killed_and_hangs(tmp_path):
     assert record["ranks"][0]["returncode"] == -9
 
 
+def test_each_cell_runs_in_its_own_folder(tmp_path, monkeypatch):
+    """What a technique writes to a relative default path (CriticalTokenScoring's weights cache) lands in the cell's
+    folder, never in the repository nor in another cell's run: every process of a cell runs there (an absolute
+    path, also for a relative ``--out-dir``)."""
+    seen = []
+
+    class FakeProc:
+        pid, returncode = 0, 0
+
+        def __init__(self, args, **kw):
+            seen.append(kw["cwd"])
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(run_matrix.subprocess, "Popen", FakeProc)
+    monkeypatch.chdir(tmp_path)
+    run_matrix.run_single_cell("plain", "accum", Path("runs"), timeout=5)
+    run_matrix.run_dist_cell("plain", "ddp", Path("runs"), timeout=5)
+    runs = (tmp_path / "runs").resolve()
+    assert seen == [str(runs / "plain__accum"), str(runs / "plain__ddp"), str(runs / "plain__ddp")]
+
+
 def test_classify_single_process_outcomes():
     c = run_matrix.classify
 

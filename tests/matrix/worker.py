@@ -12,7 +12,9 @@ Settings: ``ddp`` = ``strategy="ddp"`` (``DDPStrategy`` defaults); ``fsdp2`` =
 ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` (FSDP2 through the module's
 ``configure_model``).
 
-The technique's arguments, module and data come from the contract suite's case (``tests/contract/cases.py``);
+The technique's arguments, module and data come from the contract suite's case (``tests/contract/cases.py``; its
+DataModule cut into batches as ``case_data.py`` says: fixed batches, or row ranges a lit-ft text DataModule collates
+after the technique's setup);
 ``plain`` is the case's default module without any technique. Each rank writes ``rank<r>.json`` as it goes (the
 phase it reached; on an exception: its type, message, traceback and the phase), so a crash or a hang is attributed.
 
@@ -31,8 +33,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))  # case_data
 sys.path.insert(0, str(HERE.parent))  # tests/: helpers
 sys.path.insert(0, str(REPO))  # the repo: lit_ft, tests.contract
+
+from case_data import plan_for  # noqa: E402
 
 SETTINGS = ("ddp", "fsdp2")
 PLAIN = "plain"
@@ -140,8 +145,6 @@ class Job:
     """The case's technique factory, module factory and data, cut into the global / per-rank batch lists."""
 
     def __init__(self, technique: str, cell: Path, rank: int, progress: Progress) -> None:
-        import torch
-
         import lit_ft
         from lit_ft.testing import make_tiny_tokenizer
         from tests.contract.cases import CASES, Case, Ctx
@@ -162,13 +165,11 @@ class Job:
         files.mkdir(parents=True, exist_ok=True)
         self.ctx = Ctx(files, make_tiny_tokenizer(files / "tok"))
         self.kwargs = self.case.build(self.case.kwargs, self.ctx) if self.cls is not None else {}
-        # the case's first two batches: rank r trains on batch r; one process on both concatenated (one global batch)
-        dm = self.case.datamodule()
-        micro = list(dm.train_dataloader())[:2]
-        if len(micro) < 2:
-            raise ValueError(f"the case's datamodule gives {len(micro)} batch(es); the matrix needs 2")
-        self.micro = micro
-        self.global_batch = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
+        # the case's first two batches: rank r trains on batch r; one process on both as one global batch (the plan,
+        # case_data.plan_for, says how: rows concatenated, or the DataModule's row ranges collated by it at fit time)
+        self.plan = plan_for(self.case)
+        self.micro = self.plan.batches()
+        self.global_batch = self.plan.merge(self.micro)
 
     def datamodule(self, world: int):
         """The case's own DataModule (techniques may read its attributes: label names, tokenizer) serving the
@@ -178,8 +179,10 @@ class Job:
 
         dm = self.case.datamodule()
         batches = [self.global_batch] if world == 1 else list(self.micro)
-        data = batches * self.steps
-        dm.train_dataloader = lambda: DataLoader(data, batch_size=None, shuffle=False)
+        specs, plan = batches * self.steps, self.plan
+        # made when the Trainer asks for the loader: after the technique's setup (a row selection applies)
+        dm.train_dataloader = lambda: DataLoader([plan.materialize(dm, s) for s in specs], batch_size=None,
+                                                 shuffle=False)
         return dm
 
     def fit(self, setting: str | None, world: int, steps: int) -> dict:
