@@ -178,16 +178,17 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     from matplotlib.figure import Figure
 
     names = list(dict.fromkeys(r["name"] for r in rows))
-    fig = Figure(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(8.5, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for n in names:
+    markers = "osD^vP*Xh<>"
+    for i, n in enumerate(names):  # a legend, not labels beside the points: the good arms sit close together
         rs = [r for r in rows if r["name"] == n]
         x = statistics.mean(r["forget_after"][t] / r["forget_before"][t] for r in rs for t in FORGET_TASKS)
         y = statistics.mean(r["loss"] for r in rs)
-        ax.plot(x, y, "o", color="#888" if n.startswith(("full", "base")) else "#3a7")
-        ax.annotate(n.split(" (")[0] if "GreenTrainer" not in n else n, (x, y), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        ax.plot(x, y, markers[i % len(markers)], color=f"C{i % 10}", markersize=7, label=n)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel("forgetting: held-out loss after / before, mean over Alpaca, sarcasm, BBC (lower is better)",
                   fontsize=8)
     ax.set_ylabel("ASDiv held-out loss (lower is better)", fontsize=8)

@@ -142,10 +142,10 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-samples", type=int, default=300)
-    p.add_argument("--seeds", type=str, default="0,1")
+    p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--seeds", type=str, default="0")
     p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
     p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "prompt_rates"))
     p.add_argument("--cached-only", action="store_true",
