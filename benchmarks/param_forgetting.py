@@ -44,6 +44,7 @@ sys.path.insert(0, REPO)
 import lightning.pytorch as pl  # noqa: E402
 
 import lit_ft.callbacks as cbs  # noqa: E402
+from benchmarks._row_cache import add_cache_arguments, cached_rows, write_results  # noqa: E402
 from benchmarks.param_selection import _flops, _optimizer_bytes, _StepTimer, _trainable_fraction  # noqa: E402
 from lit_ft.data import SFTDataModule  # noqa: E402
 from lit_ft.modules import CausalLMModule  # noqa: E402
@@ -208,13 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exact-match", type=int, default=100, help="held-out rows scored by greedy exact match (0 = off)")
     p.add_argument("--forget-samples", type=int, default=48, help="rows of each forgetting task")
     p.add_argument("--seeds", type=str, default="0")
-    p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
-    p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "param_forgetting"))
-    p.add_argument("--cached-only", action="store_true",
-                   help="no training: the table from the rows already cached (missing rows are left out)")
-    p.add_argument("--force", action="store_true", help="rerun cached rows")
-    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
-    p.add_argument("--plot", type=str, default=None)
+    add_cache_arguments(p, os.path.join(REPO, "runs", "bench", "param_forgetting"))
     args = p.parse_args(argv)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -226,24 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(base_row(args))
         base_path.write_text(json.dumps(rows[-1]))
         print(f"[base] {rows[-1]}", flush=True)
-    names = [n for n in ARMS if not args.only or any(n.startswith(w.strip()) for w in args.only.split(","))]
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in names:
-            path = cache / f"row_{_key(args, name, seed)}.json"
-            if path.is_file() and not args.force:
-                rows.append(json.loads(path.read_text()))
-                continue
-            if args.cached_only:
-                continue
-            row = run_arm(name, args, seed)
-            path.write_text(json.dumps(row))
-            print(f"[{name}, seed {seed}] {row}", flush=True)
-            rows.append(row)
+    rows += cached_rows(args, list(ARMS), lambda name, seed: _key(args, name, seed),
+                        lambda name, seed: run_arm(name, args, seed))
     md = table(rows, args)
     print(md)
-    if not args.no_results:
-        out = Path(REPO) / "benchmarks" / "results" / "param_forgetting.json"
-        out.write_text(json.dumps({"args": vars(args), "rows": rows, "table": md}, indent=1) + "\n")
+    write_results(REPO, "param_forgetting", args, rows, md)
     if args.plot:
         _plot(rows, args.plot)
 

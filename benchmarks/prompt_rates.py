@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, REPO)
 import lightning.pytorch as pl  # noqa: E402
 
 import lit_ft.callbacks as cbs  # noqa: E402
+from benchmarks._row_cache import add_cache_arguments, bar_plot, cached_rows, write_results  # noqa: E402
 from benchmarks.prompts import ACC_MAX_LENGTH, TEMPLATE, _sarcasm  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -122,16 +122,10 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = list(dict.fromkeys(r["name"] for r in rows))
     fig = Figure(figsize=(7.5, 3.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for j, n in enumerate(names):
-        vals = [r["acc"] for r in rows if r["name"] == n]
-        reference = n.startswith(("zero-shot", "full", "LoRA"))
-        ax.bar(j, statistics.mean(vals), color="#888" if reference else "#3a7")
-        ax.plot([j] * len(vals), vals, "k.", markersize=4)
-    ax.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], rotation=25, ha="right", fontsize=8)
+    bar_plot(ax, rows, "acc", lambda n: n.startswith(("zero-shot", "full", "LoRA")))
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("held-out accuracy", fontsize=8)
     ax.set_title("Prompt methods at their papers' rates (sarcasm, SmolLM2-135M); grey: references", fontsize=9)
@@ -146,35 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--seeds", type=str, default="0")
-    p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
-    p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "prompt_rates"))
-    p.add_argument("--cached-only", action="store_true",
-                   help="no training: the table from the rows already cached (missing rows are left out)")
-    p.add_argument("--force", action="store_true", help="rerun cached rows")
-    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
-    p.add_argument("--plot", type=str, default=None)
+    add_cache_arguments(p, os.path.join(REPO, "runs", "bench", "prompt_rates"))
     args = p.parse_args(argv)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    names = [n for n in ARMS if not args.only or any(n.startswith(w.strip()) for w in args.only.split(","))]
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in names:
-            path = cache / f"row_{_key(args, name, seed)}.json"
-            if path.is_file() and not args.force:
-                rows.append(json.loads(path.read_text()))
-                continue
-            if args.cached_only:
-                continue
-            row = run_arm(name, args, seed)
-            path.write_text(json.dumps(row))
-            print(f"[{name}, seed {seed}] {row}", flush=True)
-            rows.append(row)
+    rows = cached_rows(args, list(ARMS), lambda name, seed: _key(args, name, seed),
+                       lambda name, seed: run_arm(name, args, seed))
     md = table(rows, args)
     print(md)
-    if not args.no_results:
-        out = Path(REPO) / "benchmarks" / "results" / "prompt_rates.json"
-        out.write_text(json.dumps({"args": vars(args), "rows": rows, "table": md}, indent=1) + "\n")
+    write_results(REPO, "prompt_rates", args, rows, md)
     if args.plot:
         _plot(rows, args.plot)
 

@@ -40,6 +40,7 @@ sys.path.insert(0, REPO)
 import lightning.pytorch as pl  # noqa: E402
 
 import lit_ft.callbacks as cbs  # noqa: E402
+from benchmarks._row_cache import add_cache_arguments, bar_plot, cached_rows, write_results  # noqa: E402
 from lit_ft.data import SFTDataModule  # noqa: E402
 from lit_ft.modules import CausalLMModule  # noqa: E402
 
@@ -229,16 +230,11 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = list(dict.fromkeys(r["name"] for r in rows))
     fig = Figure(figsize=(9, 3.2))
     FigureCanvasAgg(fig)
     for i, (key, title) in enumerate((("loss", "clean held-out loss (lower is better)"), ("exact_match", "exact match"))):
         ax = fig.add_subplot(1, 2, i + 1)
-        for j, n in enumerate(names):
-            vals = [r[key] for r in rows if r["name"] == n]
-            ax.bar(j, statistics.mean(vals), color="#888" if n == "plain SFT" else "#3a7")
-            ax.plot([j] * len(vals), vals, "k.", markersize=4)
-        ax.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], rotation=25, ha="right", fontsize=8)
+        bar_plot(ax, rows, key, lambda n: n == "plain SFT")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -257,13 +253,7 @@ def main() -> None:
     p.add_argument("--train-rows", type=int, default=1200)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--seeds", type=str, default="0,1")
-    p.add_argument("--only", type=str, default=None, help="comma-separated arm-name prefixes")
-    p.add_argument("--cache", type=str, default=os.path.join(REPO, "runs", "bench", "token_selection_noise"))
-    p.add_argument("--cached-only", action="store_true",
-                   help="no training: the table from the rows already cached (missing rows are left out)")
-    p.add_argument("--force", action="store_true", help="rerun cached rows and the reference")
-    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results/ (smoke runs)")
-    p.add_argument("--plot", type=str, default=None)
+    add_cache_arguments(p, os.path.join(REPO, "runs", "bench", "token_selection_noise"))
     p.add_argument("--diagnose", type=int, default=0,
                    help="also score this many training rows at step 0: the kept share of corrupted answer tokens")
     args = p.parse_args()
@@ -271,29 +261,15 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     clean, train, info = make_splits(args, cache)
     reference = train_reference(clean, args, cache / f"reference_{_key(args)}.ckpt")
-    names = [n for n in ARMS if not args.only or any(n.startswith(w.strip()) for w in args.only.split(","))]
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in names:
-            path = cache / f"row_{_key(args, name, seed)}.json"
-            if path.is_file() and not args.force:
-                rows.append(json.loads(path.read_text()))
-                continue
-            if args.cached_only:
-                continue
-            row = run_arm(name, train, reference, args, seed)
-            path.write_text(json.dumps(row))
-            print(f"[{name}, seed {seed}] {row}", flush=True)
-            rows.append(row)
+    rows = cached_rows(args, list(ARMS), lambda name, seed: _key(args, name, seed),
+                       lambda name, seed: run_arm(name, train, reference, args, seed))
     md = table(rows, args, info)
     if args.diagnose:
         diag = diagnose(train, reference, args, set(info["corrupted_ids"]))
         info["diagnosis"] = diag
         md += "\n\n" + diagnosis_table(diag)
     print(md)
-    if not args.no_results:
-        out = Path(REPO) / "benchmarks" / "results" / "token_selection_noise.json"
-        out.write_text(json.dumps({"args": vars(args), "data": info, "rows": rows, "table": md}, indent=1) + "\n")
+    write_results(REPO, "token_selection_noise", args, rows, md, data=info)
     if args.plot:
         _plot(rows, args.plot)
 

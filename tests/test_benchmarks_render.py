@@ -33,3 +33,26 @@ def test_render_without_results_keeps_the_block_and_a_missing_block_fails(tmp_pa
     (tmp_path / "demo.json").write_text(json.dumps({"table": "new", "rows": []}))
     with pytest.raises(SystemExit, match="no <!-- bench:demo -->"):
         render("demo", Study("none"), "no markers here", results=tmp_path, draw=False)
+
+
+def test_cached_rows_run_each_missing_row_once_and_resume(tmp_path: Path) -> None:
+    import argparse
+
+    from benchmarks._row_cache import cached_rows
+
+    ran: list[tuple[str, int]] = []
+
+    def run(name: str, seed: int) -> dict:
+        ran.append((name, seed))
+        return {"name": name, "seed": seed}
+
+    args = argparse.Namespace(cache=str(tmp_path), seeds="0,1", only=None, force=False, cached_only=False)
+    key = lambda name, seed: f"{name}_{seed}"  # noqa: E731
+    assert len(cached_rows(args, ["a", "b"], key, run)) == 4 and len(ran) == 4
+    assert cached_rows(args, ["a", "b"], key, run) == [{"name": n, "seed": s} for s in (0, 1) for n in "ab"]
+    assert len(ran) == 4  # the second call read every row from the cache
+    (tmp_path / "row_b_1.json").unlink()
+    args.cached_only = True  # a missing row is left out, not run
+    assert len(cached_rows(args, ["a", "b"], key, run)) == 3 and len(ran) == 4
+    args.cached_only, args.only = False, "b"
+    assert [r["name"] for r in cached_rows(args, ["a", "b"], key, run)] == ["b", "b"] and ran[-1] == ("b", 1)
