@@ -20,6 +20,7 @@ batch (GreenTrainer's cost model; any tensor-selection technique with a FLOPs bu
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,7 +54,49 @@ def flop_counter() -> FlopCounterMode:
     from lit_ft.kernels.token_ce.flops import register
 
     register()
-    return FlopCounterMode(display=False)
+    return _EagerFlopCounterMode(display=False)
+
+
+class _EagerUnderThisMode:
+    """A dispatch mode (mixin, before the mode class) under which a ``torch.compile``-d model runs eagerly: the
+    same ops, so the same counts.
+
+    Dynamo cannot trace under an active dispatch mode: it skips the frame and keeps skipping that code for the rest
+    of the run, so a step counted at step 0 (every technique that measures its FLOPs fraction does) would leave a
+    compiled model eager for good. ``force_eager`` runs the counted code eagerly without that verdict; later steps
+    compile. Dynamo is only touched when something imported it (nothing is compiled otherwise)."""
+
+    def __enter__(self) -> Any:
+        self._stance = _force_eager()
+        try:
+            return super().__enter__()  # type: ignore[misc]
+        except BaseException:
+            _restore(self.__dict__.pop("_stance", None))
+            raise
+
+    def __exit__(self, *args: Any) -> Any:
+        try:
+            return super().__exit__(*args)  # type: ignore[misc]
+        finally:
+            _restore(self.__dict__.pop("_stance", None))
+
+
+class _EagerFlopCounterMode(_EagerUnderThisMode, FlopCounterMode):
+    """lit_ft's FlopCounterMode (see :class:`_EagerUnderThisMode`)."""
+
+
+def _force_eager() -> Any:
+    """Enter dynamo's ``force_eager`` stance when dynamo is loaded; the handle :func:`_restore` exits."""
+    if "torch._dynamo.eval_frame" not in sys.modules:
+        return None
+    stance = torch.compiler.set_stance("force_eager")
+    stance.__enter__()
+    return stance
+
+
+def _restore(stance: Any) -> None:
+    if stance is not None:
+        stance.__exit__(None, None, None)
 
 
 @dataclass
@@ -198,7 +241,7 @@ class FlopsProfile:
         return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sd.items()})
 
 
-class _UseTracker(TorchDispatchMode):
+class _UseTracker(_EagerUnderThisMode, TorchDispatchMode):
     """Marks parameters that an op reads while none of the hooked modules owning them is running."""
 
     def __init__(self, storages: dict[int, list[str]], active: list[set[str]]) -> None:

@@ -44,13 +44,12 @@ class PreferenceModule(CausalLMModule):
 
     def _sft_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Mean token cross-entropy of the chosen responses (this micro-batch's mean) through the fused op."""
-        from lit_ft.core.introspect import causal_lm_parts
         from lit_ft.core.loss.primitives import final_hidden_states, shift_targets
         from lit_ft.kernels import fused_linear_token_ce
 
         chosen = self._chosen_batch(batch)
         self.check_token_ids(chosen, "train" if self.training else "val")
-        parts = causal_lm_parts(self.causal_lm)
+        parts = self.loss_parts(self.causal_lm)  # a compiled model's trunk runs compiled
         hidden = final_hidden_states(parts, chosen)
         targets = shift_targets(chosen["labels"])
         return fused_linear_token_ce(

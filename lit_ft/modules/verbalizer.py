@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from lit_ft.core.compiled_trunk import loss_parts
 from lit_ft.core.introspect import causal_lm_parts, find_hf_model
 from lit_ft.modules.causal_lm import _DTYPES, load_causal_lm
 from lit_ft.modules.data_stats import log_data_stats
@@ -356,7 +357,8 @@ class VerbalizerClassificationModule(pl.LightningModule):
         self._check_ready()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        parts = causal_lm_parts(find_hf_model(self.model, require_lm_head=True))
+        # the trunk compiled when the user compiled `self.model` (this forward never calls the HF model itself)
+        parts = loss_parts(self, find_hf_model(self.model, require_lm_head=True))
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = parts.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False)

@@ -36,7 +36,8 @@ SETTING_DOC = {
                      "**works** = equal weights (fp32 tolerance)",
     "compile": "`module.model = torch.compile(module.model)` (inductor; [core/loss.md](core/loss.md#torchcompile)) "
                f"against eager, 2 steps: **works** = equal weights within `rtol={COMPILE_RTOL:g}, "
-               f"atol={COMPILE_ATOL:g}` (fused kernels reorder fp32 sums)",
+               f"atol={COMPILE_ATOL:g}` (fused kernels reorder fp32 sums) and dynamo compiled at least one graph of the "
+               "step; a step that never runs the compiled model is **runs, but compiles nothing**",
     "lora": "the case's plain user module (`PlainHFModule`: the HF model computes its own loss; a classifier for "
             "a classification case) with its model wrapped by `peft.get_peft_model(model, LoraConfig(r=4, "
             "target_modules=['q_proj', 'v_proj']))`, 2 steps: **works** = finite losses and a LoRA adapter moved "
@@ -146,15 +147,22 @@ def checkpointing(job: SingleJob) -> dict:
 
 def compile_(job: SingleJob) -> dict:
     import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     ref = job.fit(job.batches, 2, phase="eager")
     torch._dynamo.reset()
     module = job.module()
     backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
-    module.model = torch.compile(module.model, backend=backend)
+    # counts the graphs dynamo hands the backend: equal weights prove nothing when the step never ran compiled code
+    counter = CompileCounterWithBackend(backend)
+    module.model = torch.compile(module.model, backend=counter)
     got = job.fit(job.batches, 2, module=module, phase="compiled")
     out = _equal_outcome(ref, got, "works (= eager)", rtol=COMPILE_RTOL, atol=COMPILE_ATOL)
-    out["detail"]["backend"] = backend
+    out["detail"].update(backend=backend, compiled_graphs=counter.frame_count, compiled_ops=counter.op_count)
+    if counter.frame_count == 0:
+        out["category"] = "differs"
+        out["outcome"] = ("runs, but compiles nothing (the step never calls the compiled model; "
+                          f"weights {'= eager' if out['outcome'].startswith('works') else 'differ'})")
     return out
 
 

@@ -297,7 +297,6 @@ class TokenDPO(ResumeRecorded, Callback):
 
     def terms(self, pl_module: Any, batch: Mapping[str, Any]) -> DPOTerms:
         """The policy's (with gradient) and the reference's per-token log-probs of a pair batch, and the DPO term."""
-        from lit_ft.core.introspect import causal_lm_parts
         from lit_ft.kernels import fused_linear_token_ce
 
         self.check_batch(batch)
@@ -305,7 +304,7 @@ class TokenDPO(ResumeRecorded, Callback):
         b, width = batch["chosen_input_ids"].shape[0], cat["input_ids"].shape[1]
         with torch.no_grad():
             ref = self.reference_logps(pl_module, cat)
-        parts = causal_lm_parts(pl_module.causal_lm)
+        parts = pl_module.loss_parts(pl_module.causal_lm)  # a compiled model's trunk runs compiled
         hidden = final_hidden_states(parts, cat)
         targets = shift_targets(cat["labels"])
         valid = targets != IGNORE_INDEX

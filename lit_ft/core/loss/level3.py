@@ -9,16 +9,15 @@ every term by its window count (:mod:`lit_ft.core.loss.pipeline`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from lit_ft.core.batch import IGNORE_INDEX, require_keys
-from lit_ft.core.introspect import CausalLMParts, causal_lm_parts, find_hf_model
+from lit_ft.core.introspect import CausalLMParts, find_hf_model
 from lit_ft.core.loss.objectives import ObjectiveInputs
 from lit_ft.core.loss.pipeline import TokenPipeline, token_pipeline_for
 from lit_ft.core.loss.primitives import (
@@ -170,11 +169,7 @@ class TokenLossHost:
     def compute_token_loss(self, batch: Mapping[str, Any], hf_model: nn.Module | None = None) -> TokenLossOutput:
         require_keys(batch, ("input_ids", "labels"), who=type(self).__name__)
         _ensure_flop_formulas()
-        model = hf_model if hf_model is not None else self.token_loss_model()
-        compiled = self._compiled_wrapper(model)
-        parts = causal_lm_parts(model if compiled is None else compiled._orig_mod)
-        if compiled is not None:
-            parts = replace(parts, base=self._compiled_trunk(compiled, parts.base))
+        parts = self.loss_parts(hf_model)
         training = bool(getattr(self, "training", True)) and torch.is_grad_enabled()
         hidden = final_hidden_states(parts, batch)
         trainer = _trainer_of(self)
@@ -186,38 +181,14 @@ class TokenLossHost:
             weight_grad_accumulation=self.token_loss_weight_grad_accumulation,
         )
 
-    def _compiled_wrapper(self, model: nn.Module) -> Any:
-        """The ``torch.compile`` wrapper (``OptimizedModule``) of the HF model, when the user compiled it
-        (``module.model = torch.compile(module.model)``): ``model`` itself, or the module's child that wraps it
-        (:meth:`token_loss_model` finds the inner model). ``None`` when nothing is compiled."""
-        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-        if eval_frame is None:  # torch.compile was never called (and importing dynamo here would cost seconds)
-            return None
-        OptimizedModule = eval_frame.OptimizedModule  # noqa: N806
-        if isinstance(model, OptimizedModule):
-            return model
-        for child in self.children():  # type: ignore[attr-defined]
-            if isinstance(child, OptimizedModule) and child._orig_mod is model:
-                return child
-        return None
+    def loss_parts(self, hf_model: nn.Module | None = None) -> CausalLMParts:
+        """The trunk, lm_head and logit transforms a loss of this module runs (``hf_model``, default
+        :meth:`token_loss_model`), the trunk compiled when the user compiled the HF model
+        (:func:`lit_ft.core.compiled_trunk.loss_parts`): every loss that runs the trunk itself (the token loss, a
+        preference step) takes its parts from here, or compiling the model compiles nothing."""
+        from lit_ft.core.compiled_trunk import loss_parts
 
-    def _compiled_trunk(self, compiled_model: Any, base: nn.Module) -> nn.Module:
-        """The trunk ``base`` compiled like ``compiled_model``.
-
-        The loss never calls the HF model itself (it runs the trunk for hidden states and the lm_head through the
-        fused op), so compiling the HF model alone would compile nothing: the trunk is wrapped once in an
-        ``OptimizedModule`` with the user's own compile context (the backend, mode and options they chose), sharing
-        its parameters and hooks. Kept in ``__dict__`` (not a submodule: no duplicate parameters or state-dict
-        keys)."""
-        from torch._dynamo.eval_frame import OptimizedModule
-
-        cache = self.__dict__.setdefault("_lit_ft_compiled_trunks", {})
-        hit = cache.get(id(base))
-        if hit is not None and hit[0] is base and hit[1] is compiled_model:
-            return hit[2]
-        trunk = OptimizedModule(base, compiled_model.dynamo_ctx)
-        cache[id(base)] = (base, compiled_model, trunk)
-        return trunk
+        return loss_parts(self, hf_model if hf_model is not None else self.token_loss_model())  # type: ignore[arg-type]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         trainer = _trainer_of(self)
