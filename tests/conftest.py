@@ -36,3 +36,25 @@ def real_asset():
             raise
 
     return get
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PYTEST_OWN = {".pytest_cache", "__pycache__", ".hypothesis"}
+
+
+@pytest.fixture(autouse=True)
+def _nothing_lands_in_the_repository():
+    """Fail the test that leaves a new top-level entry in the repository (a cache or log written to a relative default
+    path under a Trainer with no ``default_root_dir``): users run from their project folder, so such a write is a
+    bug in the technique or the test. The entry is removed so the next test starts clean."""
+    import shutil
+
+    before = set(os.listdir(_REPO))
+    yield
+    new = sorted(set(os.listdir(_REPO)) - before - _PYTEST_OWN)
+    if new:
+        for name in new:
+            path = os.path.join(_REPO, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        pytest.fail(f"this test wrote {new} into the repository root {_REPO}; give its Trainer a default_root_dir "
+                    "(tests.helpers.quiet_trainer does) or its technique an explicit path under tmp_path")
