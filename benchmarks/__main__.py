@@ -44,7 +44,7 @@ class Study:
 #: issue 12's three studies, one per family: the published runs' arguments
 STUDIES: dict[str, Study] = {
     "token_selection_noise": Study(
-        "token_selection_noise", ["--seeds", "0,1", "--diagnose", "400"], "docs/img/token_selection_noise.png",
+        "token_selection_noise", ["--seeds", "0,1", "--diagnose", "400", "--oracle"], "docs/img/token_selection_noise.png",
         "token selection under 40% wrong answers (ASDiv): plain SFT vs Rho-1 with a clean reference, SSToken, "
         "QTuning, KeyTokenWeighting"),
     "param_forgetting": Study(

@@ -83,9 +83,10 @@ def make_splits(args: argparse.Namespace, cache: Path) -> tuple[Path, Path, dict
     rng.shuffle(rows)
     clean, train = rows[: args.clean_rows], rows[args.clean_rows : args.clean_rows + args.train_rows]
     noisy_ids = set(rng.sample(range(len(train)), round(args.noise * len(train))))
+    correct = list(train)  # the training rows with their true answers (the oracle diagnosis's reference data only)
     train = [_corrupt(r, rng) if i in noisy_ids else {**r, "corrupted": False} for i, r in enumerate(train)]
     clean_path, train_path = cache / "clean.jsonl", cache / "noisy_train.jsonl"
-    for path, data in ((clean_path, clean), (train_path, train)):
+    for path, data in ((clean_path, clean), (train_path, train), (cache / "train_correct.jsonl", correct)):
         with open(path, "w") as f:
             for r in data:
                 f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
@@ -115,6 +116,32 @@ def train_reference(clean: Path, args: argparse.Namespace, folder: Path) -> Path
     trainer = _trainer(args.ref_steps, [], validate=False, root=folder.parent)
     trainer.fit(module, datamodule=_datamodule(str(clean), args, args.data_seed))
     trainer.save_checkpoint(folder, weights_only=True)  # the Rho-1 recipe's reference.ckpt
+    return folder
+
+
+def train_oracle_reference(args: argparse.Namespace, cache: Path) -> Path:
+    """An *oracle* reference for the diagnosis only: the same SFT recipe as :func:`train_reference`, on the true
+    versions of exactly the training rows the diagnosis scores (it has seen their correct answers). Not a recipe: an
+    upper bound on what Rho-1's score can separate when the reference knows the task."""
+    folder = cache / f"oracle_reference_{_key(args, args.diagnose)}.ckpt"
+    if folder.is_file() and not args.force:
+        return folder
+    dm = _datamodule(str(cache / "noisy_train.jsonl"), args, args.data_seed)
+    dm.setup("fit")
+    wanted: list[int] = []
+    for batch in dm.train_dataloader():  # the diagnosis's rows: the first --diagnose of the same loader
+        wanted += [int(i) for i in batch["sample_idx"]]
+        if len(wanted) >= args.diagnose:
+            break
+    correct = (cache / "train_correct.jsonl").read_text().splitlines()
+    oracle_rows = cache / "oracle_rows.jsonl"
+    oracle_rows.write_text("".join(
+        json.dumps({k: json.loads(correct[i])[k] for k in ("prompt", "completion")}) + "\n" for i in wanted))
+    pl.seed_everything(args.data_seed, verbose=False)
+    module = CausalLMModule(model=MODEL, learning_rate=args.lr, warmup_steps=5)
+    trainer = _trainer(args.ref_steps, [], validate=False, root=cache)
+    trainer.fit(module, datamodule=_datamodule(str(oracle_rows), args, args.data_seed))
+    trainer.save_checkpoint(folder, weights_only=True)
     return folder
 
 
@@ -214,9 +241,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, 
     return "\n".join(lines)
 
 
-def diagnosis_table(d: dict[str, Any]) -> str:
+def diagnosis_table(d: dict[str, Any], reference: str = "the clean reference") -> str:
     lines = [f"Step 0, {d['rows']} training rows ({d['tokens']} supervised tokens): ExcessLossSelection's score "
-             f"(starting model minus the clean reference), top {d['keep_ratio']:.0%} kept over all of them.", "",
+             f"(starting model minus {reference}), top {d['keep_ratio']:.0%} kept over all of them.", "",
              "| supervised tokens | count | kept share | mean excess loss |", "|---|---|---|---|"]
     for kind in ("corrupted answer", "clean answer", "other"):
         k = d[kind]
@@ -256,6 +283,9 @@ def main() -> None:
     add_cache_arguments(p, os.path.join(REPO, "runs", "bench", "token_selection_noise"))
     p.add_argument("--diagnose", type=int, default=0,
                    help="also score this many training rows at step 0: the kept share of corrupted answer tokens")
+    p.add_argument("--oracle", action="store_true",
+                   help="with --diagnose: the same diagnosis with an oracle reference trained on the true answers of "
+                        "the diagnosed rows (an upper bound on the mechanism, not a recipe)")
     args = p.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -268,6 +298,11 @@ def main() -> None:
         diag = diagnose(train, reference, args, set(info["corrupted_ids"]))
         info["diagnosis"] = diag
         md += "\n\n" + diagnosis_table(diag)
+        if args.oracle:
+            oracle = diagnose(train, train_oracle_reference(args, cache), args, set(info["corrupted_ids"]))
+            info["oracle_diagnosis"] = oracle
+            md += "\n\n" + diagnosis_table(oracle, f"an oracle reference: the same {args.ref_steps}-step SFT on the "
+                                                    "true answers of these rows")
     print(md)
     write_results(REPO, "token_selection_noise", args, rows, md, data=info)
     if args.plot:
