@@ -48,10 +48,10 @@ STUDIES: dict[str, Study] = {
         "token selection under 40% wrong answers (ASDiv): plain SFT vs Rho-1 with a clean reference, SSToken, "
         "QTuning, KeyTokenWeighting"),
     "param_forgetting": Study(
-        "param_forgetting", ["--seeds", "0"], "docs/img/param_forgetting.png",
+        "param_forgetting", ["--seeds", "0,1"], "docs/img/param_forgetting.png",
         "parameter techniques on the whole 30-layer model: ASDiv gain and Alpaca forgetting"),
     "prompt_rates": Study(
-        "prompt_rates", ["--seeds", "0"], "docs/img/prompt_rates.png",
+        "prompt_rates", ["--seeds", "0,1"], "docs/img/prompt_rates.png",
         "prompt methods at their papers' rates beside full fine-tuning and LoRA (sarcasm)"),
 }
 _BLOCK = "<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->"
