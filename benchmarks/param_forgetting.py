@@ -139,8 +139,13 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     def mean(rs: list[dict[str, Any]], k: str) -> float:
         return statistics.mean(r[k] for r in rs)
 
-    full_step = mean(full, "step_s") if full else float("nan")
-    full_flops = mean(full, "flops_total") if full else float("nan")
+    full_by_seed = {r["seed"]: r for r in full}
+
+    def vs_full(rs: list[dict[str, Any]], k: str) -> float:
+        """Mean over seeds of the ratio to full fine-tuning's row of the same seed (same data order, so the same
+        batches are counted; an arm with one seed is compared with that seed only)."""
+        ratios = [r[k] / full_by_seed[r["seed"]][k] for r in rs if r["seed"] in full_by_seed]
+        return statistics.mean(ratios) if ratios else float("nan")
     epochs = args.steps * args.batch_size / args.train_rows
     lines = [
         f"SmolLM2-135M-Instruct, all 30 layers, real weights; {args.train_rows} ASDiv rows, {args.steps} steps x batch "
@@ -164,11 +169,14 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ratio = {t: statistics.mean(r["forget_after"][t] / r["forget_before"][t] for r in rs) for t in FORGET_TASKS}
         alpaca = statistics.mean(r["forget_after"][FORGET_TASKS[0]] for r in rs)
         step = mean(rs, "step_s")
-        cost = (f"{step:.2f} s ({step / full_step:.2f}x) | {mean(rs, 'flops_total') / 1e9:.1f} G "
-                f"({mean(rs, 'flops_total') / full_flops:.2f}x) | {mean(rs, 'opt_bytes') / 2**20:.0f} MiB"
+        cost = (f"{step:.2f} s ({vs_full(rs, 'step_s'):.2f}x) | {mean(rs, 'flops_total') / 1e9:.1f} G "
+                f"({vs_full(rs, 'flops_total'):.2f}x) | {mean(rs, 'opt_bytes') / 2**20:.0f} MiB"
                 if step > 0 else "— | — | —")
+        # an arm with fewer seeds than asked (an interrupted run published as it stands) says which one it has
+        partial = len(rs) < len(args.seeds.split(",")) and name != "base model (no training)"
+        seeds_note = f" ({per})" if len(rs) > 1 else f" (seed {rs[0]['seed']} only)" if partial else ""
         lines.append(f"| {name} | {mean(rs, 'trainable'):.1%} | {mean(rs, 'loss'):.4f}"
-                     f"{f' ({per})' if len(rs) > 1 else ''} | {mean(rs, 'exact_match'):.3f} | "
+                     f"{seeds_note} | {mean(rs, 'exact_match'):.3f} | "
                      f"{alpaca:.4f} ({ratio[FORGET_TASKS[0]]:.3f}x) | {ratio[FORGET_TASKS[1]]:.3f}x | "
                      f"{ratio[FORGET_TASKS[2]]:.3f}x | {cost} |")
     return "\n".join(lines)
