@@ -36,8 +36,10 @@ def _setup_refusal(record, strategy_cls, ctx: Ctx) -> str | None:
         def on_train_batch_start(self, *args):
             started.append(True)
 
+    # a root dir under the test's folder: a technique's default cache (CriticalTokenScoring's weights file) lands there
+    root = ctx.tmp_path / f"{record.name}_{strategy_cls.__name__}"
     trainer = pl.Trainer(accelerator="cpu", strategy=strategy_cls(device=torch.device("cpu")), max_steps=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=str(root), logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[Started(), record.cls(**case.build(case.kwargs, ctx))])
     try:
