@@ -56,3 +56,18 @@ def test_cached_rows_run_each_missing_row_once_and_resume(tmp_path: Path) -> Non
     assert len(cached_rows(args, ["a", "b"], key, run)) == 3 and len(ran) == 4
     args.cached_only, args.only = False, "b"
     assert [r["name"] for r in cached_rows(args, ["a", "b"], key, run)] == ["b", "b"] and ran[-1] == ("b", 1)
+
+
+def test_seeds_override_replaces_only_the_seeds_and_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.__main__ import main, study_args
+
+    noise = STUDIES["token_selection_noise"]
+    assert study_args(noise) == noise.args  # the published run
+    assert study_args(noise, "0") == ["--seeds", "0", "--diagnose", "400", "--oracle"]
+    assert noise.args[:2] == ["--seeds", "0,1"]  # the study's own arguments are not mutated
+    with pytest.raises(SystemExit, match="takes no seeds"):
+        study_args(Study("x", ["--steps", "2"]), "0")
+    main(["--list", "--seeds", "1", "--only", "param_forgetting"])
+    assert "param_forgetting.py --seeds 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected comma-separated integers"):
+        main(["--list", "--seeds", "zero"])
